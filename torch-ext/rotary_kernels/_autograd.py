@@ -1,0 +1,129 @@
+"""Autograd for the kernel backends, as ``torch.library`` custom ops.
+
+``rotary_kernels::rotary_qk`` (q and k) and ``rotary_kernels::rotary_x`` (one tensor) are
+functional ops with fake implementations (so ``torch.compile(fullgraph=True)`` traces them
+as single nodes) and registered autograd:
+
+* grad wrt q/k: the rotation is orthogonal per pair, so its backward is the same op with
+  ``conj`` flipped: nothing is saved but cos/sin. Double backward works the same way.
+* grad wrt cos/sin (rare: learned or differentiated frequencies): computed from the saved
+  inputs with PyTorch ops, in fp32; q/k are saved only when cos or sin requires grad.
+
+``rotary_kernels::rotary_`` rotates in place (inference; no autograd).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._dispatch import launch_rotary
+from .reference import compute_dtype, rotate_every_two, rotate_half
+
+
+@torch.library.custom_op("rotary_kernels::rotary_qk", mutates_args=())
+def rotary_qk(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
+    unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, conj)
+    return q_out, k_out
+
+
+@torch.library.custom_op("rotary_kernels::rotary_x", mutates_args=())
+def rotary_x(
+    x: Tensor, cos: Tensor, sin: Tensor,
+    unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str,
+) -> Tensor:
+    out = torch.empty_like(x)
+    launch_rotary(backend, x, None, cos, sin, out, None, unsqueeze_dim, interleaved, conj)
+    return out
+
+
+@torch.library.custom_op("rotary_kernels::rotary_", mutates_args=("q", "k"))
+def rotary_(
+    q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor,
+    unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str,
+) -> None:
+    launch_rotary(backend, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, conj)
+
+
+@rotary_qk.register_fake
+def _(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend):
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+@rotary_x.register_fake
+def _(x, cos, sin, unsqueeze_dim, interleaved, conj, backend):
+    return torch.empty_like(x)
+
+
+@rotary_.register_fake
+def _(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend):
+    return None
+
+
+def _setup(ctx, xs, cos, sin, args):
+    ctx.args = args  # (unsqueeze_dim, interleaved, conj, backend)
+    need_cs = cos.requires_grad or sin.requires_grad
+    ctx.save_for_backward(cos, sin, *(x if need_cs else None for x in xs))
+
+
+def _cos_sin_grads(ctx, xs, grads, cos, sin):
+    """Gradients of cos and sin (None where not needed), summed over q and k."""
+    unsqueeze_dim, interleaved, conj, _ = ctx.args
+    need_cos, need_sin = ctx.needs_input_grad[len(xs)], ctx.needs_input_grad[len(xs) + 1]
+    if not (need_cos or need_sin):
+        return None, None
+    r = cos.shape[-1]
+    rotate = rotate_every_two if interleaved else rotate_half
+    shape_u = cos.unsqueeze(unsqueeze_dim).shape
+    d_cos = d_sin = 0
+    for x, g in zip(xs, grads):
+        acc = compute_dtype(x.dtype)
+        xr, gr = x[..., :r].to(acc), g[..., :r].to(acc)
+        if need_cos:
+            d_cos = d_cos + (gr * xr).sum_to_size(shape_u)
+        if need_sin:
+            # forward: y = x*cos + rot(x)*sin;  conj: y = x*cos + rot^T(x*sin)
+            d_sin = d_sin + (xr * rotate(gr) if conj else gr * rotate(xr)).sum_to_size(shape_u)
+    d_cos = d_cos.reshape(cos.shape).to(cos.dtype) if need_cos else None
+    d_sin = d_sin.reshape(sin.shape).to(sin.dtype) if need_sin else None
+    return d_cos, d_sin
+
+
+def _setup_qk(ctx, inputs, output):
+    q, k, cos, sin, *args = inputs
+    _setup(ctx, (q, k), cos, sin, tuple(args))
+
+
+def _backward_qk(ctx, gq, gk):
+    cos, sin, q, k = ctx.saved_tensors
+    unsqueeze_dim, interleaved, conj, backend = ctx.args
+    dq = dk = None
+    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
+        dq, dk = rotary_qk(gq, gk, cos, sin, unsqueeze_dim, interleaved, not conj, backend)
+    d_cos, d_sin = _cos_sin_grads(ctx, (q, k), (gq, gk), cos, sin)
+    return dq, dk, d_cos, d_sin, None, None, None, None
+
+
+def _setup_x(ctx, inputs, output):
+    x, cos, sin, *args = inputs
+    _setup(ctx, (x,), cos, sin, tuple(args))
+
+
+def _backward_x(ctx, g):
+    cos, sin, x = ctx.saved_tensors
+    unsqueeze_dim, interleaved, conj, backend = ctx.args
+    dx = None
+    if ctx.needs_input_grad[0]:
+        dx = rotary_x(g, cos, sin, unsqueeze_dim, interleaved, not conj, backend)
+    d_cos, d_sin = _cos_sin_grads(ctx, (x,), (g,), cos, sin)
+    return dx, d_cos, d_sin, None, None, None, None
+
+
+rotary_qk.register_autograd(_backward_qk, setup_context=_setup_qk)
+rotary_x.register_autograd(_backward_x, setup_context=_setup_x)

@@ -1,0 +1,142 @@
+"""Backend selection and the launchers every public function goes through.
+
+Backends:
+  ``"cuda"``      the compiled CUDA kernels (NVIDIA GPUs, when the extension was built with CUDA)
+  ``"triton"``    the Triton kernels (any GPU Triton supports; on CPU only with TRITON_INTERPRET=1)
+  ``"cpu"``       the compiled C++ CPU kernels
+  ``"reference"`` the pure-PyTorch reference (any device)
+
+Default order for a device: cuda > triton on GPUs, cpu > reference on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from . import _canon
+from .reference import rotary_reference, apply_rotary_reference
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+
+
+def _compiled_ops():
+    """The compiled extension's ops, or None when it was not built."""
+    try:
+        from . import _ops
+    except ImportError:  # pragma: no cover - _ops itself never raises, see _ops.py
+        return None
+    return _ops if getattr(_ops, "HAS_EXT", False) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_module():
+    try:
+        from . import _triton
+    except Exception:  # ImportError, or triton failing to find a driver
+        return None
+    return _triton
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
+    """Whether ``backend`` can run on ``device``, and why not."""
+    if backend == "reference":
+        return True, ""
+    if backend == "cpu":
+        ops = _compiled_ops()
+        if device.type != "cpu":
+            return False, f"the cpu backend runs on CPU tensors, got {device}"
+        return (ops is not None), "the compiled extension is not built (pip install -e . --no-build-isolation)"
+    if backend == "cuda":
+        ops = _compiled_ops()
+        if device.type != "cuda" or torch.version.hip:
+            return False, f"the cuda backend runs on NVIDIA CUDA tensors, got {device}"
+        ok = ops is not None and ops.HAS_CUDA_EXT
+        return ok, "the extension was built without CUDA (needs nvcc and a CUDA build of torch)"
+    if backend == "triton":
+        if device.type == "cpu" and not _interpret():
+            return False, "Triton runs on CPU tensors only with TRITON_INTERPRET=1"
+        if _triton_module() is None:
+            return False, "triton is not installed or failed to import"
+        return True, ""
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+
+
+def select_backend(device: torch.device, backend: str | None = None) -> str:
+    if backend is not None:
+        ok, why = backend_available(backend, device)
+        if not ok:
+            raise RuntimeError(f"backend {backend!r} is not available on {device}: {why}")
+        return backend
+    order = ("cpu", "triton", "reference") if device.type == "cpu" else ("cuda", "triton", "reference")
+    for name in order:
+        if backend_available(name, device)[0]:
+            return name
+    return "reference"  # unreachable: the reference is always available
+
+
+def _fusable(q4, k4) -> bool:
+    return k4.shape[:2] == q4.shape[:2] and k4.shape[3] == q4.shape[3] and k4.dtype == q4.dtype
+
+
+def launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, conj):
+    """Rotate q (and k, may be None) into q_out/k_out; outputs may be the inputs (in place).
+
+    Arguments are validated by the caller; this only builds views and launches.
+    """
+    if backend == "reference":
+        if conj:
+            raise NotImplementedError("the reference backend has no conj launcher; autograd differentiates it")
+        for x, out in ((q, q_out), (k, k_out)):
+            if x is not None:
+                out.copy_(rotary_reference(x, cos, sin, unsqueeze_dim, interleaved))
+        return
+    q4, axes = _canon.canonical_x("q", q, cos, unsqueeze_dim)
+    c3, s3 = _canon.canonical_cs(cos, q, axes), _canon.canonical_cs(sin, q, axes)
+    qo4 = _canon.canonical_view(q_out, axes)
+    k4 = ko4 = None
+    if k is not None:
+        k4, kaxes = _canon.canonical_x("k", k, cos, unsqueeze_dim)
+        ko4 = _canon.canonical_view(k_out, kaxes)
+        if not _fusable(q4, k4):  # different batch/seq/head dim/dtype: two launches
+            _launch_canonical(backend, k4, None, _canon.canonical_cs(cos, k, kaxes),
+                              _canon.canonical_cs(sin, k, kaxes), ko4, None, interleaved, conj)
+            k4 = ko4 = None
+    _launch_canonical(backend, q4, k4, c3, s3, qo4, ko4, interleaved, conj)
+
+
+def _launch_canonical(backend, q4, k4, c3, s3, qo4, ko4, interleaved, conj):
+    if backend == "triton":
+        _triton_module().rotary_qk(q4, k4, c3, s3, qo4, ko4, interleaved, conj)
+        return
+    ops = _compiled_ops().ops
+    inplace = _canon.same_view(q4, qo4) and (k4 is None or _canon.same_view(k4, ko4))
+    if inplace:
+        ops.rotary_inplace(q4, k4, c3, s3, interleaved, conj)
+    else:
+        ops.rotary(q4, k4, c3, s3, qo4, ko4, interleaved, conj)
+
+
+def launch_elementwise(backend, x1, x2, cos, sin, out1, out2, conj):
+    """flash-attn's apply_rotary: cos/sin broadcast to x1; outs may alias x1/x2."""
+    if backend == "reference" or x1.dim() > 4:
+        y1, y2 = apply_rotary_reference(x1, x2, cos.expand_as(x1), sin.expand_as(x1), conj)
+        out1.copy_(y1)
+        out2.copy_(y2)
+        return
+    if backend == "triton":
+        def as4(t):
+            t = t.expand_as(x1)
+            return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
+
+        _triton_module().apply_rotary_elementwise(
+            as4(x1), as4(x2), as4(cos), as4(sin), as4(out1), as4(out2), conj
+        )
+        return
+    _compiled_ops().ops.apply_rotary(x1, x2, cos, sin, out1, out2, conj)
