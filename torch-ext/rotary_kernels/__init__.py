@@ -97,16 +97,16 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, backend):
             "in-place rotation does not support autograd; use apply_rotary_transformers / "
             "apply_rotary_emb, or call under torch.no_grad() / torch.inference_mode()"
         )
+    be = select_backend(q.device, backend)
+    if torch.compiler.is_compiling():  # data pointers are not traceable; the op is the same
+        rotary_(q, k, cos, sin, unsqueeze_dim, interleaved, False, be)
+        return
     for name, t in (("q", q), ("k", k)):
         if t is not None:
             _canon.check_no_partial_overlap(name, t, cos, sin)
     if k is not None:
         _canon.check_no_partial_overlap("k", k, q)
-    be = select_backend(q.device, backend)
-    if torch.compiler.is_compiling():
-        rotary_(q, k, cos, sin, unsqueeze_dim, interleaved, False, be)
-    else:
-        launch_rotary(be, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, False)
+    launch_rotary(be, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, False)
 
 
 def apply_rotary_transformers_(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, backend=None):

@@ -11,7 +11,6 @@ Default order for a device: cuda > triton on GPUs, cpu > reference on CPU.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -31,13 +30,17 @@ def _compiled_ops():
     return _ops if getattr(_ops, "HAS_EXT", False) else None
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON = []  # [module or None] once imported
+
+
 def _triton_module():
-    try:
-        from . import _triton
-    except Exception:  # ImportError, or triton failing to find a driver
-        return None
-    return _triton
+    if not _TRITON:
+        try:
+            from . import _triton
+        except Exception:  # ImportError, or triton failing to find a driver
+            _triton = None
+        _TRITON.append(_triton)
+    return _TRITON[0]
 
 
 def _interpret() -> bool:
