@@ -83,7 +83,7 @@ def _rotary_qk_kernel(
     sqa, sqs, sqh, sqd, soa, sos, soh, sod,
     ska, sks, skh, skd, sla, sls, slh, sld,
     sca, scs, scr, ssa, sss, ssr,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, CONJ: tl.constexpr,
     COPY_PASS: tl.constexpr, HAS_K: tl.constexpr, ACC: tl.constexpr, RTNE_BF16: tl.constexpr,
 ):
@@ -111,15 +111,15 @@ def _rotary_qk_kernel(
 
     if pid_h < NQB:
         _rotate_heads(
-            q_ptr, qo_ptr, c1, c2, s1, s2, a, s, pid_h * BLOCK_H, HQ, D,
+            q_ptr, qo_ptr, c1, c2, s1, s2, a, s, pid_h * BLOCK_HQ, HQ, D,
             sqa, sqs, sqh, sqd, soa, sos, soh, sod,
-            HALF, BLOCK_H, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, COPY_PASS, ACC, RTNE_BF16,
+            HALF, BLOCK_HQ, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, COPY_PASS, ACC, RTNE_BF16,
         )
     elif HAS_K:
         _rotate_heads(
-            k_ptr, ko_ptr, c1, c2, s1, s2, a, s, (pid_h - NQB) * BLOCK_H, HK, D,
+            k_ptr, ko_ptr, c1, c2, s1, s2, a, s, (pid_h - NQB) * BLOCK_HK, HK, D,
             ska, sks, skh, skd, sla, sls, slh, sld,
-            HALF, BLOCK_H, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, COPY_PASS, ACC, RTNE_BF16,
+            HALF, BLOCK_HK, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, COPY_PASS, ACC, RTNE_BF16,
         )
 
 
@@ -141,9 +141,11 @@ def rotary_qk(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool) -> No
     if A * S == 0 or (HQ + HK) * D == 0:
         return
     block_half = triton.next_power_of_2(half)
-    block_h = min(triton.next_power_of_2(max(HQ, HK, 1)), max(1, _TILE_ELEMS // block_half))
-    nqb = triton.cdiv(HQ, block_h)
-    nkb = triton.cdiv(HK, block_h)
+    max_h = max(1, _TILE_ELEMS // block_half)
+    block_hq = min(triton.next_power_of_2(HQ), max_h)
+    block_hk = min(triton.next_power_of_2(max(HK, 1)), max_h)
+    nqb = triton.cdiv(HQ, block_hq)
+    nkb = triton.cdiv(HK, block_hk)
     copy_pass = R < D and (q_out.data_ptr() != q.data_ptr() or (k is not None and k_out.data_ptr() != k.data_ptr()))
     block_pass = min(triton.next_power_of_2(max(D - R, 1)), 128)
     kk = k if k is not None else q
@@ -154,10 +156,10 @@ def rotary_qk(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool) -> No
         S, HQ, HK, D, nqb,
         *q.stride(), *q_out.stride(), *kk.stride(), *ko.stride(),
         *cos.stride(), *sin.stride(),
-        HALF=half, BLOCK_H=block_h, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
+        HALF=half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
         INTERLEAVED=interleaved, CONJ=conj, COPY_PASS=copy_pass, HAS_K=k is not None,
         ACC=_acc_dtype(q.dtype), RTNE_BF16=_emulate_rtne(q.dtype),
-        num_warps=4 if block_h * block_half <= 2048 else 8,
+        num_warps=4 if max(block_hq, block_hk) * block_half <= 2048 else 8,
     )
 
 
