@@ -1,0 +1,140 @@
+// Registers the ops in the extension's namespace (TORCH_EXTENSION_NAME, set by the build),
+// with CPU and (when compiled with ROTARY_WITH_CUDA) CUDA implementations.
+//
+//   rotary(q, k?, cos, sin, q_out!, k_out?!, interleaved, conj)   one launch for q and k
+//   rotary_inplace(q!, k?!, cos, sin, interleaved, conj)            the same, out = in
+//   apply_rotary(x1, x2, cos, sin, out1!, out2!, conj)              flash-attn elementwise API
+//
+// Fake (meta) implementations are registered from Python (rotary_kernels/_ops.py).
+#include <Python.h>
+
+#include <torch/library.h>
+
+#include "torch_binding.h"
+
+namespace {
+
+void check_float(const at::Tensor& t, const char* name) {
+  auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, name,
+              " must be float32, float64, float16 or bfloat16, got ", st);
+}
+
+void check_like(const at::Tensor& out, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.device() == x.device(), name,
+              " must have its input's shape, dtype and device: expected ", x.sizes(), " ", x.scalar_type(), " on ",
+              x.device(), ", got ", out.sizes(), " ", out.scalar_type(), " on ", out.device());
+}
+
+void check_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
+                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out) {
+  TORCH_CHECK(q.dim() == 4, "q must be 4-D [A, S, H, D], got ", q.sizes());
+  TORCH_CHECK(cos.dim() == 3, "cos must be 3-D [A, S, R], got ", cos.sizes());
+  TORCH_CHECK(cos.sizes() == sin.sizes(), "cos and sin must have the same shape, got ", cos.sizes(), " and ",
+              sin.sizes());
+  TORCH_CHECK(cos.scalar_type() == sin.scalar_type(), "cos and sin must have the same dtype");
+  check_float(q, "q");
+  check_float(cos, "cos");
+  const int64_t R = cos.size(2);
+  TORCH_CHECK(R > 0 && R % 2 == 0 && R <= q.size(3), "rotary dim (cos.size(2)) must be even, positive and <= D=",
+              q.size(3), ", got ", R);
+  TORCH_CHECK(cos.size(0) == q.size(0) && cos.size(1) == q.size(1), "cos must be [A, S, R] with q's A, S: q ",
+              q.sizes(), ", cos ", cos.sizes());
+  TORCH_CHECK(cos.device() == q.device() && sin.device() == q.device(), "cos/sin must be on q's device");
+  check_like(q_out, q, "q_out");
+  TORCH_CHECK(k.has_value() == k_out.has_value(), "k and k_out must both be given or both be None");
+  if (k.has_value()) {
+    const at::Tensor& kk = *k;
+    TORCH_CHECK(kk.dim() == 4 && kk.size(0) == q.size(0) && kk.size(1) == q.size(1) && kk.size(3) == q.size(3),
+                "k must be [A, S, Hk, D] with q's A, S and D: q ", q.sizes(), ", k ", kk.sizes());
+    TORCH_CHECK(kk.scalar_type() == q.scalar_type(), "k must have q's dtype");
+    TORCH_CHECK(kk.device() == q.device(), "k must be on q's device");
+    check_like(*k_out, kk, "k_out");
+  }
+}
+
+void rotary_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
+               const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
+               bool interleaved, bool conj) {
+  check_rotary(q, k, cos, sin, q_out, k_out);
+#ifdef ROTARY_WITH_CUDA
+  if (q.is_cuda()) {
+    rotary_cuda(q, k, cos, sin, q_out, k_out, interleaved, conj);
+    return;
+  }
+#endif
+  TORCH_CHECK(q.is_cpu(), "rotary: unsupported device ", q.device());
+  rotary_cpu(q, k, cos, sin, q_out, k_out, interleaved, conj);
+}
+
+void rotary_inplace_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
+                       const at::Tensor& sin, bool interleaved, bool conj) {
+  rotary_op(q, k, cos, sin, q, k, interleaved, conj);
+}
+
+void apply_rotary_op(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
+                     const at::Tensor& out1, const at::Tensor& out2, bool conj) {
+  check_float(x1, "x1");
+  check_float(cos, "cos");
+  check_float(sin, "sin");
+  TORCH_CHECK(x2.sizes() == x1.sizes() && x2.scalar_type() == x1.scalar_type(),
+              "x1 and x2 must have the same shape and dtype");
+  check_like(out1, x1, "out1");
+  check_like(out2, x2, "out2");
+  TORCH_CHECK(x1.device() == x2.device() && cos.device() == x1.device() && sin.device() == x1.device(),
+              "all tensors must be on the same device");
+  TORCH_CHECK(x1.dim() <= 4, "apply_rotary supports up to 4-D tensors, got ", x1.sizes());
+  // cos/sin broadcast to x1's shape (zero strides), all viewed as 4-D.
+  auto as4 = [&](const at::Tensor& t) {
+    at::Tensor e = t.expand(x1.sizes());
+    while (e.dim() < 4) e = e.unsqueeze(0);
+    return e;
+  };
+  at::Tensor a1 = as4(x1), a2 = as4(x2), c = as4(cos), s = as4(sin), o1 = as4(out1), o2 = as4(out2);
+  if (a1.numel() == 0) return;
+#ifdef ROTARY_WITH_CUDA
+  if (x1.is_cuda()) {
+    apply_rotary_cuda(a1, a2, c, s, o1, o2, conj);
+    return;
+  }
+#endif
+  TORCH_CHECK(x1.is_cpu(), "apply_rotary: unsupported device ", x1.device());
+  apply_rotary_cpu(a1, a2, c, s, o1, o2, conj);
+}
+
+}  // namespace
+
+#define RK_STRINGIFY_(x) #x
+#define RK_STRINGIFY(x) RK_STRINGIFY_(x)
+#define RK_CONCAT_(a, b) a##b
+#define RK_CONCAT(a, b) RK_CONCAT_(a, b)
+
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def(
+      "rotary(Tensor q, Tensor? k, Tensor cos, Tensor sin, Tensor(a!) q_out, Tensor(b!)? k_out, "
+      "bool interleaved, bool conj) -> ()");
+  m.def("rotary_inplace(Tensor(a!) q, Tensor(b!)? k, Tensor cos, Tensor sin, bool interleaved, bool conj) -> ()");
+  m.def(
+      "apply_rotary(Tensor x1, Tensor x2, Tensor cos, Tensor sin, Tensor(a!) out1, Tensor(b!) out2, "
+      "bool conj) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+  m.impl("rotary", &rotary_op);
+  m.impl("rotary_inplace", &rotary_inplace_op);
+  m.impl("apply_rotary", &apply_rotary_op);
+}
+
+#ifdef ROTARY_WITH_CUDA
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CUDA, m) {
+  m.impl("rotary", &rotary_op);
+  m.impl("rotary_inplace", &rotary_inplace_op);
+  m.impl("apply_rotary", &apply_rotary_op);
+}
+#endif
+
+// An importable (empty) Python module: importing it registers the ops above.
+extern "C" PyObject* RK_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, RK_STRINGIFY(TORCH_EXTENSION_NAME), nullptr, 0, nullptr};
+  return PyModule_Create(&module);
+}
