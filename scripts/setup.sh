@@ -28,7 +28,7 @@ export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 pip_install --no-build-isolation --no-deps -e .
 "$VENV/bin/python" - <<'PY'
 import rotary_kernels as rk
-from rotary_kernels import _ops
+from rotary_kernels import _compiled
 print("rotary_kernels installed; backends on cpu:", rk.available_backends("cpu"),
-      "| compiled extension:", _ops.HAS_EXT, "| CUDA kernels compiled in:", _ops.HAS_CUDA_EXT)
+      "| compiled extension:", _compiled.HAS_EXT, "| CUDA kernels compiled in:", _compiled.HAS_CUDA_EXT)
 PY

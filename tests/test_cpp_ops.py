@@ -8,14 +8,14 @@ q [A, S, H, D], cos/sin [A, S, R]. CUDA cases run only where a GPU is visible.
 import pytest
 import torch
 
-from rotary_kernels import _ops
+from rotary_kernels import _compiled
 from rotary_kernels.reference import rotary_reference
 
 from conftest import TOL
 
-pytestmark = pytest.mark.skipif(not _ops.HAS_EXT, reason=f"extension not built: {_ops.IMPORT_ERROR}")
+pytestmark = pytest.mark.skipif(not _compiled.HAS_EXT, reason=f"extension not built: {_compiled.IMPORT_ERROR}")
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _ops.HAS_CUDA_EXT else [])
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and _compiled.HAS_CUDA_EXT else [])
 
 
 def _conj_ref(x, cos, sin, interleaved):
@@ -62,7 +62,7 @@ def test_rotary_op_paths(device, layout, dtype, interleaved, D, R):
     q0, k0 = q.clone(), k.clone()
     for conj in (False, True):
         qo, ko = torch.empty_like(q), torch.empty_like(k)
-        _ops.ops.rotary(q, k, cos, sin, qo, ko, interleaved, conj)
+        _compiled.ops.rotary(q, k, cos, sin, qo, ko, interleaved, conj)
         want_q = _conj_ref(q, cos, sin, interleaved) if conj else rotary_reference(q, cos, sin, 2, interleaved)
         want_k = _conj_ref(k, cos, sin, interleaved) if conj else rotary_reference(k, cos, sin, 2, interleaved)
         close(qo, want_q)
@@ -70,7 +70,7 @@ def test_rotary_op_paths(device, layout, dtype, interleaved, D, R):
         assert torch.equal(q, q0) and torch.equal(k, k0)
         # In place gives the same bits.
         qi, ki = q.clone(), k.clone()
-        _ops.ops.rotary_inplace(qi, ki, cos, sin, interleaved, conj)
+        _compiled.ops.rotary_inplace(qi, ki, cos, sin, interleaved, conj)
         assert torch.equal(qi, qo) and torch.equal(ki, ko)
 
 
@@ -82,7 +82,7 @@ def test_rotary_op_cos_dtypes_and_broadcast(device, cs_dtype):
     cos, sin = tables(1, 5, 32, cs_dtype, device)
     cos, sin = cos.expand(3, 5, 32), sin.expand(3, 5, 32)
     qo = torch.empty_like(q)
-    _ops.ops.rotary(q, None, cos, sin, qo, None, False, False)
+    _compiled.ops.rotary(q, None, cos, sin, qo, None, False, False)
     close(qo, rotary_reference(q, cos, sin, 2))
 
 
@@ -92,7 +92,7 @@ def test_rotary_op_empty(device):
         q = torch.randn(shape, device=device)
         cos = torch.randn(shape[0], shape[1], 8, device=device)
         qo = torch.empty_like(q)
-        _ops.ops.rotary(q, None, cos, cos, qo, None, False, False)
+        _compiled.ops.rotary(q, None, cos, cos, qo, None, False, False)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -103,13 +103,13 @@ def test_apply_rotary_op(device, conj):
     cos, sin = tables(1, 5, 8, torch.float32, device)
     cos, sin = cos[0, :, None], sin[0, :, None]  # [S, 1, R/2] broadcast over batch and heads
     o1, o2 = torch.empty_like(x1), torch.empty_like(x2)
-    _ops.ops.apply_rotary(x1, x2, cos, sin, o1, o2, conj)
+    _compiled.ops.apply_rotary(x1, x2, cos, sin, o1, o2, conj)
     s = -sin if conj else sin
     f1, f2 = x1.float(), x2.float()
     close(o1, f1 * cos - f2 * s)
     close(o2, f1 * s + f2 * cos)
     # In place (out aliases x) gives the same result.
-    _ops.ops.apply_rotary(x1, x2, cos, sin, x1, x2, conj)
+    _compiled.ops.apply_rotary(x1, x2, cos, sin, x1, x2, conj)
     assert torch.equal(x1, o1) and torch.equal(x2, o2)
 
 
@@ -118,7 +118,7 @@ def test_opcheck(device):
     q = canonical(2, 3, 4, 16, torch.float32, device, "heads_outer")
     k = canonical(2, 3, 2, 16, torch.float32, device)
     cos, sin = tables(2, 3, 8, torch.float32, device)
-    ops = _ops.ops
+    ops = _compiled.ops
     torch.library.opcheck(ops.rotary, (q, k, cos, sin, torch.empty_like(q), torch.empty_like(k), False, False))
     torch.library.opcheck(ops.rotary, (q, None, cos, sin, torch.empty_like(q), None, True, True))
     torch.library.opcheck(ops.rotary_inplace, (q.clone(), k.clone(), cos, sin, False, False))
@@ -130,7 +130,7 @@ def test_opcheck(device):
 def test_op_checks_raise():
     q = torch.randn(2, 3, 4, 16)
     cos = torch.randn(2, 3, 16)
-    ops = _ops.ops
+    ops = _compiled.ops
     cases = [
         (lambda: ops.rotary(q[0], None, cos, cos, q[0], None, False, False), "q must be 4-D"),
         (lambda: ops.rotary(q, None, cos[..., :7], cos[..., :7], q.clone(), None, False, False), "must be even"),
@@ -155,6 +155,27 @@ def test_cuda_launch_shapes(A, S, Hq, Hk, interleaved):
     k = canonical(A, S, Hk, 128, torch.bfloat16, "cuda", "heads_outer", seed=3)
     cos, sin = tables(A, S, 128, torch.bfloat16, "cuda")
     qo, ko = torch.empty_like(q), torch.empty_like(k)
-    _ops.ops.rotary(q, k, cos, sin, qo, ko, interleaved, False)
+    _compiled.ops.rotary(q, k, cos, sin, qo, ko, interleaved, False)
     close(qo, rotary_reference(q, cos, sin, 2, interleaved))
     close(ko, rotary_reference(k, cos, sin, 2, interleaved))
+
+
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a CUDA GPU and the CUDA extension")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("R", [128, 64])
+def test_cuda_matches_triton(dtype, interleaved, R):
+    # Two independent GPU implementations, fp32 math, one rounding: equal within one ulp.
+    import rotary_kernels as rk
+
+    q = torch.randn(2, 96, 32, 128, device="cuda", dtype=dtype).transpose(1, 2)
+    k = torch.randn(2, 96, 8, 128, device="cuda", dtype=dtype).transpose(1, 2)
+    cos, sin = tables(2, 96, R, torch.float32, "cuda")
+    outs = {}
+    for backend in ("cuda", "triton"):
+        qq, kk = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+        qe, ke = rk.apply_rotary_transformers(qq, kk, cos, sin, interleaved=interleaved, backend=backend)
+        (qe.float().square().sum() + ke.float().sum()).backward()
+        outs[backend] = (qe, ke, qq.grad, kk.grad)
+    for a, b in zip(outs["cuda"], outs["triton"]):
+        torch.testing.assert_close(a, b, **TOL[dtype])

@@ -23,11 +23,9 @@ BACKENDS = ("cuda", "triton", "cpu", "reference")
 
 def _compiled_ops():
     """The compiled extension's ops, or None when it was not built."""
-    try:
-        from . import _ops
-    except ImportError:  # pragma: no cover - _ops itself never raises, see _ops.py
-        return None
-    return _ops if getattr(_ops, "HAS_EXT", False) else None
+    from . import _compiled
+
+    return _compiled if _compiled.HAS_EXT else None
 
 
 _TRITON = []  # [module or None] once imported

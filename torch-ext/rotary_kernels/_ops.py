@@ -1,32 +1,18 @@
-"""The compiled extension's ops (``torch.ops._rotary_kernels_C``), when it was built.
+"""The compiled extension's op namespace, in kernel-builder's ``_ops.py`` shape.
 
-``HAS_EXT``: the extension imported; ``HAS_CUDA_EXT``: its CUDA kernels were compiled in;
-``IMPORT_ERROR``: why it did not import (for diagnostics). Importing this module never fails.
+A Hub build (kernel-builder, or scripts/build_hub.py) writes its own ``_ops.py`` in this shape
+with a unique namespace (``_rotary_kernels_<id>``) so that several versions can be loaded in one
+process; this one serves the pip build, whose extension is ``rotary_kernels._rotary_kernels_C``.
+Importing it raises ImportError when the extension was not built: see ``_compiled.py``.
 """
-
-from __future__ import annotations
 
 import torch
 
-NAMESPACE = "_rotary_kernels_C"
+from . import _rotary_kernels_C  # noqa: F401  (importing registers the ops)
 
-try:
-    from . import _rotary_kernels_C  # noqa: F401  (importing registers the ops)
-
-    HAS_EXT, IMPORT_ERROR = True, None
-except ImportError as e:  # not built (pure-Python install) or built against another torch
-    HAS_EXT, IMPORT_ERROR = False, str(e)
-
-ops = getattr(torch.ops, NAMESPACE) if HAS_EXT else None
-HAS_CUDA_EXT = HAS_EXT and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::rotary", "CUDA")
+ops = torch.ops._rotary_kernels_C
 
 
-def add_op_namespace_prefix(name: str) -> str:
-    """kernels-community convention: the qualified name of one of this extension's ops."""
-    return f"{NAMESPACE}::{name}"
-
-
-if HAS_EXT:
-    # The ops only write into their outputs: nothing to compute under FakeTensor / meta.
-    for _name in ("rotary", "rotary_inplace", "apply_rotary"):
-        torch.library.register_fake(add_op_namespace_prefix(_name))(lambda *args, **kwargs: None)
+def add_op_namespace_prefix(op_name: str) -> str:
+    """Prefix op by namespace."""
+    return f"_rotary_kernels_C::{op_name}"
