@@ -1,12 +1,18 @@
 """Builds rotary_kernels and its compiled extension ``rotary_kernels._rotary_kernels_C``.
 
 Install with ``pip install -e . --no-build-isolation`` (the extension is built against the
-torch already installed). The sources are the ones build.toml lists for the Hub build.
+torch already installed). Sources and CUDA capabilities come from build.toml, the Hub build's
+description, so both builds compile the same files.
 
 Environment:
-  ROTARY_KERNELS_CUDA_ARCHS  CUDA archs, default "8.0;8.6;8.9;9.0" (CI builds "9.0" only)
+  ROTARY_KERNELS_CUDA_ARCHS  CUDA archs, default build.toml's cuda-capabilities (CI builds "9.0")
   ROTARY_KERNELS_NO_CUDA=1   build the CPU kernels only
   ROTARY_KERNELS_NO_EXT=1    no extension at all (pure Python + Triton)
+  ROTARY_KERNELS_EXT_NAME    extension / op namespace name (default _rotary_kernels_C; the Hub
+                             build, scripts/build_hub.py, gives each variant a unique one)
+
+The extension uses only CPython's stable ABI (it is an empty module whose import registers
+torch ops), so it is built as ``<name>.abi3.so``, importable by any CPython >= 3.9.
 """
 
 import os
@@ -14,9 +20,32 @@ import shutil
 
 from setuptools import setup
 
-NAME = "_rotary_kernels_C"
-CPU_SOURCES = ["torch-ext/torch_binding.cpp", "rotary_kernels/cpu/rotary_cpu.cpp"]
-CUDA_SOURCES = ["rotary_kernels/rotary_cuda.cu"]
+NAME = os.environ.get("ROTARY_KERNELS_EXT_NAME", "_rotary_kernels_C")
+
+
+def _build_config():
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "build.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def _sources(config, backend):
+    """build.toml's [torch] sources plus its kernel sources for `backend`, compiled files only."""
+    files = list(config["torch"]["src"])
+    for kernel in config["kernel"].values():
+        if kernel["backend"] == backend:
+            files += kernel["src"]
+    return [f for f in files if f.endswith((".cpp", ".cu"))]
+
+
+def _cuda_capabilities(config):
+    for kernel in config["kernel"].values():
+        if kernel["backend"] == "cuda" and "cuda-capabilities" in kernel:
+            return ";".join(kernel["cuda-capabilities"])
+    return "8.0;8.6;8.9;9.0"
 
 
 def _flag(name: str) -> bool:
@@ -30,19 +59,18 @@ def _extensions():
     from torch.utils import cpp_extension
 
     cxx = ["-O3", "-fopenmp", f"-DTORCH_EXTENSION_NAME={NAME}"]
-    include_dirs = [os.path.abspath("torch-ext")]
+    config = _build_config()
     with_cuda = (
         torch.version.cuda is not None
         and not _flag("ROTARY_KERNELS_NO_CUDA")
         and (cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None)
     )
     if with_cuda:
-        archs = os.environ.get("ROTARY_KERNELS_CUDA_ARCHS", "8.0;8.6;8.9;9.0")
+        archs = os.environ.get("ROTARY_KERNELS_CUDA_ARCHS") or _cuda_capabilities(config)
         os.environ["TORCH_CUDA_ARCH_LIST"] = archs
         ext = cpp_extension.CUDAExtension(
             f"rotary_kernels.{NAME}",
-            CPU_SOURCES + CUDA_SOURCES,
-            include_dirs=include_dirs,
+            _sources(config, "cuda"),
             define_macros=[("ROTARY_WITH_CUDA", None)],
             extra_link_args=["-fopenmp"],
             extra_compile_args={
@@ -50,12 +78,12 @@ def _extensions():
                 "nvcc": ["-O3", f"-DTORCH_EXTENSION_NAME={NAME}", "--expt-relaxed-constexpr",
                          "-lineinfo"],
             },
-            py_limited_api=False,
+            py_limited_api=True,
         )
     else:
         ext = cpp_extension.CppExtension(
-            f"rotary_kernels.{NAME}", CPU_SOURCES, include_dirs=include_dirs, extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"],
+            f"rotary_kernels.{NAME}", _sources(config, "cpu"), extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"], py_limited_api=True,
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 

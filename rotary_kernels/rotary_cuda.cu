@@ -6,7 +6,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "rotary_cuda_kernels.cuh"
-#include "torch_binding.h"
+#include "rotary_ops.h"
 
 using namespace rotary_kernels;
 

@@ -5,12 +5,32 @@
 //   rotary_inplace(q!, k?!, cos, sin, interleaved, conj)            the same, out = in
 //   apply_rotary(x1, x2, cos, sin, out1!, out2!, conj)              flash-attn elementwise API
 //
-// Fake (meta) implementations are registered from Python (rotary_kernels/_ops.py).
-#include <Python.h>
-
+// Fake (meta) implementations are registered from Python (rotary_kernels/_compiled.py).
+//
+// Builds: setup.py (pip) defines ROTARY_WITH_CUDA when it compiles the CUDA sources;
+// kernel-builder defines CUDA_KERNEL and generates registration.h, whose macros are
+// reproduced below when it is absent.
 #include <torch/library.h>
 
 #include "torch_binding.h"
+
+#if __has_include("registration.h")
+#include "registration.h"
+#else
+#include <Python.h>
+#define RK_CONCAT_(a, b) a##b
+#define RK_CONCAT(a, b) RK_CONCAT_(a, b)
+#define RK_STRINGIFY_(x) #x
+#define RK_STRINGIFY(x) RK_STRINGIFY_(x)
+#define TORCH_LIBRARY_EXPAND(NAME, MODULE) TORCH_LIBRARY(NAME, MODULE)
+#define TORCH_LIBRARY_IMPL_EXPAND(NAME, DEVICE, MODULE) TORCH_LIBRARY_IMPL(NAME, DEVICE, MODULE)
+// An importable (empty) Python module: importing it registers the ops.
+#define REGISTER_EXTENSION(NAME)                                                                  \
+  extern "C" PyObject* RK_CONCAT(PyInit_, NAME)(void) {                                          \
+    static PyModuleDef module = {PyModuleDef_HEAD_INIT, RK_STRINGIFY(NAME), nullptr, 0, nullptr}; \
+    return PyModule_Create(&module);                                                              \
+  }
+#endif
 
 namespace {
 
@@ -57,7 +77,7 @@ void rotary_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at
                const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                bool interleaved, bool conj) {
   check_rotary(q, k, cos, sin, q_out, k_out);
-#ifdef ROTARY_WITH_CUDA
+#ifdef RK_HAVE_CUDA
   if (q.is_cuda()) {
     rotary_cuda(q, k, cos, sin, q_out, k_out, interleaved, conj);
     return;
@@ -92,7 +112,7 @@ void apply_rotary_op(const at::Tensor& x1, const at::Tensor& x2, const at::Tenso
   };
   at::Tensor a1 = as4(x1), a2 = as4(x2), c = as4(cos), s = as4(sin), o1 = as4(out1), o2 = as4(out2);
   if (a1.numel() == 0) return;
-#ifdef ROTARY_WITH_CUDA
+#ifdef RK_HAVE_CUDA
   if (x1.is_cuda()) {
     apply_rotary_cuda(a1, a2, c, s, o1, o2, conj);
     return;
@@ -104,12 +124,7 @@ void apply_rotary_op(const at::Tensor& x1, const at::Tensor& x2, const at::Tenso
 
 }  // namespace
 
-#define RK_STRINGIFY_(x) #x
-#define RK_STRINGIFY(x) RK_STRINGIFY_(x)
-#define RK_CONCAT_(a, b) a##b
-#define RK_CONCAT(a, b) RK_CONCAT_(a, b)
-
-TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, m) {
   m.def(
       "rotary(Tensor q, Tensor? k, Tensor cos, Tensor sin, Tensor(a!) q_out, Tensor(b!)? k_out, "
       "bool interleaved, bool conj) -> ()");
@@ -119,22 +134,18 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
       "bool conj) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("rotary", &rotary_op);
   m.impl("rotary_inplace", &rotary_inplace_op);
   m.impl("apply_rotary", &apply_rotary_op);
 }
 
-#ifdef ROTARY_WITH_CUDA
-TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CUDA, m) {
+#ifdef RK_HAVE_CUDA
+TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, CUDA, m) {
   m.impl("rotary", &rotary_op);
   m.impl("rotary_inplace", &rotary_inplace_op);
   m.impl("apply_rotary", &apply_rotary_op);
 }
 #endif
 
-// An importable (empty) Python module: importing it registers the ops above.
-extern "C" PyObject* RK_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, RK_STRINGIFY(TORCH_EXTENSION_NAME), nullptr, 0, nullptr};
-  return PyModule_Create(&module);
-}
+REGISTER_EXTENSION(TORCH_EXTENSION_NAME)

@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "../rotary_math.h"
-#include "torch_binding.h"
+#include "../rotary_ops.h"
 
 namespace {
 

@@ -1,6 +1,6 @@
 """Autograd for the kernel backends, as ``torch.library`` custom ops.
 
-``rotary_kernels::rotary_qk`` (q and k) and ``rotary_kernels::rotary_x`` (one tensor) are
+``rotary_qk`` (q and k) and ``rotary_x`` (one tensor), in this build's op namespace (``_ops.py``), are
 functional ops with fake implementations (so ``torch.compile(fullgraph=True)`` traces them
 as single nodes) and registered autograd:
 
@@ -9,7 +9,7 @@ as single nodes) and registered autograd:
 * grad wrt cos/sin (rare: learned or differentiated frequencies): computed from the saved
   inputs with PyTorch ops, in fp32; q/k are saved only when cos or sin requires grad.
 
-``rotary_kernels::rotary_`` rotates in place (inference; no autograd).
+``rotary_`` rotates in place (inference; no autograd).
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import torch
 from torch import Tensor
 
 from ._dispatch import launch_rotary
+from ._ops import add_op_namespace_prefix
 from .reference import compute_dtype, rotate_every_two, rotate_half
 
 
-@torch.library.custom_op("rotary_kernels::rotary_qk", mutates_args=())
+@torch.library.custom_op(add_op_namespace_prefix("rotary_qk"), mutates_args=())
 def rotary_qk(
     q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
     unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str,
@@ -33,7 +34,7 @@ def rotary_qk(
     return q_out, k_out
 
 
-@torch.library.custom_op("rotary_kernels::rotary_x", mutates_args=())
+@torch.library.custom_op(add_op_namespace_prefix("rotary_x"), mutates_args=())
 def rotary_x(
     x: Tensor, cos: Tensor, sin: Tensor,
     unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str,
@@ -43,7 +44,7 @@ def rotary_x(
     return out
 
 
-@torch.library.custom_op("rotary_kernels::rotary_", mutates_args=("q", "k"))
+@torch.library.custom_op(add_op_namespace_prefix("rotary_"), mutates_args=("q", "k"))
 def rotary_(
     q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor,
     unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str,

@@ -1,14 +1,21 @@
-"""The compiled extension's op namespace, in kernel-builder's ``_ops.py`` shape.
+"""The op namespace of this build, in the shape kernel-builder generates ``_ops.py``.
 
-A Hub build (kernel-builder, or scripts/build_hub.py) writes its own ``_ops.py`` in this shape
-with a unique namespace (``_rotary_kernels_<id>``) so that several versions can be loaded in one
-process; this one serves the pip build, whose extension is ``rotary_kernels._rotary_kernels_C``.
-Importing it raises ImportError when the extension was not built: see ``_compiled.py``.
+Every op of the package is registered under it: the compiled C++/CUDA ops (when the extension
+was built) and the Python custom ops with autograd (``_autograd.py``). A Hub build
+(kernel-builder, or scripts/build_hub.py) replaces this file with one naming a unique
+namespace (``_rotary_kernels_<backend>_<id>``), so that several versions of the kernel can be
+loaded in one process; this one serves the pip install, whose extension is
+``rotary_kernels._rotary_kernels_C``.
 """
 
 import torch
 
-from . import _rotary_kernels_C  # noqa: F401  (importing registers the ops)
+try:
+    from . import _rotary_kernels_C  # noqa: F401  (importing registers the compiled ops)
+
+    IMPORT_ERROR = None
+except ImportError as e:  # not built (pure-Python install) or built against another torch
+    IMPORT_ERROR = str(e)
 
 ops = torch.ops._rotary_kernels_C
 
