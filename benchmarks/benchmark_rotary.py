@@ -23,7 +23,9 @@ def _rotate_half(x):
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-class _RotaryWorkloads(Benchmark):
+class _RotaryWorkloads:
+    """The workloads (a mixin, so `kernels benchmark` does not run it as a benchmark itself)."""
+
     seed = 0
     dtype = torch.bfloat16
     Hq, Hk, D = 32, 8, 128  # Llama-3-8B
@@ -82,9 +84,9 @@ class _RotaryWorkloads(Benchmark):
         return self._eager()
 
 
-class RotaryBF16(_RotaryWorkloads):
+class RotaryBF16(_RotaryWorkloads, Benchmark):
     dtype = torch.bfloat16
 
 
-class RotaryFP32(_RotaryWorkloads):
+class RotaryFP32(_RotaryWorkloads, Benchmark):
     dtype = torch.float32
