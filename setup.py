@@ -58,7 +58,9 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    cxx = ["-O3", "-fopenmp", f"-DTORCH_EXTENSION_NAME={NAME}"]
+    # -ffp-contract=off: no FMA contraction, so every CPU (and every clone of the multiversioned
+    # CPU kernel) rounds the same way, bit for bit equal to the reference's fp32 ops.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", f"-DTORCH_EXTENSION_NAME={NAME}"]
     config = _build_config()
     with_cuda = (
         torch.version.cuda is not None

@@ -4,6 +4,9 @@
 // pair are converted once into a small table and reused for all heads of q and k. Rows with a
 // contiguous head dim go through fixed-size chunks (loaded into local arrays, so the compiler
 // vectorises them even when out aliases x); other strides take the generic indexed path.
+// 16-bit conversions are branch-free bit arithmetic (vectorisable, IEEE round to nearest even),
+// and on x86-64 Linux the per-token work is compiled for AVX-512, AVX2 and baseline x86-64,
+// picked at load time (GCC function multiversioning), so one binary runs everywhere.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -16,8 +19,6 @@
 namespace {
 
 using namespace rotary_kernels;
-
-constexpr int64_t kChunk = 32;  // pairs per vectorised chunk
 
 // Branch-free conversions the compiler can vectorise (c10's bf16 store has a NaN branch).
 template <typename T, typename acc_t>
@@ -47,6 +48,44 @@ inline void store_out<c10::BFloat16, float>(c10::BFloat16* p, float v) {
   std::memcpy(p, &b, 2);
 }
 
+template <>
+inline float load_acc<c10::Half, float>(const c10::Half* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7FFFu;
+  // Normal and subnormal halves: shift into a float's bits and rescale by 2^112 (exact).
+  uint32_t u = em << 13;
+  float f;
+  std::memcpy(&f, &u, 4);
+  f *= 0x1p112f;
+  std::memcpy(&u, &f, 4);
+  u = em >= 0x7C00u ? ((em << 13) | 0x7F800000u) : u;  // inf / nan
+  u |= sign;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+template <>
+inline void store_out<c10::Half, float>(c10::Half* p, float v) {
+  uint32_t f;
+  std::memcpy(&f, &v, 4);
+  const uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  // Overflow to inf (nan stays a quiet nan), normals rounded to nearest even, and subnormals
+  // through a float addition that rounds at the half's subnormal precision.
+  const uint32_t big = f > 0x7F800000u ? 0x7E00u : 0x7C00u;
+  const uint32_t normal = (f + 0xC8000FFFu + ((f >> 13) & 1u)) >> 13;  // rebias by -112 << 23
+  float tmp;
+  std::memcpy(&tmp, &f, 4);
+  tmp += 0.5f;  // aligns the mantissa so that the sum's low bits are the subnormal half
+  uint32_t sub;
+  std::memcpy(&sub, &tmp, 4);
+  sub -= 0x3F000000u;
+  const uint32_t o = f >= 0x47800000u ? big : (f < 0x38800000u ? sub : normal);
+  const uint16_t h = static_cast<uint16_t>(o | (sign >> 16));
+  std::memcpy(p, &h, 2);
+}
+
 // One token's cos/sin per pair (conj applied), structure of arrays for vector loads.
 template <typename acc_t>
 struct CSTable {
@@ -55,28 +94,29 @@ struct CSTable {
   PairCS<acc_t> at(int64_t i) const { return {c1[i], c2[i], s1[i], s2[i]}; }
 };
 
+// All pairs of a row with a contiguous head dim. Iteration i reads and writes only its own
+// pair's two elements, reads before it writes, so the iterations are independent even in place
+// (y == x): `omp simd` tells the compiler so, and it vectorises without alias checks.
 template <typename scalar_t, typename acc_t, bool interleaved>
-void rotate_row(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd, int64_t D, int64_t half, bool copy_pass,
-                const CSTable<acc_t>& cs) {
+inline void rotate_contig(const scalar_t* x, scalar_t* y, int64_t half, const CSTable<acc_t>& cs) {
+  constexpr int64_t step = interleaved ? 2 : 1;
+  const int64_t off2 = interleaved ? 1 : half;
+  const acc_t *c1 = cs.c1.data(), *c2 = cs.c2.data(), *s1 = cs.s1.data(), *s2 = cs.s2.data();
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const acc_t a = load_acc<scalar_t, acc_t>(x + i * step), b = load_acc<scalar_t, acc_t>(x + i * step + off2);
+    acc_t ya, yb;
+    rotate_pair(a, b, PairCS<acc_t>{c1[i], c2[i], s1[i], s2[i]}, ya, yb);
+    store_out<scalar_t, acc_t>(y + i * step, ya);
+    store_out<scalar_t, acc_t>(y + i * step + off2, yb);
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool interleaved>
+inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd, int64_t D, int64_t half,
+                       bool copy_pass, const CSTable<acc_t>& cs) {
   if (sxd == 1 && syd == 1) {
-    // Contiguous head dim. Each chunk is loaded into local arrays before anything is stored,
-    // so in place (y == x) needs no alias checks; compile-time strides let the loops vectorise.
-    constexpr int64_t step1 = interleaved ? 2 : 1;
-    const int64_t off2 = interleaved ? 1 : half;
-    for (int64_t i0 = 0; i0 < half; i0 += kChunk) {
-      const int64_t n = std::min(kChunk, half - i0);
-      acc_t x1[kChunk], x2[kChunk], y1[kChunk], y2[kChunk];
-      for (int64_t v = 0; v < n; ++v) {
-        x1[v] = load_acc<scalar_t, acc_t>(x + (i0 + v) * step1);
-        x2[v] = load_acc<scalar_t, acc_t>(x + (i0 + v) * step1 + off2);
-      }
-      const acc_t *c1 = &cs.c1[i0], *c2 = &cs.c2[i0], *s1 = &cs.s1[i0], *s2 = &cs.s2[i0];
-      for (int64_t v = 0; v < n; ++v) rotate_pair(x1[v], x2[v], PairCS<acc_t>{c1[v], c2[v], s1[v], s2[v]}, y1[v], y2[v]);
-      for (int64_t v = 0; v < n; ++v) {
-        store_out<scalar_t, acc_t>(y + (i0 + v) * step1, y1[v]);
-        store_out<scalar_t, acc_t>(y + (i0 + v) * step1 + off2, y2[v]);
-      }
-    }
+    rotate_contig<scalar_t, acc_t, interleaved>(x, y, half, cs);
   } else {
     for (int64_t i = 0; i < half; ++i) {
       const int64_t j1 = pair_first(i, half, interleaved), j2 = pair_second(i, half, interleaved);
@@ -91,65 +131,94 @@ void rotate_row(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd, int64_
   }
 }
 
+template <typename scalar_t>
+struct Operand {
+  const scalar_t* x;
+  scalar_t* y;
+  Strides4 sx, sy;
+  int64_t H;
+  bool copy_pass;
+};
+
+template <typename scalar_t, typename cs_t>
+struct CpuParams {
+  Operand<scalar_t> ops[2];
+  int n_ops;
+  const cs_t* cp;
+  const cs_t* sp;
+  Strides3 sc, ss;
+  int64_t S, D, half;
+  bool conj;
+};
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define RK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), flatten))
+#else
+#define RK_CPU_CLONES
+#endif
+
+// Tokens [begin, end): the per-token cos/sin table, then every row of q and k.
+template <typename scalar_t, typename cs_t, bool interleaved>
+RK_CPU_CLONES void rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t begin, int64_t end) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t half = p.half;
+  CSTable<acc_t> cs(half);
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t a = t / p.S, s = t % p.S;
+    for (int64_t i = 0; i < half; ++i) {
+      const int64_t j1 = pair_first(i, half, interleaved), j2 = pair_second(i, half, interleaved);
+      const PairCS<acc_t> pc = make_pair_cs<acc_t>(
+          load_acc<cs_t, acc_t>(p.cp + offset3(p.sc, a, s, j1)), load_acc<cs_t, acc_t>(p.cp + offset3(p.sc, a, s, j2)),
+          load_acc<cs_t, acc_t>(p.sp + offset3(p.ss, a, s, j1)), load_acc<cs_t, acc_t>(p.sp + offset3(p.ss, a, s, j2)),
+          p.conj);
+      cs.c1[i] = pc.c1;
+      cs.c2[i] = pc.c2;
+      cs.s1[i] = pc.s1;
+      cs.s2[i] = pc.s2;
+    }
+    for (int n = 0; n < p.n_ops; ++n) {
+      const Operand<scalar_t>& o = p.ops[n];
+      for (int64_t h = 0; h < o.H; ++h) {
+        rotate_row<scalar_t, acc_t, interleaved>(o.x + offset4(o.sx, a, s, h, 0), o.y + offset4(o.sy, a, s, h, 0),
+                                                 o.sx.d, o.sy.d, p.D, half, o.copy_pass, cs);
+      }
+    }
+  }
+}
+
 Strides4 strides4(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
 template <typename scalar_t, typename cs_t>
 void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                      const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                      bool interleaved, bool conj) {
-  using acc_t = typename AccType<scalar_t>::type;
-  const int64_t A = q.size(0), S = q.size(1), D = q.size(3), half = cos.size(2) / 2;
-  struct Operand {
-    const scalar_t* x;
-    scalar_t* y;
-    Strides4 sx, sy;
-    int64_t H;
-    bool copy_pass;
-  };
-  std::vector<Operand> ops;
+  CpuParams<scalar_t, cs_t> p{};
+  p.S = q.size(1);
+  p.D = q.size(3);
+  p.half = cos.size(2) / 2;
+  p.conj = conj;
   auto add = [&](const at::Tensor& x, const at::Tensor& y) {
     if (x.size(2) == 0) return;
     const bool same = x.data_ptr() == y.data_ptr() && x.strides() == y.strides();
-    ops.push_back({x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), strides4(x), strides4(y), x.size(2),
-                   2 * half < D && !same});
+    p.ops[p.n_ops++] = {x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), strides4(x), strides4(y), x.size(2),
+                        2 * p.half < p.D && !same};
   };
   add(q, q_out);
   if (k.has_value()) add(*k, *k_out);
-  const Strides3 sc{cos.stride(0), cos.stride(1), cos.stride(2)};
-  const Strides3 ss{sin.stride(0), sin.stride(1), sin.stride(2)};
-  const cs_t* cp = cos.const_data_ptr<cs_t>();
-  const cs_t* sp = sin.const_data_ptr<cs_t>();
+  p.sc = {cos.stride(0), cos.stride(1), cos.stride(2)};
+  p.ss = {sin.stride(0), sin.stride(1), sin.stride(2)};
+  p.cp = cos.const_data_ptr<cs_t>();
+  p.sp = sin.const_data_ptr<cs_t>();
   int64_t row_elems = 0;
-  for (const auto& o : ops) row_elems += o.H * D;
-  if (A * S == 0 || row_elems == 0) return;
+  for (int n = 0; n < p.n_ops; ++n) row_elems += p.ops[n].H * p.D;
+  const int64_t tokens = q.size(0) * p.S;
+  if (tokens == 0 || row_elems == 0) return;
   const int64_t grain = std::max<int64_t>(1, 32768 / row_elems);
-
-  at::parallel_for(0, A * S, grain, [&](int64_t begin, int64_t end) {
-    CSTable<acc_t> cs(half);
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t a = t / S, s = t % S;
-      for (int64_t i = 0; i < half; ++i) {
-        const int64_t j1 = pair_first(i, half, interleaved), j2 = pair_second(i, half, interleaved);
-        const PairCS<acc_t> p = make_pair_cs<acc_t>(
-            load_acc<cs_t, acc_t>(cp + offset3(sc, a, s, j1)), load_acc<cs_t, acc_t>(cp + offset3(sc, a, s, j2)),
-            load_acc<cs_t, acc_t>(sp + offset3(ss, a, s, j1)), load_acc<cs_t, acc_t>(sp + offset3(ss, a, s, j2)),
-            conj);
-        cs.c1[i] = p.c1;
-        cs.c2[i] = p.c2;
-        cs.s1[i] = p.s1;
-        cs.s2[i] = p.s2;
-      }
-      for (const auto& o : ops) {
-        for (int64_t h = 0; h < o.H; ++h) {
-          const scalar_t* xr = o.x + offset4(o.sx, a, s, h, 0);
-          scalar_t* yr = o.y + offset4(o.sy, a, s, h, 0);
-          if (interleaved) {
-            rotate_row<scalar_t, acc_t, true>(xr, yr, o.sx.d, o.sy.d, D, half, o.copy_pass, cs);
-          } else {
-            rotate_row<scalar_t, acc_t, false>(xr, yr, o.sx.d, o.sy.d, D, half, o.copy_pass, cs);
-          }
-        }
-      }
+  at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
+    if (interleaved) {
+      rotate_tokens<scalar_t, cs_t, true>(p, begin, end);
+    } else {
+      rotate_tokens<scalar_t, cs_t, false>(p, begin, end);
     }
   });
 }
