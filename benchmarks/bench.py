@@ -1,0 +1,298 @@
+"""Side-by-side RoPE benchmark: every implementation, realistic shapes, forward / backward /
+forward+backward, out of place and in place; time, GB/s, fraction of the measured copy
+bandwidth, speedup vs eager, peak memory. Writes a Markdown report, JSON and PNG plots.
+
+    python benchmarks/bench.py [--device cuda|cpu] [--quick] [--out benchmarks/results/<device>]
+
+Timing: GPU: CUDA events around each call, with the L2 flushed (256 MB written) before it;
+median and interquartile range of the per-call times. CPU: wall clock per call (the machine's
+caches may hold the tensors: that is the CPU's real working condition for these sizes); out of
+place calls there include first-touch page faults of their freshly allocated outputs (glibc
+hands large blocks back to the OS), which eager and torch.compile pay as well.
+
+Bytes (the minimum one call must move, each tensor read or written once):
+    forward, in place, backward: 2 * (|q| + |k|) * itemsize + |cos| + |sin|   (|x| = bytes of x)
+    forward+backward: twice that.
+GB/s = bytes / median time; "% copy" = GB/s / the bandwidth of a plain tensor copy of q + k's
+size measured in the same run (bytes read + written; same sizes, so the same caches). The large
+copy (1 GiB on GPU) is reported too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+import rotary_kernels as rk
+from rotary_kernels.demo import time_fn
+from rotary_kernels.reference import rotate_half
+
+# name: (Hq, Hk, D, R)
+SHAPES = {
+    "llama3-8b": (32, 8, 128, 128),
+    "llama3-70b": (64, 8, 128, 128),
+    "qwen-partial": (32, 8, 128, 64),  # rotary on the first half of the head dim
+    "phi-d80": (32, 32, 80, 80),
+}
+
+
+def token_sets(device, quick):
+    """(label, B, S): decode (one token, batch 64) and prefill/training (B*S tokens)."""
+    if device.type == "cpu":
+        sets = [("decode", 64, 1), ("2k", 1, 2048)] if quick else [("decode", 64, 1), ("512", 1, 512),
+                                                                      ("2k", 1, 2048)]
+    else:
+        sets = [("decode", 64, 1), ("16k", 4, 4096)] if quick else [("decode", 64, 1), ("4k", 1, 4096),
+                                                                      ("16k", 4, 4096), ("64k", 8, 8192)]
+    return sets
+
+
+def make(B, S, Hq, Hk, D, R, dtype, cs_dtype, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(B, S, Hq, D, generator=g).to(dtype).to(device).transpose(1, 2)
+    k = torch.randn(B, S, Hk, D, generator=g).to(dtype).to(device).transpose(1, 2)
+    pos = torch.arange(S, dtype=torch.float32)[None, :, None] + torch.randint(0, 1000, (B, 1, 1), generator=g)
+    inv = 1.0 / 500000.0 ** (torch.arange(0, R, 2, dtype=torch.float32) / R)
+    ang = torch.cat([pos * inv, pos * inv], -1)
+    return q, k, ang.cos().to(cs_dtype).to(device), ang.sin().to(cs_dtype).to(device)
+
+
+def eager(q, k, cos, sin):
+    """transformers' apply_rotary_pos_emb (with the caller-side split partial-rotary models do)."""
+    r = cos.shape[-1]
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    if r == q.shape[-1]:
+        return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    qr, kr = q[..., :r], k[..., :r]
+    return (torch.cat([qr * cos + rotate_half(qr) * sin, q[..., r:]], -1),
+            torch.cat([kr * cos + rotate_half(kr) * sin, k[..., r:]], -1))
+
+
+def peers(device):
+    """name -> (forward fn(q, k, cos, sin) -> (q_embed, k_embed)) or a string saying why missing."""
+    out = {"eager (transformers)": eager}  # first: the baseline every speedup refers to
+    for be in rk.available_backends(device):
+        if be != "reference":
+            out[f"rotary_kernels[{be}]"] = (lambda be: lambda q, k, c, s: rk.apply_rotary_transformers(
+                q, k, c, s, backend=be))(be)
+    try:
+        # Every (shape, dtype) is its own graph: allow them all rather than falling back to eager.
+        torch._dynamo.config.cache_size_limit = 1024
+        if hasattr(torch._dynamo.config, "recompile_limit"):
+            torch._dynamo.config.recompile_limit = 1024
+        compiled = torch.compile(eager, dynamic=False)
+        out["torch.compile(eager)"] = compiled
+    except Exception as e:  # pragma: no cover
+        out["torch.compile(eager)"] = f"torch.compile failed: {e}"
+    if device.type != "cuda":
+        for name in ("liger rope", "flash-attn triton rotary", "kernels-community/rotary"):
+            out[name] = "GPU only"
+        return out
+    try:
+        from liger_kernel.ops.rope import LigerRopeFunction
+
+        out["liger rope"] = lambda q, k, c, s: LigerRopeFunction.apply(q, k, c, s)
+    except Exception as e:
+        out["liger rope"] = f"not installed ({type(e).__name__})"
+    try:
+        from flash_attn.layers.rotary import apply_rotary_emb as fa_rotary
+
+        def fa(q, k, c, s):  # [B, S, H, D] layout, cos/sin [S, R/2] (one position row per token)
+            r = c.shape[-1] // 2
+            return (fa_rotary(q.transpose(1, 2), c[0, :, :r], s[0, :, :r]).transpose(1, 2),
+                    fa_rotary(k.transpose(1, 2), c[0, :, :r], s[0, :, :r]).transpose(1, 2))
+
+        out["flash-attn triton rotary"] = fa
+    except Exception as e:
+        out["flash-attn triton rotary"] = f"not installed ({type(e).__name__})"
+    try:
+        import kernels
+
+        hub = kernels.get_kernel("kernels-community/rotary", version=2)
+        out["kernels-community/rotary"] = lambda q, k, c, s: hub.apply_rotary_transformers(q, k, c, s)
+    except Exception as e:
+        out["kernels-community/rotary"] = f"not loadable offline ({type(e).__name__})"
+    return out
+
+
+def copy_bandwidth(device, numel=None, dtype=torch.float32) -> float:
+    """GB/s (read + written) of a tensor copy: a large one by default, else one of `numel`
+    elements (the size of a case's q + k, so that both see the same caches)."""
+    numel = numel or ((1 << 28) if device.type == "cuda" else (1 << 26))
+    src = torch.empty(numel, dtype=dtype, device=device).normal_()
+    dst = torch.empty_like(src)
+    ms = statistics.median(time_fn(lambda: dst.copy_(src), device, reps=10))
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def measure(fn, device):
+    times = time_fn(fn, device)
+    q1, med, q3 = statistics.quantiles(times, n=4)
+    return med, q3 - q1
+
+
+def peak_mb(fn, device):
+    if device.type != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+
+
+def run(device, quick, dtypes, cs_modes):
+    impls = peers(device)
+    copy_gbs = copy_bandwidth(device)
+    rows, missing = [], {n: f for n, f in impls.items() if isinstance(f, str)}
+    impls = {n: f for n, f in impls.items() if not isinstance(f, str)}
+    shapes = {"llama3-8b": SHAPES["llama3-8b"], "qwen-partial": SHAPES["qwen-partial"]} if quick else SHAPES
+    for shape, (Hq, Hk, D, R) in shapes.items():
+        for label, B, S in token_sets(device, quick):
+            for dtype in dtypes:
+                for cs_mode in cs_modes:
+                    cs_dtype = torch.float32 if cs_mode == "fp32" else dtype
+                    q, k, cos, sin = make(B, S, Hq, Hk, D, R, dtype, cs_dtype, device)
+                    nbytes = 2 * (q.numel() + k.numel()) * q.element_size() + 2 * cos.numel() * cos.element_size()
+                    gq, gk = torch.randn_like(q), torch.randn_like(k)
+                    case_copy = copy_bandwidth(device, q.numel() + k.numel(), dtype)
+                    base = {}
+                    for name, fn in impls.items():
+                        for pss in ("fwd", "bwd", "fwd+bwd", "inplace"):
+                            if pss == "inplace" and not name.startswith("rotary_kernels"):
+                                continue
+                            call = _call(pss, name, fn, q, k, cos, sin, gq, gk)
+                            try:
+                                call()
+                                med, iqr = measure(call, device)
+                                mem = peak_mb(call, device)
+                            except Exception as e:
+                                missing.setdefault(name, f"failed: {type(e).__name__}: {str(e)[:80]}")
+                                continue
+                            b = nbytes * (2 if pss == "fwd+bwd" else 1)
+                            if name.startswith("eager"):
+                                base[pss] = med
+                            ref = base.get("fwd" if pss == "inplace" else pss)
+                            rows.append(dict(shape=shape, tokens=label, B=B, S=S, dtype=str(dtype)[6:], cos=cs_mode,
+                                             pass_=pss, impl=name, ms=med, iqr=iqr, gbs=b / med / 1e6,
+                                             frac=b / med / 1e6 / case_copy, copy_gbs=case_copy,
+                                             speedup=(ref / med) if ref else None,
+                                             peak_mb=mem))
+                    print(f"  {shape} {label} {dtype} cos={cs_mode}: done", file=sys.stderr)
+    return rows, missing, copy_gbs
+
+
+def _call(pss, name, fn, q, k, cos, sin, gq, gk):
+    if pss == "fwd":
+        return lambda: fn(q, k, cos, sin)
+    if pss == "inplace":
+        qi, ki = q.clone(), k.clone()
+
+        def inplace():
+            with torch.no_grad():
+                rk.apply_rotary_transformers_(qi, ki, cos, sin, backend=name[len("rotary_kernels["):-1])
+        return inplace
+    qq, kk = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+    if pss == "fwd+bwd":  # autograd.grad: fresh gradients, no accumulation into .grad
+        return lambda: torch.autograd.grad(fn(qq, kk, cos, sin), (qq, kk), (gq, gk))
+    outs = fn(qq, kk, cos, sin)  # bwd: the backward pass alone, graph kept
+    return lambda: torch.autograd.grad(outs, (qq, kk), (gq, gk), retain_graph=True)
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def write_report(rows, missing, copy_gbs, device, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    import importlib.metadata as md
+
+    def ver(p):
+        try:
+            return md.version(p)
+        except md.PackageNotFoundError:
+            return "-"
+
+    meta = dict(device=device_name(device), date=datetime.date.today().isoformat(), torch=torch.__version__,
+                triton=ver("triton"), rotary_kernels=rk.__version__, transformers=ver("transformers"),
+                cuda=torch.version.cuda, copy_gbs=copy_gbs, python=platform.python_version())
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, missing=missing, rows=rows), indent=1))
+    lines = [f"# RoPE benchmark: {meta['device']}", "",
+             " | ".join(f"{k} {v}" for k, v in meta.items() if k != "copy_gbs"), "",
+             f"Large-copy bandwidth: **{copy_gbs:.0f} GB/s** (bytes read + written). "
+             "GB/s counts the minimum bytes of each call; % copy compares with a plain copy of q + k's size "
+             "(see benchmarks/bench.py); speedup is vs eager transformers for the same pass (in place: vs "
+             "its forward).", ""]
+    if missing:
+        lines += ["Not measured: " + "; ".join(f"{k}: {v}" for k, v in missing.items()), ""]
+    lines += ["| shape | tokens | dtype | cos | pass | implementation | median ms | IQR ms | GB/s | % copy | vs eager | peak MB |",
+              "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+        pm = "-" if r["peak_mb"] != r["peak_mb"] else f"{r['peak_mb']:.0f}"
+        lines.append(f"| {r['shape']} | {r['tokens']} | {r['dtype']} | {r['cos']} | {r['pass_']} | {r['impl']} | "
+                     f"{r['ms']:.4f} | {r['iqr']:.4f} | {r['gbs']:.1f} | {100 * r['frac']:.0f}% | {sp} | {pm} |")
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    try:
+        plot(rows, out, meta)
+    except ImportError:
+        print("matplotlib not installed: no plots (pip install matplotlib)", file=sys.stderr)
+    return out / "README.md"
+
+
+def plot(rows, out, meta):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for pss in ("fwd", "fwd+bwd"):
+        sel = [r for r in rows if r["shape"] == "llama3-8b" and r["pass_"] == pss and r["cos"] == rows[0]["cos"]
+               and r["dtype"] == rows[0]["dtype"]]
+        if not sel:
+            continue
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        for impl in dict.fromkeys(r["impl"] for r in sel):
+            pts = [r for r in sel if r["impl"] == impl]
+            x = [r["B"] * r["S"] for r in pts]
+            ax1.plot(x, [r["gbs"] for r in pts], "o-", label=impl)
+            ax2.plot(x, [100 * r["frac"] for r in pts], "o-", label=impl)
+        for ax, yl in ((ax1, "GB/s"), (ax2, "% of measured copy bandwidth")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("tokens (B*S)")
+            ax.set_ylabel(yl)
+            ax.grid(alpha=0.3)
+        ax1.legend(fontsize=7)
+        fig.suptitle(f"llama3-8b {sel[0]['dtype']} {pss} - {meta['device']} ({meta['date']})", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / f"llama3-8b_{pss.replace('+', '_')}.png", dpi=110)
+        plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="fewer shapes and sizes")
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtypes = [torch.bfloat16, torch.float32] if args.quick else [torch.bfloat16, torch.float16, torch.float32]
+    cs_modes = ["same"] if args.quick else ["same", "fp32"]
+    rows, missing, copy_gbs = run(device, args.quick, dtypes, cs_modes)
+    out = args.out or Path(__file__).parent / "results" / ("cuda-" + torch.cuda.get_device_name(device).replace(" ", "_")
+                                                          if device.type == "cuda" else "cpu")
+    print(f"wrote {write_report(rows, missing, copy_gbs, device, out)}")
+
+
+if __name__ == "__main__":
+    main()
