@@ -46,16 +46,9 @@ void rotary_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                  bool interleaved, bool conj) {
   const c10::cuda::CUDAGuard guard(q.device());
-  // cos/sin are read as float or as q's dtype; any other float dtype is converted (small: [A, S, R]).
-  const bool cs_same = cos.scalar_type() == q.scalar_type();
-  const at::Tensor c = cs_same ? cos : cos.to(at::kFloat), s = cs_same ? sin : sin.to(at::kFloat);
   CudaLauncher launcher{c10::cuda::getCurrentCUDAStream()};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rotary_cuda", [&] {
-    if (cs_same) {
-      rotary_plan<scalar_t, scalar_t>(q, k, c, s, q_out, k_out, interleaved, conj, sm_count(), launcher);
-    } else {
-      rotary_plan<scalar_t, float>(q, k, c, s, q_out, k_out, interleaved, conj, sm_count(), launcher);
-    }
+  dispatch_rotary_types(q, cos, sin, [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s) {
+    rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved, conj, sm_count(), launcher);
   });
 }
 

@@ -23,6 +23,7 @@
 #include <optional>
 
 #include "rotary_math.h"
+#include "rotary_ops.h"
 
 namespace rotary_kernels {
 
@@ -58,15 +59,6 @@ __device__ __forceinline__ void store_n(T* p, int64_t stride, const acc_t (&in)[
     for (int i = 0; i < N; ++i) p[i * stride] = static_cast<T>(in[i]);
   }
 }
-
-template <typename scalar_t>
-struct Operand {
-  const scalar_t* x;
-  scalar_t* y;
-  Strides4 sx, sy;
-  int64_t H;
-  bool copy_pass;  // out of place with R < D: copy the tail [R, D)
-};
 
 template <typename scalar_t, typename cs_t>
 struct RotaryParams {
@@ -210,15 +202,6 @@ inline bool cs_vector_ok(const at::Tensor& t, int64_t vec) {
     if (t.size(d) > 1 && t.stride(d) % vec != 0) return false;
   }
   return aligned(t.data_ptr(), vec * t.element_size());
-}
-
-inline Strides4 strides4(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
-
-template <typename scalar_t>
-Operand<scalar_t> make_operand(const at::Tensor& x, const at::Tensor& y, int64_t R) {
-  const bool same = x.data_ptr() == y.data_ptr() && x.strides() == y.strides();
-  return {x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), strides4(x), strides4(y), x.size(2),
-          R < x.size(3) && !same};
 }
 
 struct LaunchShape {

@@ -40,6 +40,16 @@ RK_HD int64_t offset3(const Strides3& st, int64_t a, int64_t s, int64_t r) {
   return a * st.a + s * st.s + r * st.r;
 }
 
+// One rotated tensor (q or k) and its output, as the kernels walk them.
+template <typename scalar_t>
+struct Operand {
+  const scalar_t* x;
+  scalar_t* y;
+  Strides4 sx, sy;
+  int64_t H;
+  bool copy_pass;  // out of place with R < D: copy the tail [R, D) of each row
+};
+
 // Head-dim indices of pair i.
 RK_HD int64_t pair_first(int64_t i, int64_t half, bool interleaved) {
   (void)half;

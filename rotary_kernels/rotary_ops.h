@@ -4,7 +4,40 @@
 
 #include <optional>
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+
+#include "rotary_math.h"
+
+namespace rotary_kernels {
+
+inline Strides4 strides4(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+// x (canonical [A, S, H, D]) rotated into y; R = rotary dim. In place when y is x.
+template <typename scalar_t>
+Operand<scalar_t> make_operand(const at::Tensor& x, const at::Tensor& y, int64_t R) {
+  const bool same = x.data_ptr() == y.data_ptr() && x.strides() == y.strides();
+  return {x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), strides4(x), strides4(y), x.size(2),
+          R < x.size(3) && !same};
+}
+
+// The rotary ops' type dispatch: x's dtype, and cos/sin read as x's dtype or as float (any
+// other float dtype is converted first; the tables are small, [A, S, R]). Calls
+// f(scalar_t{}, cs_t{}, cos, sin) with the tables to use.
+template <typename F>
+void dispatch_rotary_types(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, F&& f) {
+  const bool cs_same = cos.scalar_type() == x.scalar_type();
+  const at::Tensor c = cs_same ? cos : cos.to(at::kFloat), s = cs_same ? sin : sin.to(at::kFloat);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rotary", [&] {
+    if (cs_same) {
+      f(scalar_t{}, scalar_t{}, c, s);
+    } else {
+      f(scalar_t{}, float{}, c, s);
+    }
+  });
+}
+
+}  // namespace rotary_kernels
 
 // q [A, S, Hq, D], k [A, S, Hk, D] (optional), cos/sin [A, S, R], any strides. q_out/k_out
 // have q/k's shapes and may be q/k themselves (in place).

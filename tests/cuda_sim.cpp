@@ -52,15 +52,9 @@ struct SimLauncher {
 std::vector<int64_t> rotary_sim(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                                 const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                                 bool interleaved, bool conj, int64_t sms) {
-  const bool cs_same = cos.scalar_type() == q.scalar_type();
-  const at::Tensor c = cs_same ? cos : cos.to(at::kFloat), s = cs_same ? sin : sin.to(at::kFloat);
   SimLauncher launcher;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rotary_sim", [&] {
-    if (cs_same) {
-      rotary_plan<scalar_t, scalar_t>(q, k, c, s, q_out, k_out, interleaved, conj, sms, launcher);
-    } else {
-      rotary_plan<scalar_t, float>(q, k, c, s, q_out, k_out, interleaved, conj, sms, launcher);
-    }
+  dispatch_rotary_types(q, cos, sin, [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s) {
+    rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved, conj, sms, launcher);
   });
   return launcher.info;
 }

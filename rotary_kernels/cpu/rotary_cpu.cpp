@@ -131,15 +131,6 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd,
   }
 }
 
-template <typename scalar_t>
-struct Operand {
-  const scalar_t* x;
-  scalar_t* y;
-  Strides4 sx, sy;
-  int64_t H;
-  bool copy_pass;
-};
-
 template <typename scalar_t, typename cs_t>
 struct CpuParams {
   Operand<scalar_t> ops[2];
@@ -186,8 +177,6 @@ RK_CPU_CLONES void rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t beg
   }
 }
 
-Strides4 strides4(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
-
 template <typename scalar_t, typename cs_t>
 void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                      const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
@@ -198,10 +187,7 @@ void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, co
   p.half = cos.size(2) / 2;
   p.conj = conj;
   auto add = [&](const at::Tensor& x, const at::Tensor& y) {
-    if (x.size(2) == 0) return;
-    const bool same = x.data_ptr() == y.data_ptr() && x.strides() == y.strides();
-    p.ops[p.n_ops++] = {x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), strides4(x), strides4(y), x.size(2),
-                        2 * p.half < p.D && !same};
+    if (x.size(2) > 0) p.ops[p.n_ops++] = make_operand<scalar_t>(x, y, 2 * p.half);
   };
   add(q, q_out);
   if (k.has_value()) add(*k, *k_out);
@@ -228,15 +214,8 @@ void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, co
 void rotary_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                 const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                 bool interleaved, bool conj) {
-  // cos/sin are read as float or as q's dtype; any other float dtype is converted (small: [A, S, R]).
-  const bool cs_same = cos.scalar_type() == q.scalar_type();
-  const at::Tensor c = cs_same ? cos : cos.to(at::kFloat), s = cs_same ? sin : sin.to(at::kFloat);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "rotary_cpu", [&] {
-    if (cs_same) {
-      rotary_cpu_impl<scalar_t, scalar_t>(q, k, c, s, q_out, k_out, interleaved, conj);
-    } else {
-      rotary_cpu_impl<scalar_t, float>(q, k, c, s, q_out, k_out, interleaved, conj);
-    }
+  dispatch_rotary_types(q, cos, sin, [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s) {
+    rotary_cpu_impl<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved, conj);
   });
 }
 
