@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One full GPU session on a lent device machine (see DEVELOPERS notes in README "GPU runs"):
+# One full GPU session on a lent device machine (README, "Benchmarks"), in one call:
 # build against that machine's torch, run the whole test suite (GPU tests included), the
 # demo and the benchmark report; everything lands in $OUT (default ./gpu-out).
 #
