@@ -55,20 +55,13 @@ void rotary_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
 void apply_rotary_cuda(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
                        const at::Tensor& out1, const at::Tensor& out2, bool conj) {
   const c10::cuda::CUDAGuard guard(x1.device());
-  const auto acc_type = x1.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor cc = cos.to(acc_type), sc = sin.to(acc_type);
   const int64_t n = x1.numel();
   if (n == 0) return;
   const int threads = 256;
   const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 65535LL * 8);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x1.scalar_type(), "apply_rotary_cuda", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
-    apply_rotary_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-        x1.const_data_ptr<scalar_t>(), x2.const_data_ptr<scalar_t>(), cc.const_data_ptr<acc_t>(),
-        sc.const_data_ptr<acc_t>(), out1.data_ptr<scalar_t>(), out2.data_ptr<scalar_t>(), strides4(x1),
-        strides4(x2), strides4(cc), strides4(sc), strides4(out1), strides4(out2), x1.size(1), x1.size(2),
-        x1.size(3), n, conj);
+  dispatch_elementwise(x1, x2, cos, sin, out1, out2, conj, [&](const auto& e) {
+    apply_rotary_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(e);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

@@ -273,21 +273,14 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   }
 }
 
-// flash-attn's elementwise rotation over 4-D tensors of one shape (cos/sin expanded, any strides).
+// flash-attn's elementwise rotation: one thread per element, grid-stride.
 template <typename scalar_t, typename acc_t>
-__global__ void apply_rotary_kernel(const scalar_t* x1, const scalar_t* x2, const acc_t* c, const acc_t* s,
-                                    scalar_t* o1, scalar_t* o2, Strides4 sx1, Strides4 sx2, Strides4 sc, Strides4 ss,
-                                    Strides4 so1, Strides4 so2, int64_t n1, int64_t n2, int64_t n3, int64_t n,
-                                    bool conj) {
+__global__ void apply_rotary_kernel(const Elementwise<scalar_t, acc_t> e) {
+  const int64_t n = e.n0 * e.n1 * e.n2 * e.n3;
   for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
        idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t i3 = idx % n3, i2 = (idx / n3) % n2, i1 = (idx / (n3 * n2)) % n1, i0 = idx / (n3 * n2 * n1);
-    acc_t y1, y2;
-    rotate_elementwise(static_cast<acc_t>(x1[offset4(sx1, i0, i1, i2, i3)]),
-                       static_cast<acc_t>(x2[offset4(sx2, i0, i1, i2, i3)]), c[offset4(sc, i0, i1, i2, i3)],
-                       s[offset4(ss, i0, i1, i2, i3)], conj, y1, y2);
-    o1[offset4(so1, i0, i1, i2, i3)] = static_cast<scalar_t>(y1);
-    o2[offset4(so2, i0, i1, i2, i3)] = static_cast<scalar_t>(y2);
+    apply_rotary_element(e, idx / (e.n3 * e.n2 * e.n1), (idx / (e.n3 * e.n2)) % e.n1, (idx / e.n3) % e.n2,
+                         idx % e.n3);
   }
 }
 

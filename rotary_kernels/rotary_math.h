@@ -100,4 +100,30 @@ struct AccType<double> {
   using type = double;
 };
 
+// flash-attn's apply_rotary over 4-D tensors of one shape: cos/sin expanded to it (any
+// strides) and read in the math type acc_t; outputs may be the inputs (in place).
+template <typename scalar_t, typename acc_t>
+struct Elementwise {
+  const scalar_t* x1;
+  const scalar_t* x2;
+  const acc_t* c;
+  const acc_t* s;
+  scalar_t* o1;
+  scalar_t* o2;
+  Strides4 sx1, sx2, sc, ss, so1, so2;
+  int64_t n0, n1, n2, n3;
+  bool conj;
+};
+
+template <typename scalar_t, typename acc_t>
+RK_HD void apply_rotary_element(const Elementwise<scalar_t, acc_t>& e, int64_t i0, int64_t i1, int64_t i2,
+                                int64_t i3) {
+  acc_t y1, y2;
+  rotate_elementwise(static_cast<acc_t>(e.x1[offset4(e.sx1, i0, i1, i2, i3)]),
+                     static_cast<acc_t>(e.x2[offset4(e.sx2, i0, i1, i2, i3)]), e.c[offset4(e.sc, i0, i1, i2, i3)],
+                     e.s[offset4(e.ss, i0, i1, i2, i3)], e.conj, y1, y2);
+  e.o1[offset4(e.so1, i0, i1, i2, i3)] = static_cast<scalar_t>(y1);
+  e.o2[offset4(e.so2, i0, i1, i2, i3)] = static_cast<scalar_t>(y2);
+}
+
 }  // namespace rotary_kernels

@@ -37,6 +37,23 @@ void dispatch_rotary_types(const at::Tensor& x, const at::Tensor& cos, const at:
   });
 }
 
+// The elementwise op's type dispatch: cos/sin converted to the math type (a no-op for fp32
+// tables; their zero strides are kept), then f(Elementwise<scalar_t, acc_t>{...}).
+template <typename F>
+void dispatch_elementwise(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
+                          const at::Tensor& out1, const at::Tensor& out2, bool conj, F&& f) {
+  const auto acc_type = x1.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor cc = cos.to(acc_type), sc = sin.to(acc_type);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x1.scalar_type(), "apply_rotary", [&] {
+    using acc_t = typename AccType<scalar_t>::type;
+    f(Elementwise<scalar_t, acc_t>{x1.const_data_ptr<scalar_t>(), x2.const_data_ptr<scalar_t>(),
+                                   cc.const_data_ptr<acc_t>(), sc.const_data_ptr<acc_t>(), out1.data_ptr<scalar_t>(),
+                                   out2.data_ptr<scalar_t>(), strides4(x1), strides4(x2), strides4(cc), strides4(sc),
+                                   strides4(out1), strides4(out2), x1.size(0), x1.size(1), x1.size(2), x1.size(3),
+                                   conj});
+  });
+}
+
 }  // namespace rotary_kernels
 
 // q [A, S, Hq, D], k [A, S, Hk, D] (optional), cos/sin [A, S, R], any strides. q_out/k_out

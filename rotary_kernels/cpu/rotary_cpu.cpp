@@ -221,31 +221,11 @@ void rotary_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, const a
 
 void apply_rotary_cpu(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
                       const at::Tensor& out1, const at::Tensor& out2, bool conj) {
-  // cos/sin are read in the math type (a no-op for fp32 tables; zero strides are kept then).
-  const auto acc_type = x1.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor cc = cos.to(acc_type), sc = sin.to(acc_type);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x1.scalar_type(), "apply_rotary_cpu", [&] {
-    using acc_t = typename AccType<scalar_t>::type;
-    const scalar_t* p1 = x1.const_data_ptr<scalar_t>();
-    const scalar_t* p2 = x2.const_data_ptr<scalar_t>();
-    const acc_t* pc = cc.const_data_ptr<acc_t>();
-    const acc_t* ps = sc.const_data_ptr<acc_t>();
-    scalar_t* q1 = out1.data_ptr<scalar_t>();
-    scalar_t* q2 = out2.data_ptr<scalar_t>();
-    const Strides4 s1 = strides4(x1), s2 = strides4(x2), scs = strides4(cc), sss = strides4(sc);
-    const Strides4 so1 = strides4(out1), so2 = strides4(out2);
-    const int64_t n0 = x1.size(0), n1 = x1.size(1), n2 = x1.size(2), n3 = x1.size(3);
-    at::parallel_for(0, n0 * n1 * n2, std::max<int64_t>(1, 32768 / n3), [&](int64_t begin, int64_t end) {
+  dispatch_elementwise(x1, x2, cos, sin, out1, out2, conj, [&](const auto& e) {
+    at::parallel_for(0, e.n0 * e.n1 * e.n2, std::max<int64_t>(1, 32768 / e.n3), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
-        const int64_t i2 = r % n2, i1 = (r / n2) % n1, i0 = r / (n1 * n2);
-        for (int64_t i3 = 0; i3 < n3; ++i3) {
-          acc_t y1, y2;
-          rotate_elementwise(static_cast<acc_t>(p1[offset4(s1, i0, i1, i2, i3)]),
-                             static_cast<acc_t>(p2[offset4(s2, i0, i1, i2, i3)]), pc[offset4(scs, i0, i1, i2, i3)],
-                             ps[offset4(sss, i0, i1, i2, i3)], conj, y1, y2);
-          q1[offset4(so1, i0, i1, i2, i3)] = static_cast<scalar_t>(y1);
-          q2[offset4(so2, i0, i1, i2, i3)] = static_cast<scalar_t>(y2);
-        }
+        const int64_t i2 = r % e.n2, i1 = (r / e.n2) % e.n1, i0 = r / (e.n1 * e.n2);
+        for (int64_t i3 = 0; i3 < e.n3; ++i3) apply_rotary_element(e, i0, i1, i2, i3);
       }
     });
   });

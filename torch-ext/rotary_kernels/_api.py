@@ -1,6 +1,5 @@
 """The public functions (re-exported by ``__init__``): validation, backend choice, launch."""
 
-
 from __future__ import annotations
 
 import torch
