@@ -207,13 +207,92 @@ def _call(pss, name, fn, q, k, cos, sin, gq, gk):
     return lambda: torch.autograd.grad(outs, (qq, kk), (gq, gk), retain_graph=True)
 
 
+def run_features(device, quick):
+    """Issue-6 features on the llama3-8b shape, bf16, fp32 cos/sin cache: ours (each backend)
+    against the eager way to get the same result (gather cos/sin rows with PyTorch, then
+    transformers' rotation). Bytes: q and k read and written once, plus one cos and one sin row
+    per token (and per mrope axis) and the int64 positions."""
+    Hq, Hk, D, R = SHAPES["llama3-8b"]
+    B, S = (1, 2048) if device.type == "cpu" else (4, 4096)
+    P = 8192
+    dtype = torch.bfloat16
+    q, k, _, _ = make(B, S, Hq, Hk, D, R, dtype, torch.float32, device)
+    inv = rk.freqs.rope_inv_freq(R, 500000.0)[0].to(device)
+    cos, sin = rk.freqs.rope_cos_sin_cache(inv, P)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    pos = torch.randint(0, P, (B, S), generator=g).to(device)
+    pos3 = torch.randint(0, P, (3, B, S), generator=g).to(device)
+    section = (16, 24, 24)
+    cu = torch.tensor([0, S // 2, S, 3 * S // 2, 2 * S][: B + 1] if B > 1 else [0, S // 3, S], dtype=torch.int32,
+                      device=device)
+    T = int(cu[-1])
+    qt = q.transpose(1, 2).reshape(B * S, Hq, D)[:T]
+    kt = k.transpose(1, 2).reshape(B * S, Hk, D)[:T]
+    qkv = torch.randn(B, S, Hq + 2 * Hk, D, generator=g).to(dtype).to(device)
+    qk_bytes = 2 * (q.numel() + k.numel()) * q.element_size()
+    row_bytes = 2 * R * 4
+
+    def eager_positions():
+        return eager(q, k, cos[pos], sin[pos])
+
+    def eager_varlen():
+        t = torch.arange(T, device=device)
+        seq = torch.searchsorted(cu[1:].long(), t, right=True)
+        p = t - cu.long()[seq]
+        c, s = cos[p][:, None], sin[p][:, None]
+        return qt * c + rotate_half(qt) * s, kt * c + rotate_half(kt) * s
+
+    def eager_qkv_():
+        qq, kk = qkv[:, :, :Hq], qkv[:, :, Hq:Hq + Hk]
+        c, s = cos[pos][:, :, None], sin[pos][:, :, None]
+        qq.copy_(qq * c + rotate_half(qq) * s)
+        kk.copy_(kk * c + rotate_half(kk) * s)
+
+    def eager_mrope():
+        sel = [torch.cat([m[i % 3] for i, m in enumerate(t[pos3].split(list(section) * 2, dim=-1))], dim=-1)
+               for t in (cos, sin)]
+        return eager(q, k, *sel)
+
+    cases = {  # name: (eager fn, ours fn(backend), bytes)
+        "positions gather": (eager_positions,
+                             lambda be: rk.apply_rotary_transformers(q, k, cos, sin, positions=pos, backend=be),
+                             qk_bytes + B * S * (row_bytes + 8)),
+        "varlen cu_seqlens": (eager_varlen,
+                              lambda be: rk.apply_rotary_transformers(qt, kt, cos, sin, cu_seqlens=cu, backend=be),
+                              2 * (qt.numel() + kt.numel()) * 2 + T * row_bytes),
+        "packed qkv in place": (eager_qkv_,
+                                lambda be: rk.apply_rotary_qkv_(qkv, cos, sin, Hq, Hk, positions=pos, backend=be),
+                                2 * B * S * (Hq + Hk) * D * 2 + B * S * (row_bytes + 8)),
+        "mrope positions": (eager_mrope,
+                            lambda be: rk.apply_rotary_transformers(q, k, cos, sin, positions=pos3,
+                                                                    mrope_section=section, backend=be),
+                            qk_bytes + B * S * 3 * (row_bytes + 8)),
+    }
+    rows = []
+    with torch.no_grad():
+        for feature, (eager_fn, ours, nbytes) in cases.items():
+            impls = {"eager (gather + transformers)": eager_fn}
+            for be in rk.available_backends(device):
+                if be != "reference":
+                    impls[f"rotary_kernels[{be}]"] = (lambda be: lambda: ours(be))(be)
+            base = None
+            for name, fn in impls.items():
+                fn()
+                med, iqr = measure(fn, device)
+                base = base or med
+                rows.append(dict(feature=feature, tokens=B * S, impl=name, ms=med, iqr=iqr, gbs=nbytes / med / 1e6,
+                                 speedup=base / med))
+            print(f"  feature {feature}: done", file=sys.stderr)
+    return rows
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def write_report(rows, missing, copy_gbs, device, out: Path):
+def write_report(rows, missing, copy_gbs, device, out: Path, features=()):
     out.mkdir(parents=True, exist_ok=True)
     import importlib.metadata as md
 
@@ -226,7 +305,8 @@ def write_report(rows, missing, copy_gbs, device, out: Path):
     meta = dict(device=device_name(device), date=datetime.date.today().isoformat(), torch=torch.__version__,
                 triton=ver("triton"), rotary_kernels=rk.__version__, transformers=ver("transformers"),
                 cuda=torch.version.cuda, copy_gbs=copy_gbs, python=platform.python_version())
-    (out / "results.json").write_text(json.dumps(dict(meta=meta, missing=missing, rows=rows), indent=1))
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, missing=missing, rows=rows, features=list(features)),
+                                                  indent=1))
     lines = [f"# RoPE benchmark: {meta['device']}", "",
              " | ".join(f"{k} {v}" for k, v in meta.items() if k != "copy_gbs"), "",
              f"Large-copy bandwidth: **{copy_gbs:.0f} GB/s** (bytes read + written). "
@@ -242,6 +322,15 @@ def write_report(rows, missing, copy_gbs, device, out: Path):
         pm = "-" if r["peak_mb"] != r["peak_mb"] else f"{r['peak_mb']:.0f}"
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['dtype']} | {r['cos']} | {r['pass_']} | {r['impl']} | "
                      f"{r['ms']:.4f} | {r['iqr']:.4f} | {r['gbs']:.1f} | {100 * r['frac']:.0f}% | {sp} | {pm} |")
+    if features:
+        lines += ["", "## Token-position features (llama3-8b, bf16 q/k, fp32 [8192, 128] cos/sin cache, forward)", "",
+                  "Eager = gather the cos/sin rows with PyTorch ops, then transformers' rotation. "
+                  "GB/s counts q, k and one cos/sin row (+ positions) per token (see `run_features`).", "",
+                  "| feature | tokens | implementation | median ms | IQR ms | GB/s | vs eager |",
+                  "|---|---:|---|---:|---:|---:|---:|"]
+        for r in features:
+            lines.append(f"| {r['feature']} | {r['tokens']} | {r['impl']} | {r['ms']:.4f} | {r['iqr']:.4f} | "
+                         f"{r['gbs']:.1f} | {r['speedup']:.2f}x |")
     (out / "README.md").write_text("\n".join(lines) + "\n")
     try:
         plot(rows, out, meta)
@@ -289,9 +378,10 @@ def main(argv=None):
     dtypes = [torch.bfloat16, torch.float32] if args.quick else [torch.bfloat16, torch.float16, torch.float32]
     cs_modes = ["same"] if args.quick else ["same", "fp32"]
     rows, missing, copy_gbs = run(device, args.quick, dtypes, cs_modes)
+    features = run_features(device, args.quick)
     out = args.out or Path(__file__).parent / "results" / ("cuda-" + torch.cuda.get_device_name(device).replace(" ", "_")
                                                           if device.type == "cuda" else "cpu")
-    print(f"wrote {write_report(rows, missing, copy_gbs, device, out)}")
+    print(f"wrote {write_report(rows, missing, copy_gbs, device, out, features)}")
 
 
 if __name__ == "__main__":

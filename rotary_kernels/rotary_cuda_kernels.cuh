@@ -3,7 +3,8 @@
 // synchronisation, so walking blocks and threads one after another gives the GPU's result
 // (tests/cuda_sim.cpp defines the CUDA built-ins for that). Math: rotary_math.h.
 //
-// rotary: canonical q [A, S, Hq, D], k [A, S, Hk, D], cos/sin [A, S, R], any strides.
+// rotary: canonical q [A, S, Hq, D], k [A, S, Hk, D], cos/sin [A, S, R], any strides (or [P, R]
+//   caches read at each token's position, or mrope's [3, A, S, R]: rotary_math.h TokenIndex).
 //   grid.x = token (a, s); grid.y = a slice of the Hq + Hk rows (more than one slice only when
 //   there are too few tokens to fill the GPU, e.g. decode).
 //   block = (TX, TY): thread x owns a chunk of VEC pairs of the head dim, keeps that chunk's
@@ -24,6 +25,11 @@
 
 #include "rotary_math.h"
 #include "rotary_ops.h"
+
+// Device-side check of token positions (the simulation in tests/cuda_sim.cpp throws instead).
+#ifndef RK_KERNEL_ASSERT
+#define RK_KERNEL_ASSERT(cond) CUDA_KERNEL_ASSERT(cond)
+#endif
 
 namespace rotary_kernels {
 
@@ -67,7 +73,8 @@ struct RotaryParams {
   Operand<scalar_t> q, k;  // k.H == 0 when there is no k
   const cs_t* cos;
   const cs_t* sin;
-  Strides3 sc, ss;
+  CSStrides sc, ss;
+  TokenIndex ti;
   int64_t S, D, half, rows_per_slice;
   bool conj;
 };
@@ -104,6 +111,25 @@ __device__ __forceinline__ void rotate_chunk(acc_t (&xa)[VEC], acc_t (&xb)[VEC],
   }
 }
 
+// VEC cos (or sin) values of head-dim elements j0 .. j0 + VEC - 1 of token (a, s)'s row: one
+// vector load (CS_VECTOR: contiguous, aligned, no mrope), else element by element, each from
+// its pair's mrope axis and position.
+template <bool CS_VECTOR, int VEC, typename cs_t, typename acc_t>
+__device__ __forceinline__ void load_cs(const cs_t* t, const CSStrides& st, const TokenIndex& ti, int64_t a,
+                                        int64_t s, const int64_t (&pos)[3], int64_t j0, int64_t half,
+                                        bool interleaved, acc_t (&out)[VEC]) {
+  if constexpr (CS_VECTOR) {
+    load_n<true>(t + cs_offset(st, 0, a, s, pos[0], j0), 1, out);
+  } else {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) {
+      const int64_t j = j0 + e;
+      const int x = pair_axis(ti, pair_of(j, half, interleaved));
+      out[e] = static_cast<acc_t>(t[cs_offset(st, x, a, s, pos[x], j)]);
+    }
+  }
+}
+
 template <typename scalar_t>
 __device__ __forceinline__ const Operand<scalar_t>& operand_of(const Operand<scalar_t>& q,
                                                               const Operand<scalar_t>& k, int64_t row,
@@ -124,16 +150,22 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams<sca
   const int64_t nchunks = p.half / VEC;
   const int64_t TY = blockDim.y;
 
+  // The token's cos/sin rows: its position on each mrope axis (caches), else per-token tables.
+  int64_t pos[3] = {0, 0, 0};
+  for (int x = 0; x < (p.ti.mrope ? 3 : 1); ++x) {
+    pos[x] = token_position(p.ti, a, s, x);
+    RK_KERNEL_ASSERT(position_ok(p.ti, pos[x]));  // a position outside the cos/sin cache
+    if (!position_ok(p.ti, pos[x])) return;
+  }
+
   for (int64_t c = threadIdx.x; c < nchunks; c += blockDim.x) {
     int64_t oa, ob;
     chunk_offsets<VEC, INTERLEAVED>(c, p.half, oa, ob);
     acc_t ca[VEC], cb[VEC], sa[VEC], sb[VEC];
-    const cs_t* cp = p.cos + offset3(p.sc, a, s, 0);
-    const cs_t* sp = p.sin + offset3(p.ss, a, s, 0);
-    load_n<CS_VECTOR>(cp + oa * p.sc.r, p.sc.r, ca);
-    load_n<CS_VECTOR>(cp + ob * p.sc.r, p.sc.r, cb);
-    load_n<CS_VECTOR>(sp + oa * p.ss.r, p.ss.r, sa);
-    load_n<CS_VECTOR>(sp + ob * p.ss.r, p.ss.r, sb);
+    load_cs<CS_VECTOR>(p.cos, p.sc, p.ti, a, s, pos, oa, p.half, INTERLEAVED, ca);
+    load_cs<CS_VECTOR>(p.cos, p.sc, p.ti, a, s, pos, ob, p.half, INTERLEAVED, cb);
+    load_cs<CS_VECTOR>(p.sin, p.ss, p.ti, a, s, pos, oa, p.half, INTERLEAVED, sa);
+    load_cs<CS_VECTOR>(p.sin, p.ss, p.ti, a, s, pos, ob, p.half, INTERLEAVED, sb);
 
     for (int64_t r = row0 + threadIdx.y; r < row_end; r += 2 * TY) {
       const bool two = r + TY < row_end;
@@ -197,8 +229,8 @@ inline bool vector_ok(const at::Tensor& t, int64_t vec) {
 }
 
 inline bool cs_vector_ok(const at::Tensor& t, int64_t vec) {
-  if (t.stride(2) != 1) return false;
-  for (int d = 0; d < 2; ++d) {
+  if (t.stride(-1) != 1) return false;
+  for (int d = 0; d < t.dim() - 1; ++d) {
     if (t.size(d) > 1 && t.stride(d) % vec != 0) return false;
   }
   return aligned(t.data_ptr(), vec * t.element_size());
@@ -225,16 +257,17 @@ void dispatch_interleaved(Launcher& launcher, const Params& p, bool interleaved,
 template <typename scalar_t, typename cs_t, typename Launcher>
 void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                 bool interleaved, bool conj, int64_t sms, Launcher& launcher) {
+                 bool interleaved, bool conj, const IndexArgs& ix, int64_t sms, Launcher& launcher) {
   constexpr int VEC = 16 / sizeof(scalar_t);
-  const int64_t A = q.size(0), S = q.size(1), D = q.size(3), R = cos.size(2), half = R / 2;
+  const int64_t A = q.size(0), S = q.size(1), D = q.size(3), R = cos.size(-1), half = R / 2;
   RotaryParams<scalar_t, cs_t> p{};
   p.q = make_operand<scalar_t>(q, q_out, R);
   if (k.has_value()) p.k = make_operand<scalar_t>(*k, *k_out, R);
   p.cos = cos.const_data_ptr<cs_t>();
   p.sin = sin.const_data_ptr<cs_t>();
-  p.sc = {cos.stride(0), cos.stride(1), cos.stride(2)};
-  p.ss = {sin.stride(0), sin.stride(1), sin.stride(2)};
+  p.sc = cs_strides(cos);
+  p.ss = cs_strides(sin);
+  p.ti = make_token_index(cos, ix);
   p.S = S;
   p.D = D;
   p.half = half;
@@ -245,7 +278,7 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
 
   bool vector = half % VEC == 0 && vector_ok(q, VEC) && vector_ok(q_out, VEC);
   if (k.has_value()) vector = vector && vector_ok(*k, VEC) && vector_ok(*k_out, VEC);
-  const bool cs_vector = vector && cs_vector_ok(cos, VEC) && cs_vector_ok(sin, VEC);
+  const bool cs_vector = vector && p.ti.mrope == 0 && cs_vector_ok(cos, VEC) && cs_vector_ok(sin, VEC);
 
   // Block shape: TX threads over the chunks of a row, TY over rows. Small problems (decode)
   // get one row per thread and the rows split over grid.y so every row is in flight at once;

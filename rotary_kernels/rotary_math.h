@@ -28,16 +28,72 @@ struct Strides4 {  // [A, S, H, D]
   int64_t a, s, h, d;
 };
 
-struct Strides3 {  // [A, S, R]
-  int64_t a, s, r;
+// Element strides of a cos/sin table. Per-token tables [A, S, R] use (a, s, r), mrope's per-axis
+// tables [3, A, S, R] also x; caches [P, R] read at each token's position use only (p, r).
+struct CSStrides {
+  int64_t x, a, s, p, r;
 };
 
 RK_HD int64_t offset4(const Strides4& st, int64_t a, int64_t s, int64_t h, int64_t d) {
   return a * st.a + s * st.s + h * st.h + d * st.d;
 }
 
-RK_HD int64_t offset3(const Strides3& st, int64_t a, int64_t s, int64_t r) {
-  return a * st.a + s * st.s + r * st.r;
+// Offset of element j of the cos/sin row that token (a, s) reads on mrope axis x at position pos.
+RK_HD int64_t cs_offset(const CSStrides& st, int64_t x, int64_t a, int64_t s, int64_t pos, int64_t j) {
+  return x * st.x + a * st.a + s * st.s + pos * st.p + j * st.r;
+}
+
+// Where each token's cos/sin row comes from (torch-ext/rotary_kernels/reference.py, "Token
+// positions"). All pointers null and mrope == 0: the plain per-token tables.
+struct TokenIndex {
+  const int64_t* pos;  // [X, A, S] positions (strides px, pa, ps), or null: the index in the sequence
+  int64_t px, pa, ps;
+  const int64_t* cu;  // [n_seqs + 1] starts of packed sequences (A == 1, S == T), or null
+  int64_t n_seqs;
+  const int64_t* off;  // [n_seqs] per-sequence offsets (stride so), or null
+  int64_t so;
+  int64_t offset;  // added to every position
+  int64_t rows;    // cache rows P (positions must lie in [0, P)); 0: not a cache
+  int64_t sec0, sec1, sec2;
+  int mrope;  // 0: none, 1: sectioned (Qwen2-VL), 2: interleaved (Qwen3-VL)
+};
+
+// The mrope axis (0, 1, 2) that pair i reads.
+RK_HD int pair_axis(const TokenIndex& t, int64_t i) {
+  if (t.mrope == 1) return i < t.sec0 ? 0 : (i < t.sec0 + t.sec1 ? 1 : 2);
+  if (t.mrope == 2) {
+    const int64_t r = i % 3;
+    return (r == 1 && i < 3 * t.sec1) ? 1 : ((r == 2 && i < 3 * t.sec2) ? 2 : 0);
+  }
+  return 0;
+}
+
+// The cache row of token (a, s) on mrope axis x (0 when cos/sin are per-token tables).
+RK_HD int64_t token_position(const TokenIndex& t, int64_t a, int64_t s, int x) {
+  if (t.rows == 0) return 0;
+  int64_t b = a;
+  if (t.cu) {  // the packed token's sequence: the last b < n_seqs with cu[b] <= s
+    int64_t lo = 0, hi = t.n_seqs;
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (t.cu[mid] <= s) {
+        lo = mid;
+      } else {
+        hi = mid;
+      }
+    }
+    b = lo;
+  }
+  int64_t p = t.pos ? t.pos[x * t.px + a * t.pa + s * t.ps] : (t.cu ? s - t.cu[b] : s);
+  if (t.off) p += t.off[b * t.so];
+  return p + t.offset;
+}
+
+RK_HD bool position_ok(const TokenIndex& t, int64_t p) { return t.rows == 0 || (p >= 0 && p < t.rows); }
+
+// The pair index of head-dim element j (j < R).
+RK_HD int64_t pair_of(int64_t j, int64_t half, bool interleaved) {
+  return interleaved ? j / 2 : (j < half ? j : j - half);
 }
 
 // One rotated tensor (q or k) and its output, as the kernels walk them.

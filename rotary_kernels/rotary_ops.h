@@ -3,6 +3,7 @@
 #pragma once
 
 #include <optional>
+#include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -12,6 +13,49 @@
 namespace rotary_kernels {
 
 inline Strides4 strides4(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+inline CSStrides cs_strides(const at::Tensor& t) {
+  if (t.dim() == 2) return {0, 0, 0, t.stride(0), t.stride(1)};  // cache [P, R]
+  if (t.dim() == 3) return {0, t.stride(0), t.stride(1), 0, t.stride(2)};  // [A, S, R]
+  return {t.stride(0), t.stride(1), t.stride(2), 0, t.stride(3)};  // mrope [3, A, S, R]
+}
+
+// The token-position arguments of the rotary ops (validated by the binding).
+struct IndexArgs {
+  std::optional<at::Tensor> positions;       // int64 [X, A, S]
+  std::optional<at::Tensor> cu_seqlens;      // int64 [n + 1]
+  std::optional<at::Tensor> seqlen_offsets;  // int64 [n]
+  int64_t offset = 0;
+  std::vector<int64_t> mrope_section;  // empty or 3 sizes, in pairs
+  bool mrope_interleaved = false;
+};
+
+inline TokenIndex make_token_index(const at::Tensor& cos, const IndexArgs& ix) {
+  TokenIndex t{};
+  t.rows = cos.dim() == 2 ? cos.size(0) : 0;
+  if (ix.positions) {
+    t.pos = ix.positions->const_data_ptr<int64_t>();
+    t.px = ix.positions->stride(0);
+    t.pa = ix.positions->stride(1);
+    t.ps = ix.positions->stride(2);
+  }
+  if (ix.cu_seqlens) {
+    t.cu = ix.cu_seqlens->const_data_ptr<int64_t>();
+    t.n_seqs = ix.cu_seqlens->numel() - 1;
+  }
+  if (ix.seqlen_offsets) {
+    t.off = ix.seqlen_offsets->const_data_ptr<int64_t>();
+    t.so = ix.seqlen_offsets->stride(0);
+  }
+  t.offset = ix.offset;
+  if (ix.mrope_section.size() == 3) {
+    t.mrope = ix.mrope_interleaved ? 2 : 1;
+    t.sec0 = ix.mrope_section[0];
+    t.sec1 = ix.mrope_section[1];
+    t.sec2 = ix.mrope_section[2];
+  }
+  return t;
+}
 
 // x (canonical [A, S, H, D]) rotated into y; R = rotary dim. In place when y is x.
 template <typename scalar_t>
@@ -56,11 +100,12 @@ void dispatch_elementwise(const at::Tensor& x1, const at::Tensor& x2, const at::
 
 }  // namespace rotary_kernels
 
-// q [A, S, Hq, D], k [A, S, Hk, D] (optional), cos/sin [A, S, R], any strides. q_out/k_out
-// have q/k's shapes and may be q/k themselves (in place).
+// q [A, S, Hq, D], k [A, S, Hk, D] (optional), cos/sin [A, S, R] ([3, A, S, R] for mrope,
+// [P, R] caches with token positions), any strides. q_out/k_out have q/k's shapes and may be
+// q/k themselves (in place).
 void rotary_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                 const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                bool interleaved, bool conj);
+                bool interleaved, bool conj, const rotary_kernels::IndexArgs& ix);
 
 // x1, x2, out1, out2 of one shape; cos/sin already expanded to it.
 void apply_rotary_cpu(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
@@ -70,7 +115,7 @@ void apply_rotary_cpu(const at::Tensor& x1, const at::Tensor& x2, const at::Tens
 #define RK_HAVE_CUDA 1
 void rotary_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                 bool interleaved, bool conj);
+                 bool interleaved, bool conj, const rotary_kernels::IndexArgs& ix);
 
 void apply_rotary_cuda(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
                        const at::Tensor& out1, const at::Tensor& out2, bool conj);

@@ -19,6 +19,7 @@ static sim::Dim3 blockIdx, threadIdx, blockDim, gridDim;
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define RK_KERNEL_ASSERT(cond) TORCH_CHECK_INDEX(cond, "rotary (CUDA simulation): position outside the cos/sin cache")
 
 #include "rotary_cuda_kernels.cuh"
 
@@ -51,14 +52,26 @@ struct SimLauncher {
 // Same contract as the rotary op (shapes already valid); returns the launch it made.
 std::vector<int64_t> rotary_sim(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                                 const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                                bool interleaved, bool conj, int64_t sms) {
+                                bool interleaved, bool conj, int64_t sms,
+                                const std::optional<at::Tensor>& positions = std::nullopt,
+                                const std::optional<at::Tensor>& cu_seqlens = std::nullopt,
+                                const std::optional<at::Tensor>& seqlen_offsets = std::nullopt, int64_t offset = 0,
+                                std::vector<int64_t> mrope_section = {}, bool mrope_interleaved = false) {
+  const IndexArgs ix{positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved};
   SimLauncher launcher;
   dispatch_rotary_types(q, cos, sin, [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s) {
-    rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved, conj, sms, launcher);
+    rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved, conj, ix, sms, launcher);
   });
   return launcher.info;
 }
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) { m.def("rotary_sim", &rotary_sim); }
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rotary_sim", &rotary_sim, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("cos"), pybind11::arg("sin"),
+        pybind11::arg("q_out"), pybind11::arg("k_out"), pybind11::arg("interleaved"), pybind11::arg("conj"),
+        pybind11::arg("sms"), pybind11::arg("positions") = pybind11::none(),
+        pybind11::arg("cu_seqlens") = pybind11::none(), pybind11::arg("seqlen_offsets") = pybind11::none(),
+        pybind11::arg("offset") = 0, pybind11::arg("mrope_section") = std::vector<int64_t>{},
+        pybind11::arg("mrope_interleaved") = false);
+}

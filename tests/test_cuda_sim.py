@@ -105,3 +105,57 @@ def test_sim_inplace_and_cos_dtypes(sim):
         qi = q.clone()
         sim.rotary_sim(qi, None, cos, sin, qi, None, False, False, 132)
         close(qi, rotary_reference(q, cos, sin, 2))
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("layout", ["heads_outer", "strided_d"])
+def test_sim_token_positions(sim, interleaved, layout):
+    """Caches read at positions, packed sequences (binary search over cu_seqlens), offsets, mrope."""
+    from rotary_kernels.reference import rotary_reference_indexed as ref_ix
+
+    A, S, Hq, Hk, D, P = 2, 5, 3, 2, 64, 40
+    q = canonical(A, S, Hq, D, torch.bfloat16, "cpu", layout)
+    k = canonical(A, S, Hk, D, torch.bfloat16, "cpu", layout, seed=2)
+    cos, sin = tables(1, P, D, torch.float32, "cpu")
+    cos, sin = cos[0], sin[0]  # [P, R] caches
+    pos = torch.randint(0, P, (A, S))
+    for conj in (False, True):
+        qo, ko, _ = run_ix(sim, q, k, cos, sin, interleaved, conj, positions=pos[None])
+        c, s = cos[pos], sin[pos]
+        close(qo, want(q, c, s, interleaved, conj))
+        close(ko, want(k, c, s, interleaved, conj))
+    # offsets per batch row plus a scalar offset
+    qo, _, _ = run_ix(sim, q, k, cos, sin, interleaved, False, seqlen_offsets=torch.tensor([3, 9]), offset=2)
+    close(qo, ref_ix(q, cos, sin, 2, interleaved, seqlen_offsets=torch.tensor([5, 11])))
+    # packed sequences: A == 1, T tokens
+    cu = torch.tensor([0, 2, 2, 7, 10])
+    qp = canonical(1, 10, Hq, D, torch.bfloat16, "cpu", layout)
+    kp = canonical(1, 10, Hk, D, torch.bfloat16, "cpu", layout, seed=4)
+    offs = torch.tensor([1, 0, 4, 30])
+    qo, ko, _ = run_ix(sim, qp, kp, cos, sin, interleaved, False, cu_seqlens=cu, seqlen_offsets=offs)
+    close(qo[0], ref_ix(qp[0], cos, sin, 1, interleaved, cu_seqlens=cu, seqlen_offsets=offs))
+    close(ko[0], ref_ix(kp[0], cos, sin, 1, interleaved, cu_seqlens=cu, seqlen_offsets=offs))
+    # mrope: 3-axis positions into the cache, and per-axis tables [3, A, S, R]
+    pos3 = torch.randint(0, P, (3, A, S))
+    for mi, sec in ((False, [8, 12, 12]), (True, [12, 10, 10])):
+        qo, _, info = run_ix(sim, q, k, cos, sin, interleaved, False, positions=pos3, mrope_section=sec,
+                             mrope_interleaved=mi)
+        assert info[6] == 0  # mrope reads cos/sin element by element
+        close(qo, ref_ix(q, cos, sin, 2, interleaved, positions=pos3, mrope_section=sec, mrope_interleaved=mi))
+        c3, s3 = cos[pos3], sin[pos3]
+        qo, _, _ = run_ix(sim, q, k, c3, s3, interleaved, False, mrope_section=sec, mrope_interleaved=mi)
+        close(qo, ref_ix(q, c3, s3, 2, interleaved, mrope_section=sec, mrope_interleaved=mi))
+
+
+def test_sim_position_out_of_range_traps(sim):
+    q = canonical(1, 3, 2, 16, torch.float32, "cpu")
+    cos, sin = tables(1, 4, 16, torch.float32, "cpu")
+    with pytest.raises(IndexError, match="outside the cos/sin cache"):
+        sim.rotary_sim(q, None, cos[0], sin[0], q.clone(), None, False, False, 132,
+                       positions=torch.tensor([[[0, 4, 1]]]))
+
+
+def run_ix(sim, q, k, cos, sin, interleaved, conj, **ix):
+    (bq, qo), (bk, ko) = padded_like(q), padded_like(k)
+    info = sim.rotary_sim(q, k, cos, sin, qo, ko, interleaved, conj, 132, **ix)
+    return qo, ko, info

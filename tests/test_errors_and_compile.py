@@ -5,6 +5,7 @@ import torch
 
 import rotary_kernels as rk
 from rotary_kernels._autograd import rotary_, rotary_qk, rotary_x
+from rotary_kernels._index import NO_INDEX
 from rotary_kernels.reference import apply_rotary_reference, apply_rotary_transformers_reference
 
 from conftest import TOL
@@ -112,9 +113,10 @@ def test_opcheck_python_custom_ops(dev_backend):
     q, k, cos, sin = (t.to(device) for t in qkcs())
     q.requires_grad_()
     k.requires_grad_()
-    torch.library.opcheck(rotary_qk, (q, k, cos, sin, 1, False, False, backend))
-    torch.library.opcheck(rotary_x, (q, cos, sin, 1, True, True, backend))
-    torch.library.opcheck(rotary_, (q.detach().clone(), k.detach().clone(), cos, sin, 1, False, False, backend))
+    ix = NO_INDEX.op_args()
+    torch.library.opcheck(rotary_qk, (q, k, cos, sin, 1, False, False, backend, *ix))
+    torch.library.opcheck(rotary_x, (q, cos, sin, 1, True, True, backend, *ix))
+    torch.library.opcheck(rotary_, (q.detach().clone(), k.detach().clone(), cos, sin, 1, False, False, backend, *ix))
 
 
 @pytest.mark.parametrize("dynamic", [False, True])

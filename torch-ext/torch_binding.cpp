@@ -1,8 +1,8 @@
 // Registers the ops in the extension's namespace (TORCH_EXTENSION_NAME, set by the build),
 // with CPU and (when compiled with ROTARY_WITH_CUDA) CUDA implementations.
 //
-//   rotary(q, k?, cos, sin, q_out!, k_out?!, interleaved, conj)   one launch for q and k
-//   rotary_inplace(q!, k?!, cos, sin, interleaved, conj)            the same, out = in
+//   rotary(q, k?, cos, sin, q_out!, k_out?!, interleaved, conj, <index>)   one launch for q and k
+//   rotary_inplace(q!, k?!, cos, sin, interleaved, conj, <index>)            the same, out = in
 //   apply_rotary(x1, x2, cos, sin, out1!, out2!, conj)              flash-attn elementwise API
 //
 // Fake (meta) implementations are registered from Python (rotary_kernels/_compiled.py).
@@ -46,20 +46,62 @@ void check_like(const at::Tensor& out, const at::Tensor& x, const char* name) {
               x.device(), ", got ", out.sizes(), " ", out.scalar_type(), " on ", out.device());
 }
 
+void check_index_tensor(const std::optional<at::Tensor>& t, const at::Tensor& q, const char* name, int64_t dim) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->scalar_type() == at::kLong, name, " must be int64, got ", t->scalar_type());
+  TORCH_CHECK(t->dim() == dim, name, " must be ", dim, "-D, got ", t->sizes());
+  TORCH_CHECK(t->device() == q.device(), name, " must be on q's device");
+}
+
 void check_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
-                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out) {
+                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
+                  const rotary_kernels::IndexArgs& ix) {
   TORCH_CHECK(q.dim() == 4, "q must be 4-D [A, S, H, D], got ", q.sizes());
-  TORCH_CHECK(cos.dim() == 3, "cos must be 3-D [A, S, R], got ", cos.sizes());
+  TORCH_CHECK(cos.dim() >= 2 && cos.dim() <= 4, "cos must be [A, S, R], [3, A, S, R] or a [P, R] cache, got ",
+              cos.sizes());
   TORCH_CHECK(cos.sizes() == sin.sizes(), "cos and sin must have the same shape, got ", cos.sizes(), " and ",
               sin.sizes());
   TORCH_CHECK(cos.scalar_type() == sin.scalar_type(), "cos and sin must have the same dtype");
   check_float(q, "q");
   check_float(cos, "cos");
-  const int64_t R = cos.size(2);
-  TORCH_CHECK(R > 0 && R % 2 == 0 && R <= q.size(3), "rotary dim (cos.size(2)) must be even, positive and <= D=",
+  const int64_t R = cos.size(-1);
+  TORCH_CHECK(R > 0 && R % 2 == 0 && R <= q.size(3), "rotary dim (cos.size(-1)) must be even, positive and <= D=",
               q.size(3), ", got ", R);
-  TORCH_CHECK(cos.size(0) == q.size(0) && cos.size(1) == q.size(1), "cos must be [A, S, R] with q's A, S: q ",
-              q.sizes(), ", cos ", cos.sizes());
+  const bool cache = cos.dim() == 2, mrope = !ix.mrope_section.empty();
+  TORCH_CHECK(ix.mrope_section.empty() || ix.mrope_section.size() == 3, "mrope_section must be empty or 3 sizes");
+  if (mrope) {
+    const auto& m = ix.mrope_section;
+    TORCH_CHECK(m[0] >= 0 && m[1] >= 0 && m[2] >= 0 && m[0] + m[1] + m[2] == R / 2,
+                "mrope_section must be 3 non-negative sizes summing to R/2 = ", R / 2);
+  }
+  if (!cache) {
+    const int64_t o = cos.dim() - 3;  // 1 for mrope's [3, A, S, R]
+    TORCH_CHECK(cos.dim() == (mrope ? 4 : 3) && (!mrope || cos.size(0) == 3),
+                mrope ? "with mrope_section, cos must be [3, A, S, R] or a [P, R] cache, got "
+                      : "cos must be [A, S, R] or a [P, R] cache, got ",
+                cos.sizes());
+    TORCH_CHECK(cos.size(o) == q.size(0) && cos.size(o + 1) == q.size(1), "cos must be [A, S, R] with q's A, S: q ",
+                q.sizes(), ", cos ", cos.sizes());
+    TORCH_CHECK(!ix.positions && !ix.cu_seqlens && !ix.seqlen_offsets && ix.offset == 0,
+                "positions, cu_seqlens and seqlen_offsets need cos/sin caches [P, R]");
+  }
+  check_index_tensor(ix.positions, q, "positions", 3);
+  if (ix.positions) {
+    const auto& p = *ix.positions;
+    TORCH_CHECK(p.size(0) == (mrope ? 3 : 1) && p.size(1) == q.size(0) && p.size(2) == q.size(1),
+                "positions must be [X, A, S] with q's A, S and X = 3 for mrope (else 1): q ", q.sizes(),
+                ", positions ", p.sizes());
+  }
+  check_index_tensor(ix.cu_seqlens, q, "cu_seqlens", 1);
+  if (ix.cu_seqlens) {
+    TORCH_CHECK(ix.cu_seqlens->numel() >= 2 && q.size(0) == 1, "cu_seqlens needs [n + 1] entries and q with A == 1");
+  }
+  check_index_tensor(ix.seqlen_offsets, q, "seqlen_offsets", 1);
+  if (ix.seqlen_offsets) {
+    const int64_t n = ix.cu_seqlens ? ix.cu_seqlens->numel() - 1 : q.size(0);
+    TORCH_CHECK(ix.seqlen_offsets->size(0) == n, "seqlen_offsets must have one entry per sequence (", n, "), got ",
+                ix.seqlen_offsets->sizes());
+  }
   TORCH_CHECK(cos.device() == q.device() && sin.device() == q.device(), "cos/sin must be on q's device");
   check_like(q_out, q, "q_out");
   TORCH_CHECK(k.has_value() == k_out.has_value(), "k and k_out must both be given or both be None");
@@ -75,21 +117,28 @@ void check_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const
 
 void rotary_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-               bool interleaved, bool conj) {
-  check_rotary(q, k, cos, sin, q_out, k_out);
+               bool interleaved, bool conj, const std::optional<at::Tensor>& positions,
+               const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>& seqlen_offsets,
+               int64_t offset, at::IntArrayRef mrope_section, bool mrope_interleaved) {
+  const rotary_kernels::IndexArgs ix{positions, cu_seqlens, seqlen_offsets, offset, mrope_section.vec(),
+                                     mrope_interleaved};
+  check_rotary(q, k, cos, sin, q_out, k_out, ix);
 #ifdef RK_HAVE_CUDA
   if (q.is_cuda()) {
-    rotary_cuda(q, k, cos, sin, q_out, k_out, interleaved, conj);
+    rotary_cuda(q, k, cos, sin, q_out, k_out, interleaved, conj, ix);
     return;
   }
 #endif
   TORCH_CHECK(q.is_cpu(), "rotary: unsupported device ", q.device());
-  rotary_cpu(q, k, cos, sin, q_out, k_out, interleaved, conj);
+  rotary_cpu(q, k, cos, sin, q_out, k_out, interleaved, conj, ix);
 }
 
 void rotary_inplace_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
-                       const at::Tensor& sin, bool interleaved, bool conj) {
-  rotary_op(q, k, cos, sin, q, k, interleaved, conj);
+                       const at::Tensor& sin, bool interleaved, bool conj, const std::optional<at::Tensor>& positions,
+                       const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>& seqlen_offsets,
+                       int64_t offset, at::IntArrayRef mrope_section, bool mrope_interleaved) {
+  rotary_op(q, k, cos, sin, q, k, interleaved, conj, positions, cu_seqlens, seqlen_offsets, offset, mrope_section,
+            mrope_interleaved);
 }
 
 void apply_rotary_op(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
@@ -124,11 +173,18 @@ void apply_rotary_op(const at::Tensor& x1, const at::Tensor& x2, const at::Tenso
 
 }  // namespace
 
+// Token-position arguments (rotary_kernels/_index.py): positions int64 [X, A, S], cu_seqlens
+// int64 [n + 1], seqlen_offsets int64 [n], a scalar offset, and mrope's 3 section sizes.
+#define RK_INDEX_ARGS                                                                            \
+  "Tensor? positions=None, Tensor? cu_seqlens=None, Tensor? seqlen_offsets=None, int offset=0, " \
+  "int[] mrope_section=[], bool mrope_interleaved=False"
+
 TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, m) {
   m.def(
       "rotary(Tensor q, Tensor? k, Tensor cos, Tensor sin, Tensor(a!) q_out, Tensor(b!)? k_out, "
-      "bool interleaved, bool conj) -> ()");
-  m.def("rotary_inplace(Tensor(a!) q, Tensor(b!)? k, Tensor cos, Tensor sin, bool interleaved, bool conj) -> ()");
+      "bool interleaved, bool conj, " RK_INDEX_ARGS ") -> ()");
+  m.def("rotary_inplace(Tensor(a!) q, Tensor(b!)? k, Tensor cos, Tensor sin, bool interleaved, bool conj, "
+        RK_INDEX_ARGS ") -> ()");
   m.def(
       "apply_rotary(Tensor x1, Tensor x2, Tensor cos, Tensor sin, Tensor(a!) out1, Tensor(b!) out2, "
       "bool conj) -> ()");

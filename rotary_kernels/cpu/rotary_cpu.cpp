@@ -10,6 +10,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -137,7 +138,8 @@ struct CpuParams {
   int n_ops;
   const cs_t* cp;
   const cs_t* sp;
-  Strides3 sc, ss;
+  CSStrides sc, ss;
+  TokenIndex ti;
   int64_t S, D, half;
   bool conj;
 };
@@ -148,20 +150,29 @@ struct CpuParams {
 #define RK_CPU_CLONES
 #endif
 
-// Tokens [begin, end): the per-token cos/sin table, then every row of q and k.
+// Tokens [begin, end): the per-token cos/sin table, then every row of q and k. Returns -1, or
+// the first token whose position lies outside the cos/sin cache (nothing written for it).
 template <typename scalar_t, typename cs_t, bool interleaved>
-RK_CPU_CLONES void rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t begin, int64_t end) {
+RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t begin, int64_t end) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t half = p.half;
+  const int n_axes = p.ti.mrope ? 3 : 1;
   CSTable<acc_t> cs(half);
   for (int64_t t = begin; t < end; ++t) {
     const int64_t a = t / p.S, s = t % p.S;
+    int64_t pos[3] = {0, 0, 0};
+    for (int x = 0; x < n_axes; ++x) {
+      pos[x] = token_position(p.ti, a, s, x);
+      if (!position_ok(p.ti, pos[x])) return t;
+    }
     for (int64_t i = 0; i < half; ++i) {
       const int64_t j1 = pair_first(i, half, interleaved), j2 = pair_second(i, half, interleaved);
+      const int x = pair_axis(p.ti, i);
+      const cs_t* c = p.cp + cs_offset(p.sc, x, a, s, pos[x], 0);
+      const cs_t* sn = p.sp + cs_offset(p.ss, x, a, s, pos[x], 0);
       const PairCS<acc_t> pc = make_pair_cs<acc_t>(
-          load_acc<cs_t, acc_t>(p.cp + offset3(p.sc, a, s, j1)), load_acc<cs_t, acc_t>(p.cp + offset3(p.sc, a, s, j2)),
-          load_acc<cs_t, acc_t>(p.sp + offset3(p.ss, a, s, j1)), load_acc<cs_t, acc_t>(p.sp + offset3(p.ss, a, s, j2)),
-          p.conj);
+          load_acc<cs_t, acc_t>(c + j1 * p.sc.r), load_acc<cs_t, acc_t>(c + j2 * p.sc.r),
+          load_acc<cs_t, acc_t>(sn + j1 * p.ss.r), load_acc<cs_t, acc_t>(sn + j2 * p.ss.r), p.conj);
       cs.c1[i] = pc.c1;
       cs.c2[i] = pc.c2;
       cs.s1[i] = pc.s1;
@@ -175,24 +186,26 @@ RK_CPU_CLONES void rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t beg
       }
     }
   }
+  return -1;
 }
 
 template <typename scalar_t, typename cs_t>
 void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                      const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                     bool interleaved, bool conj) {
+                     bool interleaved, bool conj, const IndexArgs& ix) {
   CpuParams<scalar_t, cs_t> p{};
   p.S = q.size(1);
   p.D = q.size(3);
-  p.half = cos.size(2) / 2;
+  p.half = cos.size(-1) / 2;
   p.conj = conj;
   auto add = [&](const at::Tensor& x, const at::Tensor& y) {
     if (x.size(2) > 0) p.ops[p.n_ops++] = make_operand<scalar_t>(x, y, 2 * p.half);
   };
   add(q, q_out);
   if (k.has_value()) add(*k, *k_out);
-  p.sc = {cos.stride(0), cos.stride(1), cos.stride(2)};
-  p.ss = {sin.stride(0), sin.stride(1), sin.stride(2)};
+  p.sc = cs_strides(cos);
+  p.ss = cs_strides(sin);
+  p.ti = make_token_index(cos, ix);
   p.cp = cos.const_data_ptr<cs_t>();
   p.sp = sin.const_data_ptr<cs_t>();
   int64_t row_elems = 0;
@@ -200,22 +213,31 @@ void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, co
   const int64_t tokens = q.size(0) * p.S;
   if (tokens == 0 || row_elems == 0) return;
   const int64_t grain = std::max<int64_t>(1, 32768 / row_elems);
+  std::atomic<int64_t> bad{-1};
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
-    if (interleaved) {
-      rotate_tokens<scalar_t, cs_t, true>(p, begin, end);
-    } else {
-      rotate_tokens<scalar_t, cs_t, false>(p, begin, end);
-    }
+    const int64_t t = interleaved ? rotate_tokens<scalar_t, cs_t, true>(p, begin, end)
+                                  : rotate_tokens<scalar_t, cs_t, false>(p, begin, end);
+    if (t >= 0) bad.store(t);
   });
+  const int64_t t = bad.load();
+  if (t >= 0) {
+    int64_t pos = 0;
+    for (int x = 0; x < (p.ti.mrope ? 3 : 1); ++x) {
+      pos = token_position(p.ti, t / p.S, t % p.S, x);
+      if (!position_ok(p.ti, pos)) break;
+    }
+    TORCH_CHECK_INDEX(false, "rotary: token ", t, " has position ", pos, ", outside the cos/sin cache of ", p.ti.rows,
+                      " rows (the output is incomplete)");
+  }
 }
 
 }  // namespace
 
 void rotary_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                 const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                bool interleaved, bool conj) {
+                bool interleaved, bool conj, const IndexArgs& ix) {
   dispatch_rotary_types(q, cos, sin, [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s) {
-    rotary_cpu_impl<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved, conj);
+    rotary_cpu_impl<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved, conj, ix);
   });
 }
 

@@ -9,6 +9,14 @@ Public API (see README.md for examples):
   (inference; no autograd).
 * ``apply_rotary(x1, x2, cos, sin, out1, out2, conj)`` -- flash-attn /
   ``kernels-community/rotary`` low-level elementwise API (out may alias x).
+* ``apply_rotary_qkv(qkv, cos, sin, Hq, Hk)`` / ``apply_rotary_qkv_`` -- the q and k heads of a
+  packed ``[B, S, Hq + 2 Hk, D]`` projection, one launch, v untouched.
+* ``apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section)`` -- Qwen2-VL's mrope.
+* ``freqs`` -- inverse frequencies (default, linear, dynamic, YaRN, Llama-3) and cos/sin caches.
+
+The rotating functions also take token-position options: ``positions=`` (gather rows of a
+``[max_pos, R]`` cos/sin cache in the kernel), ``cu_seqlens=`` (packed variable-length
+batches), ``seqlen_offsets=`` (KV-cache decoding), ``mrope_section=`` (multimodal RoPE).
 
 Every function takes ``interleaved=`` (GPT-J layout) and ``backend=`` ("cuda", "triton",
 "cpu", "reference"; default: the fastest available for the device) as keywords.
@@ -22,11 +30,14 @@ Every exported function carries ``has_backward`` and ``can_torch_compile`` (read
 """
 from __future__ import annotations
 
-from . import _compiled, hub, layers, reference
+from . import _compiled, freqs, hub, layers, reference
 from ._api import (
+    apply_multimodal_rotary_pos_emb,
     apply_rotary,
     apply_rotary_emb,
     apply_rotary_emb_,
+    apply_rotary_qkv,
+    apply_rotary_qkv_,
     apply_rotary_transformers,
     apply_rotary_transformers_,
     available_backends,
@@ -42,6 +53,9 @@ for _fn, _backward, _compile in (
     (apply_rotary_emb, True, True),
     (apply_rotary_transformers_, False, True),
     (apply_rotary_emb_, False, True),
+    (apply_rotary_qkv, True, True),
+    (apply_rotary_qkv_, False, True),
+    (apply_multimodal_rotary_pos_emb, True, True),
     (apply_rotary, False, False),
 ):
     _fn.has_backward = _backward
@@ -54,7 +68,11 @@ __all__ = [
     "apply_rotary_transformers_",
     "apply_rotary_emb_",
     "apply_rotary",
+    "apply_rotary_qkv",
+    "apply_rotary_qkv_",
+    "apply_multimodal_rotary_pos_emb",
     "available_backends",
+    "freqs",
     "layers",
     "hub",
     "reference",

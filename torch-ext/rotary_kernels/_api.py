@@ -7,20 +7,46 @@ import torch
 from . import _canon, reference
 from ._autograd import rotary_, rotary_qk, rotary_x
 from ._dispatch import BACKENDS, backend_available, launch_elementwise, launch_rotary, select_backend
-from .reference import apply_rotary_transformers_reference, rotary_reference
+from ._index import NO_INDEX, make_index, reference_kwargs, template
+from .reference import materialize_cos_sin, rotary_reference_indexed
 
 
 
-def _validate(q, k, cos, sin, unsqueeze_dim, interleaved):
+_INDEX_DOC = """
+    Token-position options (keyword-only; semantics in ``reference.py``, "Token positions"):
+
+    * ``positions``: int tensor of the tokens' shape ([B, S] or [T]); cos/sin are then
+      ``[max_pos, R]`` caches and each token reads row ``positions[token]`` in the kernel.
+    * ``cu_seqlens`` (+ ``max_seqlen``, accepted and unused): packed x ``[T, H, D]`` whose
+      sequences start at ``cu_seqlens[b]``; positions restart at 0 in each (cache mode).
+    * ``seqlen_offsets``: int or int tensor ``[batch]`` added to every position of a
+      sequence (decoding with a KV cache; cache mode).
+    * ``mrope_section=(t, h, w)`` (+ ``mrope_interleaved``): multimodal RoPE; cos/sin are
+      ``[3, ..., R]`` per-axis tables, or, in cache mode, positions are ``[3, ...]``.
+
+    Positions outside the cache raise ``IndexError`` on CPU tensors; on GPUs the CUDA kernel
+    traps (device assert), and ``ROTARY_KERNELS_CHECK=1`` checks before launching (a sync)."""
+
+
+INDEX_OPTIONS = ("positions", "cu_seqlens", "max_seqlen", "seqlen_offsets", "mrope_section", "mrope_interleaved")
+
+
+def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict):
+    unknown = sorted(set(index) - set(INDEX_OPTIONS))
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {unknown}; the token-position options are {INDEX_OPTIONS}")
     _canon.check_cos_sin(cos, sin)
     if not isinstance(unsqueeze_dim, int) or isinstance(unsqueeze_dim, bool):
         raise TypeError(f"unsqueeze_dim must be an int, got {type(unsqueeze_dim).__name__}")
     if not isinstance(interleaved, bool):
         raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
-    _canon.canonical_x("q" if k is not None else "x", q, cos, unsqueeze_dim)
+    idx = make_index(q, cos, unsqueeze_dim, **index)
+    tmpl = template(q, cos, unsqueeze_dim, idx)
+    _canon.canonical_x("q" if k is not None else "x", q, tmpl, unsqueeze_dim)
     if k is not None:
-        _canon.canonical_x("k", k, cos, unsqueeze_dim)
+        _canon.canonical_x("k", k, template(k, cos, unsqueeze_dim, idx), unsqueeze_dim)
     _canon.check_same_device(q=q, k=k, cos=cos, sin=sin)
+    return idx
 
 
 def _needs_graph(*tensors) -> bool:
@@ -30,7 +56,16 @@ def _needs_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, backend=None):
+def _plain_if_cos_grad(q, cos, sin, unsqueeze_dim, interleaved, idx):
+    """Gradients wrt cos/sin through positions/mrope: gather them with differentiable PyTorch
+    ops (the reference's own gather) and rotate in the plain form, whose op differentiates cos/sin."""
+    if idx.plain or not (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
+        return cos, sin, idx
+    c, s = materialize_cos_sin(q, cos, sin, unsqueeze_dim, interleaved, **reference_kwargs(idx))
+    return c, s, NO_INDEX
+
+
+def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, backend=None, **index):
     """Rotate q and k like transformers' ``apply_rotary_pos_emb``; returns ``(q_embed, k_embed)``.
 
     q: ``[B, Hq, S, D]`` (``unsqueeze_dim=1``) or ``[B, S, Hq, D]`` (``unsqueeze_dim=2``), any
@@ -38,32 +73,36 @@ def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=Fa
     ``[S, R]`` (with a matching ``unsqueeze_dim``), fp32 or any float dtype. Outputs have
     the inputs' dtypes and memory layouts. Math in fp32, rounded once.
     """
-    _validate(q, k, cos, sin, unsqueeze_dim, interleaved)
+    idx = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
     be = select_backend(q.device, backend)
     if be == "reference":
-        return apply_rotary_transformers_reference(q, k, cos, sin, unsqueeze_dim, interleaved)
+        kw = reference_kwargs(idx)
+        return (rotary_reference_indexed(q, cos, sin, unsqueeze_dim, interleaved, **kw),
+                rotary_reference_indexed(k, cos, sin, unsqueeze_dim, interleaved, **kw))
     if _needs_graph(q, k, cos, sin):
-        return rotary_qk(q, k, cos, sin, unsqueeze_dim, interleaved, False, be)
+        cos, sin, idx = _plain_if_cos_grad(q, cos, sin, unsqueeze_dim, interleaved, idx)
+        return rotary_qk(q, k, cos, sin, unsqueeze_dim, interleaved, False, be, *idx.op_args())
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    launch_rotary(be, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, False)
+    launch_rotary(be, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, False, idx)
     return q_out, k_out
 
 
-def apply_rotary_emb(x, cos, sin, unsqueeze_dim=1, interleaved=False, *, backend=None):
+def apply_rotary_emb(x, cos, sin, unsqueeze_dim=1, interleaved=False, *, backend=None, **index):
     """Rotate a single tensor (q-only layers such as Gemma3n/Gemma4 KV-shared layers)."""
-    _validate(x, None, cos, sin, unsqueeze_dim, interleaved)
+    idx = _validate(x, None, cos, sin, unsqueeze_dim, interleaved, index)
     be = select_backend(x.device, backend)
     if be == "reference":
-        return rotary_reference(x, cos, sin, unsqueeze_dim, interleaved)
+        return rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, **reference_kwargs(idx))
     if _needs_graph(x, cos, sin):
-        return rotary_x(x, cos, sin, unsqueeze_dim, interleaved, False, be)
+        cos, sin, idx = _plain_if_cos_grad(x, cos, sin, unsqueeze_dim, interleaved, idx)
+        return rotary_x(x, cos, sin, unsqueeze_dim, interleaved, False, be, *idx.op_args())
     out = torch.empty_like(x)
-    launch_rotary(be, x, None, cos, sin, out, None, unsqueeze_dim, interleaved, False)
+    launch_rotary(be, x, None, cos, sin, out, None, unsqueeze_dim, interleaved, False, idx)
     return out
 
 
-def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, backend):
-    _validate(q, k, cos, sin, unsqueeze_dim, interleaved)
+def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index):
+    idx = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, cos, sin)):
         raise RuntimeError(
             "in-place rotation does not support autograd; use apply_rotary_transformers / "
@@ -71,26 +110,69 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, backend):
         )
     be = select_backend(q.device, backend)
     if torch.compiler.is_compiling():  # data pointers are not traceable; the op is the same
-        rotary_(q, k, cos, sin, unsqueeze_dim, interleaved, False, be)
+        rotary_(q, k, cos, sin, unsqueeze_dim, interleaved, False, be, *idx.op_args())
         return
     for name, t in (("q", q), ("k", k)):
         if t is not None:
             _canon.check_no_partial_overlap(name, t, cos, sin)
     if k is not None:
         _canon.check_no_partial_overlap("k", k, q)
-    launch_rotary(be, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, False)
+    launch_rotary(be, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, False, idx)
 
 
-def apply_rotary_transformers_(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, backend=None):
+def apply_rotary_transformers_(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, backend=None, **index):
     """In-place ``apply_rotary_transformers``: rotates q and k in place and returns them."""
-    _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, backend)
+    _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
     return q, k
 
 
-def apply_rotary_emb_(x, cos, sin, unsqueeze_dim=1, interleaved=False, *, backend=None):
+def apply_rotary_emb_(x, cos, sin, unsqueeze_dim=1, interleaved=False, *, backend=None, **index):
     """In-place ``apply_rotary_emb``: rotates x in place and returns it."""
-    _inplace(x, None, cos, sin, unsqueeze_dim, interleaved, backend)
+    _inplace(x, None, cos, sin, unsqueeze_dim, interleaved, backend, index)
     return x
+
+
+for _f in (apply_rotary_transformers, apply_rotary_emb, apply_rotary_transformers_, apply_rotary_emb_):
+    _f.__doc__ += _INDEX_DOC
+
+
+def _split_qkv(qkv, num_q_heads, num_kv_heads):
+    _canon.check_float("qkv", qkv)
+    if qkv.dim() not in (3, 4):
+        raise ValueError(f"qkv must be [B, S, Hq + 2 Hk, D] or [T, Hq + 2 Hk, D], got shape {tuple(qkv.shape)}")
+    for name, n in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads)):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+    if qkv.shape[-2] != num_q_heads + 2 * num_kv_heads:
+        raise ValueError(
+            f"qkv has {qkv.shape[-2]} heads, expected num_q_heads + 2 * num_kv_heads = {num_q_heads + 2 * num_kv_heads}"
+        )
+    return qkv[..., :num_q_heads, :], qkv[..., num_q_heads : num_q_heads + num_kv_heads, :]
+
+
+def apply_rotary_qkv(qkv, cos, sin, num_q_heads, num_kv_heads, *, interleaved=False, backend=None, **index):
+    """Rotate the q and k heads of a packed projection output ``[B, S, Hq + 2 Hk, D]`` (heads in
+    the order q, k, v; or packed tokens ``[T, Hq + 2 Hk, D]``) in one launch; returns
+    ``(q_embed, k_embed)``. Differentiable: gradients flow back into ``qkv`` (v's are untouched).
+    cos/sin: ``[B, S, R]`` / ``[S, R]`` / ``[T, R]``, or caches with the token-position options."""
+    q, k = _split_qkv(qkv, num_q_heads, num_kv_heads)
+    return apply_rotary_transformers(q, k, cos, sin, -2, interleaved=interleaved, backend=backend, **index)
+
+
+def apply_rotary_qkv_(qkv, cos, sin, num_q_heads, num_kv_heads, *, interleaved=False, backend=None, **index):
+    """In-place ``apply_rotary_qkv``: rotates q's and k's heads inside ``qkv`` (one launch, v
+    untouched) and returns ``qkv`` (inference; no autograd)."""
+    q, k = _split_qkv(qkv, num_q_heads, num_kv_heads)
+    _inplace(q, k, cos, sin, -2, interleaved, backend, index)
+    return qkv
+
+
+def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim=1, *, backend=None):
+    """Drop-in for Qwen2-VL's ``apply_multimodal_rotary_pos_emb`` (transformers 4.x): cos/sin
+    ``[3, B, S, D]`` (temporal, height, width), ``mrope_section`` (t, h, w) summing to D/2; the
+    per-axis selection happens in the kernel."""
+    return apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim, mrope_section=tuple(mrope_section),
+                                     backend=backend)
 
 
 def apply_rotary(x1, x2, cos, sin, out1, out2, conj: bool = False, *, backend=None) -> None:

@@ -8,6 +8,11 @@ as single nodes) and registered autograd:
   ``conj`` flipped: nothing is saved but cos/sin. Double backward works the same way.
 * grad wrt cos/sin (rare: learned or differentiated frequencies): computed from the saved
   inputs with PyTorch ops, in fp32; q/k are saved only when cos or sin requires grad.
+  (With token-position options the public API gathers cos/sin with differentiable PyTorch ops
+  first, so these ops only see cos/sin gradients in the plain form.)
+
+The trailing arguments (positions, cu_seqlens, seqlen_offsets, offset, mrope_section,
+mrope_interleaved, cached) are ``_index.Index.op_args()``.
 
 ``rotary_`` rotates in place (inference; no autograd).
 """
@@ -20,17 +25,25 @@ import torch
 from torch import Tensor
 
 from ._dispatch import launch_rotary
+from ._index import Index
 from ._ops import add_op_namespace_prefix
 from .reference import compute_dtype, rotate_every_two, rotate_half
+
+
+def _idx(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached) -> Index:
+    return Index(cached, positions, cu_seqlens, seqlen_offsets, offset, tuple(mrope_section), mrope_interleaved)
 
 
 @torch.library.custom_op(add_op_namespace_prefix("rotary_qk"), mutates_args=())
 def rotary_qk(
     q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
     unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str,
+    positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
+    offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
 ) -> tuple[Tensor, Tensor]:
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, conj)
+    idx = _idx(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
+    launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, conj, idx)
     return q_out, k_out
 
 
@@ -38,9 +51,12 @@ def rotary_qk(
 def rotary_x(
     x: Tensor, cos: Tensor, sin: Tensor,
     unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str,
+    positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
+    offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
 ) -> Tensor:
     out = torch.empty_like(x)
-    launch_rotary(backend, x, None, cos, sin, out, None, unsqueeze_dim, interleaved, conj)
+    idx = _idx(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
+    launch_rotary(backend, x, None, cos, sin, out, None, unsqueeze_dim, interleaved, conj, idx)
     return out
 
 
@@ -48,29 +64,40 @@ def rotary_x(
 def rotary_(
     q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor,
     unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str,
+    positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
+    offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
 ) -> None:
-    launch_rotary(backend, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, conj)
+    idx = _idx(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
+    launch_rotary(backend, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, conj, idx)
 
 
 @rotary_qk.register_fake
-def _(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend):
+def _(q, k, *args):
     return torch.empty_like(q), torch.empty_like(k)
 
 
 @rotary_x.register_fake
-def _(x, cos, sin, unsqueeze_dim, interleaved, conj, backend):
+def _(x, *args):
     return torch.empty_like(x)
 
 
 @rotary_.register_fake
-def _(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend):
+def _(q, k, *args):
     return None
 
 
 def _setup(ctx, xs, cos, sin, args):
-    ctx.args = args  # (unsqueeze_dim, interleaved, conj, backend)
+    ctx.args = tuple(args[:4])  # (unsqueeze_dim, interleaved, conj, backend)
+    positions, cu_seqlens, seqlen_offsets, *ctx.index_scalars = args[4:]
     need_cs = cos.requires_grad or sin.requires_grad
-    ctx.save_for_backward(cos, sin, *(x if need_cs else None for x in xs))
+    if need_cs and (ctx.index_scalars[-1] or ctx.index_scalars[-3]):
+        raise RuntimeError("internal: cos/sin gradients with token-position options are taken by the public API")
+    ctx.save_for_backward(cos, sin, positions, cu_seqlens, seqlen_offsets, *(x if need_cs else None for x in xs))
+
+
+def _index_args(ctx):
+    """The index arguments to pass on to the backward's op call."""
+    return (*ctx.saved_tensors[2:5], *ctx.index_scalars)
 
 
 def _cos_sin_grads(ctx, xs, grads, cos, sin):
@@ -102,13 +129,13 @@ def _setup_qk(ctx, inputs, output):
 
 
 def _backward_qk(ctx, gq, gk):
-    cos, sin, q, k = ctx.saved_tensors
+    cos, sin, _, _, _, q, k = ctx.saved_tensors
     unsqueeze_dim, interleaved, conj, backend = ctx.args
     dq = dk = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        dq, dk = rotary_qk(gq, gk, cos, sin, unsqueeze_dim, interleaved, not conj, backend)
+        dq, dk = rotary_qk(gq, gk, cos, sin, unsqueeze_dim, interleaved, not conj, backend, *_index_args(ctx))
     d_cos, d_sin = _cos_sin_grads(ctx, (q, k), (gq, gk), cos, sin)
-    return dq, dk, d_cos, d_sin, None, None, None, None
+    return dq, dk, d_cos, d_sin, *([None] * 11)
 
 
 def _setup_x(ctx, inputs, output):
@@ -117,13 +144,13 @@ def _setup_x(ctx, inputs, output):
 
 
 def _backward_x(ctx, g):
-    cos, sin, x = ctx.saved_tensors
+    cos, sin, _, _, _, x = ctx.saved_tensors
     unsqueeze_dim, interleaved, conj, backend = ctx.args
     dx = None
     if ctx.needs_input_grad[0]:
-        dx = rotary_x(g, cos, sin, unsqueeze_dim, interleaved, not conj, backend)
+        dx = rotary_x(g, cos, sin, unsqueeze_dim, interleaved, not conj, backend, *_index_args(ctx))
     d_cos, d_sin = _cos_sin_grads(ctx, (x,), (g,), cos, sin)
-    return dx, d_cos, d_sin, None, None, None, None
+    return dx, d_cos, d_sin, *([None] * 11)
 
 
 rotary_qk.register_autograd(_backward_qk, setup_context=_setup_qk)

@@ -16,7 +16,8 @@ import os
 import torch
 
 from . import _canon
-from .reference import rotary_reference, apply_rotary_reference
+from ._index import NO_INDEX, canonical_positions, canonical_tables, reference_kwargs, template
+from .reference import apply_rotary_reference, rotary_reference_indexed
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
@@ -86,42 +87,48 @@ def _fusable(q4, k4) -> bool:
     return k4.shape[:2] == q4.shape[:2] and k4.shape[3] == q4.shape[3] and k4.dtype == q4.dtype
 
 
-def launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, conj):
+def launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, conj, idx=NO_INDEX):
     """Rotate q (and k, may be None) into q_out/k_out; outputs may be the inputs (in place).
 
-    Arguments are validated by the caller; this only builds views and launches.
+    Arguments are validated by the caller; this only builds views and launches. ``idx``: the
+    token-position options (``_index.Index``).
     """
     if backend == "reference":
         if conj:
             raise NotImplementedError("the reference backend has no conj launcher; autograd differentiates it")
         for x, out in ((q, q_out), (k, k_out)):
             if x is not None:
-                out.copy_(rotary_reference(x, cos, sin, unsqueeze_dim, interleaved))
+                out.copy_(rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, **reference_kwargs(idx)))
         return
-    q4, axes = _canon.canonical_x("q", q, cos, unsqueeze_dim)
-    c3, s3 = _canon.canonical_cs(cos, q, axes), _canon.canonical_cs(sin, q, axes)
+    tmpl = template(q, cos, unsqueeze_dim, idx)
+    q4, axes = _canon.canonical_x("q", q, tmpl, unsqueeze_dim)
+    views = [canonical_tables(cos, q, axes, idx), canonical_tables(sin, q, axes, idx),
+             *canonical_positions(q, axes, idx)]
     qo4 = _canon.canonical_view(q_out, axes)
     k4 = ko4 = None
     if k is not None:
-        k4, kaxes = _canon.canonical_x("k", k, cos, unsqueeze_dim)
+        k4, kaxes = _canon.canonical_x("k", k, template(k, cos, unsqueeze_dim, idx), unsqueeze_dim)
         ko4 = _canon.canonical_view(k_out, kaxes)
         if not _fusable(q4, k4):  # different batch/seq/head dim/dtype: two launches
-            _launch_canonical(backend, k4, None, _canon.canonical_cs(cos, k, kaxes),
-                              _canon.canonical_cs(sin, k, kaxes), ko4, None, interleaved, conj)
+            kviews = [canonical_tables(cos, k, kaxes, idx), canonical_tables(sin, k, kaxes, idx),
+                      *canonical_positions(k, kaxes, idx)]
+            _launch_canonical(backend, k4, None, ko4, None, kviews, idx, interleaved, conj)
             k4 = ko4 = None
-    _launch_canonical(backend, q4, k4, c3, s3, qo4, ko4, interleaved, conj)
+    _launch_canonical(backend, q4, k4, qo4, ko4, views, idx, interleaved, conj)
 
 
-def _launch_canonical(backend, q4, k4, c3, s3, qo4, ko4, interleaved, conj):
+def _launch_canonical(backend, q4, k4, qo4, ko4, views, idx, interleaved, conj):
+    c, s, pos, cu, off = views
+    extra = (pos, cu, off, idx.offset, list(idx.mrope_section), idx.mrope_interleaved)
     if backend == "triton":
-        _triton_module().rotary_qk(q4, k4, c3, s3, qo4, ko4, interleaved, conj)
+        _triton_module().rotary_qk(q4, k4, c, s, qo4, ko4, interleaved, conj, *extra)
         return
     ops = _compiled_ops().ops
     inplace = _canon.same_view(q4, qo4) and (k4 is None or _canon.same_view(k4, ko4))
     if inplace:
-        ops.rotary_inplace(q4, k4, c3, s3, interleaved, conj)
+        ops.rotary_inplace(q4, k4, c, s, interleaved, conj, *extra)
     else:
-        ops.rotary(q4, k4, c3, s3, qo4, ko4, interleaved, conj)
+        ops.rotary(q4, k4, c, s, qo4, ko4, interleaved, conj, *extra)
 
 
 def launch_elementwise(backend, x1, x2, cos, sin, out1, out2, conj):

@@ -77,15 +77,43 @@ def _rotate_heads(
 
 
 @triton.jit
+def _position(pos_ptr, cu_ptr, off_ptr, a, s, axis, spx, spa, sps, n_seqs, soff, offset,
+              HAS_POS: tl.constexpr, HAS_CU: tl.constexpr, HAS_OFF: tl.constexpr, CU_STEPS: tl.constexpr):
+    """The cache row of token (a, s) on mrope axis ``axis`` (reference.py, "Token positions")."""
+    b = a
+    if HAS_CU:  # the packed token's sequence: the last b with cu[b] <= s (binary search)
+        lo = tl.zeros_like(s)
+        hi = lo + n_seqs
+        for _ in tl.static_range(CU_STEPS):
+            mid = (lo + hi) // 2
+            go = tl.load(cu_ptr + mid) <= s  # once hi == lo + 1, mid == lo and nothing moves
+            lo = tl.where(go, mid, lo)
+            hi = tl.where(go, hi, mid)
+        b = lo
+    if HAS_POS:
+        p = tl.load(pos_ptr + axis * spx + a * spa + s * sps)
+    elif HAS_CU:
+        p = s - tl.load(cu_ptr + b)
+    else:
+        p = s
+    if HAS_OFF:
+        p += tl.load(off_ptr + b * soff)
+    return p + offset
+
+
+@triton.jit
 def _rotary_qk_kernel(
-    q_ptr, qo_ptr, k_ptr, ko_ptr, cos_ptr, sin_ptr,
+    q_ptr, qo_ptr, k_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, cu_ptr, off_ptr,
     S, HQ, HK, D, NQB,
     sqa, sqs, sqh, sqd, soa, sos, soh, sod,
     ska, sks, skh, skd, sla, sls, slh, sld,
-    sca, scs, scr, ssa, sss, ssr,
+    scx, sca, scs, scp, scr, ssx, ssa, sss, ssp, ssr,
+    spx, spa, sps, n_seqs, soff, offset, sec0, sec1, sec2,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, CONJ: tl.constexpr,
     COPY_PASS: tl.constexpr, HAS_K: tl.constexpr, ACC: tl.constexpr, RTNE_BF16: tl.constexpr,
+    CACHED: tl.constexpr, HAS_POS: tl.constexpr, HAS_CU: tl.constexpr, HAS_OFF: tl.constexpr,
+    CU_STEPS: tl.constexpr, MROPE: tl.constexpr,
 ):
     pid_t = tl.program_id(0).to(tl.int64)
     pid_h = tl.program_id(1)
@@ -100,12 +128,35 @@ def _rotary_qk_kernel(
         j1 = offs_i
         j2 = offs_i + HALF
     m = offs_i < HALF
-    c_row = cos_ptr + a * sca + s * scs
-    s_row = sin_ptr + a * ssa + s * sss
-    c1 = tl.load(c_row + j1 * scr, mask=m, other=0.0).to(ACC)
-    c2 = tl.load(c_row + j2 * scr, mask=m, other=0.0).to(ACC)
-    s1 = tl.load(s_row + j1 * ssr, mask=m, other=0.0).to(ACC)
-    s2 = tl.load(s_row + j2 * ssr, mask=m, other=0.0).to(ACC)
+    # Each pair's cos/sin element offset: x * s_x + a * s_a + s * s_s (per-token tables) or
+    # position * s_p (caches; the a/s/x strides are 0), where x is the pair's mrope axis.
+    if MROPE == 1:  # sectioned (Qwen2-VL)
+        axis = tl.where(offs_i < sec0, 0, tl.where(offs_i < sec0 + sec1, 1, 2))
+    elif MROPE == 2:  # interleaved (Qwen3-VL)
+        r3 = offs_i % 3
+        axis = tl.where((r3 == 1) & (offs_i < 3 * sec1), 1, tl.where((r3 == 2) & (offs_i < 3 * sec2), 2, 0))
+    else:
+        axis = tl.zeros_like(offs_i)
+    base_c = axis * scx + a * sca + s * scs
+    base_s = axis * ssx + a * ssa + s * sss
+    if CACHED:
+        if MROPE != 0 and HAS_POS:
+            p0 = _position(pos_ptr, cu_ptr, off_ptr, a, s, 0, spx, spa, sps, n_seqs, soff, offset,
+                           HAS_POS, HAS_CU, HAS_OFF, CU_STEPS)
+            p1 = _position(pos_ptr, cu_ptr, off_ptr, a, s, 1, spx, spa, sps, n_seqs, soff, offset,
+                           HAS_POS, HAS_CU, HAS_OFF, CU_STEPS)
+            p2 = _position(pos_ptr, cu_ptr, off_ptr, a, s, 2, spx, spa, sps, n_seqs, soff, offset,
+                           HAS_POS, HAS_CU, HAS_OFF, CU_STEPS)
+            p = tl.where(axis == 0, p0, tl.where(axis == 1, p1, p2))
+        else:
+            p = _position(pos_ptr, cu_ptr, off_ptr, a, s, 0, spx, spa, sps, n_seqs, soff, offset,
+                          HAS_POS, HAS_CU, HAS_OFF, CU_STEPS)
+        base_c += p * scp
+        base_s += p * ssp
+    c1 = tl.load(cos_ptr + base_c + j1 * scr, mask=m, other=0.0).to(ACC)
+    c2 = tl.load(cos_ptr + base_c + j2 * scr, mask=m, other=0.0).to(ACC)
+    s1 = tl.load(sin_ptr + base_s + j1 * ssr, mask=m, other=0.0).to(ACC)
+    s2 = tl.load(sin_ptr + base_s + j2 * ssr, mask=m, other=0.0).to(ACC)
     if CONJ:
         s1, s2 = -s2, -s1
 
@@ -131,9 +182,20 @@ def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def rotary_qk(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool) -> None:
+def _table_strides(t):
+    """(x, a, s, p, r) element strides of a cos/sin table: [A, S, R], [3, A, S, R] or a [P, R] cache."""
+    if t.dim() == 2:
+        return 0, 0, 0, t.stride(0), t.stride(1)
+    if t.dim() == 3:
+        return 0, t.stride(0), t.stride(1), 0, t.stride(2)
+    return t.stride(0), t.stride(1), t.stride(2), 0, t.stride(3)
+
+
+def rotary_qk(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, positions=None, cu_seqlens=None,
+              seqlen_offsets=None, offset: int = 0, mrope_section=(), mrope_interleaved: bool = False) -> None:
     """Rotate canonical q ``[A, S, Hq, D]`` (and optional k ``[A, S, Hk, D]``) into
-    ``q_out``/``k_out`` (which may be q/k themselves: in place)."""
+    ``q_out``/``k_out`` (which may be q/k themselves: in place). cos/sin: ``[A, S, R]``,
+    ``[3, A, S, R]`` (mrope) or ``[P, R]`` caches read at each token's position (``_index.py``)."""
     A, S, HQ, D = q.shape
     HK = k.shape[2] if k is not None else 0
     R = cos.shape[-1]
@@ -150,15 +212,27 @@ def rotary_qk(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool) -> No
     block_pass = min(triton.next_power_of_2(max(D - R, 1)), 128)
     kk = k if k is not None else q
     ko = k_out if k_out is not None else q_out
+    cached = cos.dim() == 2
+    pos_strides = positions.stride() if positions is not None else (0, 0, 0)
+    n_seqs = cu_seqlens.numel() - 1 if cu_seqlens is not None else 1
+    sec = tuple(mrope_section) if mrope_section else (0, 0, 0)
+    dummy = cos  # stands in for absent index tensors (never read)
     grid = (A * S, nqb + nkb)
     _rotary_qk_kernel[grid](
         q, q_out, kk, ko, cos, sin,
+        positions if positions is not None else dummy,
+        cu_seqlens if cu_seqlens is not None else dummy,
+        seqlen_offsets if seqlen_offsets is not None else dummy,
         S, HQ, HK, D, nqb,
         *q.stride(), *q_out.stride(), *kk.stride(), *ko.stride(),
-        *cos.stride(), *sin.stride(),
+        *_table_strides(cos), *_table_strides(sin),
+        *pos_strides, n_seqs, seqlen_offsets.stride(0) if seqlen_offsets is not None else 0, offset, *sec,
         HALF=half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
         INTERLEAVED=interleaved, CONJ=conj, COPY_PASS=copy_pass, HAS_K=k is not None,
         ACC=_acc_dtype(q.dtype), RTNE_BF16=_emulate_rtne(q.dtype),
+        CACHED=cached, HAS_POS=positions is not None, HAS_CU=cu_seqlens is not None,
+        HAS_OFF=seqlen_offsets is not None, CU_STEPS=max(1, n_seqs.bit_length()),
+        MROPE=(2 if mrope_interleaved else 1) if mrope_section else 0,
         num_warps=4 if max(block_hq, block_hk) * block_half <= 2048 else 8,
     )
 

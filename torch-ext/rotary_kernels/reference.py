@@ -69,3 +69,111 @@ def apply_rotary_reference(x1, x2, cos, sin, conj=False):
         s = -s
     a, b = x1.to(acc), x2.to(acc)
     return (a * c - b * s).to(x1.dtype), (a * s + b * c).to(x2.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Token positions: cos/sin caches indexed by position, variable-length batches, offsets, mrope
+# --------------------------------------------------------------------------------------------
+#
+# "Cache mode" (any of ``positions``, ``cu_seqlens``, ``seqlen_offsets`` given): cos and sin
+# are ``[max_pos, R]`` tables and each token reads row ``position(token)``:
+#
+#   position = (positions[token] if positions is given else the token's index in its
+#               sequence: s for x [B, H, S, D]/[B, S, H, D]; t - cu_seqlens[b] for packed
+#               x [T, H, D] with cu_seqlens)
+#              + seqlen_offsets[b]   (an int, or an int tensor with one entry per sequence b)
+#
+# The tokens are x's leading dims without the head axis (``unsqueeze_dim``): [B, S] or [T];
+# ``positions`` has that shape (or broadcasts to it, like cos would).
+#
+# Multimodal RoPE (``mrope_section=(t, h, w)``, t + h + w = R/2): rotary pair i (frequency i)
+# takes its cos/sin from axis ``mrope_axis(i)`` in {0, 1, 2} (temporal, height, width):
+# sectioned (Qwen2-VL / Qwen2.5-VL): the first t pairs from axis 0, the next h from axis 1,
+# the last w from axis 2; interleaved (``mrope_interleaved=True``, Qwen3-VL): pair i from
+# axis 1 if i % 3 == 1 and i < 3 h, from axis 2 if i % 3 == 2 and i < 3 w, else axis 0.
+# In cache mode the axes are positions: ``positions`` is [3, *tokens]; otherwise cos/sin are
+# [3, *tokens, R] (transformers' per-axis cos/sin before its section merge).
+
+
+def mrope_axes(half: int, mrope_section, mrope_interleaved: bool) -> list[int]:
+    """The axis (0, 1, 2) each of the ``half`` rotary pairs reads."""
+    t, h, w = mrope_section
+    if mrope_interleaved:
+        return [1 if i % 3 == 1 and i < 3 * h else 2 if i % 3 == 2 and i < 3 * w else 0 for i in range(half)]
+    return [0 if i < t else 1 if i < t + h else 2 for i in range(half)]
+
+
+def token_shape(x: torch.Tensor, unsqueeze_dim: int) -> list[int]:
+    """x's leading dims without the head axis: the shape of one position per token."""
+    head = unsqueeze_dim % x.dim()
+    return [n for i, n in enumerate(x.shape[:-1]) if i != head]
+
+
+def token_positions(x, unsqueeze_dim, positions=None, cu_seqlens=None, seqlen_offsets=None):
+    """int64 positions of x's tokens (shape ``token_shape``, or [3, ...] for mrope positions)."""
+    lead = token_shape(x, unsqueeze_dim)
+    t = torch.arange(lead[-1], device=x.device)
+    batch = None
+    if cu_seqlens is not None:
+        cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
+        batch = torch.searchsorted(cu[1:], t, right=True)  # the sequence of packed token t
+    if positions is not None:
+        pos = positions.to(torch.int64)
+    elif cu_seqlens is not None:
+        pos = t - cu[batch]
+    else:
+        pos = t.expand(lead)
+    if seqlen_offsets is not None:
+        if isinstance(seqlen_offsets, torch.Tensor):
+            off = seqlen_offsets.to(torch.int64)
+            if cu_seqlens is not None:
+                off = off[batch]  # per packed token
+            elif len(lead) == 2:
+                off = off[:, None]  # per batch row
+            pos = pos + off
+        else:
+            pos = pos + int(seqlen_offsets)
+    return pos
+
+
+def select_mrope(tables: list[torch.Tensor], axes: list[int], interleaved: bool) -> torch.Tensor:
+    """Per rotary dim j, the entry of tables[axis of j's pair] (differentiable)."""
+    r = tables[0].shape[-1]
+    pair = [j // 2 if interleaved else j % (r // 2) for j in range(r)]
+    idx = torch.tensor([axes[p] for p in pair], device=tables[0].device)
+    out = tables[0]
+    for a in (1, 2):
+        out = torch.where(idx == a, tables[a], out)
+    return out
+
+
+def materialize_cos_sin(x, cos, sin, unsqueeze_dim=1, interleaved=False, positions=None, cu_seqlens=None,
+                        seqlen_offsets=None, mrope_section=None, mrope_interleaved=False):
+    """Per-token cos/sin (shape ``token_shape + [R]``) that the plain rule applies to."""
+    cached = positions is not None or cu_seqlens is not None or seqlen_offsets is not None
+    mrope = mrope_section is not None
+    if cached:
+        pos = token_positions(x, unsqueeze_dim, positions, cu_seqlens, seqlen_offsets)
+        n = cos.shape[0]
+        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= n):
+            raise IndexError(
+                f"a position is out of range for the cos/sin cache of {n} rows: "
+                f"positions span [{int(pos.min())}, {int(pos.max())}]"
+            )
+        axes_pos = list(pos) if (mrope and positions is not None) else [pos] * (3 if mrope else 1)
+        cs = [(cos[p], sin[p]) for p in axes_pos]
+    else:
+        cs = list(zip(cos, sin)) if mrope else [(cos, sin)]
+    if not mrope:
+        return cs[0]
+    axes = mrope_axes(cos.shape[-1] // 2, mrope_section, mrope_interleaved)
+    return (select_mrope([c for c, _ in cs], axes, interleaved), select_mrope([s for _, s in cs], axes, interleaved))
+
+
+def rotary_reference_indexed(x, cos, sin, unsqueeze_dim=1, interleaved=False, **index):
+    """``rotary_reference`` with the token-position options above (``index``: positions,
+    cu_seqlens, seqlen_offsets, mrope_section, mrope_interleaved)."""
+    if not any(v is not None and v is not False for v in index.values()):
+        return rotary_reference(x, cos, sin, unsqueeze_dim, interleaved)
+    c, s = materialize_cos_sin(x, cos, sin, unsqueeze_dim, interleaved, **index)
+    return rotary_reference(x, c, s, unsqueeze_dim, interleaved)

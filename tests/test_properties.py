@@ -1,0 +1,146 @@
+"""Property-based tests (hypothesis): random shapes, head counts, rotary dims, dtypes, layouts,
+strides (transposed, sliced, offset views with misaligned data pointers, zero strides from
+expand), unsqueeze_dim and token-position options; every backend against the reference,
+forward and backward, inputs never mutated.
+
+Profiles (HYPOTHESIS_PROFILE): "ci" (default; derandomized, bounded so CI stays fast) and
+"dev" (many more examples, random seeds) for local runs:
+
+    HYPOTHESIS_PROFILE=dev .venv/bin/python -m pytest tests/test_properties.py
+"""
+
+import os
+
+import pytest
+import torch
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import rotary_kernels as rk  # noqa: E402
+from rotary_kernels.reference import rotary_reference_indexed  # noqa: E402
+
+from conftest import TOL  # noqa: E402
+
+settings.register_profile("ci", max_examples=25, deadline=None, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", max_examples=500, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+BACKENDS = [b for b in rk.available_backends("cpu") if b != "reference"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+
+
+def strided(draw, shape, dtype, seed, name):
+    """A tensor of `shape` with a random memory layout: contiguous, a permutation of another
+    layout, a slice of a larger tensor (non-unit strides), or an offset view (misaligned pointer)."""
+    g = torch.Generator().manual_seed(seed)
+    kind = draw(st.sampled_from(["contig", "permuted", "sliced", "offset"]), label=f"{name} layout")
+    if kind == "contig":
+        return torch.randn(*shape, generator=g).to(dtype)
+    if kind == "permuted":
+        perm = draw(st.permutations(range(len(shape))), label=f"{name} perm")
+        base = torch.randn(*[shape[p] for p in perm], generator=g).to(dtype)
+        inv = [perm.index(i) for i in range(len(shape))]
+        return base.permute(inv)
+    if kind == "sliced":  # every other element along one dim of a larger tensor
+        dim = draw(st.integers(0, len(shape) - 1), label=f"{name} sliced dim")
+        big = list(shape)
+        big[dim] = 2 * shape[dim]
+        return torch.randn(*big, generator=g).to(dtype)[(slice(None),) * dim + (slice(None, None, 2),)]
+    n = 1
+    for s in shape:
+        n *= s
+    off = draw(st.integers(1, 7), label=f"{name} offset")
+    return torch.randn(n + off, generator=g).to(dtype)[off:].view(shape)
+
+
+@st.composite
+def problems(draw, with_index=True):
+    dtype = draw(st.sampled_from(DTYPES), label="dtype")
+    B = draw(st.integers(1, 3), label="B")
+    S = draw(st.integers(1, 6), label="S")
+    Hq = draw(st.integers(1, 5), label="Hq")
+    Hk = draw(st.integers(1, 3), label="Hk")
+    half = draw(st.integers(1, 12), label="R/2")
+    D = 2 * half + draw(st.sampled_from([0, 0, 1, 2, 6]), label="D - R")
+    R = 2 * half
+    ud = draw(st.sampled_from([1, 2]), label="unsqueeze_dim")
+    interleaved = draw(st.booleans(), label="interleaved")
+    shape = (lambda H: (B, H, S, D)) if ud == 1 else (lambda H: (B, S, H, D))
+    q = strided(draw, shape(Hq), dtype, 0, "q")
+    k = strided(draw, shape(Hk), dtype, 1, "k")
+    cs_dtype = draw(st.sampled_from([torch.float32, dtype]), label="cos dtype")
+    mode = draw(st.sampled_from(["batched", "shared", "expanded"] + (["positions", "offsets", "mrope"] if with_index else [])),
+                label="cos mode")
+    g = torch.Generator().manual_seed(2)
+    index = {}
+    if mode in ("positions", "offsets", "mrope"):
+        P = S + 8
+        ang = torch.rand(P, R, generator=g) * 6.3  # arbitrary tables: no symmetry for a bug to hide behind
+        if mode == "positions":
+            index["positions"] = torch.randint(0, P, (B, S), generator=g).to(draw(st.sampled_from([torch.int32, torch.int64])))
+        elif mode == "offsets":
+            index["seqlen_offsets"] = draw(st.sampled_from([3, None]), label="scalar offset") or torch.randint(0, 8, (B,), generator=g)
+        else:
+            t = draw(st.integers(0, half), label="mrope t")
+            h = draw(st.integers(0, half - t), label="mrope h")
+            index["mrope_section"] = (t, h, half - t - h)
+            index["mrope_interleaved"] = draw(st.booleans(), label="mrope interleaved")
+            index["positions"] = torch.randint(0, P, (3, B, S), generator=g)
+    elif mode == "batched":
+        ang = torch.rand(B, S, R, generator=g) * 6.3
+    elif mode == "shared":
+        ang = torch.rand(1, S, R, generator=g) * 6.3
+    else:  # one table expanded over the batch: zero strides
+        ang = (torch.rand(1, S, R, generator=g) * 6.3).expand(B, S, R)
+    cos, sin = ang.cos().to(cs_dtype), ang.sin().to(cs_dtype)
+    return q, k, cos, sin, ud, interleaved, index
+
+
+def close(got, want):
+    torch.testing.assert_close(got, want.to(got.dtype), **TOL[got.dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(p=problems())
+def test_forward_matches_reference(backend, p):
+    q, k, cos, sin, ud, interleaved, index = p
+    q0, k0 = q.clone(), k.clone()
+    qo, ko = rk.apply_rotary_transformers(q, k, cos, sin, ud, interleaved=interleaved, backend=backend, **index)
+    for got, x in ((qo, q), (ko, k)):
+        assert got.shape == x.shape and got.dtype == x.dtype
+        close(got, rotary_reference_indexed(x, cos, sin, ud, interleaved, **index))
+    assert torch.equal(q, q0) and torch.equal(k, k0)
+    # in place gives the same values
+    qi, ki = q.clone(), k.clone()
+    with torch.no_grad():
+        rk.apply_rotary_transformers_(qi, ki, cos, sin, ud, interleaved=interleaved, backend=backend, **index)
+    torch.testing.assert_close(qi, qo, rtol=0, atol=0)
+    torch.testing.assert_close(ki, ko, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(p=problems())
+def test_backward_matches_reference(backend, p):
+    q, k, cos, sin, ud, interleaved, index = p
+    q, k = q.float().requires_grad_(), k.float().requires_grad_()  # grads compared in fp32
+    gq = torch.randn(q.shape, generator=torch.Generator().manual_seed(7))
+    gk = torch.randn(k.shape, generator=torch.Generator().manual_seed(8))
+    got = torch.autograd.grad(
+        rk.apply_rotary_transformers(q, k, cos, sin, ud, interleaved=interleaved, backend=backend, **index), (q, k), (gq, gk))
+    want = torch.autograd.grad(
+        rk.apply_rotary_transformers(q, k, cos, sin, ud, interleaved=interleaved, backend="reference", **index),
+        (q, k), (gq, gk))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(p=problems(with_index=False))
+def test_single_tensor_and_qkv(backend, p):
+    q, k, cos, sin, ud, interleaved, _ = p
+    x = rk.apply_rotary_emb(q, cos, sin, ud, interleaved, backend=backend)
+    close(x, rotary_reference_indexed(q, cos, sin, ud, interleaved))

@@ -1,0 +1,143 @@
+"""RoPE frequencies and cos/sin caches: default, linear, dynamic-NTK, YaRN and Llama-3 scaling.
+
+``rope_inv_freq`` returns ``(inv_freq, attention_scaling)`` numerically equal to transformers'
+``ROPE_INIT_FUNCTIONS[rope_type](config)`` (tested against them); ``rope_inv_freq_from_config``
+reads the parameters from a transformers config; ``rope_cos_sin_cache`` builds the ``[P, R]``
+tables that the ``positions`` / ``cu_seqlens`` / ``seqlen_offsets`` options index::
+
+    inv_freq, scale = rk.freqs.rope_inv_freq(128, 500000.0, "llama3", factor=8.0,
+                                             original_max_position_embeddings=8192)
+    cos, sin = rk.freqs.rope_cos_sin_cache(inv_freq, 131072, scale)          # [131072, 128] fp32
+    q, k = rk.apply_rotary_transformers(q, k, cos, sin, positions=position_ids)
+
+Scalings (``dim`` = rotary dim R, ``theta_i = base^(-2i/dim)``):
+
+* ``linear``: ``theta_i / factor``.
+* ``dynamic`` (NTK-aware): ``base *= (factor * L / L0 - (factor - 1)) ** (dim / (dim - 2))``
+  with ``L = max(seq_len, L0)``, ``L0 = max_position_embeddings``.
+* ``yarn``: interpolation ``theta_i / factor`` and extrapolation ``theta_i`` blended by a linear
+  ramp over the dims whose wavelengths lie between ``beta_fast`` and ``beta_slow`` rotations in
+  the original context; ``attention_scaling = 0.1 ln(factor) + 1`` (or the mscale ratio).
+* ``llama3``: wavelengths above ``L0 / low_freq_factor`` divided by ``factor``, below
+  ``L0 / high_freq_factor`` kept, smoothly interpolated between.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+
+
+def _base_inv_freq(dim: int, base: float, device=None) -> torch.Tensor:
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float32) / dim
+    return 1.0 / (base**exponents)
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_inv_freq(
+    dim: int,
+    base: float = 10000.0,
+    rope_type: str = "default",
+    *,
+    factor: float | None = None,
+    max_position_embeddings: int | None = None,
+    original_max_position_embeddings: int | None = None,
+    seq_len: int | None = None,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    beta_fast: float | None = None,
+    beta_slow: float | None = None,
+    mscale: float | None = None,
+    mscale_all_dim: float | None = None,
+    attention_factor: float | None = None,
+    truncate: bool = True,
+    device=None,
+) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (fp32, ``[dim // 2]``) and the cos/sin scaling for one rope type."""
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_type must be one of {ROPE_TYPES}, got {rope_type!r}")
+    if not isinstance(dim, int) or dim <= 0 or dim % 2:
+        raise ValueError(f"dim (the rotary dim) must be a positive even int, got {dim!r}")
+
+    def need(name, value):
+        if value is None:
+            raise ValueError(f"rope_type={rope_type!r} needs {name}")
+        return value
+
+    if rope_type == "default":
+        return _base_inv_freq(dim, base, device), 1.0
+    if rope_type == "linear":
+        return _base_inv_freq(dim, base, device) / need("factor", factor), 1.0
+    if rope_type == "dynamic":
+        factor = need("factor", factor)
+        l0 = need("max_position_embeddings", max_position_embeddings)
+        length = l0 if seq_len is None else max(seq_len, l0)
+        base = base * ((factor * length / l0) - (factor - 1)) ** (dim / (dim - 2))
+        return _base_inv_freq(dim, base, device), 1.0
+    if rope_type == "llama3":
+        factor = need("factor", factor)
+        l0 = need("original_max_position_embeddings", original_max_position_embeddings)
+        inv = _base_inv_freq(dim, base, device)
+        wavelen = 2 * math.pi / inv
+        long_wavelen, short_wavelen = l0 / low_freq_factor, l0 / high_freq_factor
+        scaled = torch.where(wavelen > long_wavelen, inv / factor, inv)
+        smooth = (l0 / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < short_wavelen) * ~(wavelen > long_wavelen)
+        return torch.where(medium, blended, scaled), 1.0
+
+    # yarn
+    l0 = need("original_max_position_embeddings", original_max_position_embeddings)
+    if factor is None:
+        factor = need("max_position_embeddings", max_position_embeddings) / l0
+    if attention_factor is None:
+        if mscale and mscale_all_dim:
+            attention_factor = float(_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim))
+        else:
+            attention_factor = _yarn_mscale(factor)
+    fast, slow = beta_fast or 32, beta_slow or 1
+
+    def correction_dim(rotations):  # the dim whose wavelength fits `rotations` times in l0
+        return (dim * math.log(l0 / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(fast), correction_dim(slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device=device)
+    powers = base ** (torch.arange(0, dim, 2).to(device=device, dtype=torch.float32) / dim)
+    extrapolation, interpolation = 1.0 / powers, 1.0 / (factor * powers)
+    keep = 1 - ramp  # 1: extrapolate (high frequencies), 0: interpolate
+    return interpolation * (1 - keep) + extrapolation * keep, attention_factor
+
+
+def rope_inv_freq_from_config(config, seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
+    """``rope_inv_freq`` with the parameters of a transformers config (``config.rope_parameters``)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    kwargs = {k: params[k] for k in ("factor", "original_max_position_embeddings", "low_freq_factor",
+                                     "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
+                                     "attention_factor", "truncate") if params.get(k) is not None}
+    return rope_inv_freq(dim, params.get("rope_theta", 10000.0), params.get("rope_type", "default"),
+                         max_position_embeddings=getattr(config, "max_position_embeddings", None),
+                         seq_len=seq_len, device=device, **kwargs)
+
+
+def rope_cos_sin_cache(inv_freq: torch.Tensor, max_position: int, attention_scaling: float = 1.0, *,
+                       interleaved: bool = False, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[max_position, R]`` cos/sin tables, ``R = 2 * len(inv_freq)``, in the layout the
+    kernels pair: halves ``cat(freqs, freqs)`` (default) or neighbours repeated (``interleaved``).
+    Angles ``position * inv_freq`` in fp32 as transformers computes them; stored as ``dtype``."""
+    pos = torch.arange(max_position, device=inv_freq.device, dtype=torch.float32)
+    freqs = pos[:, None] * inv_freq.float()[None, :]
+    emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
