@@ -126,6 +126,10 @@ def _cos_sin_grads(ctx, xs, grads, cos, sin):
 def _setup_qk(ctx, inputs, output):
     q, k, cos, sin, *args = inputs
     _setup(ctx, (q, k), cos, sin, tuple(args))
+    # Like the reference: an output depends on cos/sin and its own input only.
+    for x, out in zip((q, k), output):
+        if not (x.requires_grad or cos.requires_grad or sin.requires_grad):
+            ctx.mark_non_differentiable(out)
 
 
 def _backward_qk(ctx, gq, gk):

@@ -19,6 +19,7 @@ interleaved), in fp32 (fp64 for fp64 inputs), rounded once at the store::
 from __future__ import annotations
 
 import os
+import threading
 
 import torch
 import triton
@@ -174,8 +175,25 @@ def _rotary_qk_kernel(
         )
 
 
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _emulate_rtne(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return dtype == torch.bfloat16 and _interpreting()
+
+
+# Triton's CPU interpreter patches triton.language globally while it runs a kernel, so two
+# threads interpreting at once break each other; compiled launches on GPUs need no lock.
+_INTERPRETER_LOCK = threading.Lock()
+
+
+def _launch(kernel, grid, *args, **kwargs):
+    if _interpreting():
+        with _INTERPRETER_LOCK:
+            kernel[grid](*args, **kwargs)
+    else:
+        kernel[grid](*args, **kwargs)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -218,7 +236,8 @@ def rotary_qk(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, posit
     sec = tuple(mrope_section) if mrope_section else (0, 0, 0)
     dummy = cos  # stands in for absent index tensors (never read)
     grid = (A * S, nqb + nkb)
-    _rotary_qk_kernel[grid](
+    _launch(
+        _rotary_qk_kernel, grid,
         q, q_out, kk, ko, cos, sin,
         positions if positions is not None else dummy,
         cu_seqlens if cu_seqlens is not None else dummy,
@@ -272,7 +291,8 @@ def apply_rotary_elementwise(x1, x2, cos, sin, out1, out2, conj: bool) -> None:
     if n == 0:
         return
     block = 1024
-    _elementwise_kernel[(triton.cdiv(n, block),)](
+    _launch(
+        _elementwise_kernel, (triton.cdiv(n, block),),
         x1, x2, cos, sin, out1, out2, n,
         x1.shape[1], x1.shape[2], x1.shape[3],
         *x1.stride(), *x2.stride(), *cos.stride(), *sin.stride(), *out1.stride(), *out2.stride(),
