@@ -125,7 +125,8 @@ __device__ __forceinline__ void load_cs(const cs_t* t, const CSStrides& st, cons
     for (int e = 0; e < VEC; ++e) {
       const int64_t j = j0 + e;
       const int x = pair_axis(ti, pair_of(j, half, interleaved));
-      out[e] = static_cast<acc_t>(t[cs_offset(st, x, a, s, pos[x], j)]);
+      const int64_t px = x == 0 ? pos[0] : (x == 1 ? pos[1] : pos[2]);  // no dynamic indexing: registers
+      out[e] = static_cast<acc_t>(t[cs_offset(st, x, a, s, px, j)]);
     }
   }
 }
@@ -151,9 +152,10 @@ __global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams<sca
   const int64_t TY = blockDim.y;
 
   // The token's cos/sin rows: its position on each mrope axis (caches), else per-token tables.
-  int64_t pos[3] = {0, 0, 0};
-  for (int x = 0; x < (p.ti.mrope ? 3 : 1); ++x) {
-    pos[x] = token_position(p.ti, a, s, x);
+  int64_t pos[3];
+#pragma unroll
+  for (int x = 0; x < 3; ++x) {
+    pos[x] = (x == 0 || p.ti.mrope) ? token_position(p.ti, a, s, x) : 0;
     RK_KERNEL_ASSERT(position_ok(p.ti, pos[x]));  // a position outside the cos/sin cache
     if (!position_ok(p.ti, pos[x])) return;
   }
