@@ -289,7 +289,15 @@ def run_features(device, quick):
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    model, isa = platform.processor() or platform.machine(), []
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        model = next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+        flags = next(line for line in info.splitlines() if line.startswith("flags")).split()
+        isa = [f.upper() for f in ("avx512f", "avx2", "f16c") if f in flags]
+    except (OSError, StopIteration):
+        pass
+    return f"{model} CPU ({', '.join(isa) or 'no AVX'}), {torch.get_num_threads()} threads"
 
 
 def write_report(rows, missing, copy_gbs, device, out: Path, features=()):

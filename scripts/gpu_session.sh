@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One full GPU session on a lent device machine (README, "Benchmarks"), in one call:
 # build against that machine's torch, run the whole test suite (GPU tests included), the
-# demo and the benchmark report; everything lands in $OUT (default ./gpu-out).
+# demo, the numerics report and the benchmark report; everything lands in $OUT (default ./gpu-out).
 #
 # Wheels the machine lacks travel in .whl/ (git-ignored), fetched here beforehand with
 #   bash scripts/gpu_session.sh --fetch-wheels
@@ -29,4 +29,5 @@ export ROTARY_KERNELS_CUDA_ARCHS=${ROTARY_KERNELS_CUDA_ARCHS:-9.0} MAX_JOBS=${MA
 python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -20 | tee "$OUT/build.txt"
 python3 -m pytest -q -p no:cacheprovider -x tests 2>&1 | tee "$OUT/tests.txt" | tail -15
 python3 -m rotary_kernels.demo 2>&1 | tee "$OUT/demo.txt"
+python3 benchmarks/numerics.py --out "$OUT/numerics-cuda" 2>&1 | tail -2
 python3 benchmarks/bench.py --out "$OUT/bench" ${BENCH_ARGS:-} 2>&1 | tail -5

@@ -14,9 +14,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
-if ! "$VENV/bin/python" -c "import torch, triton, pytest, kernels, transformers, kernel_abi_check, tabulate" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import torch, triton, pytest, kernels, transformers, kernel_abi_check, tabulate, matplotlib" 2>/dev/null; then
   pip_install "${TORCH_SPEC:-torch==2.14.1}" setuptools wheel ninja numpy \
-    pytest pytest-benchmark hypothesis kernel-abi-check tabulate "kernels==0.17.2" "transformers>=5.20,<5.23"
+    pytest pytest-benchmark hypothesis kernel-abi-check tabulate matplotlib "kernels==0.17.2" "transformers>=5.20,<5.23"
 fi
 if [ -z "${ROTARY_KERNELS_CUDA_ARCHS:-}" ] && ! nvidia-smi -L >/dev/null 2>&1; then
   export ROTARY_KERNELS_CUDA_ARCHS="9.0"

@@ -41,12 +41,11 @@ def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict):
     if not isinstance(interleaved, bool):
         raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
     idx = make_index(q, cos, unsqueeze_dim, **index)
-    tmpl = template(q, cos, unsqueeze_dim, idx)
-    _canon.canonical_x("q" if k is not None else "x", q, tmpl, unsqueeze_dim)
+    canon = _canon.canonical_x("q" if k is not None else "x", q, template(q, cos, unsqueeze_dim, idx), unsqueeze_dim)
     if k is not None:
-        _canon.canonical_x("k", k, template(k, cos, unsqueeze_dim, idx), unsqueeze_dim)
+        canon += _canon.canonical_x("k", k, template(k, cos, unsqueeze_dim, idx), unsqueeze_dim)
     _canon.check_same_device(q=q, k=k, cos=cos, sin=sin)
-    return idx
+    return idx, canon  # canon: the canonical views, reused by direct launches
 
 
 def _needs_graph(*tensors) -> bool:
@@ -73,7 +72,7 @@ def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=Fa
     ``[S, R]`` (with a matching ``unsqueeze_dim``), fp32 or any float dtype. Outputs have
     the inputs' dtypes and memory layouts. Math in fp32, rounded once.
     """
-    idx = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
+    idx, canon = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
     be = select_backend(q.device, backend)
     if be == "reference":
         kw = reference_kwargs(idx)
@@ -83,13 +82,13 @@ def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=Fa
         cos, sin, idx = _plain_if_cos_grad(q, cos, sin, unsqueeze_dim, interleaved, idx)
         return rotary_qk(q, k, cos, sin, unsqueeze_dim, interleaved, False, be, *idx.op_args())
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    launch_rotary(be, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, False, idx)
+    launch_rotary(be, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, False, idx, canon)
     return q_out, k_out
 
 
 def apply_rotary_emb(x, cos, sin, unsqueeze_dim=1, interleaved=False, *, backend=None, **index):
     """Rotate a single tensor (q-only layers such as Gemma3n/Gemma4 KV-shared layers)."""
-    idx = _validate(x, None, cos, sin, unsqueeze_dim, interleaved, index)
+    idx, canon = _validate(x, None, cos, sin, unsqueeze_dim, interleaved, index)
     be = select_backend(x.device, backend)
     if be == "reference":
         return rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, **reference_kwargs(idx))
@@ -97,12 +96,12 @@ def apply_rotary_emb(x, cos, sin, unsqueeze_dim=1, interleaved=False, *, backend
         cos, sin, idx = _plain_if_cos_grad(x, cos, sin, unsqueeze_dim, interleaved, idx)
         return rotary_x(x, cos, sin, unsqueeze_dim, interleaved, False, be, *idx.op_args())
     out = torch.empty_like(x)
-    launch_rotary(be, x, None, cos, sin, out, None, unsqueeze_dim, interleaved, False, idx)
+    launch_rotary(be, x, None, cos, sin, out, None, unsqueeze_dim, interleaved, False, idx, canon)
     return out
 
 
 def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index):
-    idx = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
+    idx, canon = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, cos, sin)):
         raise RuntimeError(
             "in-place rotation does not support autograd; use apply_rotary_transformers / "
@@ -117,7 +116,7 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index):
             _canon.check_no_partial_overlap(name, t, cos, sin)
     if k is not None:
         _canon.check_no_partial_overlap("k", k, q)
-    launch_rotary(be, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, False, idx)
+    launch_rotary(be, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, False, idx, canon)
 
 
 def apply_rotary_transformers_(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, backend=None, **index):

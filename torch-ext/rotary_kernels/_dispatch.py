@@ -87,11 +87,13 @@ def _fusable(q4, k4) -> bool:
     return k4.shape[:2] == q4.shape[:2] and k4.shape[3] == q4.shape[3] and k4.dtype == q4.dtype
 
 
-def launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, conj, idx=NO_INDEX):
+def launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, conj, idx=NO_INDEX,
+                  canon=None):
     """Rotate q (and k, may be None) into q_out/k_out; outputs may be the inputs (in place).
 
     Arguments are validated by the caller; this only builds views and launches. ``idx``: the
-    token-position options (``_index.Index``).
+    token-position options (``_index.Index``); ``canon``: the canonical views of q (and k) the
+    caller's validation already built, ``(q4, axes[, k4, kaxes])``.
     """
     if backend == "reference":
         if conj:
@@ -100,14 +102,17 @@ def launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interlea
             if x is not None:
                 out.copy_(rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, **reference_kwargs(idx)))
         return
-    tmpl = template(q, cos, unsqueeze_dim, idx)
-    q4, axes = _canon.canonical_x("q", q, tmpl, unsqueeze_dim)
+    if canon is None:
+        canon = _canon.canonical_x("q", q, template(q, cos, unsqueeze_dim, idx), unsqueeze_dim)
+        if k is not None:
+            canon += _canon.canonical_x("k", k, template(k, cos, unsqueeze_dim, idx), unsqueeze_dim)
+    q4, axes = canon[:2]
     views = [canonical_tables(cos, q, axes, idx), canonical_tables(sin, q, axes, idx),
              *canonical_positions(q, axes, idx)]
     qo4 = _canon.canonical_view(q_out, axes)
     k4 = ko4 = None
     if k is not None:
-        k4, kaxes = _canon.canonical_x("k", k, template(k, cos, unsqueeze_dim, idx), unsqueeze_dim)
+        k4, kaxes = canon[2:]
         ko4 = _canon.canonical_view(k_out, kaxes)
         if not _fusable(q4, k4):  # different batch/seq/head dim/dtype: two launches
             kviews = [canonical_tables(cos, k, kaxes, idx), canonical_tables(sin, k, kaxes, idx),
