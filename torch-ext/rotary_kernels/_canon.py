@@ -11,6 +11,8 @@ argument), then hand the kernels *views* (never copies):
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -44,41 +46,53 @@ def check_cos_sin(cos, sin) -> int:
     return r
 
 
-def canonical_x(name: str, x: torch.Tensor, cos: torch.Tensor, unsqueeze_dim: int):
-    """Return (x4 [A,S,H,D] view, cos_axes) after validating x against cos.
+def _cached(fn):
+    """The lru_cache'd shape function, or the plain one while torch.compile traces (dynamo
+    traces through caches anyway, and warns about them)."""
+    return fn.__wrapped__ if torch.compiler.is_compiling() else fn
 
-    ``cos_axes`` is the permutation applied, reused to canonicalise cos/sin.
+
+def canonical_x(name: str, x: torch.Tensor, cos: torch.Tensor, unsqueeze_dim: int):
+    """Return (x4 [A,S,H,D] view, axes) after validating x against cos.
+
+    ``axes`` is the permutation applied, reused to canonicalise cos/sin and outputs. The
+    shape checks and the permutation depend on shapes only and are cached (decode calls the
+    same shapes every step: Python time is most of a small call).
     """
     check_float(name, x)
-    if x.dim() not in (3, 4):
-        raise ValueError(f"{name} must be 3-D or 4-D (e.g. [B, H, S, D] or [B, S, H, D]), got shape {tuple(x.shape)}")
-    r = cos.shape[-1]
-    if r > x.shape[-1]:
-        raise ValueError(
-            f"rotary dim {r} (cos.shape[-1]) is larger than {name}'s head dim {x.shape[-1]}"
-        )
-    nd_cos = cos.dim() + 1
+    axes = _cached(_x_axes)(name, tuple(x.shape), tuple(cos.shape), unsqueeze_dim)
+    return canonical_view(x, axes), axes
+
+
+@functools.lru_cache(maxsize=1024)
+def _x_axes(name: str, x_shape: tuple, cos_shape: tuple, unsqueeze_dim: int):
+    x_dim = len(x_shape)
+    if x_dim not in (3, 4):
+        raise ValueError(f"{name} must be 3-D or 4-D (e.g. [B, H, S, D] or [B, S, H, D]), got shape {x_shape}")
+    r = cos_shape[-1]
+    if r > x_shape[-1]:
+        raise ValueError(f"rotary dim {r} (cos.shape[-1]) is larger than {name}'s head dim {x_shape[-1]}")
+    nd_cos = len(cos_shape) + 1
     if not -nd_cos <= unsqueeze_dim < nd_cos:
-        raise ValueError(f"unsqueeze_dim={unsqueeze_dim} is out of range for cos of shape {tuple(cos.shape)}")
-    if nd_cos > x.dim():
+        raise ValueError(f"unsqueeze_dim={unsqueeze_dim} is out of range for cos of shape {cos_shape}")
+    if nd_cos > x_dim:
         raise ValueError(
-            f"cos.unsqueeze({unsqueeze_dim}) has {nd_cos} dims, more than {name} ({x.dim()} dims, shape {tuple(x.shape)})"
+            f"cos.unsqueeze({unsqueeze_dim}) has {nd_cos} dims, more than {name} ({x_dim} dims, shape {x_shape})"
         )
-    head_axis = (unsqueeze_dim % nd_cos) + (x.dim() - nd_cos)
-    if head_axis == x.dim() - 1:
+    head_axis = (unsqueeze_dim % nd_cos) + (x_dim - nd_cos)
+    if head_axis == x_dim - 1:
         raise ValueError(f"unsqueeze_dim={unsqueeze_dim} would broadcast cos over the head dim of {name}")
-    cos_u_lead = list(cos.shape[:-1])
+    cos_u_lead = list(cos_shape[:-1])
     cos_u_lead.insert(unsqueeze_dim % nd_cos, 1)
-    lead = list(x.shape[:-1])
+    lead = list(x_shape[:-1])
     padded = [1] * (len(lead) - len(cos_u_lead)) + cos_u_lead
     if any(c not in (1, n) for c, n in zip(padded, lead)):
         raise ValueError(
-            f"cos/sin of shape {tuple(cos.shape)} unsqueezed at dim {unsqueeze_dim} do not broadcast to "
-            f"{name}'s shape {tuple(x.shape)}"
+            f"cos/sin of shape {cos_shape} unsqueezed at dim {unsqueeze_dim} do not broadcast to "
+            f"{name}'s shape {x_shape}"
         )
-    others = [i for i in range(x.dim() - 1) if i != head_axis]
-    axes = (unsqueeze_dim, others + [head_axis, x.dim() - 1])
-    return canonical_view(x, axes), axes
+    others = [i for i in range(x_dim - 1) if i != head_axis]
+    return (unsqueeze_dim, tuple(others + [head_axis, x_dim - 1]))
 
 
 def canonical_view(t: torch.Tensor, axes) -> torch.Tensor:
@@ -89,10 +103,29 @@ def canonical_view(t: torch.Tensor, axes) -> torch.Tensor:
 
 def canonical_cs(t: torch.Tensor, x: torch.Tensor, axes) -> torch.Tensor:
     """cos or sin -> [A, S, R] view broadcast against x (zero strides, no copy)."""
+    sizes, src = _cached(_cs_plan)(tuple(t.shape), tuple(x.shape), axes)
+    st = t.stride()
+    return t.as_strided(sizes, [st[d] if d is not None else 0 for d in src], t.storage_offset())
+
+
+@functools.lru_cache(maxsize=1024)
+def _cs_plan(t_shape: tuple, x_shape: tuple, axes):
+    """Sizes of the canonical [A, S, R] view of a cos/sin of shape t_shape, and for each of its
+    dims the dim of t it walks (None: broadcast, stride 0)."""
     unsqueeze_dim, perm = axes
-    t = t.unsqueeze(unsqueeze_dim).expand(*x.shape[:-1], t.shape[-1]).permute(perm)
-    t = t.select(-2, 0)
-    return t.unsqueeze(0) if t.dim() == 2 else t
+    # t.unsqueeze(unsqueeze_dim), right-aligned against x's leading dims + [R]
+    u_dims = list(range(len(t_shape)))
+    u_dims.insert(unsqueeze_dim % (len(t_shape) + 1), None)
+    u_shape = [t_shape[d] if d is not None else 1 for d in u_dims]
+    full = list(x_shape[:-1]) + [t_shape[-1]]
+    pad = len(full) - len(u_dims)
+    src_full = [None] * pad + [d if (d is not None and u_shape[i] != 1) else None for i, d in enumerate(u_dims)]
+    picked = [src_full[p] for p in perm]  # permuted like x: [others..., head, last]
+    sizes = [full[p] for p in perm]
+    sizes, picked = sizes[:-2] + sizes[-1:], picked[:-2] + picked[-1:]  # drop the head axis
+    if len(sizes) == 2:
+        sizes, picked = [1] + sizes, [None] + picked
+    return tuple(sizes), tuple(picked)
 
 
 def check_out(name: str, out, like: torch.Tensor) -> None:

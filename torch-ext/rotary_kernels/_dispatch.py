@@ -22,11 +22,16 @@ from .reference import apply_rotary_reference, rotary_reference_indexed
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
 
+_COMPILED = []  # [module or None] once imported
+
+
 def _compiled_ops():
     """The compiled extension's ops, or None when it was not built."""
-    from . import _compiled
+    if not _COMPILED:
+        from . import _compiled
 
-    return _compiled if _compiled.HAS_EXT else None
+        _COMPILED.append(_compiled if _compiled.HAS_EXT else None)
+    return _COMPILED[0]
 
 
 _TRITON = []  # [module or None] once imported
@@ -71,6 +76,17 @@ def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
 
 
 def select_backend(device: torch.device, backend: str | None = None) -> str:
+    key = (device.type, backend, _interpret())
+    if key in _SELECTED:  # availability does not change within a process
+        return _SELECTED[key]
+    _SELECTED[key] = _select_backend(device, backend)
+    return _SELECTED[key]
+
+
+_SELECTED: dict = {}
+
+
+def _select_backend(device: torch.device, backend: str | None) -> str:
     if backend is not None:
         ok, why = backend_available(backend, device)
         if not ok:
