@@ -156,6 +156,6 @@ def test_sim_position_out_of_range_traps(sim):
 
 
 def run_ix(sim, q, k, cos, sin, interleaved, conj, **ix):
-    (bq, qo), (bk, ko) = padded_like(q), padded_like(k)
+    (_, qo), (_, ko) = padded_like(q), padded_like(k)
     info = sim.rotary_sim(q, k, cos, sin, qo, ko, interleaved, conj, 132, **ix)
     return qo, ko, info

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from . import _canon, reference
+from . import _canon
 from ._autograd import rotary_, rotary_qk, rotary_x
 from ._dispatch import BACKENDS, backend_available, launch_elementwise, launch_rotary, select_backend
 from ._index import NO_INDEX, make_index, reference_kwargs, template
 from .reference import materialize_cos_sin, rotary_reference_indexed
-
-
 
 _INDEX_DOC = """
     Token-position options (keyword-only; semantics in ``reference.py``, "Token positions"):
