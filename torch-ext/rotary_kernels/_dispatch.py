@@ -123,19 +123,20 @@ def launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interlea
         if k is not None:
             canon += _canon.canonical_x("k", k, template(k, cos, unsqueeze_dim, idx), unsqueeze_dim)
     q4, axes = canon[:2]
-    views = [canonical_tables(cos, q, axes, idx), canonical_tables(sin, q, axes, idx),
-             *canonical_positions(q, axes, idx)]
+
+    def views(x, axes):  # cos, sin, positions, cu_seqlens, offsets as the kernels read them
+        return [canonical_tables(cos, x, axes, idx), canonical_tables(sin, x, axes, idx),
+                *canonical_positions(x, axes, idx)]
+
     qo4 = _canon.canonical_view(q_out, axes)
     k4 = ko4 = None
     if k is not None:
         k4, kaxes = canon[2:]
         ko4 = _canon.canonical_view(k_out, kaxes)
         if not _fusable(q4, k4):  # different batch/seq/head dim/dtype: two launches
-            kviews = [canonical_tables(cos, k, kaxes, idx), canonical_tables(sin, k, kaxes, idx),
-                      *canonical_positions(k, kaxes, idx)]
-            _launch_canonical(backend, k4, None, ko4, None, kviews, idx, interleaved, conj)
+            _launch_canonical(backend, k4, None, ko4, None, views(k, kaxes), idx, interleaved, conj)
             k4 = ko4 = None
-    _launch_canonical(backend, q4, k4, qo4, ko4, views, idx, interleaved, conj)
+    _launch_canonical(backend, q4, k4, qo4, ko4, views(q, axes), idx, interleaved, conj)
 
 
 def _launch_canonical(backend, q4, k4, qo4, ko4, views, idx, interleaved, conj):

@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _canon
-from .reference import token_shape
+from .reference import check_positions, token_positions, token_shape
 
 INT_DTYPES = (torch.int32, torch.int64)
 
@@ -140,17 +140,9 @@ def make_index(x, cos, unsqueeze_dim, positions=None, cu_seqlens=None, max_seqle
 
 
 def check_range(x, cos, unsqueeze_dim, idx: Index) -> None:
-    """Every position must index a row of the cache (a clear error rather than a wild read)."""
-    from .reference import token_positions
-
-    pos = token_positions(x, unsqueeze_dim, idx.positions, idx.cu_seqlens,
-                          idx.seqlen_offsets if idx.seqlen_offsets is not None else None)
-    pos = pos + idx.offset
-    if pos.numel() == 0:
-        return
-    lo, hi = int(pos.min()), int(pos.max())
-    if lo < 0 or hi >= cos.shape[0]:
-        raise IndexError(f"positions span [{lo}, {hi}], out of range for the cos/sin cache of {cos.shape[0]} rows")
+    """Host-side range check of every token's position (reference.check_positions)."""
+    pos = token_positions(x, unsqueeze_dim, idx.positions, idx.cu_seqlens, idx.seqlen_offsets)
+    check_positions(pos + idx.offset, cos.shape[0])
 
 
 def reference_kwargs(idx: Index) -> dict:

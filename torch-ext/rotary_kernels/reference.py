@@ -136,6 +136,14 @@ def token_positions(x, unsqueeze_dim, positions=None, cu_seqlens=None, seqlen_of
     return pos
 
 
+def check_positions(pos: torch.Tensor, rows: int) -> None:
+    """Every position must index a row of the cache (a clear error rather than a wild read)."""
+    if pos.numel():
+        lo, hi = int(pos.min()), int(pos.max())
+        if lo < 0 or hi >= rows:
+            raise IndexError(f"positions span [{lo}, {hi}], out of range for the cos/sin cache of {rows} rows")
+
+
 def select_mrope(tables: list[torch.Tensor], axes: list[int], interleaved: bool) -> torch.Tensor:
     """Per rotary dim j, the entry of tables[axis of j's pair] (differentiable)."""
     r = tables[0].shape[-1]
@@ -154,12 +162,7 @@ def materialize_cos_sin(x, cos, sin, unsqueeze_dim=1, interleaved=False, positio
     mrope = mrope_section is not None
     if cached:
         pos = token_positions(x, unsqueeze_dim, positions, cu_seqlens, seqlen_offsets)
-        n = cos.shape[0]
-        if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= n):
-            raise IndexError(
-                f"a position is out of range for the cos/sin cache of {n} rows: "
-                f"positions span [{int(pos.min())}, {int(pos.max())}]"
-            )
+        check_positions(pos, cos.shape[0])
         axes_pos = list(pos) if (mrope and positions is not None) else [pos] * (3 if mrope else 1)
         cs = [(cos[p], sin[p]) for p in axes_pos]
     else:
