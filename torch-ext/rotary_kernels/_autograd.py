@@ -30,10 +30,6 @@ from ._ops import add_op_namespace_prefix
 from .reference import compute_dtype, rotate_every_two, rotate_half
 
 
-def _idx(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached) -> Index:
-    return Index(cached, positions, cu_seqlens, seqlen_offsets, offset, tuple(mrope_section), mrope_interleaved)
-
-
 @torch.library.custom_op(add_op_namespace_prefix("rotary_qk"), mutates_args=())
 def rotary_qk(
     q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
@@ -42,7 +38,7 @@ def rotary_qk(
     offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
 ) -> tuple[Tensor, Tensor]:
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    idx = _idx(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
+    idx = Index.from_op_args(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
     launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, conj, idx)
     return q_out, k_out
 
@@ -55,7 +51,7 @@ def rotary_x(
     offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
 ) -> Tensor:
     out = torch.empty_like(x)
-    idx = _idx(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
+    idx = Index.from_op_args(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
     launch_rotary(backend, x, None, cos, sin, out, None, unsqueeze_dim, interleaved, conj, idx)
     return out
 
@@ -67,7 +63,7 @@ def rotary_(
     positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
     offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
 ) -> None:
-    idx = _idx(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
+    idx = Index.from_op_args(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
     launch_rotary(backend, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, conj, idx)
 
 
@@ -88,11 +84,12 @@ def _(q, k, *args):
 
 def _setup(ctx, xs, cos, sin, args):
     ctx.args = tuple(args[:4])  # (unsqueeze_dim, interleaved, conj, backend)
-    positions, cu_seqlens, seqlen_offsets, *ctx.index_scalars = args[4:]
+    idx = Index.from_op_args(*args[4:])
+    ctx.index_scalars = idx.op_args()[3:]  # the tensors go through save_for_backward
     need_cs = cos.requires_grad or sin.requires_grad
-    if need_cs and (ctx.index_scalars[-1] or ctx.index_scalars[-3]):
+    if need_cs and not idx.plain:
         raise RuntimeError("internal: cos/sin gradients with token-position options are taken by the public API")
-    ctx.save_for_backward(cos, sin, positions, cu_seqlens, seqlen_offsets, *(x if need_cs else None for x in xs))
+    ctx.save_for_backward(cos, sin, *idx[:3], *(x if need_cs else None for x in xs))
 
 
 def _index_args(ctx):

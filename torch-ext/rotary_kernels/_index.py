@@ -25,22 +25,28 @@ INT_DTYPES = (torch.int32, torch.int64)
 
 
 class Index(NamedTuple):
-    cached: bool = False  # cos/sin are [P, R] tables read at each token's position
+    """In the order of the custom ops' trailing arguments (``_autograd.py``)."""
+
     positions: Optional[torch.Tensor] = None  # int, token shape (or [3, ...] for mrope)
     cu_seqlens: Optional[torch.Tensor] = None  # int, [n + 1]
     seqlen_offsets: Optional[torch.Tensor] = None  # int, [n]
     offset: int = 0  # added to every position
     mrope_section: tuple = ()  # () or (t, h, w) in rotary pairs
     mrope_interleaved: bool = False
+    cached: bool = False  # cos/sin are [P, R] tables read at each token's position
 
     @property
     def plain(self) -> bool:
         return not self.cached and not self.mrope_section
 
     def op_args(self) -> tuple:
-        """The trailing arguments of the custom ops and compiled ops."""
-        return (self.positions, self.cu_seqlens, self.seqlen_offsets, self.offset,
-                list(self.mrope_section), self.mrope_interleaved, self.cached)
+        """The trailing arguments of the custom ops (mrope_section as the list they take)."""
+        return (*self[:4], list(self.mrope_section), *self[5:])
+
+    @classmethod
+    def from_op_args(cls, *args) -> "Index":
+        positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached = args
+        return cls(positions, cu_seqlens, seqlen_offsets, offset, tuple(mrope_section), mrope_interleaved, cached)
 
 
 NO_INDEX = Index()
@@ -133,7 +139,7 @@ def make_index(x, cos, unsqueeze_dim, positions=None, cu_seqlens=None, max_seqle
         if not isinstance(seqlen_offsets, int) or isinstance(seqlen_offsets, bool):
             raise TypeError(f"seqlen_offsets must be an int or an int tensor, got {type(seqlen_offsets).__name__}")
         offset = seqlen_offsets
-    idx = Index(True, positions, cu_seqlens, offsets, offset, section, mrope_interleaved)
+    idx = Index(positions, cu_seqlens, offsets, offset, section, mrope_interleaved, cached=True)
     if checks_enabled(positions, cu_seqlens, offsets):
         check_range(x, cos, unsqueeze_dim, idx)
     return idx
