@@ -44,14 +44,12 @@ SHAPES = {
 
 
 def token_sets(device, quick):
-    """(label, B, S): decode (one token, batch 64) and prefill/training (B*S tokens)."""
+    """(label, B, S): decode (one token for one sequence: the per-call overhead; for a batch of
+    64) and prefill/training (B*S tokens)."""
+    decode = [("decode-1", 1, 1), ("decode", 64, 1)]
     if device.type == "cpu":
-        sets = [("decode", 64, 1), ("2k", 1, 2048)] if quick else [("decode", 64, 1), ("512", 1, 512),
-                                                                      ("2k", 1, 2048)]
-    else:
-        sets = [("decode", 64, 1), ("16k", 4, 4096)] if quick else [("decode", 64, 1), ("4k", 1, 4096),
-                                                                      ("16k", 4, 4096), ("64k", 8, 8192)]
-    return sets
+        return decode + ([("2k", 1, 2048)] if quick else [("512", 1, 512), ("2k", 1, 2048)])
+    return decode + ([("16k", 4, 4096)] if quick else [("4k", 1, 4096), ("16k", 4, 4096), ("64k", 8, 8192)])
 
 
 def make(B, S, Hq, Hk, D, R, dtype, cs_dtype, device):

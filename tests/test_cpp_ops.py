@@ -122,6 +122,9 @@ def test_opcheck(device):
     torch.library.opcheck(ops.rotary, (q, k, cos, sin, torch.empty_like(q), torch.empty_like(k), False, False))
     torch.library.opcheck(ops.rotary, (q, None, cos, sin, torch.empty_like(q), None, True, True))
     torch.library.opcheck(ops.rotary_inplace, (q.clone(), k.clone(), cos, sin, False, False))
+    qt, kt = q.transpose(1, 2), k.transpose(1, 2)  # [A, H, S, D]: transformers' unsqueeze_dim=1
+    torch.library.opcheck(ops.rotary_transformers, (qt, kt, cos, sin, 1, False, False))
+    torch.library.opcheck(ops.rotary_transformers, (q, None, cos, sin, 2, True, True))
     x1, x2 = torch.randn(2, 3, 4, 8, device=device), torch.randn(2, 3, 4, 8, device=device)
     torch.library.opcheck(ops.apply_rotary, (x1, x2, cos[0, :, None], sin[0, :, None], torch.empty_like(x1),
                                              torch.empty_like(x2), False))

@@ -22,6 +22,7 @@ BAD = {
     "odd rotary dim": (lambda q, k, c, s: (q, k, c[..., :7], s[..., :7]), ValueError, "even"),
     "R > D": (lambda q, k, c, s: (q, k, torch.randn(2, 3, 32), torch.randn(2, 3, 32)), ValueError, "larger than q"),
     "cos/sin shapes differ": (lambda q, k, c, s: (q, k, c, s[..., :8]), ValueError, "same shape"),
+    "cos/sin dtypes differ": (lambda q, k, c, s: (q, k, c, s.double()), ValueError, "same dtype"),
     "k head dim mismatch": (lambda q, k, c, s: (q, k[..., :8], c, s), ValueError, "larger than k"),
     "q rank 2": (lambda q, k, c, s: (q[0, 0], k, c, s), ValueError, "q must be 3-D or 4-D"),
     "q rank 5": (lambda q, k, c, s: (q[None], k, c, s), ValueError, "q must be 3-D or 4-D"),
@@ -31,6 +32,7 @@ BAD = {
     "int cos": (lambda q, k, c, s: (q, k, c.to(torch.int64), s), TypeError, "cos must be"),
     "complex k": (lambda q, k, c, s: (q, k.to(torch.complex64), c, s), TypeError, "k must be"),
     "not a tensor": (lambda q, k, c, s: (q, k.tolist(), c, s), TypeError, "k must be a torch.Tensor"),
+    "k is None": (lambda q, k, c, s: (q, None, c, s), TypeError, "k must be a torch.Tensor"),
     "device mismatch": (lambda q, k, c, s: (q, k, c.to("meta"), s.to("meta")), ValueError, "same device"),
 }
 

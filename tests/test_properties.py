@@ -144,3 +144,47 @@ def test_single_tensor_and_qkv(backend, p):
     q, k, cos, sin, ud, interleaved, _ = p
     x = rk.apply_rotary_emb(q, cos, sin, ud, interleaved, backend=backend)
     close(x, rotary_reference_indexed(q, cos, sin, ud, interleaved))
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension is not built")
+@given(data=st.data())
+def test_entry_op_takes_exactly_what_validation_accepts(data):
+    """The one-call C++ entry of the public functions (torch_binding.cpp: rotary_transformers)
+    re-implements _canon's shape rules. For random, mostly invalid, x/cos shapes and
+    unsqueeze_dim it must return nothing when the Python validation rejects the arguments (the
+    public function then raises its error) and the reference's values when it accepts them."""
+    from rotary_kernels._api import _validate
+    from rotary_kernels._compiled import ops
+
+    # A valid call (cos/sin broadcast over a random head axis, some dims 1, leading dims
+    # dropped), then often one mutation that may make it invalid.
+    x_shape = [data.draw(st.integers(1, 3), label="x dim") for _ in range(data.draw(st.integers(2, 3), label="x rank - 1"))]
+    x_shape.append(data.draw(st.sampled_from([4, 6, 8]), label="D"))
+    head = data.draw(st.integers(0, len(x_shape) - 2), label="head axis")
+    drop = data.draw(st.integers(0, head), label="leading dims dropped")
+    cos_lead = [1 if data.draw(st.booleans(), label="cos dim 1") else n for n in x_shape[drop:-1]]
+    del cos_lead[head - drop]
+    R = data.draw(st.sampled_from([2, 4, 6]), label="R")
+    ud = head - drop - data.draw(st.sampled_from([0, len(cos_lead) + 2]), label="negative unsqueeze_dim")
+    mutation = data.draw(st.sampled_from(["none", "ud", "cos dim", "R", "cos rank", "x rank"]), label="mutation")
+    if mutation == "ud":
+        ud = data.draw(st.integers(-6, 5), label="unsqueeze_dim")
+    elif mutation == "cos dim" and cos_lead:
+        cos_lead[data.draw(st.integers(0, len(cos_lead) - 1), label="which")] = data.draw(st.integers(1, 4), label="size")
+    elif mutation == "R":
+        R = data.draw(st.sampled_from([0, 3, 8, 10]), label="bad R")
+    elif mutation == "cos rank":
+        cos_lead = [data.draw(st.integers(1, 3), label="extra cos dim")] + cos_lead
+    elif mutation == "x rank":
+        x_shape = [1] + x_shape if len(x_shape) == 4 or data.draw(st.booleans(), label="grow") else x_shape[1:]
+    x = torch.randn(x_shape, dtype=torch.float64)
+    cos, sin = torch.randn(cos_lead + [R], dtype=torch.float64), torch.randn(cos_lead + [R], dtype=torch.float64)
+    try:
+        _validate(x, None, cos, sin, ud, False, {})
+        valid = True
+    except ValueError:
+        valid = False
+    out = ops.rotary_transformers(x, None, cos, sin, ud, False, False)
+    assert len(out) == (1 if valid else 0), (x_shape, cos_lead, R, ud)
+    if valid:
+        torch.testing.assert_close(out[0], rotary_reference_indexed(x, cos, sin, ud, False), rtol=1e-12, atol=1e-12)

@@ -4,12 +4,16 @@
 //   rotary(q, k?, cos, sin, q_out!, k_out?!, interleaved, conj, <index>)   one launch for q and k
 //   rotary_inplace(q!, k?!, cos, sin, interleaved, conj, <index>)            the same, out = in
 //   apply_rotary(x1, x2, cos, sin, out1!, out2!, conj)              flash-attn elementwise API
+//   rotary_transformers(q, k?, cos, sin, unsqueeze_dim, interleaved, conj) -> [q_out, k_out?]
+//       the public functions' common case in one call: any layout in, fresh outputs out
 //
 // Fake (meta) implementations are registered from Python (rotary_kernels/_compiled.py).
 //
 // Builds: setup.py (pip) defines ROTARY_WITH_CUDA when it compiles the CUDA sources;
 // kernel-builder defines CUDA_KERNEL and generates registration.h, whose macros are
 // reproduced below when it is absent.
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include "torch_binding.h"
@@ -171,6 +175,109 @@ void apply_rotary_op(const at::Tensor& x1, const at::Tensor& x2, const at::Tenso
   apply_rotary_cpu(a1, a2, c, s, o1, o2, conj);
 }
 
+// ---- rotary_transformers: the common call in one op (validate, view, allocate, launch) ----
+// apply_rotary_transformers / apply_rotary_emb with plain cos/sin on a compiled backend spend
+// most of a small (decode) call in Python building views; this does the same work in C++.
+// It mirrors rotary_kernels/_canon.py (_x_axes, _cs_plan) and returns no tensors for any
+// argument it does not take: the Python path then validates (with its error messages) and
+// handles every other case (token positions, k not fusable with q, mixed cos/sin dtypes).
+
+bool is_float(const at::Tensor& t) {
+  auto st = t.scalar_type();
+  return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
+}
+
+// The permutation taking x to [others..., head, D] (head: the axis unsqueeze_dim inserts into
+// cos), or an empty vector when cos [..., R] unsqueezed there does not broadcast to x.
+std::vector<int64_t> canonical_perm(const at::Tensor& x, const at::Tensor& cos, int64_t unsqueeze_dim) {
+  const int64_t xd = x.dim(), nd = cos.dim() + 1;
+  if ((xd != 3 && xd != 4) || nd > xd || unsqueeze_dim < -nd || unsqueeze_dim >= nd || cos.size(-1) > x.size(-1)) {
+    return {};
+  }
+  const int64_t u = (unsqueeze_dim + nd) % nd, head = u + (xd - nd);
+  if (head == xd - 1) return {};
+  std::vector<int64_t> lead(cos.sizes().begin(), cos.sizes().end() - 1);  // cos.unsqueeze(u)'s leading dims,
+  lead.insert(lead.begin() + u, 1);                                       // right-aligned against x's
+  for (size_t i = 0; i < lead.size(); ++i) {
+    if (lead[i] != 1 && lead[i] != x.size(xd - nd + static_cast<int64_t>(i))) return {};
+  }
+  std::vector<int64_t> perm;
+  for (int64_t i = 0; i < xd - 1; ++i) {
+    if (i != head) perm.push_back(i);
+  }
+  perm.push_back(head);
+  perm.push_back(xd - 1);
+  return perm;
+}
+
+// One as_strided view per tensor (each ATen call costs about a microsecond: a decode call
+// makes six of these views).
+at::Tensor canonical_view(const at::Tensor& t, at::IntArrayRef perm) {  // -> [A, S, H, D]
+  std::vector<int64_t> sizes, strides;
+  if (perm.size() == 3) {
+    sizes.push_back(1);
+    strides.push_back(0);
+  }
+  for (int64_t p : perm) {
+    sizes.push_back(t.size(p));
+    strides.push_back(t.stride(p));
+  }
+  return t.as_strided(sizes, strides);
+}
+
+// cos or sin -> [A, S, R], zero strides where it broadcasts against x.
+at::Tensor canonical_cs(const at::Tensor& cs, const at::Tensor& x, int64_t unsqueeze_dim, at::IntArrayRef perm) {
+  const int64_t xd = x.dim(), nd = cs.dim() + 1, u = (unsqueeze_dim + nd) % nd;
+  std::vector<int64_t> sizes, strides;
+  if (xd == 3) {
+    sizes.push_back(1);
+    strides.push_back(0);
+  }
+  for (size_t j = 0; j < perm.size(); ++j) {
+    if (j == perm.size() - 2) continue;  // the head axis, which cos/sin broadcast over
+    const int64_t p = perm[j], i = p - (xd - nd);  // p's dim in cs.unsqueeze(u)
+    const int64_t d = i < u ? i : i - 1;           // ... and in cs
+    const bool bcast = i < 0 || i == u || cs.size(d) == 1;
+    sizes.push_back(p == xd - 1 ? cs.size(-1) : x.size(p));
+    strides.push_back(bcast ? 0 : cs.stride(d));
+  }
+  return cs.as_strided(sizes, strides);
+}
+
+std::vector<at::Tensor> rotary_transformers_op(const at::Tensor& q, const std::optional<at::Tensor>& k,
+                                               const at::Tensor& cos, const at::Tensor& sin, int64_t unsqueeze_dim,
+                                               bool interleaved, bool conj) {
+  const at::AutoDispatchBelowADInplaceOrView guard;  // internal views and outputs: no autograd layers
+  const int64_t R = cos.dim() >= 1 ? cos.size(-1) : 0;
+  if (!is_float(q) || !is_float(cos) || cos.sizes() != sin.sizes() || cos.scalar_type() != sin.scalar_type() ||
+      R <= 0 || R % 2 || cos.device() != q.device() || sin.device() != q.device()) {
+    return {};
+  }
+  const auto qp = canonical_perm(q, cos, unsqueeze_dim);
+  if (qp.empty()) return {};
+  const at::Tensor q4 = canonical_view(q, qp);
+  at::Tensor k4;
+  std::vector<int64_t> kp;
+  if (k.has_value()) {
+    kp = canonical_perm(*k, cos, unsqueeze_dim);
+    if (kp.empty() || k->scalar_type() != q.scalar_type() || k->device() != q.device()) return {};
+    k4 = canonical_view(*k, kp);
+    if (k4.size(0) != q4.size(0) || k4.size(1) != q4.size(1) || k4.size(3) != q4.size(3)) return {};
+  }
+  std::vector<at::Tensor> outs{at::empty_like(q)};
+  if (k.has_value()) outs.push_back(at::empty_like(*k));
+  if (q.is_meta()) return outs;  // shapes only (FakeTensor / torch.compile tracing)
+  std::optional<at::Tensor> kk, ko;
+  if (k.has_value()) {
+    kk = k4;
+    ko = canonical_view(outs[1], kp);
+  }
+  rotary_op(q4, kk, canonical_cs(cos, q, unsqueeze_dim, qp), canonical_cs(sin, q, unsqueeze_dim, qp),
+            canonical_view(outs[0], qp), ko, interleaved, conj, std::nullopt, std::nullopt, std::nullopt, 0, {},
+            false);
+  return outs;
+}
+
 }  // namespace
 
 // Token-position arguments (rotary_kernels/_index.py): positions int64 [X, A, S], cu_seqlens
@@ -186,6 +293,9 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_inplace(Tensor(a!) q, Tensor(b!)? k, Tensor cos, Tensor sin, bool interleaved, bool conj, "
         RK_INDEX_ARGS ") -> ()");
   m.def(
+      "rotary_transformers(Tensor q, Tensor? k, Tensor cos, Tensor sin, int unsqueeze_dim, bool interleaved, "
+      "bool conj) -> Tensor[]");
+  m.def(
       "apply_rotary(Tensor x1, Tensor x2, Tensor cos, Tensor sin, Tensor(a!) out1, Tensor(b!) out2, "
       "bool conj) -> ()");
 }
@@ -194,13 +304,17 @@ TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("rotary", &rotary_op);
   m.impl("rotary_inplace", &rotary_inplace_op);
   m.impl("apply_rotary", &apply_rotary_op);
+  m.impl("rotary_transformers", &rotary_transformers_op);
 }
+
+TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, Meta, m) { m.impl("rotary_transformers", &rotary_transformers_op); }
 
 #ifdef RK_HAVE_CUDA
 TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, CUDA, m) {
   m.impl("rotary", &rotary_op);
   m.impl("rotary_inplace", &rotary_inplace_op);
   m.impl("apply_rotary", &apply_rotary_op);
+  m.impl("rotary_transformers", &rotary_transformers_op);
 }
 #endif
 

@@ -6,7 +6,7 @@ import torch
 
 from . import _canon
 from ._autograd import rotary_, rotary_qk, rotary_x
-from ._dispatch import BACKENDS, backend_available, launch_elementwise, launch_rotary, select_backend
+from ._dispatch import BACKENDS, _compiled_ops, backend_available, launch_elementwise, launch_rotary, select_backend
 from ._index import NO_INDEX, make_index, reference_kwargs, template
 from .reference import materialize_cos_sin, rotary_reference_indexed
 
@@ -53,6 +53,26 @@ def _needs_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _fast(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index) -> list | None:
+    """The common call (plain cos/sin, no autograd, not tracing, a compiled backend) in one C++
+    op that validates, builds the views, allocates and launches: a small (decode) call costs
+    one op dispatch instead of tens of Python-level tensor calls. None when it does not apply;
+    the caller's full path then validates (its errors) and handles everything else."""
+    if index or type(unsqueeze_dim) is not int or type(interleaved) is not bool:
+        return None
+    if not all(type(t) is torch.Tensor for t in (q, cos, sin)) or not (k is None or type(k) is torch.Tensor):
+        return None
+    if _needs_graph(q, k, cos, sin):
+        return None
+    try:
+        be = select_backend(q.device, backend)
+    except (RuntimeError, ValueError):  # reported by the full path, after argument validation
+        return None
+    if be not in ("cpu", "cuda"):
+        return None
+    return _compiled_ops().ops.rotary_transformers(q, k, cos, sin, unsqueeze_dim, interleaved, False) or None
+
+
 def _plain_if_cos_grad(q, cos, sin, unsqueeze_dim, interleaved, idx):
     """Gradients wrt cos/sin through positions/mrope: gather them with differentiable PyTorch
     ops (the reference's own gather) and rotate in the plain form, whose op differentiates cos/sin."""
@@ -70,6 +90,11 @@ def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=Fa
     ``[S, R]`` (with a matching ``unsqueeze_dim``), fp32 or any float dtype. Outputs have
     the inputs' dtypes and memory layouts. Math in fp32, rounded once.
     """
+    if k is not None:
+        out = _fast(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
+        if out is not None:
+            return out[0], out[1]
+    _canon.check_float("k", k)  # apply_rotary_emb rotates a single tensor
     idx, canon = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
     be = select_backend(q.device, backend)
     if be == "reference":
@@ -86,6 +111,9 @@ def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=Fa
 
 def apply_rotary_emb(x, cos, sin, unsqueeze_dim=1, interleaved=False, *, backend=None, **index):
     """Rotate a single tensor (q-only layers such as Gemma3n/Gemma4 KV-shared layers)."""
+    out = _fast(x, None, cos, sin, unsqueeze_dim, interleaved, backend, index)
+    if out is not None:
+        return out[0]
     idx, canon = _validate(x, None, cos, sin, unsqueeze_dim, interleaved, index)
     be = select_backend(x.device, backend)
     if be == "reference":

@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._dispatch import launch_rotary
+from ._dispatch import launch_rotary, rotate_new
 from ._index import Index
 from ._ops import add_op_namespace_prefix
 from .reference import compute_dtype, rotate_every_two, rotate_half
@@ -37,9 +37,8 @@ def rotary_qk(
     positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
     offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
 ) -> tuple[Tensor, Tensor]:
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     idx = Index.from_op_args(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
-    launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, conj, idx)
+    q_out, k_out = rotate_new(backend, q, k, cos, sin, unsqueeze_dim, interleaved, conj, idx)
     return q_out, k_out
 
 
@@ -50,10 +49,8 @@ def rotary_x(
     positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
     offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
 ) -> Tensor:
-    out = torch.empty_like(x)
     idx = Index.from_op_args(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
-    launch_rotary(backend, x, None, cos, sin, out, None, unsqueeze_dim, interleaved, conj, idx)
-    return out
+    return rotate_new(backend, x, None, cos, sin, unsqueeze_dim, interleaved, conj, idx)[0]
 
 
 @torch.library.custom_op(add_op_namespace_prefix("rotary_"), mutates_args=("q", "k"))

@@ -38,6 +38,8 @@ def check_cos_sin(cos, sin) -> int:
     check_float("sin", sin)
     if cos.shape != sin.shape:
         raise ValueError(f"cos and sin must have the same shape, got {tuple(cos.shape)} and {tuple(sin.shape)}")
+    if cos.dtype != sin.dtype:
+        raise ValueError(f"cos and sin must have the same dtype, got {cos.dtype} and {sin.dtype}")
     if cos.dim() < 1:
         raise ValueError("cos and sin must have at least one dimension (the rotary dim)")
     r = cos.shape[-1]
