@@ -5,7 +5,6 @@ inference modes against the un-kernelized model.
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -66,6 +66,30 @@ def test_requires_grad_combinations(dev_backend, needs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_torch_func_grad_and_double_backward(dev_backend):
+    """torch.func.grad (functorch) and create_graph double backward match the reference."""
+    device, backend = dev_backend
+    q, k, cos, sin = (t.double() for t in qkcs(device=device))
+
+    def loss(impl):
+        def f(q, k):
+            qe, ke = impl(q, k, cos, sin)
+            return (qe.pow(2) * torch.arange(qe.shape[-1], device=device)).sum() + ke.pow(3).sum()
+        return f
+
+    ours = lambda *a: rk.apply_rotary_transformers(*a, backend=backend)  # noqa: E731
+    for a, b in zip(torch.func.grad(loss(ours), argnums=(0, 1))(q, k),
+                    torch.func.grad(loss(apply_rotary_transformers_reference), argnums=(0, 1))(q, k)):
+        torch.testing.assert_close(a, b)
+    qg, kg = q.clone().requires_grad_(), k.clone().requires_grad_()
+    hv = []
+    for impl in (ours, apply_rotary_transformers_reference):
+        g = torch.autograd.grad(loss(impl)(qg, kg), (qg, kg), create_graph=True)
+        hv.append(torch.autograd.grad(sum(x.sum() for x in g), (qg, kg)))
+    for a, b in zip(*hv):
+        torch.testing.assert_close(a, b)
+
+
 def test_rejects_partial_overlap_accepts_exact(dev_backend):
     device, backend = dev_backend
     buf = torch.randn(2, 3, 6, 16, device=device)  # [B, S, H, D]

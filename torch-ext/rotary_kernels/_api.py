@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from . import _canon
-from ._autograd import rotary_, rotary_qk, rotary_x
-from ._dispatch import BACKENDS, _compiled_ops, backend_available, launch_elementwise, launch_rotary, select_backend
+from ._autograd import Rotary, rotary_, rotate_differentiable
+from ._dispatch import BACKENDS, Declined, _compiled_ops, backend_available, launch_elementwise, launch_rotary, select_backend
 from ._index import NO_INDEX, make_index, reference_kwargs, template
 from .reference import materialize_cos_sin, rotary_reference_indexed
 
@@ -54,15 +54,18 @@ def _needs_graph(*tensors) -> bool:
 
 
 def _fast(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index) -> list | None:
-    """The common call (plain cos/sin, no autograd, not tracing, a compiled backend) in one C++
-    op that validates, builds the views, allocates and launches: a small (decode) call costs
-    one op dispatch instead of tens of Python-level tensor calls. None when it does not apply;
-    the caller's full path then validates (its errors) and handles everything else."""
+    """The common call (plain cos/sin, a compiled backend, not tracing; gradients wrt q/k at
+    most) through one C++ op that validates, builds the views, allocates and launches: a small
+    (decode) call costs one op dispatch instead of tens of Python-level tensor calls. None when
+    it does not apply; the caller's full path then validates (its errors) and handles the rest."""
     if index or type(unsqueeze_dim) is not int or type(interleaved) is not bool:
         return None
     if not all(type(t) is torch.Tensor for t in (q, cos, sin)) or not (k is None or type(k) is torch.Tensor):
         return None
-    if _needs_graph(q, k, cos, sin):
+    if torch.compiler.is_compiling():
+        return None
+    grad = torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad))
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         return None
     try:
         be = select_backend(q.device, backend)
@@ -70,6 +73,11 @@ def _fast(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index) -> list | 
         return None
     if be not in ("cpu", "cuda"):
         return None
+    if grad:
+        try:
+            return Rotary.apply(q, k, cos, sin, unsqueeze_dim, interleaved, False, be, NO_INDEX, False)
+        except Declined:
+            return None
     return _compiled_ops().ops.rotary_transformers(q, k, cos, sin, unsqueeze_dim, interleaved, False) or None
 
 
@@ -103,7 +111,7 @@ def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=Fa
                 rotary_reference_indexed(k, cos, sin, unsqueeze_dim, interleaved, **kw))
     if _needs_graph(q, k, cos, sin):
         cos, sin, idx = _plain_if_cos_grad(q, cos, sin, unsqueeze_dim, interleaved, idx)
-        return rotary_qk(q, k, cos, sin, unsqueeze_dim, interleaved, False, be, *idx.op_args())
+        return tuple(rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, be, idx))
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     launch_rotary(be, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, False, idx, canon)
     return q_out, k_out
@@ -120,7 +128,7 @@ def apply_rotary_emb(x, cos, sin, unsqueeze_dim=1, interleaved=False, *, backend
         return rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, **reference_kwargs(idx))
     if _needs_graph(x, cos, sin):
         cos, sin, idx = _plain_if_cos_grad(x, cos, sin, unsqueeze_dim, interleaved, idx)
-        return rotary_x(x, cos, sin, unsqueeze_dim, interleaved, False, be, *idx.op_args())
+        return rotate_differentiable(x, None, cos, sin, unsqueeze_dim, interleaved, be, idx)[0]
     out = torch.empty_like(x)
     launch_rotary(be, x, None, cos, sin, out, None, unsqueeze_dim, interleaved, False, idx, canon)
     return out

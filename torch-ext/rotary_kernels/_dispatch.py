@@ -99,17 +99,24 @@ def _select_backend(device: torch.device, backend: str | None) -> str:
     return "reference"  # unreachable: the reference is always available
 
 
-def rotate_new(backend, q, k, cos, sin, unsqueeze_dim, interleaved, conj, idx=NO_INDEX) -> list:
+class Declined(Exception):
+    """rotate_new(validated=False): the one-call op did not take the arguments; validate them."""
+
+
+def rotate_new(backend, q, k, cos, sin, unsqueeze_dim, interleaved, conj, idx=NO_INDEX, validated=True) -> list:
     """Rotate q (and k, may be None) into new tensors; returns ``[q_out]`` or ``[q_out, k_out]``.
 
     On the compiled backends the plain form goes through one C++ op (``rotary_transformers``
     in torch_binding.cpp: views, allocation and launch in one call); anything it does not take
-    (token positions, k not fusable with q) is allocated here and goes through launch_rotary.
+    (token positions, k not fusable with q) is allocated here and goes through launch_rotary,
+    which needs validated arguments (else ``Declined`` is raised).
     """
     if backend in ("cpu", "cuda") and idx.plain:
         outs = _compiled_ops().ops.rotary_transformers(q, k, cos, sin, unsqueeze_dim, interleaved, conj)
         if outs:
             return outs
+    if not validated:
+        raise Declined
     outs = [torch.empty_like(q)] + ([torch.empty_like(k)] if k is not None else [])
     launch_rotary(backend, q, k, cos, sin, outs[0], outs[1] if k is not None else None, unsqueeze_dim,
                   interleaved, conj, idx)
