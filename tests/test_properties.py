@@ -149,8 +149,8 @@ def test_single_tensor_and_qkv(backend, p):
 @pytest.mark.skipif("cpu" not in BACKENDS, reason="the compiled extension is not built")
 @given(data=st.data())
 def test_entry_op_takes_exactly_what_validation_accepts(data):
-    """The one-call C++ entry of the public functions (torch_binding.cpp: rotary_transformers)
-    re-implements _canon's shape rules. For random, mostly invalid, x/cos shapes and
+    """The one-call C++ entries of the public functions (torch_binding.cpp: rotary_transformers
+    and rotary_transformers_) re-implement _canon's shape rules. For random, mostly invalid, x/cos shapes and
     unsqueeze_dim it must return nothing when the Python validation rejects the arguments (the
     public function then raises its error) and the reference's values when it accepts them."""
     from rotary_kernels._api import _validate
@@ -186,5 +186,10 @@ def test_entry_op_takes_exactly_what_validation_accepts(data):
         valid = False
     out = ops.rotary_transformers(x, None, cos, sin, ud, False, False)
     assert len(out) == (1 if valid else 0), (x_shape, cos_lead, R, ud)
+    xi = x.clone()
+    assert ops.rotary_transformers_(xi, None, cos, sin, ud, False) == valid  # the in-place entry
     if valid:
         torch.testing.assert_close(out[0], rotary_reference_indexed(x, cos, sin, ud, False), rtol=1e-12, atol=1e-12)
+        assert torch.equal(xi, out[0])
+    else:
+        assert torch.equal(xi, x)

@@ -110,6 +110,11 @@ def test_rejects_partial_overlap_accepts_exact(dev_backend):
         rk.apply_rotary_transformers_(qq, qq.view(-1)[8 : 8 + qq[:, :2].numel()].view(2, 2, 3, 16), cos, sin,
                                       backend=backend)
     del k2
+    with pytest.raises(ValueError, match="partially overlaps"):  # cos is a window of q's memory
+        qq = torch.randn(2, 4, 3, 16, device=device)
+        c = qq.view(-1)[4 : 4 + cos.numel()].view(cos.shape)
+        rk.apply_rotary_transformers_(qq, torch.randn(2, 1, 3, 16, device=device), c, torch.ones_like(c),
+                                      backend=backend)
 
 
 def test_deterministic_run_to_run(dev_backend):

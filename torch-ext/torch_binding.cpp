@@ -6,12 +6,16 @@
 //   apply_rotary(x1, x2, cos, sin, out1!, out2!, conj)              flash-attn elementwise API
 //   rotary_transformers(q, k?, cos, sin, unsqueeze_dim, interleaved, conj) -> [q_out, k_out?]
 //       the public functions' common case in one call: any layout in, fresh outputs out
+//   rotary_transformers_(q!, k?!, cos, sin, unsqueeze_dim, interleaved) -> done   the same, in place
 //
 // Fake (meta) implementations are registered from Python (rotary_kernels/_compiled.py).
 //
 // Builds: setup.py (pip) defines ROTARY_WITH_CUDA when it compiles the CUDA sources;
 // kernel-builder defines CUDA_KERNEL and generates registration.h, whose macros are
 // reproduced below when it is absent.
+#include <algorithm>
+#include <array>
+
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -244,38 +248,111 @@ at::Tensor canonical_cs(const at::Tensor& cs, const at::Tensor& x, int64_t unsqu
   return cs.as_strided(sizes, strides);
 }
 
+std::array<int64_t, 4> canonical_sizes(const at::Tensor& x, const std::vector<int64_t>& perm) {
+  std::array<int64_t, 4> sizes{1, 1, 1, 1};
+  const size_t o = 4 - perm.size();  // a 3-D x has A = 1 prepended
+  for (size_t j = 0; j < perm.size(); ++j) sizes[j + o] = x.size(perm[j]);
+  return sizes;
+}
+
+// The permutations of q (and k) to their canonical views, or nothing when the arguments are
+// outside the one-call path.
+struct Plan {
+  std::vector<int64_t> qp, kp;  // kp empty without k
+};
+
+std::optional<Plan> plan_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
+                                const at::Tensor& sin, int64_t unsqueeze_dim) {
+  const int64_t R = cos.dim() >= 1 ? cos.size(-1) : 0;
+  if (!is_float(q) || !is_float(cos) || cos.sizes() != sin.sizes() || cos.scalar_type() != sin.scalar_type() ||
+      R <= 0 || R % 2 || cos.device() != q.device() || sin.device() != q.device()) {
+    return std::nullopt;
+  }
+  Plan p{canonical_perm(q, cos, unsqueeze_dim), {}};
+  if (p.qp.empty()) return std::nullopt;
+  if (k.has_value()) {
+    p.kp = canonical_perm(*k, cos, unsqueeze_dim);
+    if (p.kp.empty() || k->scalar_type() != q.scalar_type() || k->device() != q.device()) return std::nullopt;
+    // one launch for both: the same A, S and D in the canonical [A, S, H, D]
+    const auto qs = canonical_sizes(q, p.qp), ks = canonical_sizes(*k, p.kp);
+    if (qs[0] != ks[0] || qs[1] != ks[1] || qs[3] != ks[3]) return std::nullopt;
+  }
+  return p;
+}
+
+void launch_planned(const Plan& p, const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
+                    const at::Tensor& sin, int64_t unsqueeze_dim, const at::Tensor& q_out,
+                    const std::optional<at::Tensor>& k_out, bool interleaved, bool conj) {
+  std::optional<at::Tensor> k4, ko4;
+  if (k.has_value()) {
+    k4 = canonical_view(*k, p.kp);
+    ko4 = canonical_view(*k_out, p.kp);
+  }
+  rotary_op(canonical_view(q, p.qp), k4, canonical_cs(cos, q, unsqueeze_dim, p.qp),
+            canonical_cs(sin, q, unsqueeze_dim, p.qp), canonical_view(q_out, p.qp), ko4, interleaved, conj,
+            std::nullopt, std::nullopt, std::nullopt, 0, {}, false);
+}
+
 std::vector<at::Tensor> rotary_transformers_op(const at::Tensor& q, const std::optional<at::Tensor>& k,
                                                const at::Tensor& cos, const at::Tensor& sin, int64_t unsqueeze_dim,
                                                bool interleaved, bool conj) {
   const at::AutoDispatchBelowADInplaceOrView guard;  // internal views and outputs: no autograd layers
-  const int64_t R = cos.dim() >= 1 ? cos.size(-1) : 0;
-  if (!is_float(q) || !is_float(cos) || cos.sizes() != sin.sizes() || cos.scalar_type() != sin.scalar_type() ||
-      R <= 0 || R % 2 || cos.device() != q.device() || sin.device() != q.device()) {
-    return {};
-  }
-  const auto qp = canonical_perm(q, cos, unsqueeze_dim);
-  if (qp.empty()) return {};
-  const at::Tensor q4 = canonical_view(q, qp);
-  at::Tensor k4;
-  std::vector<int64_t> kp;
-  if (k.has_value()) {
-    kp = canonical_perm(*k, cos, unsqueeze_dim);
-    if (kp.empty() || k->scalar_type() != q.scalar_type() || k->device() != q.device()) return {};
-    k4 = canonical_view(*k, kp);
-    if (k4.size(0) != q4.size(0) || k4.size(1) != q4.size(1) || k4.size(3) != q4.size(3)) return {};
-  }
+  const auto plan = plan_rotary(q, k, cos, sin, unsqueeze_dim);
+  if (!plan) return {};
   std::vector<at::Tensor> outs{at::empty_like(q)};
   if (k.has_value()) outs.push_back(at::empty_like(*k));
   if (q.is_meta()) return outs;  // shapes only (FakeTensor / torch.compile tracing)
-  std::optional<at::Tensor> kk, ko;
-  if (k.has_value()) {
-    kk = k4;
-    ko = canonical_view(outs[1], kp);
-  }
-  rotary_op(q4, kk, canonical_cs(cos, q, unsqueeze_dim, qp), canonical_cs(sin, q, unsqueeze_dim, qp),
-            canonical_view(outs[0], qp), ko, interleaved, conj, std::nullopt, std::nullopt, std::nullopt, 0, {},
-            false);
+  launch_planned(*plan, q, k, cos, sin, unsqueeze_dim, outs[0],
+                 k.has_value() ? std::optional<at::Tensor>(outs[1]) : std::nullopt, interleaved, conj);
   return outs;
+}
+
+// Does t cover its memory span exactly (a permutation of a contiguous tensor)? (_canon._dense)
+bool dense(const at::Tensor& t) {
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  std::sort(dims.begin(), dims.end());
+  int64_t expected = 1;
+  for (const auto& [stride, size] : dims) {
+    if (stride != expected) return false;
+    expected *= size;
+  }
+  return true;
+}
+
+// _canon.check_no_partial_overlap's rule: out may be exactly t or disjoint from it; a partial
+// overlap is detected for dense tensors (strided views whose spans interleave are let through).
+bool partial_overlap(const at::Tensor& out, const at::Tensor& t) {
+  const bool same = out.data_ptr() == t.data_ptr() && out.strides() == t.strides() && out.sizes() == t.sizes();
+  if (same || out.numel() == 0 || t.numel() == 0 || !out.storage().is_alias_of(t.storage())) return false;
+  if (!dense(out) || !dense(t)) return false;
+  auto span = [](const at::Tensor& x) {
+    const auto lo = reinterpret_cast<uintptr_t>(x.data_ptr());
+    int64_t last = 0;
+    for (int64_t d = 0; d < x.dim(); ++d) last += (x.size(d) - 1) * x.stride(d);
+    return std::make_pair(lo, lo + static_cast<uintptr_t>((last + 1) * x.element_size()));
+  };
+  const auto [a0, a1] = span(out);
+  const auto [b0, b1] = span(t);
+  return a0 < b1 && b0 < a1;
+}
+
+// In place: true when done; false for anything outside the one-call path (including partial
+// overlaps, which the Python path reports). Eager only (it reads data pointers): under
+// torch.compile the public functions use the functionalizable rotary_ custom op.
+bool rotary_transformers_inplace_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
+                                    const at::Tensor& sin, int64_t unsqueeze_dim, bool interleaved) {
+  const at::AutoDispatchBelowADInplaceOrView guard;
+  const auto plan = plan_rotary(q, k, cos, sin, unsqueeze_dim);
+  if (!plan) return false;
+  for (const at::Tensor* x : {&q, k.has_value() ? &*k : nullptr}) {
+    if (x != nullptr && (partial_overlap(*x, cos) || partial_overlap(*x, sin))) return false;
+  }
+  if (k.has_value() && partial_overlap(*k, q)) return false;
+  launch_planned(*plan, q, k, cos, sin, unsqueeze_dim, q, k, interleaved, false);
+  return true;
 }
 
 }  // namespace
@@ -296,6 +373,9 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, m) {
       "rotary_transformers(Tensor q, Tensor? k, Tensor cos, Tensor sin, int unsqueeze_dim, bool interleaved, "
       "bool conj) -> Tensor[]");
   m.def(
+      "rotary_transformers_(Tensor(a!) q, Tensor(b!)? k, Tensor cos, Tensor sin, int unsqueeze_dim, "
+      "bool interleaved) -> bool");
+  m.def(
       "apply_rotary(Tensor x1, Tensor x2, Tensor cos, Tensor sin, Tensor(a!) out1, Tensor(b!) out2, "
       "bool conj) -> ()");
 }
@@ -305,6 +385,7 @@ TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("rotary_inplace", &rotary_inplace_op);
   m.impl("apply_rotary", &apply_rotary_op);
   m.impl("rotary_transformers", &rotary_transformers_op);
+  m.impl("rotary_transformers_", &rotary_transformers_inplace_op);
 }
 
 TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, Meta, m) { m.impl("rotary_transformers", &rotary_transformers_op); }
@@ -315,6 +396,7 @@ TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, CUDA, m) {
   m.impl("rotary_inplace", &rotary_inplace_op);
   m.impl("apply_rotary", &apply_rotary_op);
   m.impl("rotary_transformers", &rotary_transformers_op);
+  m.impl("rotary_transformers_", &rotary_transformers_inplace_op);
 }
 #endif
 

@@ -53,27 +53,32 @@ def _needs_graph(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _fast(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index) -> list | None:
-    """The common call (plain cos/sin, a compiled backend, not tracing; gradients wrt q/k at
-    most) through one C++ op that validates, builds the views, allocates and launches: a small
-    (decode) call costs one op dispatch instead of tens of Python-level tensor calls. None when
-    it does not apply; the caller's full path then validates (its errors) and handles the rest."""
+def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index):
+    """The compiled backend for the one-call C++ entry ops (torch_binding.cpp), or None when
+    they do not apply: token-position options, tensor subclasses, tracing, cos/sin gradients,
+    a backend other than cpu/cuda."""
     if index or type(unsqueeze_dim) is not int or type(interleaved) is not bool:
         return None
     if not all(type(t) is torch.Tensor for t in (q, cos, sin)) or not (k is None or type(k) is torch.Tensor):
         return None
-    if torch.compiler.is_compiling():
-        return None
-    grad = torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad))
-    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
         return None
     try:
         be = select_backend(q.device, backend)
     except (RuntimeError, ValueError):  # reported by the full path, after argument validation
         return None
-    if be not in ("cpu", "cuda"):
+    return be if be in ("cpu", "cuda") else None
+
+
+def _fast(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index) -> list | None:
+    """The common call (plain cos/sin, a compiled backend, not tracing; gradients wrt q/k at
+    most) through one C++ op that validates, builds the views, allocates and launches: a small
+    (decode) call costs one op dispatch instead of tens of Python-level tensor calls. None when
+    it does not apply; the caller's full path then validates (its errors) and handles the rest."""
+    be = _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
+    if be is None:
         return None
-    if grad:
+    if torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)):
         try:
             return Rotary.apply(q, k, cos, sin, unsqueeze_dim, interleaved, False, be, NO_INDEX, False)
         except Declined:
@@ -135,6 +140,10 @@ def apply_rotary_emb(x, cos, sin, unsqueeze_dim=1, interleaved=False, *, backend
 
 
 def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index):
+    be = _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
+    if be is not None and not (torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad))):
+        if _compiled_ops().ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved):
+            return
     idx, canon = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, cos, sin)):
         raise RuntimeError(
