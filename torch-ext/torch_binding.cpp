@@ -179,12 +179,12 @@ void apply_rotary_op(const at::Tensor& x1, const at::Tensor& x2, const at::Tenso
   apply_rotary_cpu(a1, a2, c, s, o1, o2, conj);
 }
 
-// ---- rotary_transformers: the common call in one op (validate, view, allocate, launch) ----
-// apply_rotary_transformers / apply_rotary_emb with plain cos/sin on a compiled backend spend
-// most of a small (decode) call in Python building views; this does the same work in C++.
-// It mirrors rotary_kernels/_canon.py (_x_axes, _cs_plan) and returns no tensors for any
-// argument it does not take: the Python path then validates (with its error messages) and
-// handles every other case (token positions, k not fusable with q, mixed cos/sin dtypes).
+// ---- rotary_transformers(_): the common call in one op (validate, view, allocate, launch) ----
+// The public functions with plain cos/sin on a compiled backend spent most of a small (decode)
+// call in Python building views; these do the same work in C++. They mirror
+// rotary_kernels/_canon.py (_x_axes, _cs_plan, check_no_partial_overlap) and decline (no
+// tensors / false) any argument they do not take: the Python path then validates, reports
+// errors with its messages, and handles the other cases (token positions, k not fusable with q).
 
 bool is_float(const at::Tensor& t) {
   auto st = t.scalar_type();

@@ -78,7 +78,7 @@ def _fast(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index) -> list | 
     be = _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
     if be is None:
         return None
-    if torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad)):
+    if _needs_graph(q, k):
         try:
             return Rotary.apply(q, k, cos, sin, unsqueeze_dim, interleaved, False, be, NO_INDEX, False)
         except Declined:
@@ -141,7 +141,7 @@ def apply_rotary_emb(x, cos, sin, unsqueeze_dim=1, interleaved=False, *, backend
 
 def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index):
     be = _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
-    if be is not None and not (torch.is_grad_enabled() and (q.requires_grad or (k is not None and k.requires_grad))):
+    if be is not None and not _needs_graph(q, k):  # (with gradients: the full path's error)
         if _compiled_ops().ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved):
             return
     idx, canon = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
