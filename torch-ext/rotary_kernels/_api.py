@@ -80,7 +80,7 @@ def _fast(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index) -> list | 
         return None
     if _needs_graph(q, k):
         try:
-            return Rotary.apply(q, k, cos, sin, unsqueeze_dim, interleaved, False, be, NO_INDEX, False)
+            return Rotary.apply(q, k, cos, sin, (unsqueeze_dim, interleaved, False, be, NO_INDEX, False))
         except Declined:
             return None
     return _compiled_ops().ops.rotary_transformers(q, k, cos, sin, unsqueeze_dim, interleaved, False) or None

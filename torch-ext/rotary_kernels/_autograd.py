@@ -24,6 +24,7 @@ mrope_interleaved, cached) are ``_index.Index.op_args()``. ``rotary_`` rotates i
 
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -162,17 +163,21 @@ rotary_x.register_autograd(_backward_x, setup_context=_setup_x)
 
 class Rotary(torch.autograd.Function):
     """Eager autograd for gradients wrt q/k (cos/sin need none): forward = the rotation,
-    backward = the rotation with ``conj`` flipped, itself differentiable (double backward)."""
+    backward = the rotation with ``conj`` flipped, itself differentiable (double backward).
+
+    ``args``: (unsqueeze_dim, interleaved, conj, backend, idx, validated), packed into one
+    argument: ``apply`` binds the arguments against forward's signature on every call, whose
+    cost grows with their number."""
 
     @staticmethod
-    def forward(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, idx, validated=True):
-        return tuple(rotate_new(backend, q, k, cos, sin, unsqueeze_dim, interleaved, conj, idx, validated))
+    def forward(q, k, cos, sin, args):
+        return tuple(rotate_new(args[3], q, k, cos, sin, *args[:3], *args[4:]))
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # (separate from forward: torch.func transforms work)
-        q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, idx = inputs[:9]
+        q, k, cos, sin, args = inputs
         ctx.save_for_backward(cos, sin)
-        ctx.args = (unsqueeze_dim, interleaved, conj, backend, idx)
+        ctx.args = args
         for x, out in zip((q, k), output):  # like the reference: an output depends on its own input only
             if not x.requires_grad:
                 ctx.mark_non_differentiable(out)
@@ -180,19 +185,25 @@ class Rotary(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         cos, sin = ctx.saved_tensors
-        unsqueeze_dim, interleaved, conj, backend, idx = ctx.args
+        unsqueeze_dim, interleaved, conj, backend, idx, _ = ctx.args
         gq, gk = grads if len(grads) == 2 else (grads[0], None)
-        d = Rotary.apply(gq, gk, cos, sin, unsqueeze_dim, interleaved, not conj, backend, idx)
+        args = (unsqueeze_dim, interleaved, not conj, backend, idx, True)
+        if torch.is_grad_enabled():  # create_graph: record the backward for double backward
+            d = Rotary.apply(gq, gk, cos, sin, args)
+        else:
+            d = rotate_new(backend, gq, gk, cos, sin, unsqueeze_dim, interleaved, not conj, idx)
         dq, dk = d if gk is not None else (d[0], None)
-        return (dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None,
-                *([None] * 8))
+        return dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None, None, None, None
+
+
+Rotary.forward.__signature__ = inspect.signature(Rotary.forward)  # computed once, not per apply
 
 
 def rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, backend, idx: Index) -> tuple:
     """Rotate q (and k, may be None) recording autograd: ``Rotary`` in eager mode when cos/sin
     need no gradient, else (torch.compile, cos/sin gradients) the custom ops."""
     if not (torch.compiler.is_compiling() or cos.requires_grad or sin.requires_grad):
-        return Rotary.apply(q, k, cos, sin, unsqueeze_dim, interleaved, False, backend, idx)
+        return Rotary.apply(q, k, cos, sin, (unsqueeze_dim, interleaved, False, backend, idx, True))
     if k is None:
         return (rotary_x(q, cos, sin, unsqueeze_dim, interleaved, False, backend, *idx.op_args()),)
     return rotary_qk(q, k, cos, sin, unsqueeze_dim, interleaved, False, backend, *idx.op_args())
