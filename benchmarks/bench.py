@@ -8,7 +8,7 @@ Timing: GPU: CUDA events around each call, with the L2 flushed (256 MB written) 
 median and interquartile range of the per-call times. CPU: wall clock per call (the machine's
 caches may hold the tensors: that is the CPU's real working condition for these sizes); out of
 place calls there include first-touch page faults of their freshly allocated outputs (glibc
-hands large blocks back to the OS), which eager and torch.compile pay as well.
+maps blocks over 32 MB afresh on every call), which eager and torch.compile pay as well.
 
 Bytes (the minimum one call must move, each tensor read or written once):
     forward, in place, backward: 2 * (|q| + |k|) * itemsize + |cos| + |sin|   (|x| = bytes of x)
