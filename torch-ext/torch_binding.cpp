@@ -42,10 +42,13 @@
 
 namespace {
 
-void check_float(const at::Tensor& t, const char* name) {
+bool is_float(const at::Tensor& t) {
   auto st = t.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, name,
-              " must be float32, float64, float16 or bfloat16, got ", st);
+  return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
+}
+
+void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(is_float(t), name, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
 }
 
 void check_like(const at::Tensor& out, const at::Tensor& x, const char* name) {
@@ -185,11 +188,6 @@ void apply_rotary_op(const at::Tensor& x1, const at::Tensor& x2, const at::Tenso
 // rotary_kernels/_canon.py (_x_axes, _cs_plan, check_no_partial_overlap) and decline (no
 // tensors / false) any argument they do not take: the Python path then validates, reports
 // errors with its messages, and handles the other cases (token positions, k not fusable with q).
-
-bool is_float(const at::Tensor& t) {
-  auto st = t.scalar_type();
-  return st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16;
-}
 
 // The permutation taking x to [others..., head, D] (head: the axis unsqueeze_dim inserts into
 // cos), or an empty vector when cos [..., R] unsqueezed there does not broadcast to x.
