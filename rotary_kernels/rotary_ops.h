@@ -57,12 +57,16 @@ inline TokenIndex make_token_index(const at::Tensor& cos, const IndexArgs& ix) {
   return t;
 }
 
+// a and b are the same view of the same memory (an output that is its input: in place).
+inline bool same_view(const at::Tensor& a, const at::Tensor& b) {
+  return a.data_ptr() == b.data_ptr() && a.strides() == b.strides() && a.sizes() == b.sizes();
+}
+
 // x (canonical [A, S, H, D]) rotated into y; R = rotary dim. In place when y is x.
 template <typename scalar_t>
 Operand<scalar_t> make_operand(const at::Tensor& x, const at::Tensor& y, int64_t R) {
-  const bool same = x.data_ptr() == y.data_ptr() && x.strides() == y.strides();
   return {x.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), strides4(x), strides4(y), x.size(2),
-          R < x.size(3) && !same};
+          R < x.size(3) && !same_view(x, y)};
 }
 
 // The rotary ops' type dispatch: x's dtype, and cos/sin read as x's dtype or as float (any

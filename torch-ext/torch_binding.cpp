@@ -323,8 +323,7 @@ bool dense(const at::Tensor& t) {
 // _canon.check_no_partial_overlap's rule: out may be exactly t or disjoint from it; a partial
 // overlap is detected for dense tensors (strided views whose spans interleave are let through).
 bool partial_overlap(const at::Tensor& out, const at::Tensor& t) {
-  const bool same = out.data_ptr() == t.data_ptr() && out.strides() == t.strides() && out.sizes() == t.sizes();
-  if (same || out.numel() == 0 || t.numel() == 0 || !out.storage().is_alias_of(t.storage())) return false;
+  if (rotary_kernels::same_view(out, t) || out.numel() == 0 || t.numel() == 0 || !out.storage().is_alias_of(t.storage())) return false;
   if (!dense(out) || !dense(t)) return false;
   auto span = [](const at::Tensor& x) {
     const auto lo = reinterpret_cast<uintptr_t>(x.data_ptr());

@@ -6,7 +6,8 @@ import torch
 
 from . import _canon
 from ._autograd import Rotary, rotary_, rotate_differentiable
-from ._dispatch import BACKENDS, Declined, _compiled_ops, backend_available, launch_elementwise, launch_rotary, select_backend
+from ._dispatch import (BACKENDS, Declined, _compiled_ops, backend_available, launch_elementwise, launch_rotary,
+                        rotate_new, select_backend)
 from ._index import NO_INDEX, make_index, reference_kwargs, template
 from .reference import materialize_cos_sin, rotary_reference_indexed
 
@@ -78,12 +79,12 @@ def _fast(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index) -> list | 
     be = _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
     if be is None:
         return None
-    if _needs_graph(q, k):
-        try:
+    try:
+        if _needs_graph(q, k):
             return Rotary.apply(q, k, cos, sin, (unsqueeze_dim, interleaved, False, be, NO_INDEX, False))
-        except Declined:
-            return None
-    return _compiled_ops().ops.rotary_transformers(q, k, cos, sin, unsqueeze_dim, interleaved, False) or None
+        return rotate_new(be, q, k, cos, sin, unsqueeze_dim, interleaved, False, NO_INDEX, validated=False)
+    except Declined:
+        return None
 
 
 def _plain_if_cos_grad(q, cos, sin, unsqueeze_dim, interleaved, idx):
