@@ -70,7 +70,7 @@ def test_inplace_rejects_autograd_and_overlap():
     with pytest.raises(RuntimeError, match="does not support autograd"):
         rk.apply_rotary_transformers_(q, k, cos, sin)
     q2 = torch.randn(1, 4, 3, 16)
-    with pytest.raises(ValueError, match="k partially overlaps"):  # k is two of q's heads
+    with pytest.raises(ValueError, match="q overlaps k"):  # k is two of q's heads
         rk.apply_rotary_transformers_(q2, q2[:, 1:3], cos[:1], sin[:1])
 
 
@@ -104,7 +104,7 @@ def test_apply_rotary_rejects_bad_out():
     with pytest.raises(ValueError, match="cos of shape"):
         rk.apply_rotary(x1, x2, torch.randn(3), sin, torch.empty(4, 8), torch.empty(4, 8), False)
     buf = torch.randn(5, 8)
-    with pytest.raises(ValueError, match="out1 partially overlaps"):
+    with pytest.raises(ValueError, match="out1 overlaps x1"):
         rk.apply_rotary(buf[:4], x2, cos, sin, buf[1:], torch.empty(4, 8), False)
 
 

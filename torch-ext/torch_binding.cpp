@@ -79,6 +79,7 @@ void check_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const
   TORCH_CHECK(R > 0 && R % 2 == 0 && R <= q.size(3), "rotary dim (cos.size(-1)) must be even, positive and <= D=",
               q.size(3), ", got ", R);
   const bool cache = cos.dim() == 2, mrope = !ix.mrope_section.empty();
+  TORCH_CHECK(!cache || cos.size(0) > 0, "the cos/sin cache is empty (0 rows)");
   TORCH_CHECK(ix.mrope_section.empty() || ix.mrope_section.size() == 3, "mrope_section must be empty or 3 sizes");
   if (mrope) {
     const auto& m = ix.mrope_section;
@@ -305,49 +306,51 @@ std::vector<at::Tensor> rotary_transformers_op(const at::Tensor& q, const std::o
   return outs;
 }
 
-// Does t cover its memory span exactly (a permutation of a contiguous tensor)? (_canon._dense)
-bool dense(const at::Tensor& t) {
+// Provably no two elements of t share memory: sorted by stride, each stride exceeds the reach
+// of the smaller ones (any permuted slice of a contiguous tensor). Anything else declines to the
+// Python path, whose exact test (_canon.internal_overlap) accepts or reports it.
+bool nested(const at::Tensor& t) {
   std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size)
   for (int64_t d = 0; d < t.dim(); ++d) {
     if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
   }
   std::sort(dims.begin(), dims.end());
-  int64_t expected = 1;
+  int64_t reach = 0;
   for (const auto& [stride, size] : dims) {
-    if (stride != expected) return false;
-    expected *= size;
+    if (stride <= reach) return false;
+    reach += (size - 1) * stride;
   }
   return true;
 }
 
-// _canon.check_no_partial_overlap's rule: out may be exactly t or disjoint from it; a partial
-// overlap is detected for dense tensors (strided views whose spans interleave are let through).
-bool partial_overlap(const at::Tensor& out, const at::Tensor& t) {
-  if (rotary_kernels::same_view(out, t) || out.numel() == 0 || t.numel() == 0 || !out.storage().is_alias_of(t.storage())) return false;
-  if (!dense(out) || !dense(t)) return false;
+// a and b may share memory: one storage and intersecting byte spans. Disjoint spans are the
+// common case (separate projections); anything else declines to the Python path, whose exact
+// test (_canon.overlap) tells strided views of one storage (a packed qkv's heads) apart.
+bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
   auto span = [](const at::Tensor& x) {
     const auto lo = reinterpret_cast<uintptr_t>(x.data_ptr());
     int64_t last = 0;
     for (int64_t d = 0; d < x.dim(); ++d) last += (x.size(d) - 1) * x.stride(d);
     return std::make_pair(lo, lo + static_cast<uintptr_t>((last + 1) * x.element_size()));
   };
-  const auto [a0, a1] = span(out);
-  const auto [b0, b1] = span(t);
+  const auto [a0, a1] = span(a);
+  const auto [b0, b1] = span(b);
   return a0 < b1 && b0 < a1;
 }
 
-// In place: true when done; false for anything outside the one-call path (including partial
-// overlaps, which the Python path reports). Eager only (it reads data pointers): under
-// torch.compile the public functions use the functionalizable rotary_ custom op.
+// In place: true when done; false for anything outside the one-call path or not provably safe
+// to write (the Python path then applies _canon.check_writes and reports). Eager only (it reads
+// data pointers): under torch.compile the public functions use the functionalizable rotary_ op.
 bool rotary_transformers_inplace_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                                     const at::Tensor& sin, int64_t unsqueeze_dim, bool interleaved) {
   const at::AutoDispatchBelowADInplaceOrView guard;
   const auto plan = plan_rotary(q, k, cos, sin, unsqueeze_dim);
   if (!plan) return false;
   for (const at::Tensor* x : {&q, k.has_value() ? &*k : nullptr}) {
-    if (x != nullptr && (partial_overlap(*x, cos) || partial_overlap(*x, sin))) return false;
+    if (x != nullptr && (!nested(*x) || may_overlap(*x, cos) || may_overlap(*x, sin))) return false;
   }
-  if (k.has_value() && partial_overlap(*k, q)) return false;
+  if (k.has_value() && may_overlap(*k, q)) return false;
   launch_planned(*plan, q, k, cos, sin, unsqueeze_dim, q, k, interleaved, false);
   return true;
 }

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from . import _canon
-from ._autograd import Rotary, rotary_, rotate_differentiable
-from ._dispatch import (BACKENDS, Declined, _compiled_ops, backend_available, launch_elementwise, launch_rotary,
+from ._autograd import Rotary, functional_transform, rotary_, rotate_differentiable
+from ._dispatch import (BACKENDS, COMPILED, Declined, backend_available, launch_elementwise, launch_rotary,
                         rotate_new, select_backend)
-from ._index import NO_INDEX, make_index, reference_kwargs, template
+from ._index import NO_INDEX, check_values, make_index, reference_kwargs, template
 from .reference import materialize_cos_sin, rotary_reference_indexed
 
 _INDEX_DOC = """
@@ -48,25 +49,38 @@ def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict):
 
 
 def _needs_graph(*tensors) -> bool:
-    """Use the custom op (autograd, torch.compile) rather than a bare launch?"""
-    if torch.compiler.is_compiling():
+    """Record autograd (eager ``Rotary``, or the custom ops under torch.compile) rather than launch?"""
+    if torch.compiler.is_compiling() or functional_transform():
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _reference_for_transform(cos, sin) -> bool:
+    """Under torch.func / forward-mode AD, ``Rotary`` carries q/k's tangents and gradients;
+    transforms that reach cos/sin, and vmap, go through the reference's PyTorch ops instead."""
+    if not functional_transform():
+        return False
+    if torch._C._functorch.peek_interpreter_stack() is not None and any(
+            i.key() == torch._C._functorch.TransformType.Vmap for i in torch._C._functorch.get_interpreter_stack()):
+        return True
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) or fwAD.unpack_dual(t).tangent is not None
+               for t in (cos, sin))
 
 
 def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index):
     """The compiled backend for the one-call C++ entry ops (torch_binding.cpp), or None when
     they do not apply: token-position options, tensor subclasses, tracing, cos/sin gradients,
     a backend other than cpu/cuda."""
-    if index or type(unsqueeze_dim) is not int or type(interleaved) is not bool:
-        return None
+    if index or type(unsqueeze_dim) is not int or not -5 <= unsqueeze_dim < 5 or type(interleaved) is not bool:
+        return None  # (5: cos/sin [B, S, R] unsqueezed have 4 dims; the full path reports the rest)
     if not all(type(t) is torch.Tensor for t in (q, cos, sin)) or not (k is None or type(k) is torch.Tensor):
         return None
-    if torch.compiler.is_compiling() or (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
+    if torch.compiler.is_compiling() or functional_transform() or (
+            torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
         return None
     try:
         be = select_backend(q.device, backend)
-    except (RuntimeError, ValueError):  # reported by the full path, after argument validation
+    except (RuntimeError, TypeError, ValueError):  # reported by the full path, after argument validation
         return None
     return be if be in ("cpu", "cuda") else None
 
@@ -110,8 +124,9 @@ def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=Fa
             return out[0], out[1]
     _canon.check_float("k", k)  # apply_rotary_emb rotates a single tensor
     idx, canon = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
-    be = select_backend(q.device, backend)
+    be = "reference" if _reference_for_transform(cos, sin) else select_backend(q.device, backend)
     if be == "reference":
+        check_values(q, cos, unsqueeze_dim, idx)
         kw = reference_kwargs(idx)
         return (rotary_reference_indexed(q, cos, sin, unsqueeze_dim, interleaved, **kw),
                 rotary_reference_indexed(k, cos, sin, unsqueeze_dim, interleaved, **kw))
@@ -129,8 +144,9 @@ def apply_rotary_emb(x, cos, sin, unsqueeze_dim=1, interleaved=False, *, backend
     if out is not None:
         return out[0]
     idx, canon = _validate(x, None, cos, sin, unsqueeze_dim, interleaved, index)
-    be = select_backend(x.device, backend)
+    be = "reference" if _reference_for_transform(cos, sin) else select_backend(x.device, backend)
     if be == "reference":
+        check_values(x, cos, unsqueeze_dim, idx)
         return rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, **reference_kwargs(idx))
     if _needs_graph(x, cos, sin):
         cos, sin, idx = _plain_if_cos_grad(x, cos, sin, unsqueeze_dim, interleaved, idx)
@@ -140,31 +156,46 @@ def apply_rotary_emb(x, cos, sin, unsqueeze_dim=1, interleaved=False, *, backend
     return out
 
 
+def check_mutable(**tensors) -> None:
+    """Like torch's own in-place ops: an inference tensor is only updated inside inference mode.
+    (Not while torch.compile traces, which cannot inspect it and functionalizes the update.)"""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return
+    for name, t in tensors.items():
+        if t is not None and t.is_inference():
+            raise RuntimeError(f"{name} is an inference tensor (made under torch.inference_mode()); updating it "
+                               "in place outside inference mode is not allowed: clone() it first")
+
+
 def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index):
+    names = ("q", "k") if k is not None else ("x", "k")
+    check_mutable(**{names[0]: q, "k": k})
     be = _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
     if be is not None and not _needs_graph(q, k):  # (with gradients: the full path's error)
-        if _compiled_ops().ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved):
+        if COMPILED.ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved):
+            torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
             return
     idx, canon = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, cos, sin)):
+    if functional_transform() or (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                                  for t in (q, k, cos, sin))):
         raise RuntimeError(
-            "in-place rotation does not support autograd; use apply_rotary_transformers / "
-            "apply_rotary_emb, or call under torch.no_grad() / torch.inference_mode()"
+            "in-place rotation does not support autograd (nor forward-mode AD / torch.func transforms); use "
+            "apply_rotary_transformers / apply_rotary_emb, or call under torch.no_grad() / torch.inference_mode()"
         )
     be = select_backend(q.device, backend)
     if torch.compiler.is_compiling():  # data pointers are not traceable; the op is the same
         rotary_(q, k, cos, sin, unsqueeze_dim, interleaved, False, be, *idx.op_args())
         return
-    for name, t in (("q", q), ("k", k)):
-        if t is not None:
-            _canon.check_no_partial_overlap(name, t, cos, sin)
-    if k is not None:
-        _canon.check_no_partial_overlap("k", k, q)
+    _canon.check_writes({names[0]: q, "k": k}, dict(cos=cos, sin=sin, positions=idx.positions,
+                                                    cu_seqlens=idx.cu_seqlens, seqlen_offsets=idx.seqlen_offsets))
     launch_rotary(be, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, False, idx, canon)
+    torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
 
 
 def apply_rotary_transformers_(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, backend=None, **index):
-    """In-place ``apply_rotary_transformers``: rotates q and k in place and returns them."""
+    """In-place ``apply_rotary_transformers``: rotates q and k in place and returns them.
+    q and k must not overlap in memory (each element is rotated once)."""
+    _canon.check_float("k", k)  # apply_rotary_emb_ rotates a single tensor
     _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
     return q, k
 
@@ -223,12 +254,13 @@ def apply_rotary(x1, x2, cos, sin, out1, out2, conj: bool = False, *, backend=No
 
     ``out1 = x1 * cos - x2 * sin`` and ``out2 = x1 * sin + x2 * cos`` (sin negated when
     ``conj``), with cos/sin broadcast to x1's shape, math in fp32. ``out1``/``out2`` may be
-    ``x1``/``x2`` themselves (in place) but must not partially overlap the inputs.
+    ``x1``/``x2`` themselves (in place) but must not otherwise overlap any argument.
     """
     for name, t in (("x1", x1), ("x2", x2), ("cos", cos), ("sin", sin)):
         _canon.check_float(name, t)
-    if x2.shape != x1.shape:
-        raise ValueError(f"x1 and x2 must have the same shape, got {tuple(x1.shape)} and {tuple(x2.shape)}")
+    if x2.shape != x1.shape or x2.dtype != x1.dtype:
+        raise ValueError(f"x1 and x2 must have the same shape and dtype, got {tuple(x1.shape)} {x1.dtype} "
+                         f"and {tuple(x2.shape)} {x2.dtype}")
     _canon.check_out("out1", out1, x1)
     _canon.check_out("out2", out2, x2)
     for name, t in (("cos", cos), ("sin", sin)):
@@ -239,12 +271,14 @@ def apply_rotary(x1, x2, cos, sin, out1, out2, conj: bool = False, *, backend=No
         if not ok:
             raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to x1's shape {tuple(x1.shape)}")
     _canon.check_same_device(x1=x1, x2=x2, cos=cos, sin=sin, out1=out1, out2=out2)
-    _canon.check_no_partial_overlap("out1", out1, x1, x2, cos, sin)
-    _canon.check_no_partial_overlap("out2", out2, x1, x2, cos, sin)
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x1, x2, cos, sin, out1, out2)):
         raise RuntimeError("apply_rotary writes into out1/out2 and does not support autograd; "
                            "use apply_rotary_transformers or apply_rotary_emb for training")
+    check_mutable(out1=out1, out2=out2)
+    _canon.check_writes(dict(out1=out1, out2=out2), dict(x1=x1, x2=x2, cos=cos, sin=sin),
+                        in_place_of=dict(out1="x1", out2="x2"))
     launch_elementwise(select_backend(x1.device, backend), x1, x2, cos, sin, out1, out2, bool(conj))
+    torch.autograd.graph.increment_version((out1, out2))
 
 
 def available_backends(device="cpu") -> list[str]:

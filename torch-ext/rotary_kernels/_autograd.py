@@ -28,12 +28,23 @@ import inspect
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from ._dispatch import launch_rotary, rotate_new
 from ._index import Index
 from ._ops import add_op_namespace_prefix
 from .reference import compute_dtype, rotate_every_two, rotate_half
+
+
+def functional_transform() -> bool:
+    """A forward-mode AD level or a torch.func transform is active: tangents and functorch
+    wrappers do not show in ``requires_grad``, so the autograd paths must be taken anyway.
+    (False while torch.compile traces: it records the custom ops, whatever the mode.)"""
+    if torch.compiler.is_compiling():
+        return False
+    return fwAD._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
+
 
 
 @torch.library.custom_op(add_op_namespace_prefix("rotary_qk"), mutates_args=())
@@ -177,10 +188,24 @@ class Rotary(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # (separate from forward: torch.func transforms work)
         q, k, cos, sin, args = inputs
         ctx.save_for_backward(cos, sin)
+        ctx.save_for_forward(cos, sin)
         ctx.args = args
-        for x, out in zip((q, k), output):  # like the reference: an output depends on its own input only
-            if not x.requires_grad:
-                ctx.mark_non_differentiable(out)
+        ctx.has_k = k is not None
+        if not functional_transform():  # (there, tangents do not show in requires_grad)
+            for x, out in zip((q, k), output):  # like the reference: an output depends on its own input only
+                if not x.requires_grad:
+                    ctx.mark_non_differentiable(out)
+
+    @staticmethod
+    def jvp(ctx, q_t, k_t, cos_t, sin_t, _):
+        """Forward-mode AD: the rotation is linear in q/k, so a tangent rotates like its primal,
+        through this same Function (tangents may be torch.func wrappers; nested transforms compose).
+        (cos/sin with tangents never get here: the public API sends those to the reference.)"""
+        cos, sin = ctx.saved_tensors
+        if ctx.has_k and q_t is not None and k_t is not None:
+            return Rotary.apply(q_t, k_t, cos, sin, ctx.args)
+        return tuple(None if t is None else Rotary.apply(t, None, cos, sin, ctx.args)[0]
+                     for t in (q_t, k_t)[: 1 + ctx.has_k])
 
     @staticmethod
     def backward(ctx, *grads):

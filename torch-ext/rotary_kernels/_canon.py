@@ -144,36 +144,118 @@ def same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.data_ptr() == b.data_ptr() and a.stride() == b.stride() and a.shape == b.shape
 
 
-def check_no_partial_overlap(name: str, out: torch.Tensor, *inputs: torch.Tensor) -> None:
-    """``out`` may be exactly an input (in place) but must not partly overlap one.
+# ---- Memory rules of the functions that write into tensors they are given ------------------
+# (the in-place functions, apply_rotary's outs). A kernel reads and writes every element once,
+# in an order the GPU does not fix, so a written tensor must not overlap itself (e.g. expand()),
+# another written tensor, or any input other than the one it rotates in place (exactly the
+# same view). Both tests below are exact: they solve "do two element offsets coincide" over the
+# tensors' sizes and strides (a small bounded integer problem; strided views of one storage,
+# such as the q and k heads of a packed qkv, are told apart exactly), not by comparing spans.
 
-    Like ATen's own check, this is exact for dense tensors (whose memory span is all
-    theirs) and gives up on strided views whose spans interleave.
-    """
-    for t in inputs:
-        if t is None or same_view(out, t) or out.numel() == 0 or t.numel() == 0:
+_SEARCH_BUDGET = 100_000  # nodes; only layouts no view of a contiguous tensor has get near it
+
+
+def _solve(target: int, terms: list) -> bool | None:
+    """Is ``target == sum(c * stride)`` for integers ``lo <= c <= hi``, over ``terms`` =
+    [(stride, lo, hi)] with positive strides? None when the search exceeds its budget."""
+    merged: dict = {}
+    for st, lo, hi in terms:  # equal strides add their ranges
+        a, b = merged.get(st, (0, 0))
+        merged[st] = (a + lo, b + hi)
+    dims = sorted(((st, lo, hi) for st, (lo, hi) in merged.items()), reverse=True)
+    rest_lo, rest_hi = [0] * (len(dims) + 1), [0] * (len(dims) + 1)  # reach of dims[i:]
+    for i in range(len(dims) - 1, -1, -1):
+        st, lo, hi = dims[i]
+        rest_lo[i], rest_hi[i] = rest_lo[i + 1] + lo * st, rest_hi[i + 1] + hi * st
+    budget = [_SEARCH_BUDGET]
+
+    def search(i: int, t: int) -> bool | None:
+        if i == len(dims):
+            return t == 0
+        budget[0] -= 1
+        if budget[0] < 0:
+            return None
+        st, lo, hi = dims[i]
+        # c * st must leave a remainder dims[i + 1:] can reach
+        c0, c1 = max(lo, -((rest_hi[i + 1] - t) // st)), min(hi, (t - rest_lo[i + 1]) // st)
+        unknown = False
+        for c in range(c0, c1 + 1):
+            found = search(i + 1, t - c * st)
+            if found:
+                return True
+            unknown |= found is None
+        return None if unknown else False
+
+    return search(0, target)
+
+
+def _dims(t: torch.Tensor) -> list:
+    return [(st, n) for n, st in zip(t.shape, t.stride()) if n != 1]
+
+
+def internal_overlap(t: torch.Tensor) -> bool | None:
+    """Do two elements of t share memory (expand(), as_strided)? None: not decidable cheaply."""
+    dims = sorted(_dims(t))
+    reach = 0  # largest offset difference the smaller-stride dims span
+    for st, n in dims:
+        if st <= reach:
+            break
+        reach += (n - 1) * st
+    else:
+        return False  # nested strides, as any permuted slice of a contiguous tensor has
+    if any(st == 0 for st, _ in dims) or len({st for st, _ in dims}) < len(dims):
+        return True
+    # some c != 0 with sum(c * st) == 0; by symmetry its first nonzero entry, c[i], is positive
+    for i, (st, n) in enumerate(dims):
+        found = _solve(-st, [(st, 0, n - 2)] + [(s2, -(n2 - 1), n2 - 1) for s2, n2 in dims[i + 1:]])
+        if found is not False:
+            return found
+    return False
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor) -> bool | None:
+    """Do a and b share a byte of memory? None: not decidable cheaply."""
+    if a.numel() == 0 or b.numel() == 0 or a.device.type == "meta":
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    ea, eb = a.element_size(), b.element_size()
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1 = a0 + sum((n - 1) * st for st, n in _dims(a)) * ea + ea
+    b1 = b0 + sum((n - 1) * st for st, n in _dims(b)) * eb + eb
+    if a1 <= b0 or b1 <= a0:
+        return False
+    # a0 + sum(i * sa) + u == b0 + sum(j * sb) + v, i/j within the sizes, u/v within an element
+    terms = ([(st * ea, -(n - 1), 0) for st, n in _dims(a) if st] + [(1, -(ea - 1), 0)] +
+             [(st * eb, 0, n - 1) for st, n in _dims(b) if st] + [(1, 0, eb - 1)])
+    return _solve(a0 - b0, terms)
+
+
+def check_writes(written: dict, inputs: dict, in_place_of: dict | None = None) -> None:
+    """The memory rules above, for ``written`` {name: tensor} (None entries skipped) against
+    each other and ``inputs``; ``in_place_of`` {written name: input name} lets a written tensor
+    be exactly that input (apply_rotary's ``out1 is x1``). Raises ValueError naming the arguments."""
+    in_place_of = in_place_of or {}
+    names = [n for n, t in written.items() if t is not None]
+    for i, name in enumerate(names):
+        w = written[name]
+        if w.device.type == "meta":
             continue
-        if out.untyped_storage().data_ptr() != t.untyped_storage().data_ptr():
-            continue
-        if not (_dense(out) and _dense(t)):
-            continue
-        (a0, a1), (b0, b1) = _span(out), _span(t)
-        if a0 < b1 and b0 < a1:
+        found = internal_overlap(w)
+        if found is not False:
             raise ValueError(
-                f"{name} partially overlaps an input; pass the input itself for in place, or a separate tensor"
+                f"{name} {'has' if found else 'may have'} elements sharing memory (e.g. from expand()); "
+                f"the kernels write each element once: pass {name}.clone() (or .contiguous())"
             )
-
-
-def _dense(t: torch.Tensor) -> bool:
-    """Does t cover its memory span exactly (a permutation of a contiguous tensor)?"""
-    expected = 1
-    for stride, size in sorted((st, n) for n, st in zip(t.shape, t.stride()) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _span(t: torch.Tensor):
-    lo = t.data_ptr()
-    return lo, lo + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) * t.element_size() + t.element_size()
+        others = [(n, t, "an input") for n, t in inputs.items() if t is not None]
+        others += [(n, written[n], "written too") for n in names[i + 1:]]
+        for other, t, role in others:
+            if in_place_of.get(name) == other and same_view(w, t):
+                continue
+            found = overlap(w, t)
+            if found is not False:
+                own = in_place_of.get(name) if role == "an input" else None
+                raise ValueError(
+                    f"{name} {'overlaps' if found else 'may overlap'} {other} ({role}) in memory; pass "
+                    + (f"{own} itself for in place, or " if own else "") + "a separate tensor"
+                )

@@ -16,35 +16,23 @@ import os
 import torch
 
 from . import _canon
-from ._index import NO_INDEX, canonical_positions, canonical_tables, reference_kwargs, template
+from ._index import NO_INDEX, canonical_positions, canonical_tables, check_values, reference_kwargs, template
 from .reference import apply_rotary_reference, rotary_reference_indexed
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
 
-_COMPILED = []  # [module or None] once imported
+from . import _compiled
 
-
-def _compiled_ops():
-    """The compiled extension's ops, or None when it was not built."""
-    if not _COMPILED:
-        from . import _compiled
-
-        _COMPILED.append(_compiled if _compiled.HAS_EXT else None)
-    return _COMPILED[0]
-
-
-_TRITON = []  # [module or None] once imported
-
-
-def _triton_module():
-    if not _TRITON:
-        try:
-            from . import _triton
-        except Exception:  # ImportError, or triton failing to find a driver
-            _triton = None
-        _TRITON.append(_triton)
-    return _TRITON[0]
+# The compiled extension's ops (None when it was not built) and the Triton module (None when
+# triton is missing or fails to import), fixed at import: torch.compile guards on such globals,
+# so filling them lazily during a first trace would cost a second graph. (Triton reads
+# TRITON_INTERPRET when the kernels are defined: set it before importing rotary_kernels.)
+COMPILED = _compiled if _compiled.HAS_EXT else None
+try:
+    from . import _triton as TRITON
+except Exception:  # ImportError, or triton failing to find a driver
+    TRITON = None
 
 
 def _interpret() -> bool:
@@ -56,12 +44,12 @@ def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
     if backend == "reference":
         return True, ""
     if backend == "cpu":
-        ops = _compiled_ops()
+        ops = COMPILED
         if device.type != "cpu":
             return False, f"the cpu backend runs on CPU tensors, got {device}"
         return (ops is not None), "the compiled extension is not built (pip install -e . --no-build-isolation)"
     if backend == "cuda":
-        ops = _compiled_ops()
+        ops = COMPILED
         if device.type != "cuda" or torch.version.hip:
             return False, f"the cuda backend runs on NVIDIA CUDA tensors, got {device}"
         ok = ops is not None and ops.HAS_CUDA_EXT
@@ -69,13 +57,19 @@ def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
     if backend == "triton":
         if device.type == "cpu" and not _interpret():
             return False, "Triton runs on CPU tensors only with TRITON_INTERPRET=1"
-        if _triton_module() is None:
+        if TRITON is None:
             return False, "triton is not installed or failed to import"
         return True, ""
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
 
 def select_backend(device: torch.device, backend: str | None = None) -> str:
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+    if device.type == "meta":  # shapes only: the reference's PyTorch ops compute them
+        return "reference"
+    if torch.compiler.is_compiling():  # (a cache filled while tracing would cost a second graph)
+        return _select_backend(device, backend)
     key = (device.type, backend, _interpret())
     if key in _SELECTED:  # availability does not change within a process
         return _SELECTED[key]
@@ -112,7 +106,7 @@ def rotate_new(backend, q, k, cos, sin, unsqueeze_dim, interleaved, conj, idx=NO
     which needs validated arguments (else ``Declined`` is raised).
     """
     if backend in ("cpu", "cuda") and idx.plain:
-        outs = _compiled_ops().ops.rotary_transformers(q, k, cos, sin, unsqueeze_dim, interleaved, conj)
+        outs = COMPILED.ops.rotary_transformers(q, k, cos, sin, unsqueeze_dim, interleaved, conj)
         if outs:
             return outs
     if not validated:
@@ -135,6 +129,7 @@ def launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interlea
     token-position options (``_index.Index``); ``canon``: the canonical views of q (and k) the
     caller's validation already built, ``(q4, axes[, k4, kaxes])``.
     """
+    check_values(q, cos, unsqueeze_dim, idx)
     if backend == "reference":
         if conj:
             raise NotImplementedError("the reference backend has no conj launcher; autograd differentiates it")
@@ -167,9 +162,9 @@ def _launch_canonical(backend, q4, k4, qo4, ko4, views, idx, interleaved, conj):
     c, s, pos, cu, off = views
     extra = (pos, cu, off, idx.offset, list(idx.mrope_section), idx.mrope_interleaved)
     if backend == "triton":
-        _triton_module().rotary_qk(q4, k4, c, s, qo4, ko4, interleaved, conj, *extra)
+        TRITON.rotary_qk(q4, k4, c, s, qo4, ko4, interleaved, conj, *extra)
         return
-    ops = _compiled_ops().ops
+    ops = COMPILED.ops
     inplace = _canon.same_view(q4, qo4) and (k4 is None or _canon.same_view(k4, ko4))
     if inplace:
         ops.rotary_inplace(q4, k4, c, s, interleaved, conj, *extra)
@@ -189,8 +184,8 @@ def launch_elementwise(backend, x1, x2, cos, sin, out1, out2, conj):
             t = t.expand_as(x1)
             return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
 
-        _triton_module().apply_rotary_elementwise(
+        TRITON.apply_rotary_elementwise(
             as4(x1), as4(x2), as4(cos), as4(sin), as4(out1), as4(out2), conj
         )
         return
-    _compiled_ops().ops.apply_rotary(x1, x2, cos, sin, out1, out2, conj)
+    COMPILED.ops.apply_rotary(x1, x2, cos, sin, out1, out2, conj)

@@ -82,7 +82,10 @@ def make_index(x, cos, unsqueeze_dim, positions=None, cu_seqlens=None, max_seqle
         raise ValueError("mrope_interleaved=True needs mrope_section")
     section = ()
     if mrope_section is not None:
-        section = tuple(mrope_section)
+        try:
+            section = tuple(mrope_section)
+        except TypeError:
+            raise ValueError(f"mrope_section must be three non-negative ints (t, h, w), got {mrope_section!r}") from None
         if len(section) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in section):
             raise ValueError(f"mrope_section must be three non-negative ints (t, h, w), got {mrope_section!r}")
         if sum(section) != cos.shape[-1] // 2:
@@ -109,12 +112,6 @@ def make_index(x, cos, unsqueeze_dim, positions=None, cu_seqlens=None, max_seqle
         if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens must be 1-D [batch + 1], got shape {tuple(cu_seqlens.shape)}")
         n_seqs = cu_seqlens.numel() - 1
-        if checks_enabled(cu_seqlens):
-            cu = cu_seqlens.tolist()
-            if cu[0] != 0 or cu[-1] != lead[-1] or any(b < a for a, b in zip(cu, cu[1:])):
-                raise ValueError(
-                    f"cu_seqlens must rise from 0 to the number of tokens {lead[-1]}, got {cu[:8]}{'...' if len(cu) > 8 else ''}"
-                )
     if positions is not None:
         _check_int("positions", positions, x.device)
         tok = positions
@@ -138,15 +135,27 @@ def make_index(x, cos, unsqueeze_dim, positions=None, cu_seqlens=None, max_seqle
     elif seqlen_offsets is not None:
         if not isinstance(seqlen_offsets, int) or isinstance(seqlen_offsets, bool):
             raise TypeError(f"seqlen_offsets must be an int or an int tensor, got {type(seqlen_offsets).__name__}")
+        if not -(2**63) <= seqlen_offsets < 2**63:
+            raise ValueError(f"seqlen_offsets={seqlen_offsets} does not fit in int64")
         offset = seqlen_offsets
-    idx = Index(positions, cu_seqlens, offsets, offset, section, mrope_interleaved, cached=True)
-    if checks_enabled(positions, cu_seqlens, offsets):
-        check_range(x, cos, unsqueeze_dim, idx)
-    return idx
+    if cos.shape[0] == 0:
+        raise ValueError("the cos/sin cache is empty (0 rows)")
+    return Index(positions, cu_seqlens, offsets, offset, section, mrope_interleaved, cached=True)
 
 
-def check_range(x, cos, unsqueeze_dim, idx: Index) -> None:
-    """Host-side range check of every token's position (reference.check_positions)."""
+def check_values(x, cos, unsqueeze_dim, idx: Index) -> None:
+    """The data-dependent checks of the token-position options: ``cu_seqlens`` rises from 0 to
+    the number of tokens, every position lies in the cache (reference.check_positions). Called
+    where the kernels launch, so they also run inside torch.compile'd and exported programs
+    (whose tracing skips them); ``checks_enabled`` says on which devices."""
+    if not idx.cached or not checks_enabled(x, idx.positions, idx.cu_seqlens, idx.seqlen_offsets):
+        return
+    if idx.cu_seqlens is not None:
+        cu, tokens = idx.cu_seqlens.tolist(), token_shape(x, unsqueeze_dim)[-1]
+        if cu[0] != 0 or cu[-1] != tokens or any(b < a for a, b in zip(cu, cu[1:])):
+            raise ValueError(
+                f"cu_seqlens must rise from 0 to the number of tokens {tokens}, got {cu[:8]}{'...' if len(cu) > 8 else ''}"
+            )
     pos = token_positions(x, unsqueeze_dim, idx.positions, idx.cu_seqlens, idx.seqlen_offsets)
     check_positions(pos + idx.offset, cos.shape[0])
 

@@ -137,6 +137,10 @@ def rope_cos_sin_cache(inv_freq: torch.Tensor, max_position: int, attention_scal
     """``[max_position, R]`` cos/sin tables, ``R = 2 * len(inv_freq)``, in the layout the
     kernels pair: halves ``cat(freqs, freqs)`` (default) or neighbours repeated (``interleaved``).
     Angles ``position * inv_freq`` in fp32 as transformers computes them; stored as ``dtype``."""
+    if not isinstance(max_position, int) or isinstance(max_position, bool) or max_position <= 0:
+        raise ValueError(f"max_position must be a positive int, got {max_position!r}")
+    if not isinstance(inv_freq, torch.Tensor) or inv_freq.dim() != 1:
+        raise ValueError(f"inv_freq must be a 1-D tensor (R / 2 frequencies), got {inv_freq!r:.60}")
     pos = torch.arange(max_position, device=inv_freq.device, dtype=torch.float32)
     freqs = pos[:, None] * inv_freq.float()[None, :]
     emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
