@@ -50,9 +50,13 @@ def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict):
 
 def _needs_graph(*tensors) -> bool:
     """Record autograd (eager ``Rotary``, or the custom ops under torch.compile) rather than launch?"""
-    if torch.compiler.is_compiling() or functional_transform():
+    if functional_transform() or torch.compiler.is_compiling():
         return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return True
+    return False
 
 
 def _reference_for_transform(cos, sin) -> bool:
@@ -73,9 +77,10 @@ def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index
     a backend other than cpu/cuda."""
     if index or type(unsqueeze_dim) is not int or not -5 <= unsqueeze_dim < 5 or type(interleaved) is not bool:
         return None  # (5: cos/sin [B, S, R] unsqueezed have 4 dims; the full path reports the rest)
-    if not all(type(t) is torch.Tensor for t in (q, cos, sin)) or not (k is None or type(k) is torch.Tensor):
+    if type(q) is not torch.Tensor or type(cos) is not torch.Tensor or type(sin) is not torch.Tensor or not (
+            k is None or type(k) is torch.Tensor):
         return None
-    if torch.compiler.is_compiling() or functional_transform() or (
+    if functional_transform() or torch.compiler.is_compiling() or (
             torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
         return None
     try:

@@ -188,10 +188,11 @@ class Rotary(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # (separate from forward: torch.func transforms work)
         q, k, cos, sin, args = inputs
         ctx.save_for_backward(cos, sin)
-        ctx.save_for_forward(cos, sin)
         ctx.args = args
         ctx.has_k = k is not None
-        if not functional_transform():  # (there, tangents do not show in requires_grad)
+        if functional_transform():  # jvp needs the tables; tangents do not show in requires_grad
+            ctx.save_for_forward(cos, sin)
+        else:
             for x, out in zip((q, k), output):  # like the reference: an output depends on its own input only
                 if not x.requires_grad:
                     ctx.mark_non_differentiable(out)
