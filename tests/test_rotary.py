@@ -327,3 +327,48 @@ def test_pair_tables_and_conj(dev_backend, interleaved):
     assert_close(got, gpt_oss_formula(q, cache.cos()[pos].unsqueeze(1), cache.sin()[pos].unsqueeze(1), interleaved))
     with pytest.raises(TypeError, match="pair_tables must be a bool"):
         rk.apply_rotary_emb(q, cos, sin, pair_tables=1, backend=backend)
+
+
+def test_llama4_complex_freqs_cis(dev_backend):
+    """rk.apply_rotary_emb_complex against transformers' Llama 4 apply_rotary_emb (complex product)."""
+    device, backend = dev_backend
+    pytest.importorskip("transformers")
+    from transformers.models.llama4.modeling_llama4 import apply_rotary_emb
+
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        xq = torch.randn(2, 6, 4, 32, generator=g).to(dtype).to(device)
+        xk = torch.randn(2, 6, 2, 32, generator=g).to(dtype).to(device)
+        freqs_cis = torch.polar(torch.ones(2, 6, 16), torch.rand(2, 6, 16, generator=g) * 6.3).to(device)
+        want = apply_rotary_emb(xq, xk, freqs_cis)
+        got = rk.apply_rotary_emb_complex(xq, xk, freqs_cis, backend=backend)
+        for a, b in zip(got, want):
+            if dtype == torch.float32:
+                assert_close(a, b)
+            else:  # transformers rounds the fp32 complex product once, like the kernels
+                torch.testing.assert_close(a, b, **TOL[dtype])
+    with pytest.raises(TypeError, match="freqs_cis must be a complex tensor"):
+        rk.apply_rotary_emb_complex(xq, xk, freqs_cis.real, backend=backend)
+
+
+def test_vllm_cos_sin_cache_and_context_parallel_positions(dev_backend):
+    device, backend = dev_backend
+    g = torch.Generator().manual_seed(6)
+    inv = 1.0 / (10000 ** (torch.arange(0, 32, 2) / 32))
+    ang = torch.arange(64)[:, None] * inv
+    cos_sin_cache = torch.cat((ang.cos(), ang.sin()), -1).to(device)  # vLLM's layout [max_pos, R]
+    x = torch.randn(1, 16, 3, 32, generator=g).to(device)  # [B, S, H, D], the whole sequence
+    full = rk.apply_rotary_emb(x, *rk.freqs.split_cos_sin_cache(cos_sin_cache), 2, pair_tables=True,
+                               positions=torch.arange(16, device=device)[None], backend=backend)
+    want = rotary_reference(x, torch.cat((ang.cos(), ang.cos()), -1)[:16].to(device),
+                            torch.cat((ang.sin(), ang.sin()), -1)[:16].to(device), 1)
+    assert_close(full, want)
+    # context parallelism: each rank rotates its two chunks at their global positions
+    for rank in range(2):
+        pos = rk.freqs.context_parallel_positions(16, 2, rank, device=device)
+        assert pos.tolist() == [*range(4 * rank, 4 * rank + 4), *range(12 - 4 * rank, 16 - 4 * rank)]
+        got = rk.apply_rotary_emb(x[:, pos], *rk.freqs.split_cos_sin_cache(cos_sin_cache), 2, pair_tables=True,
+                                  positions=pos[None], backend=backend)
+        assert_close(got, full[:, pos])
+    with pytest.raises(ValueError, match="multiple of 2 \\* cp_size"):
+        rk.freqs.context_parallel_positions(10, 4, 0)

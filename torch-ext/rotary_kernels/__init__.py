@@ -12,7 +12,9 @@ Public API (see README.md for examples):
 * ``apply_rotary_qkv(qkv, cos, sin, Hq, Hk)`` / ``apply_rotary_qkv_`` -- the q and k heads of a
   packed ``[B, S, Hq + 2 Hk, D]`` projection, one launch, v untouched.
 * ``apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section)`` -- Qwen2-VL's mrope.
-* ``freqs`` -- inverse frequencies (default, linear, dynamic, YaRN, Llama-3) and cos/sin caches.
+* ``apply_rotary_emb_complex(xq, xk, freqs_cis)`` -- Llama 4's complex ``freqs_cis`` form.
+* ``freqs`` -- inverse frequencies (every transformers rope type), cos/sin caches, vLLM's
+  ``cos_sin_cache`` split, context-parallel positions.
 
 The rotating functions also take token-position options: ``positions=`` (gather rows of a
 ``[max_pos, R]`` cos/sin cache in the kernel), ``cu_seqlens=`` (packed variable-length
@@ -36,6 +38,7 @@ from ._api import (
     apply_rotary,
     apply_rotary_emb,
     apply_rotary_emb_,
+    apply_rotary_emb_complex,
     apply_rotary_qkv,
     apply_rotary_qkv_,
     apply_rotary_transformers,
@@ -56,6 +59,7 @@ for _fn, _backward, _compile in (
     (apply_rotary_qkv, True, True),
     (apply_rotary_qkv_, False, True),
     (apply_multimodal_rotary_pos_emb, True, True),
+    (apply_rotary_emb_complex, True, True),
     (apply_rotary, False, False),
 ):
     _fn.has_backward = _backward
@@ -71,6 +75,7 @@ __all__ = [
     "apply_rotary_qkv",
     "apply_rotary_qkv_",
     "apply_multimodal_rotary_pos_emb",
+    "apply_rotary_emb_complex",
     "available_backends",
     "freqs",
     "layers",

@@ -281,6 +281,18 @@ def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim
                                      backend=backend)
 
 
+def apply_rotary_emb_complex(xq, xk, freqs_cis, *, backend=None):
+    """Drop-in for Llama 4's ``apply_rotary_emb(xq, xk, freqs_cis)`` (transformers): xq/xk
+    ``[B, S, H, D]`` whose neighbours ``(2i, 2i + 1)`` are the real and imaginary parts of a
+    complex number, multiplied by complex ``freqs_cis`` ``[B, S, D/2]``. Its real and imaginary
+    parts are the per-pair cos and sin (read in place: no table is built); returns ``(xq, xk)``
+    rotated, differentiable."""
+    if not isinstance(freqs_cis, torch.Tensor) or not freqs_cis.is_complex():
+        raise TypeError(f"freqs_cis must be a complex tensor, got {getattr(freqs_cis, 'dtype', type(freqs_cis))}")
+    return apply_rotary_transformers(xq, xk, freqs_cis.real, freqs_cis.imag, 2, interleaved=True, pair_tables=True,
+                                     backend=backend)
+
+
 def apply_rotary(x1, x2, cos, sin, out1, out2, conj: bool = False, *, backend=None) -> None:
     """flash-attn / ``kernels-community/rotary`` elementwise rotation, written into out1/out2.
 

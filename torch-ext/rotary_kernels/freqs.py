@@ -175,3 +175,33 @@ def rope_cos_sin_cache(inv_freq: torch.Tensor, max_position: int, attention_scal
     freqs = pos[:, None] * inv_freq.float()[None, :]
     emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
+
+
+def split_cos_sin_cache(cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's ``cos_sin_cache`` ``[max_pos, R]`` (cos of the R/2 pairs, then their sin) as the
+    per-pair cos and sin caches ``[max_pos, R/2]`` (views) that ``pair_tables=True`` takes::
+
+        cos, sin = rk.freqs.split_cos_sin_cache(cos_sin_cache)
+        q, k = rk.apply_rotary_transformers(q, k, cos, sin, 2, pair_tables=True, positions=positions)
+    """
+    if not isinstance(cos_sin_cache, torch.Tensor) or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[-1] % 2:
+        raise ValueError(f"cos_sin_cache must be [max_pos, R] with R even, got {getattr(cos_sin_cache, 'shape', None)}")
+    return cos_sin_cache.chunk(2, dim=-1)
+
+
+def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
+    """The positions of the tokens that rank ``cp_rank`` of ``cp_size`` holds under load-balanced
+    context parallelism (TransformerEngine / Megatron): the sequence is cut into ``2 * cp_size``
+    equal chunks and rank r holds chunks ``r`` and ``2 * cp_size - 1 - r``. Pass them as
+    ``positions=`` with a cos/sin cache: int64 ``[seq_len // cp_size]``."""
+    for name, v in (("seq_len", seq_len), ("cp_size", cp_size), ("cp_rank", cp_rank)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if cp_size < 1 or not 0 <= cp_rank < cp_size:
+        raise ValueError(f"need cp_size >= 1 and 0 <= cp_rank < cp_size, got cp_size={cp_size}, cp_rank={cp_rank}")
+    if seq_len < 0 or seq_len % (2 * cp_size):
+        raise ValueError(f"seq_len={seq_len} must be a multiple of 2 * cp_size = {2 * cp_size}")
+    chunk = seq_len // (2 * cp_size)
+    first, second = cp_rank * chunk, (2 * cp_size - 1 - cp_rank) * chunk
+    return torch.cat((torch.arange(first, first + chunk, device=device),
+                      torch.arange(second, second + chunk, device=device)))
