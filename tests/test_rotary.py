@@ -372,3 +372,38 @@ def test_vllm_cos_sin_cache_and_context_parallel_positions(dev_backend):
         assert_close(got, full[:, pos])
     with pytest.raises(ValueError, match="multiple of 2 \\* cp_size"):
         rk.freqs.context_parallel_positions(10, 4, 0)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_inplace_with_autograd(dev_backend, compiled):
+    """flash-attn's differentiable in place: x is rotated in place (version bumped, history
+    rebased, also for views such as a packed qkv's heads), gradients are the conj rotation."""
+    device, backend = dev_backend
+    g = torch.Generator().manual_seed(9)
+    cos, sin = make_cs(2, 5, 16, torch.float64, device)
+    a = torch.randn(2, 5, 4 + 2 * 2, 16, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.randn(a.shape, generator=g, dtype=torch.float64).to(device)
+
+    def inplace(a):
+        qkv = a * 1
+        rk.apply_rotary_qkv_(qkv, cos, sin, 4, 2, backend=backend)
+        x = a[:, :, :3].transpose(1, 2) * 1  # a transposed view, as transformers passes q
+        rk.apply_rotary_emb_(x, cos, sin, backend=backend)
+        return qkv, x
+
+    def reference(a):
+        q, k = apply_rotary_transformers_reference(a[:, :, :4], a[:, :, 4:6], cos, sin, 2)
+        return torch.cat((q, k, a[:, :, 6:]), 2), rotary_reference(a[:, :, :3].transpose(1, 2), cos, sin)
+
+    f = torch.compile(inplace, fullgraph=True) if compiled else inplace
+    got, want = f(a), reference(a)
+    for x, y in zip(got, want):
+        assert_close(x, y)
+    d_got = torch.autograd.grad((got[0] * w).sum() + got[1].sum(), a)
+    d_want = torch.autograd.grad((want[0] * w).sum() + want[1].sum(), a)
+    torch.testing.assert_close(d_got, d_want)
+    if not compiled:
+        with pytest.raises(RuntimeError, match="leaf Variable"):  # torch's own rule for leaves
+            rk.apply_rotary_emb_(a, cos, sin, 2, backend=backend)
+        with pytest.raises(RuntimeError, match="no gradients wrt cos/sin"):
+            rk.apply_rotary_emb_(a * 1, cos.requires_grad_(), sin, 2, backend=backend)

@@ -6,7 +6,7 @@ Public API (see README.md for examples):
   transformers' ``apply_rotary_pos_emb``; one fused launch for q and k; differentiable.
 * ``apply_rotary_emb(x, cos, sin, unsqueeze_dim=1)`` -- one tensor (q-only layers).
 * ``apply_rotary_transformers_(q, k, ...)`` / ``apply_rotary_emb_(x, ...)`` -- in place
-  (inference; no autograd).
+  (differentiable too: x is rotated in place, its gradient by the conj rotation).
 * ``apply_rotary(x1, x2, cos, sin, out1, out2, conj)`` -- flash-attn /
   ``kernels-community/rotary`` low-level elementwise API (out may alias x).
 * ``apply_rotary_qkv(qkv, cos, sin, Hq, Hk)`` / ``apply_rotary_qkv_`` -- the q and k heads of a
@@ -54,10 +54,10 @@ __version__ = "0.1.0"
 for _fn, _backward, _compile in (
     (apply_rotary_transformers, True, True),
     (apply_rotary_emb, True, True),
-    (apply_rotary_transformers_, False, True),
-    (apply_rotary_emb_, False, True),
+    (apply_rotary_transformers_, True, True),
+    (apply_rotary_emb_, True, True),
     (apply_rotary_qkv, True, True),
-    (apply_rotary_qkv_, False, True),
+    (apply_rotary_qkv_, True, True),
     (apply_multimodal_rotary_pos_emb, True, True),
     (apply_rotary_emb_complex, True, True),
     (apply_rotary, False, False),

@@ -6,7 +6,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import _canon
-from ._autograd import Rotary, functional_transform, rotary_, rotate_differentiable
+from ._autograd import Rotary, RotaryInplace, functional_transform, rotary_, rotate_differentiable
 from ._dispatch import (BACKENDS, COMPILED, Declined, backend_available, launch_elementwise, launch_rotary,
                         rotate_new, select_backend)
 from ._index import NO_INDEX, check_values, make_index, reference_kwargs, template
@@ -143,7 +143,7 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index) ->
     if be == "reference":
         check_values(q, cos, unsqueeze_dim, idx)
         kw = reference_kwargs(idx)
-        return tuple(rotary_reference_indexed(x, cos, -sin if conj else sin, unsqueeze_dim, interleaved, **kw)
+        return tuple(rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, conj, **kw)
                      for x in (q, k) if x is not None)
     if _needs_graph(q, k, cos, sin):
         cos, sin, idx = _plain_if_cos_grad(q, cos, sin, unsqueeze_dim, interleaved, idx)
@@ -164,8 +164,8 @@ def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=Fa
     the inputs' dtypes and memory layouts. Math in fp32, rounded once.
 
     ``interleaved``: GPT-J pairs ``(2i, 2i + 1)`` instead of ``(i, i + R/2)``. ``pair_tables``:
-    cos/sin hold one entry per pair, ``[..., R/2]`` (gpt-oss, flash-attn, vLLM). ``conj``: rotate
-    by ``-theta`` (nanochat's sign). ``backend``: see ``available_backends``.
+    cos/sin hold one entry per pair, ``[..., R/2]`` (gpt-oss, flash-attn, vLLM). ``conj``: the
+    transpose of the rotation, i.e. by ``-theta`` (nanochat's sign). ``backend``: see ``available_backends``.
     """
     _canon.check_float("k", k)  # apply_rotary_emb rotates a single tensor
     cos, sin = _tables(cos, sin, interleaved, pair_tables, conj)
@@ -202,18 +202,27 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, back
             torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
             return
     idx, canon = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
-    if functional_transform() or (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                                  for t in (q, k, cos, sin))):
+    if functional_transform() or (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
         raise RuntimeError(
-            "in-place rotation does not support autograd (nor forward-mode AD / torch.func transforms); use "
-            "apply_rotary_transformers / apply_rotary_emb, or call under torch.no_grad() / torch.inference_mode()"
+            "in-place rotation takes no gradients wrt cos/sin, nor forward-mode AD / torch.func transforms; use "
+            "apply_rotary_transformers / apply_rotary_emb"
         )
     be = select_backend(q.device, backend)
-    if torch.compiler.is_compiling():  # data pointers are not traceable; the op is the same
-        rotary_(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, *idx.op_args())
+    grad = _needs_graph(q, k)
+    if torch.compiler.is_compiling():  # data pointers are not traceable: functional ops
+        if grad:  # (copy_ records the in-place update for autograd)
+            for x, y in zip((q, k), _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, index)):
+                x.copy_(y)
+        else:
+            rotary_(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, *idx.op_args())
         return
     _canon.check_writes({names[0]: q, "k": k}, dict(cos=cos, sin=sin, positions=idx.positions,
                                                     cu_seqlens=idx.cu_seqlens, seqlen_offsets=idx.seqlen_offsets))
+    if grad:  # one launch per tensor: autograd lets a Function modify one view in place, not two
+        for x in (q, k):
+            if x is not None:
+                RotaryInplace.apply(x, (be, cos, sin, unsqueeze_dim, interleaved, conj, idx))
+        return
     launch_rotary(be, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, conj, idx, canon)
     torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
 
@@ -267,7 +276,7 @@ def apply_rotary_qkv(qkv, cos, sin, num_q_heads, num_kv_heads, *, interleaved=Fa
 def apply_rotary_qkv_(qkv, cos, sin, num_q_heads, num_kv_heads, *, interleaved=False, pair_tables=False, conj=False,
                       backend=None, **index):
     """In-place ``apply_rotary_qkv``: rotates q's and k's heads inside ``qkv`` (one launch, v
-    untouched) and returns ``qkv`` (inference; no autograd)."""
+    untouched) and returns ``qkv``; differentiable like the other in-place functions."""
     q, k = _split_qkv(qkv, num_q_heads, num_kv_heads)
     _inplace(q, k, cos, sin, -2, interleaved, pair_tables, conj, backend, index)
     return qkv

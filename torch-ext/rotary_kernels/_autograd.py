@@ -19,7 +19,10 @@ custom op's autograd. Its ``setup_context`` form lets torch.func transforms (``t
 traces them as single nodes) and registered autograd; they also take cos/sin gradients. Their
 trailing arguments (positions, cu_seqlens, seqlen_offsets, offset, mrope_section,
 mrope_interleaved, cached) are ``_index.Index.op_args()``. ``rotary_`` rotates in place
-(inference; no autograd).
+(no autograd; under torch.compile the public in-place functions record gradients through
+``copy_`` of the functional op's result instead).
+
+``RotaryInplace`` (eager) records the in-place rotation of one tensor for autograd.
 """
 
 from __future__ import annotations
@@ -223,6 +226,29 @@ class Rotary(torch.autograd.Function):
 
 
 Rotary.forward.__signature__ = inspect.signature(Rotary.forward)  # computed once, not per apply
+
+
+class RotaryInplace(torch.autograd.Function):
+    """In-place rotation recording autograd (flash-attn's ``inplace=True``): x is rotated in
+    place (``mark_dirty``: its version is bumped and its history rebased, also for views of a
+    larger tensor such as a packed qkv's heads); backward rotates the gradient with ``conj``
+    flipped. Nothing is saved but cos/sin; gradients wrt cos/sin are not taken (the public API
+    refuses them). ``args``: launch_rotary's (backend, cos, sin, unsqueeze_dim, interleaved,
+    conj, idx)."""
+
+    @staticmethod
+    def forward(ctx, x, args):
+        backend, cos, sin, unsqueeze_dim, interleaved, conj, idx = args
+        launch_rotary(backend, x, None, cos, sin, x, None, unsqueeze_dim, interleaved, conj, idx)
+        ctx.mark_dirty(x)
+        ctx.args = args
+        return x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        backend, cos, sin, unsqueeze_dim, interleaved, conj, idx = ctx.args
+        return rotate_new(backend, g, None, cos, sin, unsqueeze_dim, interleaved, not conj, idx)[0], None
 
 
 def rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, idx: Index) -> tuple:

@@ -136,11 +136,9 @@ def launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interlea
     """
     check_values(q, cos, unsqueeze_dim, idx)
     if backend == "reference":
-        if conj:
-            raise NotImplementedError("the reference backend has no conj launcher; autograd differentiates it")
         for x, out in ((q, q_out), (k, k_out)):
             if x is not None:
-                out.copy_(rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, **reference_kwargs(idx)))
+                out.copy_(rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, conj, **reference_kwargs(idx)))
         return
     if canon is None:
         canon = _canon.canonical_x("q", q, template(q, cos, unsqueeze_dim, idx), unsqueeze_dim)
