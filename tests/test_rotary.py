@@ -407,3 +407,32 @@ def test_inplace_with_autograd(dev_backend, compiled):
             rk.apply_rotary_emb_(a, cos, sin, 2, backend=backend)
         with pytest.raises(RuntimeError, match="no gradients wrt cos/sin"):
             rk.apply_rotary_emb_(a * 1, cos.requires_grad_(), sin, 2, backend=backend)
+
+
+def test_five_dim_packed_qkv_and_kv(dev_backend):
+    """flash-attn's packed layouts [B, S, 3, H, D] (qkv) and [B, S, 2, H, D] (kv): q and k
+    rotated (one launch), v untouched, out of place, in place and with gradients."""
+    device, backend = dev_backend
+    g = torch.Generator().manual_seed(11)
+    cos, sin = make_cs(2, 5, 12, torch.float32, device)  # partial: R = 12 of D = 16
+    qkv = torch.randn(2, 5, 3, 4, 16, generator=g).to(device)
+    want = [rotary_reference(qkv[:, :, i], cos, sin, 2) for i in (0, 1)]
+    for a, b in zip(rk.apply_rotary_qkv(qkv, cos, sin, backend=backend), want):
+        assert_close(a, b)
+    x = qkv.clone()
+    rk.apply_rotary_qkv_(x, cos, sin, backend=backend)
+    assert_close(x[:, :, 0], want[0])
+    assert_close(x[:, :, 1], want[1])
+    assert torch.equal(x[:, :, 2], qkv[:, :, 2])
+    kv = qkv[:, :, 1:].clone()
+    assert_close(rk.apply_rotary_kv(kv, cos, sin, backend=backend), want[1])
+    rk.apply_rotary_kv_(kv, cos, sin, backend=backend)
+    assert_close(kv[:, :, 0], want[1])
+    assert torch.equal(kv[:, :, 1], qkv[:, :, 2])
+    a = qkv.clone().requires_grad_()
+    (rk.apply_rotary_qkv(a, cos, sin, backend=backend)[0] * 2).sum().backward()
+    assert torch.equal(a.grad[:, :, 1:], torch.zeros_like(a.grad[:, :, 1:]))
+    with pytest.raises(ValueError, match=r"\[B, S, 3, H, D\]"):
+        rk.apply_rotary_qkv(qkv, cos, sin, 4, 2, backend=backend)
+    with pytest.raises(ValueError, match=r"kv must be \[B, S, 2, H, D\]"):
+        rk.apply_rotary_kv(qkv, cos, sin, backend=backend)

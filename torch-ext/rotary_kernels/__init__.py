@@ -10,7 +10,9 @@ Public API (see README.md for examples):
 * ``apply_rotary(x1, x2, cos, sin, out1, out2, conj)`` -- flash-attn /
   ``kernels-community/rotary`` low-level elementwise API (out may alias x).
 * ``apply_rotary_qkv(qkv, cos, sin, Hq, Hk)`` / ``apply_rotary_qkv_`` -- the q and k heads of a
-  packed ``[B, S, Hq + 2 Hk, D]`` projection, one launch, v untouched.
+  packed ``[B, S, Hq + 2 Hk, D]`` projection (or flash-attn's ``[B, S, 3, H, D]``), one launch,
+  v untouched; ``apply_rotary_kv(kv, cos, sin)`` / ``apply_rotary_kv_`` -- k of a packed
+  ``[B, S, 2, H, D]``.
 * ``apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section)`` -- Qwen2-VL's mrope.
 * ``apply_rotary_emb_complex(xq, xk, freqs_cis)`` -- Llama 4's complex ``freqs_cis`` form.
 * ``freqs`` -- inverse frequencies (every transformers rope type), cos/sin caches, vLLM's
@@ -39,6 +41,8 @@ from ._api import (
     apply_rotary_emb,
     apply_rotary_emb_,
     apply_rotary_emb_complex,
+    apply_rotary_kv,
+    apply_rotary_kv_,
     apply_rotary_qkv,
     apply_rotary_qkv_,
     apply_rotary_transformers,
@@ -60,6 +64,8 @@ for _fn, _backward, _compile in (
     (apply_rotary_qkv_, True, True),
     (apply_multimodal_rotary_pos_emb, True, True),
     (apply_rotary_emb_complex, True, True),
+    (apply_rotary_kv, True, True),
+    (apply_rotary_kv_, True, True),
     (apply_rotary, False, False),
 ):
     _fn.has_backward = _backward
@@ -76,6 +82,8 @@ __all__ = [
     "apply_rotary_qkv_",
     "apply_multimodal_rotary_pos_emb",
     "apply_rotary_emb_complex",
+    "apply_rotary_kv",
+    "apply_rotary_kv_",
     "available_backends",
     "freqs",
     "layers",

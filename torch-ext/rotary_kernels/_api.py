@@ -248,9 +248,16 @@ for _f in (apply_rotary_transformers, apply_rotary_emb, apply_rotary_transformer
 
 
 def _split_qkv(qkv, num_q_heads, num_kv_heads):
+    """q's and k's heads of a packed qkv: ``[B, S, Hq + 2 Hk, D]`` / ``[T, Hq + 2 Hk, D]``, or
+    flash-attn's ``[B, S, 3, H, D]`` (head counts implied)."""
     _canon.check_float("qkv", qkv)
+    if qkv.dim() == 5:
+        if qkv.shape[2] != 3 or num_q_heads not in (None, qkv.shape[3]) or num_kv_heads not in (None, qkv.shape[3]):
+            raise ValueError(f"a 5-D qkv must be [B, S, 3, H, D] (head counts H), got shape {tuple(qkv.shape)} "
+                             f"with num_q_heads={num_q_heads}, num_kv_heads={num_kv_heads}")
+        return qkv[:, :, 0], qkv[:, :, 1]
     if qkv.dim() not in (3, 4):
-        raise ValueError(f"qkv must be [B, S, Hq + 2 Hk, D] or [T, Hq + 2 Hk, D], got shape {tuple(qkv.shape)}")
+        raise ValueError(f"qkv must be [B, S, Hq + 2 Hk, D], [T, Hq + 2 Hk, D] or [B, S, 3, H, D], got shape {tuple(qkv.shape)}")
     for name, n in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads)):
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"{name} must be a non-negative int, got {n!r}")
@@ -261,10 +268,11 @@ def _split_qkv(qkv, num_q_heads, num_kv_heads):
     return qkv[..., :num_q_heads, :], qkv[..., num_q_heads : num_q_heads + num_kv_heads, :]
 
 
-def apply_rotary_qkv(qkv, cos, sin, num_q_heads, num_kv_heads, *, interleaved=False, pair_tables=False, conj=False,
+def apply_rotary_qkv(qkv, cos, sin, num_q_heads=None, num_kv_heads=None, *, interleaved=False, pair_tables=False, conj=False,
                      backend=None, **index):
     """Rotate the q and k heads of a packed projection output ``[B, S, Hq + 2 Hk, D]`` (heads in
-    the order q, k, v; or packed tokens ``[T, Hq + 2 Hk, D]``) in one launch; returns
+    the order q, k, v; or packed tokens ``[T, Hq + 2 Hk, D]``; or flash-attn's
+    ``[B, S, 3, H, D]``, head counts implied) in one launch; returns
     ``(q_embed, k_embed)``. Differentiable: gradients flow back into ``qkv`` (v's are untouched).
     cos/sin: ``[B, S, R]`` / ``[S, R]`` / ``[T, R]``, or caches with the token-position options;
     other options as ``apply_rotary_transformers``."""
@@ -273,13 +281,33 @@ def apply_rotary_qkv(qkv, cos, sin, num_q_heads, num_kv_heads, *, interleaved=Fa
                                      conj=conj, backend=backend, **index)
 
 
-def apply_rotary_qkv_(qkv, cos, sin, num_q_heads, num_kv_heads, *, interleaved=False, pair_tables=False, conj=False,
+def apply_rotary_qkv_(qkv, cos, sin, num_q_heads=None, num_kv_heads=None, *, interleaved=False, pair_tables=False, conj=False,
                       backend=None, **index):
     """In-place ``apply_rotary_qkv``: rotates q's and k's heads inside ``qkv`` (one launch, v
     untouched) and returns ``qkv``; differentiable like the other in-place functions."""
     q, k = _split_qkv(qkv, num_q_heads, num_kv_heads)
     _inplace(q, k, cos, sin, -2, interleaved, pair_tables, conj, backend, index)
     return qkv
+
+
+def _split_kv(kv):
+    _canon.check_float("kv", kv)
+    if kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"kv must be [B, S, 2, H, D] (flash-attn's packed k and v), got shape {tuple(kv.shape)}")
+    return kv[:, :, 0]
+
+
+def apply_rotary_kv(kv, cos, sin, *, interleaved=False, pair_tables=False, conj=False, backend=None, **index):
+    """Rotate k of flash-attn's packed ``kv`` ``[B, S, 2, H, D]`` (v untouched); returns k_embed
+    ``[B, S, H, D]``. Options as ``apply_rotary_transformers``; cos/sin ``[B, S, R]`` / ``[S, R]``."""
+    return apply_rotary_emb(_split_kv(kv), cos, sin, -2, interleaved, pair_tables=pair_tables, conj=conj,
+                            backend=backend, **index)
+
+
+def apply_rotary_kv_(kv, cos, sin, *, interleaved=False, pair_tables=False, conj=False, backend=None, **index):
+    """In-place ``apply_rotary_kv``: rotates k inside ``kv`` and returns ``kv``."""
+    _inplace(_split_kv(kv), None, cos, sin, -2, interleaved, pair_tables, conj, backend, index)
+    return kv
 
 
 def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim=1, *, backend=None):
