@@ -436,3 +436,31 @@ def test_five_dim_packed_qkv_and_kv(dev_backend):
         rk.apply_rotary_qkv(qkv, cos, sin, 4, 2, backend=backend)
     with pytest.raises(ValueError, match=r"kv must be \[B, S, 2, H, D\]"):
         rk.apply_rotary_kv(qkv, cos, sin, backend=backend)
+
+
+def test_deepseek_mla_interleave(dev_backend):
+    """rk.apply_rotary_pos_emb_interleave against transformers' DeepSeek-V3 function: values
+    (bf16: one rounding vs its three, within an ulp), gradients, torch.compile."""
+    device, backend = dev_backend
+    pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
+
+    g = torch.Generator().manual_seed(12)
+    cos, sin = make_cs(2, 5, 16, torch.float32, device)
+    for dtype in (torch.float32, torch.bfloat16):
+        base = torch.randn(2, 4, 5, 24, generator=g).to(dtype).to(device)
+        q = base[..., 8:]  # the rope part of a [.., nope + rope] head, as MLA slices it
+        k = torch.randn(2, 1, 5, 16, generator=g).to(dtype).to(device)
+        want = apply_rotary_pos_emb_interleave(q, k, cos.to(dtype), sin.to(dtype))
+        got = rk.apply_rotary_pos_emb_interleave(q, k, cos.to(dtype), sin.to(dtype), backend=backend)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **TOL[dtype])
+    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+    w = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(device) for t in (q64, k64)]
+    d_got = torch.autograd.grad(rk.apply_rotary_pos_emb_interleave(q64, k64, cos, sin, backend=backend), (q64, k64), w)
+    d_want = torch.autograd.grad(apply_rotary_pos_emb_interleave(q64, k64, cos, sin), (q64, k64), w)
+    for a, b in zip(d_got, d_want):
+        torch.testing.assert_close(a, b)
+    f = torch.compile(lambda q, k: rk.apply_rotary_pos_emb_interleave(q, k, cos, sin, backend=backend), fullgraph=True)
+    for a, b in zip(f(q.float(), k.float()), apply_rotary_pos_emb_interleave(q.float(), k.float(), cos, sin)):
+        assert_close(a, b)

@@ -15,6 +15,7 @@ Public API (see README.md for examples):
   ``[B, S, 2, H, D]``.
 * ``apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section)`` -- Qwen2-VL's mrope.
 * ``apply_rotary_emb_complex(xq, xk, freqs_cis)`` -- Llama 4's complex ``freqs_cis`` form.
+* ``apply_rotary_pos_emb_interleave(q, k, cos, sin)`` -- DeepSeek-V3 / MLA's rope part.
 * ``freqs`` -- inverse frequencies (every transformers rope type), cos/sin caches, vLLM's
   ``cos_sin_cache`` split, context-parallel positions.
 
@@ -43,6 +44,7 @@ from ._api import (
     apply_rotary_emb_complex,
     apply_rotary_kv,
     apply_rotary_kv_,
+    apply_rotary_pos_emb_interleave,
     apply_rotary_qkv,
     apply_rotary_qkv_,
     apply_rotary_transformers,
@@ -66,6 +68,7 @@ for _fn, _backward, _compile in (
     (apply_rotary_emb_complex, True, True),
     (apply_rotary_kv, True, True),
     (apply_rotary_kv_, True, True),
+    (apply_rotary_pos_emb_interleave, True, True),
     (apply_rotary, False, False),
 ):
     _fn.has_backward = _backward
@@ -84,6 +87,7 @@ __all__ = [
     "apply_rotary_emb_complex",
     "apply_rotary_kv",
     "apply_rotary_kv_",
+    "apply_rotary_pos_emb_interleave",
     "available_backends",
     "freqs",
     "layers",

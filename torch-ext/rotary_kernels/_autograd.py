@@ -34,7 +34,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from ._dispatch import launch_rotary, rotate_new
+from ._dispatch import launch_elementwise, launch_rotary, rotate_new
 from ._index import Index
 from ._ops import add_op_namespace_prefix
 from .reference import compute_dtype, rotate_every_two, rotate_half
@@ -249,6 +249,31 @@ class RotaryInplace(torch.autograd.Function):
     def backward(ctx, g):
         backend, cos, sin, unsqueeze_dim, interleaved, conj, idx = ctx.args
         return rotate_new(backend, g, None, cos, sin, unsqueeze_dim, interleaved, not conj, idx)[0], None
+
+
+class RotaryDeinterleave(torch.autograd.Function):
+    """DeepSeek-V3 / MLA rope (transformers' ``apply_rotary_pos_emb_interleave``): pairs are read
+    at ``(2i, 2i + 1)`` and written at ``(i, i + R/2)``, one elementwise launch (strided views of
+    x and out); backward reads the gradient's ``(i, i + R/2)`` and writes ``(2i, 2i + 1)``, conj.
+    ``cos``/``sin``: per-pair tables broadcast to ``x[..., ::2]``."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, backend):
+        out = torch.empty_like(x)
+        h = x.shape[-1] // 2
+        launch_elementwise(backend, x[..., 0::2], x[..., 1::2], cos, sin, out[..., :h], out[..., h:], False)
+        ctx.save_for_backward(cos, sin)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        dx = torch.empty_like(g)
+        h = g.shape[-1] // 2
+        launch_elementwise(ctx.backend, g[..., :h], g[..., h:], cos, sin, dx[..., 0::2], dx[..., 1::2], True)
+        return dx, None, None, None
 
 
 def rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, idx: Index) -> tuple:
