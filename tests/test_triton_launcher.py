@@ -1,0 +1,202 @@
+"""The Triton launchers called directly (no validation in front): edge cases of the kernels
+themselves, under the interpreter on CPU (TRITON_INTERPRET=1, tests/conftest.py)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from rotary_kernels import _dispatch
+from rotary_kernels.reference import rotary_reference
+
+T = _dispatch._triton_module()
+needs_triton = pytest.mark.skipif(
+    T is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
+    reason="Triton backend not runnable here")
+pytestmark = needs_triton
+
+CPU_INTERP = not torch.cuda.is_available()
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _ref(x, cos, sin, interleaved=False):
+    """Canonical x [A, S, H, D], cos/sin [A, S, R]."""
+    return rotary_reference(x, cos, sin, unsqueeze_dim=2, interleaved=interleaved)
+
+
+def _tables(A, S, R, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ang = torch.rand(A, S, R, generator=g) * 6.0
+    return ang.cos().to(dtype).to(DEV), ang.sin().to(dtype).to(DEV)
+
+
+# ---- zero q heads (next_power_of_2(0) was 0: ZeroDivisionError) -------------------------------
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_zero_q_heads_with_k_heads(interleaved):
+    A, S, D = 2, 3, 16
+    q = torch.randn(A, S, 0, D, device=DEV)
+    k = torch.randn(A, S, 3, D, device=DEV)
+    cos, sin = _tables(A, S, D)
+    qo, ko = torch.empty_like(q), torch.full_like(k, float("nan"))
+    T.rotary_qk(q, k, cos, sin, qo, ko, interleaved, False)
+    torch.testing.assert_close(ko, _ref(k, cos, sin, interleaved), rtol=2e-6, atol=2e-6)
+
+
+# ---- out-of-range cache rows: nothing read out of bounds, NaN -----------------------------------
+
+
+def _cache(P, R, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ang = torch.rand(P, R, generator=g) * 6.0
+    return ang.cos().to(DEV), ang.sin().to(DEV)
+
+
+def _check_rows(out, x, cos_c, sin_c, rows, R, interleaved=False):
+    """out [A, S, H, D] against x rotated with cache rows ``rows`` [A, S]: NaN where out of range."""
+    P = cos_c.shape[0]
+    ok = (rows >= 0) & (rows < P)
+    safe = torch.where(ok, rows, torch.zeros_like(rows))
+    exp = _ref(x, cos_c[safe], sin_c[safe], interleaved)
+    bad = ~ok
+    assert torch.isnan(out[bad][..., :R]).all(), "rotated dims of out-of-range tokens must be NaN"
+    torch.testing.assert_close(out[bad][..., R:], x[bad][..., R:], rtol=0, atol=0)  # pass-through as usual
+    torch.testing.assert_close(out[ok], exp[ok], rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("bad", [10**6, 10**12, -1, -(10**12), 16])
+def test_out_of_range_positions_give_nan(bad, interleaved):
+    P, R, D = 16, 8, 12
+    q = torch.randn(1, 3, 2, D, device=DEV)
+    k = torch.randn(1, 3, 1, D, device=DEV)
+    cos_c, sin_c = _cache(P, R)
+    pos = torch.tensor([[[0, bad, 5]]], device=DEV)  # [X=1, A, S]
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    T.rotary_qk(q, k, cos_c, sin_c, qo, ko, interleaved, False, positions=pos)
+    rows = pos[0]
+    _check_rows(qo, q, cos_c, sin_c, rows, R, interleaved)
+    _check_rows(ko, k, cos_c, sin_c, rows, R, interleaved)
+
+
+def test_out_of_range_from_cu_seqlens_and_offsets():
+    """Positions derived from cu_seqlens (s - cu[b]), seqlen_offsets[b] and offset."""
+    P, R, D = 8, 8, 8
+    S = 7
+    q = torch.randn(1, S, 2, D, device=DEV)
+    cos_c, sin_c = _cache(P, R)
+    cu = torch.tensor([0, 3, 7], device=DEV)
+    off = torch.tensor([4, -2], device=DEV)  # seq 0: rows 4, 5, 6; seq 1: rows -2, -1, 0, 1
+    qo = torch.empty_like(q)
+    T.rotary_qk(q, None, cos_c, sin_c, qo, None, False, False, cu_seqlens=cu, seqlen_offsets=off, offset=1)
+    rows = torch.tensor([[5, 6, 7, -1, 0, 1, 2]], device=DEV)
+    _check_rows(qo, q, cos_c, sin_c, rows, R)
+    # offsets alone (decode): one token per sequence
+    q2 = torch.randn(3, 1, 2, D, device=DEV)
+    qo2 = torch.empty_like(q2)
+    off2 = torch.tensor([7, 8, 10**12], device=DEV)
+    T.rotary_qk(q2, None, cos_c, sin_c, qo2, None, False, False, seqlen_offsets=off2)
+    _check_rows(qo2, q2, cos_c, sin_c, off2[:, None], R)
+
+
+def test_out_of_range_mrope_axis():
+    """mrope: a token whose row is out of range on one axis has NaN on that axis's pairs only."""
+    P, D = 16, 16
+    half = D // 2
+    sec = (2, 3, 3)
+    q = torch.randn(1, 2, 1, D, device=DEV)
+    cos_c, sin_c = _cache(P, D)
+    pos = torch.tensor([[[1, 2]], [[3, 99]], [[5, 6]]], device=DEV)  # [3, A, S]: axis 1 of token 1 is bad
+    qo = torch.empty_like(q)
+    T.rotary_qk(q, None, cos_c, sin_c, qo, None, False, False, positions=pos, mrope_section=sec)
+    axis1 = torch.tensor([0] * 2 + [1] * 3 + [2] * 3) == 1
+    nan_dims = torch.cat([axis1, axis1])
+    assert torch.isnan(qo[0, 1, 0, nan_dims]).all()
+    assert not torch.isnan(qo[0, 1, 0, ~nan_dims]).any()
+    assert not torch.isnan(qo[0, 0]).any()
+    del half
+
+
+# ---- 64-bit offsets ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not CPU_INTERP, reason="needs the interpreter on CPU (virtual memory trick)")
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_offsets_beyond_int32(interleaved):
+    """Head-dim stride s with 3 * s >= 2^31: offsets j * s overflow in 32-bit arithmetic.
+
+    The storage is 4 GiB of *virtual* memory (torch.empty does not touch it), of which the test
+    touches a few pages: q's 4 elements at 0, s, 2s, 3s and q_out's at 1, s + 1, ..."""
+    s = 2**31 // 3 + 16
+    try:
+        buf = torch.empty(3 * s + 2, dtype=torch.bfloat16)
+    except RuntimeError as e:  # no virtual memory for it
+        pytest.skip(f"cannot reserve 4 GiB of address space: {e}")
+    q = buf.as_strided((1, 1, 1, 4), (0, 0, 0, s), 0)
+    qo = buf.as_strided((1, 1, 1, 4), (0, 0, 0, s), 1)
+    vals = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.bfloat16)
+    q.copy_(vals.view(1, 1, 1, 4))
+    qo.fill_(float("nan"))
+    ang = torch.tensor([0.3, 1.1, 0.3, 1.1] if not interleaved else [0.3, 0.3, 1.1, 1.1])
+    cos, sin = ang.cos().view(1, 1, 4), ang.sin().view(1, 1, 4)
+    T.rotary_qk(q, None, cos, sin, qo, None, interleaved, False)
+    exp = _ref(vals.view(1, 1, 1, 4), cos, sin, interleaved)
+    assert torch.equal(qo.clone(), exp), (qo, exp)
+    assert torch.equal(q.clone(), vals.view(1, 1, 1, 4))
+
+
+@pytest.mark.skipif(not CPU_INTERP, reason="needs the interpreter on CPU (virtual memory trick)")
+def test_pass_through_offsets_beyond_int32():
+    """Partial rotary, out of place: the copied dims' offsets p * s are 64-bit too."""
+    s = 2**31 // 3 + 16
+    try:
+        buf = torch.empty(3 * s + 2, dtype=torch.bfloat16)
+    except RuntimeError as e:
+        pytest.skip(f"cannot reserve 4 GiB of address space: {e}")
+    q = buf.as_strided((1, 1, 1, 4), (0, 0, 0, s), 0)
+    qo = buf.as_strided((1, 1, 1, 4), (0, 0, 0, s), 1)
+    vals = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.bfloat16)
+    q.copy_(vals.view(1, 1, 1, 4))
+    qo.fill_(float("nan"))
+    cos, sin = torch.tensor([0.5, 0.5]).view(1, 1, 2), torch.tensor([0.25, 0.25]).view(1, 1, 2)
+    T.rotary_qk(q, None, cos, sin, qo, None, False, False)
+    exp = _ref(vals.view(1, 1, 1, 4), cos, sin)
+    assert torch.equal(qo.clone(), exp), (qo, exp)
+
+
+# ---- device context (multi-GPU) ------------------------------------------------------------------
+
+
+def test_device_context_for_tensor_device():
+    assert T._device_context(torch.device("cpu")) is None
+    ctx = T._device_context(torch.device("cuda", 1))
+    assert isinstance(ctx, torch.cuda.device) and ctx.idx == 1
+    if hasattr(torch, "xpu"):
+        ctx = T._device_context(torch.device("xpu", 2))
+        assert isinstance(ctx, torch.xpu.device) and ctx.idx == 2
+
+
+def test_launchers_use_the_tensors_device(monkeypatch):
+    seen = []
+    monkeypatch.setattr(T, "_device_context", lambda d: seen.append(d) or None)
+    monkeypatch.setattr(T, "_launch", lambda *a, **k: None)
+    q = torch.empty(1, 2, 2, 8, device=DEV)
+    cos, sin = _tables(1, 2, 8)
+    T.rotary_qk(q, None, cos, sin, q, None, False, False)
+    x = torch.empty(1, 2, 2, 4, device=DEV)
+    T.apply_rotary_elementwise(x, x, x, x, x, x, False)
+    assert seen == [q.device, x.device]
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_second_gpu_while_first_is_current():
+    with torch.cuda.device(0):
+        q = torch.randn(1, 4, 2, 16, device="cuda:1")
+        cos, sin = _tables(1, 4, 16)
+        cos, sin = cos.to("cuda:1"), sin.to("cuda:1")
+        qo = torch.empty_like(q)
+        T.rotary_qk(q, None, cos, sin, qo, None, False, False)
+        torch.testing.assert_close(qo, _ref(q, cos, sin), rtol=2e-6, atol=2e-6)
