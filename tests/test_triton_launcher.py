@@ -200,3 +200,82 @@ def test_second_gpu_while_first_is_current():
         qo = torch.empty_like(q)
         T.rotary_qk(q, None, cos, sin, qo, None, False, False)
         torch.testing.assert_close(qo, _ref(q, cos, sin), rtol=2e-6, atol=2e-6)
+
+
+# ---- interpreter conversions: exactly what GPUs compute ------------------------------------------
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _convert_kernel(x_ptr, y_ptr, N, OUT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < N
+    v = T._to_acc(tl.load(x_ptr + offs, mask=m), tl.float32, True)
+    tl.store(y_ptr + offs, T._to_out(v, OUT, True), mask=m)
+
+
+def _convert(x, out_dtype):
+    y = torch.empty(x.shape, dtype=out_dtype)
+    block = 65536
+    T._launch(_convert_kernel, (triton.cdiv(x.numel(), block),), x, y, x.numel(),
+              OUT={torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[out_dtype], BLOCK=block)
+    return y
+
+
+def _bits(t):
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+def _assert_same_bits(got, exp):
+    nan = torch.isnan(exp)
+    assert torch.equal(torch.isnan(got), nan), "NaN must stay NaN (and nothing else become NaN)"
+    diff = (_bits(got) != _bits(exp)) & ~nan
+    assert not diff.any(), f"{int(diff.sum())} values differ, e.g. {got[diff][:4]} vs {exp[diff][:4]}"
+
+
+@pytest.mark.skipif(not CPU_INTERP, reason="the emulation is for the interpreter")
+def test_bf16_to_fp32_exact_all_patterns():
+    """Every bf16 pattern (subnormals, NaN payloads included) widens exactly, as on GPUs."""
+    x = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    got = _convert(x, torch.float32)
+    assert torch.equal(_bits(got), _bits(x.float()))  # bit for bit, NaN payloads too
+
+
+@pytest.mark.skipif(not CPU_INTERP, reason="the emulation is for the interpreter")
+def test_fp32_to_bf16_round_to_nearest_even_all_patterns():
+    """fp32 values around every bf16 pattern (low halves: exact, below/at/above the tie, max)
+    round to nearest even like GPUs (cvt.rn.bf16.f32) and torch; NaN stays NaN, subnormals
+    included (the interpreter's own cast truncates and turns 6.79e-39 into 2.94e-39)."""
+    hi = torch.arange(0, 2**16, dtype=torch.int64)
+    lows = torch.tensor([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x1234, 0xC000])
+    bits = (hi[:, None] << 16 | lows[None, :]).flatten()
+    x = (bits - (bits >= 2**31).long() * 2**32).to(torch.int32).view(torch.float32)
+    got = _convert(x, torch.bfloat16)
+    _assert_same_bits(got, x.to(torch.bfloat16))
+    # the examples from the issue
+    sub = torch.tensor([6.79e-39], dtype=torch.float32)
+    assert _convert(sub, torch.bfloat16).item() == sub.to(torch.bfloat16).item()
+    nans = torch.tensor([0x7FFFFFFF, -1, 0x7F800001, -(2**31) + 0x7F800001], dtype=torch.int32).view(torch.float32)
+    assert torch.isnan(_convert(nans, torch.bfloat16)).all()
+
+
+@pytest.mark.skipif(not CPU_INTERP, reason="the emulation is for the interpreter")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rotation_bit_exact_all_patterns(dtype):
+    """rotary_qk on every bf16/fp16 pattern of q: the kernel's fp32 math (x1*c1 - x2*s1, no
+    contraction under the interpreter) rounded once, bit for bit; NaN payloads in cos
+    (0x7FFFFFFF, 0xFFFFFFFF) give NaN, not +-0."""
+    A, S, H, D = 1, 64, 8, 128
+    q = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(dtype).view(A, S, H, D)
+    g = torch.Generator().manual_seed(3)
+    ang = torch.rand(A, S, D, generator=g) * 6.0
+    cos, sin = ang.cos(), ang.sin()
+    cos[0, 5, 3] = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+    cos[0, 9, 70] = torch.tensor([-1], dtype=torch.int32).view(torch.float32)
+    qo = torch.empty_like(q)
+    T.rotary_qk(q, None, cos, sin, qo, None, False, False)
+    exp = _ref(q, cos, sin)
+    _assert_same_bits(qo, exp)
+    assert torch.isnan(qo[0, 5, :, 3]).all() and torch.isnan(qo[0, 9, :, 70]).all()
