@@ -1,6 +1,6 @@
 """Host time of the Triton launcher without a GPU.
 
-    .venv/bin/python benchmarks/triton_host_time.py
+    .venv/bin/python benchmarks/triton_host_time.py [--module path/to/_triton.py]
 
 Imports rotary_kernels with the real Triton JIT (no interpreter) under a fake driver whose
 compiled kernel does nothing, so a call runs everything on the host that a GPU launch runs:
@@ -61,7 +61,14 @@ def _do_compile(self, key, signature, device, constexprs, options, attrs, warmup
 def main():
     driver.set_active(_FakeDriver())
     JITFunction._do_compile = _do_compile
-    from rotary_kernels import _triton as T
+    if len(sys.argv) == 3 and sys.argv[1] == "--module":  # e.g. an older _triton.py, for a before/after
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("rotary_kernels._triton_alt", sys.argv[2])
+        T = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(T)
+    else:
+        from rotary_kernels import _triton as T
 
     bf = torch.bfloat16
 

@@ -279,3 +279,72 @@ def test_rotation_bit_exact_all_patterns(dtype):
     exp = _ref(q, cos, sin)
     _assert_same_bits(qo, exp)
     assert torch.isnan(qo[0, 5, :, 3]).all() and torch.isnan(qo[0, 9, :, 70]).all()
+
+
+# ---- recompiles: distinct specialisation keys over realistic call sequences ----------------------
+
+
+def _key_counter(monkeypatch):
+    """Records the launcher's launches (nothing runs) and returns a function giving the set of
+    Triton specialisation keys they produce: the same binder JITFunction.run uses for its
+    kernel cache (native specialisation: ints ==1 / %16, pointer alignment, do_not_specialize),
+    plus the options (num_warps)."""
+    try:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import make_backend
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+
+        backend = make_backend(GPUTarget("cuda", 90, 32))
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"Triton's NVIDIA backend is not available: {e}")
+    calls = []
+    monkeypatch.setattr(T, "_launch", lambda kernel, grid, *a, **kw: calls.append((kernel, a, kw)))
+    binders = {}
+
+    def keys():
+        out = set()
+        for kernel, a, kw in calls:
+            if kernel not in binders:
+                jf = JITFunction(kernel.fn, do_not_specialize=getattr(T, "_QK_NO_SPEC", None) if kernel is T._rotary_qk_kernel else None)
+                binders[kernel] = create_function_from_signature(jf.signature, jf.params, backend)
+            _, spec, options = binders[kernel](*a, **kw)
+            out.add((kernel.fn.__name__, str(spec), str(sorted(options.items()))))
+        calls.clear()
+        return out
+
+    return keys
+
+
+def test_specialisations_varlen_and_decode(monkeypatch):
+    import rotary_kernels as rk
+
+    keys = _key_counter(monkeypatch)
+    bf = torch.bfloat16
+    Hq, Hk, D, P = 32, 8, 128, 8192
+    cos_c, sin_c = torch.empty(P, D), torch.empty(P, D)
+    g = torch.Generator().manual_seed(0)
+    # varlen prefill batches of 1..64 sequences of random lengths (cu_seqlens into a cache)
+    for n in range(1, 65):
+        lens = torch.randint(1, 64, (n,), generator=g)
+        cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+        t = int(cu[-1])
+        q, k = torch.empty(t, Hq, D, dtype=bf), torch.empty(t, Hk, D, dtype=bf)
+        rk.apply_rotary_transformers(q, k, cos_c, sin_c, backend="triton", cu_seqlens=cu, max_seqlen=int(lens.max()))
+    varlen = keys()
+    assert len(varlen) <= 2, f"{len(varlen)} specialisations for varlen batches of 1..64 sequences"
+    # decode: batch 1, offsets 0..N as an int, then as a tensor; batch sizes 1..64 with per-sequence offsets
+    q, k = torch.empty(1, Hq, 1, D, dtype=bf), torch.empty(1, Hk, 1, D, dtype=bf)
+    for off in range(0, 300, 7):
+        rk.apply_rotary_transformers(q, k, cos_c, sin_c, backend="triton", seqlen_offsets=off)
+    assert len(keys()) == 1
+    for b in (1, 2, 3, 8, 16, 17, 33, 64):
+        q, k = torch.empty(b, Hq, 1, D, dtype=bf), torch.empty(b, Hk, 1, D, dtype=bf)
+        offs = torch.randint(0, P - 1, (b,), generator=g)
+        rk.apply_rotary_transformers(q, k, cos_c, sin_c, backend="triton", seqlen_offsets=offs)
+    assert len(keys()) == 1
+    # prefill with positions, prompt lengths that are and are not multiples of 16
+    for s in (1, 7, 16, 100, 128, 513, 1024):
+        q, k = torch.empty(1, Hq, s, D, dtype=bf), torch.empty(1, Hk, s, D, dtype=bf)
+        pos = torch.arange(s)[None]
+        rk.apply_rotary_transformers(q, k, cos_c, sin_c, backend="triton", positions=pos)
+    assert len(keys()) == 1

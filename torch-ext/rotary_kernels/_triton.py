@@ -197,11 +197,12 @@ _QK_NO_SPEC = ("S", "NPOS", "n_seqs", "offset", "spx", "spa", "sps", "soff")
 @triton.jit(do_not_specialize=_QK_NO_SPEC)
 def _rotary_qk_kernel(
     q_ptr, qo_ptr, k_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, cu_ptr, off_ptr,
-    S, HQ, HK, D, NPOS, n_seqs, offset,
+    S, NPOS, n_seqs, offset,
     sqa, sqs, sqh, sqd, soa, sos, soh, sod,
     ska, sks, skh, skd, sla, sls, slh, sld,
     scx, sca, scs, scp, scr, ssx, ssa, sss, ssp, ssr,
     spx, spa, sps, soff,
+    HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,  # model constants: masks fold away
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
     BLOCK_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, CONJ: tl.constexpr, COPY_PASS: tl.constexpr,
     ACC: tl.constexpr, EMU: tl.constexpr, CACHED: tl.constexpr, CU_STEPS: tl.constexpr,
@@ -296,6 +297,10 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Whether triton.jit made interpreted functions: decided when this module was imported.
+_INTERPRET = _interpreting()
+
+
 # Triton's CPU interpreter patches triton.language globally while it runs a kernel, so two
 # threads interpreting at once break each other; compiled launches on GPUs need no lock.
 _INTERPRETER_LOCK = threading.Lock()
@@ -315,7 +320,7 @@ def _device_context(device: torch.device):
 
 
 def _launch(kernel, grid, *args, **kwargs):
-    if _interpreting():
+    if _INTERPRET:
         with _INTERPRETER_LOCK:
             kernel[grid](*args, **kwargs)
     else:
@@ -406,14 +411,14 @@ def rotary_qk(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, posit
     _launch_on(
         q.device, _rotary_qk_kernel, (A * S, groups),
         q, q_out, k, k_out, cos, sin, positions, cu_seqlens, seqlen_offsets,
-        S, HQ, HK, D, min(cos.shape[0], sin.shape[0]) if cached else 0, n_seqs, offset,
+        S, min(cos.shape[0], sin.shape[0]) if cached else 0, n_seqs, offset,
         *q.stride(), *q_out.stride(), *kst, *lst,
         *_table_strides(cos), *_table_strides(sin),
         *pos_strides, seqlen_offsets.stride(0) if seqlen_offsets is not None else 0,
-        HALF=half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
+        HQ=HQ, HK=HK, D=D, HALF=half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
         BLOCK_PASS=min(triton.next_power_of_2(max(D - R, 1)), 128) if copy_pass else 1,
         INTERLEAVED=interleaved, CONJ=conj, COPY_PASS=copy_pass,
-        ACC=_acc_dtype(q.dtype), EMU=_interpreting(), CACHED=cached,
+        ACC=_acc_dtype(q.dtype), EMU=_INTERPRET, CACHED=cached,
         CU_STEPS=_cu_steps(n_seqs) if cu_seqlens is not None else 0,
         MROPE=(2 if mrope_interleaved else 1) if mrope_section else 0, SEC0=sec[0], SEC1=sec[1], SEC2=sec[2],
         num_warps=warps,
@@ -467,5 +472,5 @@ def apply_rotary_elementwise(x1, x2, cos, sin, out1, out2, conj: bool) -> None:
         x1, x2, cos, sin, out1, out2, n,
         x1.shape[1], x1.shape[2], x1.shape[3],
         *x1.stride(), *x2.stride(), *cos.stride(), *sin.stride(), *out1.stride(), *out2.stride(),
-        CONJ=conj, ACC=_acc_dtype(x1.dtype), BLOCK=block, EMU=_interpreting(),
+        CONJ=conj, ACC=_acc_dtype(x1.dtype), BLOCK=block, EMU=_INTERPRET,
     )
