@@ -38,7 +38,8 @@ B, S, HQ, HK, D = 1, 4096, 32, 8, 128  # Llama-3-8B prefill
 
 # case -> (hot: 128-bit q/k required, description)
 CASES = {
-    "prefill_bf16": (True, "Llama-3-8B prefill: q,k bf16 [1,32|8,4096,128] transposed views, cos/sin fp32 [1,4096,128]"),
+    "prefill_bf16": (True, "Llama-3-8B prefill: q,k bf16 [1,32|8,4096,128] transposed views, "
+                     "cos/sin fp32 [1,4096,128]"),
     "prefill_fp32": (True, "same, q,k fp32"),
     "prefill_bf16_bwd": (True, "same, backward (conj) through autograd, cos/sin bf16"),
     "interleaved_bf16": (True, "same, GPT-J interleaved pairs"),
@@ -94,8 +95,8 @@ def _capture():
     specs, launches, state = {}, [], {}
 
     def do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
-        skey = (self.fn.__name__, repr(sorted(signature.items())), repr(sorted(constexprs.items(), key=str)),
-                repr(sorted(attrs.items(), key=str)), options.num_warps)
+        skey = (self.fn.__name__, repr(sorted(signature.items())),
+                repr(sorted(constexprs.items(), key=str)), repr(sorted(attrs.items(), key=str)), options.num_warps)
         specs.setdefault(skey, dict(fn=self, name=self.fn.__name__, signature=signature, constexprs=constexprs,
                                     attrs=attrs, num_warps=options.num_warps, num_stages=options.num_stages))
         state["rec"]["spec"] = skey
@@ -273,8 +274,8 @@ def _worker(out_json):
         per_arch = {}
         for arch in ARCHS:
             c = compiled[(i, arch)]
-            per_arch[arch] = dict(regs=c["res"].get("REG"), local=c["res"].get("LOCAL", 0), stack=c["res"].get("STACK", 0),
-                                  lmem=c["lmem"], mul32=c["mul32"], acc=c["acc"])
+            per_arch[arch] = dict(regs=c["res"].get("REG"), local=c["res"].get("LOCAL", 0),
+                                  stack=c["res"].get("STACK", 0), lmem=c["lmem"], mul32=c["mul32"], acc=c["acc"])
         out.append(dict(case=rec["case"], kernel=rec["kernel"], spec=i, grid=rec["grid"],
                         num_warps=specs[rec["spec"]]["num_warps"], bytes=_bytes(rec), arch=per_arch,
                         constexprs={str(sp_k): str(v) for sp_k, v in rec["kwargs"].items()}))
@@ -313,7 +314,8 @@ def _markdown(data):
         "(q, k, cos/sin `cs`, index `idx`, pass-through `pass`, elementwise `x`). Ideal us: bytes",
         f"moved at H100 spec bandwidth ({H100_BW / 1e12:.2f} TB/s); not a measurement.",
         "",
-        "| case | spec | grid | warps | regs sm90/sm80 | local | q/k/x accesses (sm_90) | cs | bytes/program | MB | ideal us H100 |",
+        "| case | spec | grid | warps | regs sm90/sm80 | local | q/k/x accesses (sm_90) | cs "
+        "| bytes/program | MB | ideal us H100 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for L in data["launches"]:
@@ -335,7 +337,11 @@ def _markdown(data):
         lines.append(f"| {L['case']} | #{L['spec']} {L['kernel']} | {'x'.join(map(str, L['grid']))} | {L['num_warps']} "
                      f"| {a90['regs']}/{a80['regs']} | {a90['local'] + a90['lmem']} | {xs} | {fmt('cs')[4:]} "
                      f"| {per_prog / 1024:.1f} KiB | {total / 1e6:.1f} | {total / H100_BW * 1e6:.1f} |")
-    lines += ["", f"{data['n_specs']} distinct specialisations compiled for sm_90 and sm_80.", ""]
+    lines += ["", f"{data['n_specs']} distinct specialisations compiled for sm_90 and sm_80. "
+              "bytes/program: bytes one program moves (x read + written, cos/sin read), on average.", "",
+              "Cases:", ""]
+    lines += [f"* `{name}`: {desc}" for name, (_, desc) in CASES.items()]
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -305,7 +305,8 @@ def _key_counter(monkeypatch):
         out = set()
         for kernel, a, kw in calls:
             if kernel not in binders:
-                jf = JITFunction(kernel.fn, do_not_specialize=getattr(T, "_QK_NO_SPEC", None) if kernel is T._rotary_qk_kernel else None)
+                dns = getattr(T, "_QK_NO_SPEC", None) if kernel is T._rotary_qk_kernel else None
+                jf = JITFunction(kernel.fn, do_not_specialize=dns)
                 binders[kernel] = create_function_from_signature(jf.signature, jf.params, backend)
             _, spec, options = binders[kernel](*a, **kw)
             out.add((kernel.fn.__name__, str(spec), str(sorted(options.items()))))
@@ -348,3 +349,21 @@ def test_specialisations_varlen_and_decode(monkeypatch):
         pos = torch.arange(s)[None]
         rk.apply_rotary_transformers(q, k, cos_c, sin_c, backend="triton", positions=pos)
     assert len(keys()) == 1
+
+
+# ---- head groups (several programs per token) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_several_head_groups_per_token(interleaved):
+    """Many heads of a wide head dim: each token's heads are split over several programs, each
+    with a block of q heads and a block of k heads (the last ones partly or wholly masked)."""
+    A, S, Hq, Hk, D, R = 1, 2, 70, 3, 256, 192
+    q = torch.randn(A, S, Hq, D, device=DEV)
+    k = torch.randn(A, S, Hk, D, device=DEV)
+    cos, sin = _tables(A, S, R)
+    assert T._plan(Hq, Hk, R // 2, 4, interleaved, True)[3] > 1
+    qo, ko = torch.empty_like(q), torch.empty_like(k)
+    T.rotary_qk(q, k, cos, sin, qo, ko, interleaved, False)
+    torch.testing.assert_close(qo, _ref(q, cos, sin, interleaved), rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(ko, _ref(k, cos, sin, interleaved), rtol=2e-6, atol=2e-6)

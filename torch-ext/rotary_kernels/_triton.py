@@ -23,8 +23,16 @@ Math per rotary pair ``(j1, j2)``, in fp32 (fp64 for fp64 inputs), rounded once 
 
 Cache rows out of range: a token whose cos/sin row (``position``, see ``_index.py``) is
 outside ``[0, P)`` reads nothing out of bounds and its rotated dims are written as NaN
-(pass-through dims as usual): memory safe and visible. Host-side checks, where enabled,
-raise before the launch.
+(pass-through dims as usual): memory safe, no host sync (CUDA-graph safe) and visible.
+Host-side checks, where enabled, raise before the launch.
+
+Launches: under the tensors' device (``_device_context``), so multi-GPU calls use the right
+device and its current stream. Specialisation: values that change from call to call
+(sequence length, number of sequences, offsets, cache size, index strides) are not
+specialised, and the binary search over ``cu_seqlens`` has a bucketed step count, so a
+serving workload compiles a handful of variants; head counts and head dim (model constants)
+are constexprs. ``tests/test_codegen_triton.py`` checks the generated code (128-bit q/k
+accesses, no spills, 64-bit offsets) for sm_90 and sm_80.
 """
 
 from __future__ import annotations
