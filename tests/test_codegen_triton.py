@@ -10,6 +10,8 @@ is compiled with ``triton.compile`` for sm_90 and sm_80, and checked:
 * q and k (in the hot cases: half-split and interleaved, bf16 and fp32) are read and written
   with 128-bit accesses only (PTX ``ld/st.global.v4.b32``, attributed to q or k by the
   kernel line the access is inlined at);
+* every q/k load is issued before the first barrier and nothing else is (the cos/sin loads
+  and their layout conversion come after it): a program waits one memory round trip;
 * every address offset is 64-bit: no i32 ``arith.muli`` and no ``tt.addptr`` with i32 offsets
   in the TTIR (a stride times an index overflows in 32 bits once it reaches 2^31).
 
@@ -264,7 +266,10 @@ def _worker(out_json):
                 f.write(ck.asm["cubin"])
             sass = subprocess.run([_nv_tool("cuobjdump"), "-sass", cubin], capture_output=True, text=True).stdout
             acc = _ptx_accesses(ck.asm["ptx"], src_lines)
+            instrs = [ln for ln in sass.splitlines() if re.search(r"/\*[0-9a-f]{4}\*/", ln)]
+            first_bar = next((j for j, ln in enumerate(instrs) if "BAR.SYNC" in ln), len(instrs))
             compiled[(i, arch)] = dict(
+                ldg_before_bar=sum(1 for ln in instrs[:first_bar] if re.search(r"\bLDG\b", ln)),
                 res=_res_usage(cubin, sp["name"]), lmem=len(re.findall(r"\b(?:LDL|STL)\b", sass)),
                 acc=acc, mul32=_offsets32(ck.asm["ttir"]))
     ids = {skey: i for i, skey in enumerate(specs)}
@@ -275,7 +280,8 @@ def _worker(out_json):
         for arch in ARCHS:
             c = compiled[(i, arch)]
             per_arch[arch] = dict(regs=c["res"].get("REG"), local=c["res"].get("LOCAL", 0),
-                                  stack=c["res"].get("STACK", 0), lmem=c["lmem"], mul32=c["mul32"], acc=c["acc"])
+                                  stack=c["res"].get("STACK", 0), lmem=c["lmem"], mul32=c["mul32"], acc=c["acc"],
+                                  ldg_before_bar=c["ldg_before_bar"])
         out.append(dict(case=rec["case"], kernel=rec["kernel"], spec=i, grid=rec["grid"],
                         num_warps=specs[rec["spec"]]["num_warps"], bytes=_bytes(rec), arch=per_arch,
                         constexprs={str(sp_k): str(v) for sp_k, v in rec["kwargs"].items()}))
@@ -384,6 +390,10 @@ def test_codegen_triton(tmp_path):
             if r["mul32"]:
                 failures.append(f"{where}: 32-bit offset arithmetic (offsets must be 64-bit): {r['mul32'][:3]}")
             if hot:
+                n_qk = sum(1 for kind, _, rl in r["acc"] if kind == "ld" and rl in ("q", "k"))
+                if L["kernel"] == "_rotary_qk_kernel" and r["ldg_before_bar"] != n_qk:
+                    failures.append(f"{where}: {r['ldg_before_bar']} global loads before the first barrier, expected "
+                                    f"exactly the {n_qk} q/k loads (all in flight before anything waits)")
                 for role in ("q", "k"):
                     ws = [bits for kind, bits, rl in r["acc"] if rl == role]
                     if not ws:

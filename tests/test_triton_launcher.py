@@ -36,13 +36,15 @@ def _tables(A, S, R, dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("interleaved", [False, True])
-def test_zero_q_heads_with_k_heads(interleaved):
+@pytest.mark.parametrize("hq,hk", [(0, 3), (3, 0)])
+def test_zero_q_heads_with_k_heads(interleaved, hq, hk):
     A, S, D = 2, 3, 16
-    q = torch.randn(A, S, 0, D, device=DEV)
-    k = torch.randn(A, S, 3, D, device=DEV)
+    q = torch.randn(A, S, hq, D, device=DEV)
+    k = torch.randn(A, S, hk, D, device=DEV)
     cos, sin = _tables(A, S, D)
-    qo, ko = torch.empty_like(q), torch.full_like(k, float("nan"))
+    qo, ko = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))
     T.rotary_qk(q, k, cos, sin, qo, ko, interleaved, False)
+    torch.testing.assert_close(qo, _ref(q, cos, sin, interleaved), rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(ko, _ref(k, cos, sin, interleaved), rtol=2e-6, atol=2e-6)
 
 

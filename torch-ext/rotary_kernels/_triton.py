@@ -389,12 +389,11 @@ def rotary_qk(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, posit
     ``q_out``/``k_out`` (which may be q/k themselves: in place). cos/sin: ``[A, S, R]``,
     ``[3, A, S, R]`` (mrope) or ``[P, R]`` caches read at each token's position (``_index.py``)."""
     A, S, HQ, D = q.shape
-    if k is not None:
-        HK = k.shape[2]
-        if HQ == 0:  # only k heads: rotate k as "q"
-            q, q_out, k, k_out, HQ, HK = k, k_out, None, None, HK, 0
-    else:
-        HK = 0
+    HK = k.shape[2] if k is not None else 0
+    if HK == 0:
+        k = k_out = None
+    elif HQ == 0:  # only k heads: rotate k as "q"
+        q, q_out, k, k_out, HQ, HK = k, k_out, None, None, HK, 0
     R = cos.shape[-1]
     if A * S == 0 or HQ * D == 0:
         return
