@@ -200,22 +200,48 @@ def _load_cs(ptr, pair, j, m, a, s, p, ok, scx, sca, scs, scp, scr,
 
 
 _QK_NO_SPEC = ("S", "NPOS", "n_seqs", "offset", "spx", "spa", "sps", "soff")
+# The constexprs of _rotary_qk_kernel, passed as one tuple (CFG): Triton's launcher binds each
+# keyword constexpr separately (~0.3 us a piece per launch), a tuple once.
+_QK_CFG = ("HQ", "HK", "D", "HALF", "BLOCK_HQ", "BLOCK_HK", "BLOCK_HALF", "BLOCK_PASS", "INTERLEAVED", "CONJ",
+           "COPY_PASS", "ACC", "EMU", "CACHED", "CU_STEPS", "MROPE", "SEC0", "SEC1", "SEC2")
 
 
 @triton.jit(do_not_specialize=_QK_NO_SPEC)
 def _rotary_qk_kernel(
     q_ptr, qo_ptr, k_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, cu_ptr, off_ptr,
     S, NPOS, n_seqs, offset,
-    sqa, sqs, sqh, sqd, soa, sos, soh, sod,
-    ska, sks, skh, skd, sla, sls, slh, sld,
-    scx, sca, scs, scp, scr, ssx, ssa, sss, ssp, ssr,
-    spx, spa, sps, soff,
-    HQ: tl.constexpr, HK: tl.constexpr, D: tl.constexpr,  # model constants: masks fold away
-    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, CONJ: tl.constexpr, COPY_PASS: tl.constexpr,
-    ACC: tl.constexpr, EMU: tl.constexpr, CACHED: tl.constexpr, CU_STEPS: tl.constexpr,
-    MROPE: tl.constexpr, SEC0: tl.constexpr, SEC1: tl.constexpr, SEC2: tl.constexpr,
+    sq, so, sk, sl,  # element strides (a, s, h, d) of q, q_out, k, k_out
+    sc, ss,  # (x, a, s, p, r) of cos, sin (_table_strides)
+    spx, spa, sps, soff,  # strides of positions (x, a, s) and seqlen_offsets: separate, as
+    # do_not_specialize does not reach into tuples (a stride of 1 would be a new variant)
+    CFG: tl.constexpr,  # the values named by _QK_CFG
 ):
+    HQ: tl.constexpr = CFG[0]  # head counts and head dim: model constants (masks fold away)
+    HK: tl.constexpr = CFG[1]
+    D: tl.constexpr = CFG[2]
+    HALF: tl.constexpr = CFG[3]
+    BLOCK_HQ: tl.constexpr = CFG[4]
+    BLOCK_HK: tl.constexpr = CFG[5]
+    BLOCK_HALF: tl.constexpr = CFG[6]
+    BLOCK_PASS: tl.constexpr = CFG[7]
+    INTERLEAVED: tl.constexpr = CFG[8]
+    CONJ: tl.constexpr = CFG[9]
+    COPY_PASS: tl.constexpr = CFG[10]
+    ACC: tl.constexpr = CFG[11]
+    EMU: tl.constexpr = CFG[12]
+    CACHED: tl.constexpr = CFG[13]
+    CU_STEPS: tl.constexpr = CFG[14]
+    MROPE: tl.constexpr = CFG[15]
+    SEC0: tl.constexpr = CFG[16]
+    SEC1: tl.constexpr = CFG[17]
+    SEC2: tl.constexpr = CFG[18]
+    sqa, sqs, sqh, sqd = sq
+    soa, sos, soh, sod = so
+    ska, sks, skh, skd = sk
+    sla, sls, slh, sld = sl
+    scx, sca, scs, scp, scr = sc
+    ssx, ssa, sss, ssp, ssr = ss
+
     pid_t = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1).to(tl.int64)
     a = pid_t // S
@@ -419,15 +445,13 @@ def rotary_qk(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, posit
         q.device, _rotary_qk_kernel, (A * S, groups),
         q, q_out, k, k_out, cos, sin, positions, cu_seqlens, seqlen_offsets,
         S, min(cos.shape[0], sin.shape[0]) if cached else 0, n_seqs, offset,
-        *q.stride(), *q_out.stride(), *kst, *lst,
-        *_table_strides(cos), *_table_strides(sin),
+        q.stride(), q_out.stride(), kst, lst, _table_strides(cos), _table_strides(sin),
         *pos_strides, seqlen_offsets.stride(0) if seqlen_offsets is not None else 0,
-        HQ=HQ, HK=HK, D=D, HALF=half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half,
-        BLOCK_PASS=min(triton.next_power_of_2(max(D - R, 1)), 128) if copy_pass else 1,
-        INTERLEAVED=interleaved, CONJ=conj, COPY_PASS=copy_pass,
-        ACC=_acc_dtype(q.dtype), EMU=_INTERPRET, CACHED=cached,
-        CU_STEPS=_cu_steps(n_seqs) if cu_seqlens is not None else 0,
-        MROPE=(2 if mrope_interleaved else 1) if mrope_section else 0, SEC0=sec[0], SEC1=sec[1], SEC2=sec[2],
+        (HQ, HK, D, half, block_hq, block_hk, block_half,
+         min(triton.next_power_of_2(max(D - R, 1)), 128) if copy_pass else 1,
+         interleaved, conj, copy_pass, _acc_dtype(q.dtype), _INTERPRET, cached,
+         _cu_steps(n_seqs) if cu_seqlens is not None else 0,
+         (2 if mrope_interleaved else 1) if mrope_section else 0, *sec),
         num_warps=warps,
     )
 
