@@ -292,14 +292,15 @@ def _worker(out_json):
 def _bytes(rec):
     """(bytes moved by the launch, bytes one program moves): x read + written (rotary dims
     only when in place), cos/sin read once per token."""
-    a, kw = rec["args"], rec["kwargs"]
+    a = rec["args"]
     programs = math.prod(rec["grid"])
     if rec["kernel"] == "_elementwise_kernel":
         x1, c = a[0], a[2]
         n = x1.numel()
         uniq_c = math.prod(s for s, st in zip(c.shape, c.stride()) if st != 0)
+        block = a[-1][2]  # CFG: (CONJ, ACC, BLOCK, EMU)
         return 4 * n * x1.element_size() + 2 * uniq_c * c.element_size(), \
-            kw["BLOCK"] * (4 * x1.element_size() + 2 * c.element_size())
+            block * (4 * x1.element_size() + 2 * c.element_size())
     q, qo, k, ko, cos = a[:5]
     A_, S_, hq, d = q.shape
     hk = k.shape[2] if k is not None else 0

@@ -461,15 +461,23 @@ def rotary_qk(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, posit
 # ----------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=("n1", "n2"))
 def _elementwise_kernel(
     x1_ptr, x2_ptr, c_ptr, s_ptr, o1_ptr, o2_ptr, N,
-    n1, n2, n3,
-    x1s0, x1s1, x1s2, x1s3, x2s0, x2s1, x2s2, x2s3,
-    cs0, cs1, cs2, cs3, ss0, ss1, ss2, ss3,
-    o1s0, o1s1, o1s2, o1s3, o2s0, o2s1, o2s2, o2s3,
-    CONJ: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, EMU: tl.constexpr,
+    n1, n2, n3,  # sizes of dims 1..3 (n3, the innermost, stays specialised: it decides vectorisation)
+    x1s, x2s, cst, sst, o1s, o2s,  # strides, 4 each
+    CFG: tl.constexpr,  # (CONJ, ACC, BLOCK, EMU)
 ):
+    CONJ: tl.constexpr = CFG[0]
+    ACC: tl.constexpr = CFG[1]
+    BLOCK: tl.constexpr = CFG[2]
+    EMU: tl.constexpr = CFG[3]
+    x1s0, x1s1, x1s2, x1s3 = x1s
+    x2s0, x2s1, x2s2, x2s3 = x2s
+    cs0, cs1, cs2, cs3 = cst
+    ss0, ss1, ss2, ss3 = sst
+    o1s0, o1s1, o1s2, o1s3 = o1s
+    o2s0, o2s1, o2s2, o2s3 = o2s
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = idx < N
     i3 = idx % n3
@@ -502,6 +510,6 @@ def apply_rotary_elementwise(x1, x2, cos, sin, out1, out2, conj: bool) -> None:
         x1.device, _elementwise_kernel, (triton.cdiv(n, block),),
         x1, x2, cos, sin, out1, out2, n,
         x1.shape[1], x1.shape[2], x1.shape[3],
-        *x1.stride(), *x2.stride(), *cos.stride(), *sin.stride(), *out1.stride(), *out2.stride(),
-        CONJ=conj, ACC=_acc_dtype(x1.dtype), BLOCK=block, EMU=_INTERPRET,
+        x1.stride(), x2.stride(), cos.stride(), sin.stride(), out1.stride(), out2.stride(),
+        (conj, _acc_dtype(x1.dtype), block, _INTERPRET),
     )
