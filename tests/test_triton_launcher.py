@@ -11,7 +11,7 @@ import torch
 from rotary_kernels import _dispatch
 from rotary_kernels.reference import rotary_reference
 
-T = _dispatch._triton_module()
+T = _dispatch.TRITON
 needs_triton = pytest.mark.skipif(
     T is None or not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"),
     reason="Triton backend not runnable here")
