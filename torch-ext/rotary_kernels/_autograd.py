@@ -10,9 +10,10 @@ The math, shared by both:
   (With token-position options the public API gathers cos/sin with differentiable PyTorch ops
   first, so these ops only see cos/sin gradients in the plain form.)
 
-``Rotary`` (eager, gradients wrt q/k only: the training case) is light on host time: a
-one-token forward recording autograd costs ~60-75 us on a 2-core CPU, ~220 us through a
-custom op's autograd. Its ``setup_context`` form lets torch.func transforms (``torch.func.grad``) run it.
+``Rotary`` (eager, gradients wrt q/k only: the training case) is the light one on host time:
+recording a ``torch.autograd.Function`` costs a fraction of a custom op's autograd, which
+matters for decode-sized calls. Its ``setup_context`` form lets torch.func transforms
+(``torch.func.grad``, ``jvp``) run it.
 
 ``rotary_qk`` (q and k) and ``rotary_x`` (one tensor), in this build's op namespace
 (``_ops.py``), are functional ops with fake implementations (so ``torch.compile(fullgraph=True)``
