@@ -270,7 +270,7 @@ def _rotary_qk_kernel(
         m = pair < HALF
     p = 0
     ok = True
-    if CACHED:
+    if CACHED:  # a token with any cache row out of range reads none and gets NaN rotated dims
         if MROPE != 0 and pos_ptr is not None:
             p0 = _position(pos_ptr, cu_ptr, off_ptr, a, s, 0, spx, spa, sps, n_seqs, soff, offset, CU_STEPS)
             p1 = _position(pos_ptr, cu_ptr, off_ptr, a, s, 1, spx, spa, sps, n_seqs, soff, offset, CU_STEPS)
@@ -280,11 +280,11 @@ def _rotary_qk_kernel(
             else:
                 r3 = pair % 3
                 p = tl.where((r3 == 1) & (pair < 3 * SEC1), p1, tl.where((r3 == 2) & (pair < 3 * SEC2), p2, p0))
+            ok = (tl.minimum(tl.minimum(p0, p1), p2) >= 0) & (tl.maximum(tl.maximum(p0, p1), p2) < NPOS)
         else:
             p = _position(pos_ptr, cu_ptr, off_ptr, a, s, 0, spx, spa, sps, n_seqs, soff, offset, CU_STEPS)
-        p = p.to(tl.int64)
-        ok = (p >= 0) & (p < NPOS)
-        p = tl.where(ok, p, 0)
+            ok = (p >= 0) & (p < NPOS)
+        p = tl.where(ok, p.to(tl.int64), 0)
     if INTERLEAVED:
         c = _load_cs(cos_ptr, pair, j, m, a, s, p, ok, scx, sca, scs, scp, scr,
                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
