@@ -183,12 +183,32 @@ __device__ __forceinline__ void load_n(const T* p, int64_t stride, Packed<T, N>&
   }
 }
 
-template <bool VECTOR, typename T, int N>
+// EXPLICIT: an st.global.v4 in inline PTX (apply_rotary_kernel, where nvvm otherwise splits the
+// vector store into 32-bit pieces); the rotary kernel's plain stores already come out whole
+// and the asm's memory clobber would cost it registers.
+template <bool VECTOR, typename T, int N, bool EXPLICIT = false>
 __device__ __forceinline__ void store_n(T* p, int64_t stride, const Packed<T, N>& in) {
   if constexpr (VECTOR) {
     using WV = Vec<uint32_t, Packed<T, N>::W>;
     RK_SIM_ALIGNED(p, sizeof(WV));
     RK_SIM_WRITE(p, sizeof(WV));
+#if defined(__CUDA_ARCH__)
+    if constexpr (EXPLICIT) {
+      constexpr int W = Packed<T, N>::W;
+      static_assert(W == 2 || W % 4 == 0, "8- or 16-byte pieces");
+      if constexpr (W == 2) {
+        asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(in.w[0]), "r"(in.w[1]) : "memory");
+      } else {
+#pragma unroll
+        for (int i = 0; i < W; i += 4) {
+          asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(reinterpret_cast<char*>(p) + 4 * i),
+                       "r"(in.w[i]), "r"(in.w[i + 1]), "r"(in.w[i + 2]), "r"(in.w[i + 3])
+                       : "memory");
+        }
+      }
+      return;
+    }
+#endif
     WV v;
 #pragma unroll
     for (int i = 0; i < Packed<T, N>::W; ++i) v.v[i] = in.w[i];
@@ -414,7 +434,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
                j += static_cast<int32_t>(blockDim.x) * VEC) {
             Packed<scalar_t, VEC> v;
             load_n<true>(x + j, 1, v);  // pass-through copy
-            store_n<true>(y + j, 1, v);
+            store_n<true>(y + j, 1, v);  // pass-through copy
           }
           continue;
         }
@@ -422,7 +442,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
       for (int32_t j = static_cast<int32_t>(threadIdx.x); j < tail; j += static_cast<int32_t>(blockDim.x)) {
         Packed<scalar_t, 1> v;
         load_n<false>(x + j * dx, dx, v);  // pass-through copy
-        store_n<false>(y + j * dy, dy, v);
+        store_n<false>(y + j * dy, dy, v);  // pass-through copy
       }
     }
   }
@@ -594,25 +614,25 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) apply_rotary_kernel(cons
     scalar_t* o2 = e.o2 + offset4(e.so2, i0, i1, i2, 0);
     for (int64_t ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
       const int64_t j = ch * VEC;
+      // (VECTOR: every operand's dim 3 is contiguous.)
+      const int64_t d1 = VECTOR ? 1 : e.sx1.d, d2 = VECTOR ? 1 : e.sx2.d, dc = VECTOR ? 1 : e.sc.d,
+                    ds = VECTOR ? 1 : e.ss.d, do1 = VECTOR ? 1 : e.so1.d, do2 = VECTOR ? 1 : e.so2.d;
       Packed<scalar_t, VEC> pa, pb;
       Packed<acc_t, VEC> pc, ps;
-      load_n<VECTOR>(x1 + j * e.sx1.d, e.sx1.d, pa);
-      load_n<VECTOR>(x2 + j * e.sx2.d, e.sx2.d, pb);
-      load_n<VECTOR>(c + j * e.sc.d, e.sc.d, pc);
-      load_n<VECTOR>(s + j * e.ss.d, e.ss.d, ps);
-      Vec<scalar_t, VEC> a = pa.get(), b = pb.get();
-      const Vec<acc_t, VEC> cv = pc.get(), sv = ps.get();
+      load_n<VECTOR>(x1 + j * d1, d1, pa);
+      load_n<VECTOR>(x2 + j * d2, d2, pb);
+      load_n<VECTOR>(c + j * dc, dc, pc);
+      load_n<VECTOR>(s + j * ds, ds, ps);
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         acc_t y1, y2;
-        rotate_elementwise(static_cast<acc_t>(a.v[i]), static_cast<acc_t>(b.v[i]), cv.v[i], sv.v[i], e.conj, y1, y2);
-        a.v[i] = static_cast<scalar_t>(y1);
-        b.v[i] = static_cast<scalar_t>(y2);
+        rotate_elementwise(static_cast<acc_t>(pa.at(i)), static_cast<acc_t>(pb.at(i)), pc.at(i), ps.at(i), e.conj,
+                           y1, y2);
+        pa.set_at(i, static_cast<scalar_t>(y1));
+        pb.set_at(i, static_cast<scalar_t>(y2));
       }
-      pa.set(a);
-      pb.set(b);
-      store_n<VECTOR>(o1 + j * e.so1.d, e.so1.d, pa);
-      store_n<VECTOR>(o2 + j * e.so2.d, e.so2.d, pb);
+      store_n<VECTOR, scalar_t, VEC, true>(o1 + j * do1, do1, pa);
+      store_n<VECTOR, scalar_t, VEC, true>(o2 + j * do2, do2, pb);
     }
   }
 }

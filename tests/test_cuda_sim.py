@@ -272,3 +272,37 @@ def run_ix(sim, q, k, cos, sin, interleaved, conj, **ix):
     (_, qo), (_, ko) = padded_like(q), padded_like(k)
     info = sim.rotary_sim(q, k, cos, sin, qo, ko, interleaved, conj, 132, **ix)
     return qo, ko, info
+
+
+def test_default_cuda_archs_reach_newer_gpus():
+    """The default CUDA build has SASS up to sm_120 and PTX of the newest, so newer GPUs load it."""
+    src = (ROOT / "setup.py").read_text()
+    ns = {"__file__": str(ROOT / "setup.py")}
+    exec(compile(src.split("\next_modules, cmdclass = _extensions()")[0], "setup.py", "exec"), ns)
+    archs = ns["_cuda_capabilities"](ns["_build_config"]()).split(";")
+    assert {"8.0", "9.0", "10.0"} <= set(archs) and archs[-1] == "12.0+PTX", archs
+
+
+def test_no_cuda_image_falls_back_to_triton(monkeypatch):
+    """A GPU the build has no image for: the default backend is Triton, with one warning."""
+    import warnings
+
+    from rotary_kernels import _dispatch
+
+    ops = _dispatch._compiled_ops()
+    if ops is None or not ops.HAS_CUDA_EXT or _dispatch._triton_module() is None:
+        pytest.skip("needs the CUDA extension and triton")
+    dev = torch.device("cuda", 7)
+    monkeypatch.setitem(_dispatch._IMAGE_OK, 7, False)  # what cuda_image_ok(7) answers for such a GPU
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (13, 0))
+    monkeypatch.setattr(_dispatch, "_SELECTED", {})
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert _dispatch.select_backend(dev) == "triton"
+        assert _dispatch.select_backend(dev) == "triton"  # cached: no second warning
+    msgs = [str(x.message) for x in w if "no image" in str(x.message)]
+    assert len(msgs) == 1 and "sm_130" in msgs[0], msgs
+    ok, why = _dispatch.backend_available("cuda", dev)
+    assert not ok and "no image" in why
+    with pytest.raises(RuntimeError, match="no image"):
+        _dispatch._select_backend(dev, "cuda")  # asked for explicitly: a clear error
