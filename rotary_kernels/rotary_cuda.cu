@@ -41,13 +41,12 @@ struct CudaLauncher {
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 
-  template <int VEC, bool VECTOR, typename scalar_t, typename acc_t>
+  template <int VEC, bool VECTOR, bool ROWS32, typename scalar_t, typename acc_t>
   void run_elementwise(const Elementwise<scalar_t, acc_t>& e, const ElementwisePlan& plan) {
-    const bool rows32 = plan.rows <= static_cast<int64_t>(std::numeric_limits<uint32_t>::max());
-    apply_rotary_kernel<scalar_t, acc_t, VEC, VECTOR>
+    apply_rotary_kernel<scalar_t, acc_t, VEC, VECTOR, ROWS32>
         <<<dim3(static_cast<unsigned>(plan.grid.x)),
            dim3(static_cast<unsigned>(plan.block.x), static_cast<unsigned>(plan.block.y)), 0, stream>>>(
-            e, plan.rows, rows32);
+            e, plan.rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };

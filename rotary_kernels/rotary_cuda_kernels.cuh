@@ -593,14 +593,15 @@ __device__ __forceinline__ void split_row(I row, I n1, I n2, int64_t& i0, int64_
   i0 = static_cast<int64_t>(q1);
 }
 
-template <typename scalar_t, typename acc_t, int VEC, bool VECTOR>
+// ROWS32: fewer than 2^32 rows, split with 32-bit division (else 64-bit, once per row).
+template <typename scalar_t, typename acc_t, int VEC, bool VECTOR, bool ROWS32>
 __global__ void __launch_bounds__(kThreads, kMinBlocks) apply_rotary_kernel(const Elementwise<scalar_t, acc_t> e,
-                                                                             int64_t rows, bool rows32) {
+                                                                             int64_t rows) {
   const int64_t ty = blockDim.y;
   const int64_t chunks = (e.n3 + VEC - 1) / VEC;
   for (int64_t row = blockIdx.x * ty + threadIdx.y; row < rows; row += static_cast<int64_t>(gridDim.x) * ty) {
     int64_t i0, i1, i2;
-    if (rows32) {
+    if constexpr (ROWS32) {
       split_row<uint32_t>(static_cast<uint32_t>(row), static_cast<uint32_t>(e.n1), static_cast<uint32_t>(e.n2), i0,
                           i1, i2);
     } else {
@@ -637,17 +638,25 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks) apply_rotary_kernel(cons
   }
 }
 
-// Host side of apply_rotary: picks the vector width and the launch shape, then calls
-// launcher.template run_elementwise<VEC, VECTOR>(e, plan).
+// Host side of apply_rotary: picks the vector width, the launch shape and the row index
+// width, then calls launcher.template run_elementwise<VEC, VECTOR, ROWS32>(e, plan).
 template <typename scalar_t, typename acc_t, typename Launcher>
 void apply_rotary_plan(const Elementwise<scalar_t, acc_t>& e, Launcher& launcher) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   const int64_t rows = e.n0 * e.n1 * e.n2;
   if (rows == 0 || e.n3 == 0) return;
-  if (elementwise_vector_ok(e, VEC)) {
-    launcher.template run_elementwise<VEC, true>(e, plan_elementwise(rows, e.n3, VEC));
+  const bool vector = elementwise_vector_ok(e, VEC);
+  const ElementwisePlan plan = plan_elementwise(rows, e.n3, vector ? VEC : 1);
+  if (rows <= static_cast<int64_t>(std::numeric_limits<uint32_t>::max())) {
+    if (vector) {
+      launcher.template run_elementwise<VEC, true, true>(e, plan);
+    } else {
+      launcher.template run_elementwise<1, false, true>(e, plan);
+    }
+  } else if (vector) {
+    launcher.template run_elementwise<VEC, true, false>(e, plan);
   } else {
-    launcher.template run_elementwise<1, false>(e, plan_elementwise(rows, e.n3, 1));
+    launcher.template run_elementwise<1, false, false>(e, plan);
   }
 }
 

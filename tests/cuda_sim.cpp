@@ -122,12 +122,11 @@ struct SimLauncher {
     info = {grid.x, grid.y, block.x, block.y, VEC, VECTOR, CS_VECTOR};
     walk(grid, block, [&] { rotary_kernel<scalar_t, cs_t, VEC, VECTOR, CS_VECTOR, INTERLEAVED>(p); });
   }
-  template <int VEC, bool VECTOR, typename scalar_t, typename acc_t>
+  template <int VEC, bool VECTOR, bool ROWS32, typename scalar_t, typename acc_t>
   void run_elementwise(const Elementwise<scalar_t, acc_t>& e, const ElementwisePlan& plan) {
     TORCH_CHECK(plan.block.x * plan.block.y <= kThreads && plan.grid.x >= 1 && plan.grid.x <= 2147483647, "bad plan");
     info = {plan.grid.x, plan.grid.y, plan.block.x, plan.block.y, VEC, VECTOR, 0};
-    const bool rows32 = plan.rows <= static_cast<int64_t>(std::numeric_limits<uint32_t>::max());
-    walk(plan.grid, plan.block, [&] { apply_rotary_kernel<scalar_t, acc_t, VEC, VECTOR>(e, plan.rows, rows32); });
+    walk(plan.grid, plan.block, [&] { apply_rotary_kernel<scalar_t, acc_t, VEC, VECTOR, ROWS32>(e, plan.rows); });
   }
 };
 
