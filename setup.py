@@ -5,7 +5,8 @@ torch already installed). Sources and CUDA capabilities come from build.toml, th
 description, so both builds compile the same files.
 
 Environment:
-  ROTARY_KERNELS_CUDA_ARCHS  CUDA archs, default build.toml's cuda-capabilities (CI builds "9.0")
+  ROTARY_KERNELS_CUDA_ARCHS  CUDA archs, default build.toml's cuda-capabilities plus PTX of the
+                             newest (CI builds "9.0")
   ROTARY_KERNELS_NO_CUDA=1   build the CPU kernels only
   ROTARY_KERNELS_NO_EXT=1    no extension at all (pure Python + Triton)
   ROTARY_KERNELS_EXT_NAME    extension / op namespace name (default _rotary_kernels_C; the Hub
@@ -42,10 +43,15 @@ def _sources(config, backend):
 
 
 def _cuda_capabilities(config):
+    """build.toml's capabilities, with PTX of the newest (TORCH_CUDA_ARCH_LIST's "+PTX") so that
+    GPUs newer than the list still load the kernels (the driver compiles the PTX)."""
+    caps = ["8.0", "8.6", "8.9", "9.0", "10.0", "12.0"]
     for kernel in config["kernel"].values():
         if kernel["backend"] == "cuda" and "cuda-capabilities" in kernel:
-            return ";".join(kernel["cuda-capabilities"])
-    return "8.0;8.6;8.9;9.0"
+            caps = list(kernel["cuda-capabilities"])
+            break
+    caps = sorted(caps, key=lambda c: tuple(int(x) for x in c.split(".")))
+    return ";".join(caps[:-1] + [caps[-1] + "+PTX"])
 
 
 def _flag(name: str) -> bool:

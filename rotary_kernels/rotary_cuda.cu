@@ -5,6 +5,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <torch/library.h>
+
 #include "rotary_cuda_kernels.cuh"
 #include "rotary_ops.h"
 
@@ -38,7 +40,35 @@ struct CudaLauncher {
            dim3(static_cast<unsigned>(block.x), static_cast<unsigned>(block.y)), 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+
+  template <int VEC, bool VECTOR, bool ROWS32, typename scalar_t, typename acc_t>
+  void run_elementwise(const Elementwise<scalar_t, acc_t>& e, const ElementwisePlan& plan) {
+    apply_rotary_kernel<scalar_t, acc_t, VEC, VECTOR, ROWS32>
+        <<<dim3(static_cast<unsigned>(plan.grid.x)),
+           dim3(static_cast<unsigned>(plan.block.x), static_cast<unsigned>(plan.block.y)), 0, stream>>>(
+            e, plan.rows);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 };
+
+// Whether this build has a kernel image (SASS, or PTX the driver can JIT) for the device:
+// cudaFuncGetAttributes fails with cudaErrorNoKernelImageForDevice otherwise. Cached per device.
+// Python's backend selection asks once per device and falls back to Triton when not.
+bool cuda_image_ok(int64_t device) {
+  static int8_t cache[64] = {0};  // 0 unknown, 1 yes, -1 no
+  const bool cacheable = device >= 0 && device < 64;
+  if (cacheable && cache[device] != 0) return cache[device] > 0;
+  const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  cudaFuncAttributes attr;
+  const cudaError_t err =
+      cudaFuncGetAttributes(&attr, rotary_kernel<at::BFloat16, at::BFloat16, 8, true, true, false>);
+  if (err != cudaSuccess) (void)cudaGetLastError();  // clear the sticky-free error state
+  const bool ok = err == cudaSuccess;
+  TORCH_CHECK(ok || err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidKernelImage,
+              "rotary_kernels: cudaFuncGetAttributes failed: ", cudaGetErrorString(err));
+  if (cacheable) cache[device] = ok ? 1 : -1;
+  return ok;
+}
 
 }  // namespace
 
@@ -56,13 +86,11 @@ void rotary_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
 void apply_rotary_cuda(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
                        const at::Tensor& out1, const at::Tensor& out2, bool conj) {
   const c10::cuda::CUDAGuard guard(x1.device());
-  const int64_t n = x1.numel();
-  if (n == 0) return;
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((n + threads - 1) / threads, 65535LL * 8);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  dispatch_elementwise(x1, x2, cos, sin, out1, out2, conj, [&](const auto& e) {
-    apply_rotary_kernel<<<static_cast<unsigned>(blocks), threads, 0, stream>>>(e);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  if (x1.numel() == 0) return;
+  CudaLauncher launcher{c10::cuda::getCurrentCUDAStream()};
+  dispatch_elementwise(x1, x2, cos, sin, out1, out2, conj, [&](const auto& e) { apply_rotary_plan(e, launcher); });
 }
+
+// Registered here rather than in torch_binding.cpp: it exists only in CUDA builds.
+#define RK_LIBRARY_FRAGMENT(NAME, MODULE) TORCH_LIBRARY_FRAGMENT(NAME, MODULE)
+RK_LIBRARY_FRAGMENT(TORCH_EXTENSION_NAME, m) { m.def("cuda_image_ok(int device) -> bool", &cuda_image_ok); }

@@ -1,68 +1,225 @@
 // The CUDA kernels and their launch planning, kept apart from the CUDA runtime calls
 // (rotary_cuda.cu) so that the tests can also run them on the CPU: no shared memory, no
 // synchronisation, so walking blocks and threads one after another gives the GPU's result
-// (tests/cuda_sim.cpp defines the CUDA built-ins for that). Math: rotary_math.h.
+// (tests/cuda_sim.cpp defines the CUDA built-ins for that, and the RK_SIM_* hooks below to check
+// alignment, bounds and that no element is written by two threads). Math: rotary_math.h.
 //
 // rotary: canonical q [A, S, Hq, D], k [A, S, Hk, D], cos/sin [A, S, R], any strides (or [P, R]
 //   caches read at each token's position, or mrope's [3, A, S, R]: rotary_math.h TokenIndex).
 //   grid.x = token (a, s); grid.y = a slice of the Hq + Hk rows (more than one slice only when
 //   there are too few tokens to fill the GPU, e.g. decode).
-//   block = (TX, TY): thread x owns a chunk of VEC pairs of the head dim, keeps that chunk's
-//   cos/sin in registers and walks the rows of its slice with stride TY, two rows per step
-//   (all loads of a step are issued before its stores, so in place is safe and two rows'
-//   loads are in flight at once).
+//   block = (TX, TY): thread x owns a chunk of VEC pairs of the head dim and walks the rows of
+//   its slice with stride TY, one row per step. The first row's q/k loads are issued before
+//   anything waits on memory; the chunk's cos/sin are loaded once, after them (so a warp waits
+//   one memory round trip per step, not two), and kept in registers as the words they arrived
+//   in (16-bit tables: two values a register; unpacked at use). A row's loads are issued before
+//   its stores, so in place is safe. Registers are capped at 64 (__launch_bounds__(256, 4)) for
+//   >= 50% theoretical occupancy: that budget is why a step holds one row, not two.
 //   VEC pairs = two 16-byte vectors of x when the head dim is contiguous and aligned; otherwise
 //   VEC = 1 with strided scalar accesses. Every element of q and k is read once and written
 //   once; cos/sin are read once per (token, chunk, block).
+//   Index math is 32-bit where the planner bounds it (token, row, head-dim offsets < 2^31);
+//   element offsets into the tensors stay 64-bit.
+//   A token whose cache row lies outside [0, P) reads no cos/sin (nothing out of bounds) and
+//   its rotated dims are written as NaN (its pass-through dims are copied as usual): memory
+//   safe, recoverable and visible, where a device assert would lose the CUDA context.
+// apply_rotary (flash-attn's elementwise API): one thread per VEC elements of a row of the
+//   innermost dim (16-byte vectors when every operand allows), rows split with 32-bit division
+//   once per thread and row (64-bit only for more than 2^32 rows).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <optional>
+#include <type_traits>
 
 #include "rotary_math.h"
 #include "rotary_ops.h"
 
-// Device-side check of token positions (the simulation in tests/cuda_sim.cpp throws instead).
-#ifndef RK_KERNEL_ASSERT
-#define RK_KERNEL_ASSERT(cond) CUDA_KERNEL_ASSERT(cond)
+// Simulation hooks (tests/cuda_sim.cpp): every global access of the kernels goes through them.
+#ifndef RK_SIM_READ
+#define RK_SIM_READ(ptr, bytes)
+#endif
+#ifndef RK_SIM_WRITE
+#define RK_SIM_WRITE(ptr, bytes)
+#endif
+#ifndef RK_SIM_ALIGNED
+#define RK_SIM_ALIGNED(ptr, bytes)
 #endif
 
 namespace rotary_kernels {
 
-constexpr int kThreads = 256;  // target threads per block
+// At most kThreads threads per block, and registers capped so that kMinBlocks such blocks fit
+// on an SM (65536 / (256 x 4) = 64 registers): >= 50% theoretical occupancy on sm_80/sm_90.
+constexpr int kThreads = 256;
+#ifndef RK_MIN_BLOCKS
+#define RK_MIN_BLOCKS 4
+#endif
+constexpr int kMinBlocks = RK_MIN_BLOCKS;
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
 };
 
-// N elements starting at p, element stride `stride`; VECTOR means stride 1 and aligned.
-template <bool VECTOR, typename T, typename acc_t, int N>
-__device__ __forceinline__ void load_n(const T* p, int64_t stride, acc_t (&out)[N]) {
+// N values of T in registers as the 32-bit words they were loaded as (16-bit types: two values
+// a register), converted to the math type only where a step uses them: q/k values in flight
+// and a chunk's cos/sin, held across the steps of the row loop, never exist unpacked outside a
+// step. The conj rule and the NaN of a bad token are applied to the words once; opaque() keeps
+// the compilers from hoisting the per-step unpacking of cos/sin out of the loop, which would
+// hold twice the registers for the whole loop (and spill under the register budget).
+template <typename T, int N>
+struct Packed {
+  static constexpr bool kWords = (sizeof(T) * N) % 4 == 0;  // else VEC = 1 with a 16-bit T
+  static constexpr int W = kWords ? static_cast<int>(sizeof(T) * N / 4) : 1;
+  uint32_t w[W];
+  Vec<T, N> v;  // used only when !kWords
+
+  __device__ __forceinline__ void set(const Vec<T, N>& x) {
+    if constexpr (kWords) {
+      memcpy(w, &x, sizeof(x));
+    } else {
+      v = x;
+    }
+  }
+  __device__ __forceinline__ Vec<T, N> get() const {
+    if constexpr (kWords) {
+      Vec<T, N> x;
+      memcpy(&x, w, sizeof(x));
+      return x;
+    } else {
+      return v;
+    }
+  }
+  // Value i alone (a shift or byte permute of its word: only the values a step is using are
+  // ever unpacked).
+  __device__ __forceinline__ T at(int i) const {
+    if constexpr (kWords) {
+      T x;
+      memcpy(&x, reinterpret_cast<const char*>(w) + i * sizeof(T), sizeof(T));
+      return x;
+    } else {
+      return v.v[i];
+    }
+  }
+  __device__ __forceinline__ void set_at(int i, T x) {
+    if constexpr (kWords) {
+      memcpy(reinterpret_cast<char*>(w) + i * sizeof(T), &x, sizeof(T));
+    } else {
+      v.v[i] = x;
+    }
+  }
+  __device__ __forceinline__ void fill_nan() {
+    Vec<T, N> x;
+#pragma unroll
+    for (int i = 0; i < N; ++i) x.v[i] = static_cast<T>(std::numeric_limits<float>::quiet_NaN());
+    set(x);
+  }
+  // Flip the sign of every value (exact).
+  __device__ __forceinline__ void negate() {
+    if constexpr (kWords) {
+      constexpr uint32_t lo = sizeof(T) == 2 ? 0x80008000u : (sizeof(T) == 4 ? 0x80000000u : 0u);
+      constexpr uint32_t hi = sizeof(T) == 8 ? 0x80000000u : lo;  // doubles: the sign sits in the high word
+#pragma unroll
+      for (int i = 0; i < W; ++i) w[i] ^= (i % 2 ? hi : lo);
+    } else {
+#pragma unroll
+      for (int i = 0; i < N; ++i) v.v[i] = -v.v[i];
+    }
+  }
+  // Swap the two values of each neighbouring pair (0, 1), (2, 3), ... (N even).
+  __device__ __forceinline__ void swap_pairs() {
+    static_assert(kWords && N % 2 == 0, "pairs inside a vector");
+    if constexpr (sizeof(T) == 2) {
+#pragma unroll
+      for (int i = 0; i < W; ++i) w[i] = (w[i] >> 16) | (w[i] << 16);
+    } else {
+      constexpr int per = static_cast<int>(sizeof(T) / 4);  // words a value
+#pragma unroll
+      for (int i = 0; i < W; i += 2 * per) {
+#pragma unroll
+        for (int k = 0; k < per; ++k) {
+          const uint32_t t = w[i + k];
+          w[i + k] = w[i + per + k];
+          w[i + per + k] = t;
+        }
+      }
+    }
+  }
+  // w ^= zero, where zero is 0 but known only at run time and changes with the loop's step:
+  // the per-step unpacking of the words cannot be hoisted out of the loop (by nvvm or ptxas).
+  __device__ __forceinline__ void opaque(uint32_t zero) {
+    if constexpr (kWords && sizeof(T) == 2) {  // wider values need no unpacking
+#pragma unroll
+      for (int i = 0; i < W; ++i) w[i] ^= zero;
+    }
+  }
+};
+
+// N elements starting at p, element stride `stride`; VECTOR means stride 1 and aligned: one
+// 16-byte access (two for 8 floats), as words.
+template <bool VECTOR, typename T, int N>
+__device__ __forceinline__ void load_n(const T* p, int64_t stride, Packed<T, N>& out) {
   if constexpr (VECTOR) {
-    const Vec<T, N> v = *reinterpret_cast<const Vec<T, N>*>(p);
+    static_assert(Packed<T, N>::kWords, "vectors are whole words");
+    using WV = Vec<uint32_t, Packed<T, N>::W>;
+    RK_SIM_ALIGNED(p, sizeof(WV));
+    RK_SIM_READ(p, sizeof(WV));
+    const WV v = *reinterpret_cast<const WV*>(p);
 #pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = static_cast<acc_t>(v.v[i]);
+    for (int i = 0; i < Packed<T, N>::W; ++i) out.w[i] = v.v[i];
   } else {
+    Vec<T, N> v;
 #pragma unroll
-    for (int i = 0; i < N; ++i) out[i] = static_cast<acc_t>(p[i * stride]);
+    for (int i = 0; i < N; ++i) {
+      RK_SIM_READ(p + i * stride, sizeof(T));
+      v.v[i] = p[i * stride];
+    }
+    out.set(v);
   }
 }
 
-template <bool VECTOR, typename T, typename acc_t, int N>
-__device__ __forceinline__ void store_n(T* p, int64_t stride, const acc_t (&in)[N]) {
+// EXPLICIT: an st.global.v4 in inline PTX (apply_rotary_kernel, where nvvm otherwise splits the
+// vector store into 32-bit pieces); the rotary kernel's plain stores already come out whole
+// and the asm's memory clobber would cost it registers.
+template <bool VECTOR, typename T, int N, bool EXPLICIT = false>
+__device__ __forceinline__ void store_n(T* p, int64_t stride, const Packed<T, N>& in) {
   if constexpr (VECTOR) {
-    Vec<T, N> v;
+    using WV = Vec<uint32_t, Packed<T, N>::W>;
+    RK_SIM_ALIGNED(p, sizeof(WV));
+    RK_SIM_WRITE(p, sizeof(WV));
+#if defined(__CUDA_ARCH__)
+    if constexpr (EXPLICIT) {
+      constexpr int W = Packed<T, N>::W;
+      static_assert(W == 2 || W % 4 == 0, "8- or 16-byte pieces");
+      if constexpr (W == 2) {
+        asm volatile("st.global.v2.u32 [%0], {%1, %2};" ::"l"(p), "r"(in.w[0]), "r"(in.w[1]) : "memory");
+      } else {
 #pragma unroll
-    for (int i = 0; i < N; ++i) v.v[i] = static_cast<T>(in[i]);
-    *reinterpret_cast<Vec<T, N>*>(p) = v;
+        for (int i = 0; i < W; i += 4) {
+          asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};" ::"l"(reinterpret_cast<char*>(p) + 4 * i),
+                       "r"(in.w[i]), "r"(in.w[i + 1]), "r"(in.w[i + 2]), "r"(in.w[i + 3])
+                       : "memory");
+        }
+      }
+      return;
+    }
+#endif
+    WV v;
+#pragma unroll
+    for (int i = 0; i < Packed<T, N>::W; ++i) v.v[i] = in.w[i];
+    *reinterpret_cast<WV*>(p) = v;
   } else {
+    const Vec<T, N> v = in.get();
 #pragma unroll
-    for (int i = 0; i < N; ++i) p[i * stride] = static_cast<T>(in[i]);
+    for (int i = 0; i < N; ++i) {
+      RK_SIM_WRITE(p + i * stride, sizeof(T));
+      p[i * stride] = v.v[i];
+    }
   }
 }
 
@@ -75,7 +232,8 @@ struct RotaryParams {
   const cs_t* sin;
   CSStrides sc, ss;
   TokenIndex ti;
-  int64_t S, D, half, rows_per_slice;
+  // 32-bit: the planner checks tokens, rows and D against INT32_MAX.
+  int32_t S, D, half, rows, rows_per_slice;
   bool conj;
 };
 
@@ -83,7 +241,7 @@ struct RotaryParams {
 // pairs sit in them: half-split pairs group A with group B element by element; interleaved
 // pairs neighbours inside a group (or, with VEC = 1, the two groups).
 template <int VEC, bool INTERLEAVED>
-__device__ __forceinline__ void chunk_offsets(int64_t c, int64_t half, int64_t& oa, int64_t& ob) {
+__device__ __forceinline__ void chunk_offsets(int32_t c, int32_t half, int32_t& oa, int32_t& ob) {
   if constexpr (INTERLEAVED) {
     oa = 2 * c * VEC;
     ob = oa + VEC;
@@ -93,127 +251,199 @@ __device__ __forceinline__ void chunk_offsets(int64_t c, int64_t half, int64_t& 
   }
 }
 
-template <int VEC, bool INTERLEAVED, typename acc_t>
-__device__ __forceinline__ void rotate_chunk(acc_t (&xa)[VEC], acc_t (&xb)[VEC], const acc_t (&ca)[VEC],
-                                             const acc_t (&cb)[VEC], const acc_t (&sa)[VEC],
-                                             const acc_t (&sb)[VEC], bool conj) {
+// Rotates the pairs of a chunk in the math type acc_t, one pair at a time from the packed
+// words; cos/sin already carry the conj rule.
+template <int VEC, bool INTERLEAVED, typename acc_t, typename T, typename C>
+__device__ __forceinline__ void rotate_chunk(Packed<T, VEC>& xa, Packed<T, VEC>& xb, const Packed<C, VEC>& ca,
+                                             const Packed<C, VEC>& cb, const Packed<C, VEC>& sa,
+                                             const Packed<C, VEC>& sb) {
+  // x1 = X1[i1], x2 = X2[i2] with cos/sin from the same places.
+  auto rot = [](Packed<T, VEC>& X1, int i1, Packed<T, VEC>& X2, int i2, const Packed<C, VEC>& C1,
+                const Packed<C, VEC>& C2, const Packed<C, VEC>& S1, const Packed<C, VEC>& S2) {
+    acc_t y1, y2;
+    rotate_pair(static_cast<acc_t>(X1.at(i1)), static_cast<acc_t>(X2.at(i2)),
+                make_pair_cs(static_cast<acc_t>(C1.at(i1)), static_cast<acc_t>(C2.at(i2)),
+                             static_cast<acc_t>(S1.at(i1)), static_cast<acc_t>(S2.at(i2)), false),
+                y1, y2);
+    X1.set_at(i1, static_cast<T>(y1));
+    X2.set_at(i2, static_cast<T>(y2));
+  };
   if constexpr (INTERLEAVED && VEC >= 2) {
 #pragma unroll
     for (int i = 0; i < VEC; i += 2) {
-      rotate_pair(xa[i], xa[i + 1], make_pair_cs(ca[i], ca[i + 1], sa[i], sa[i + 1], conj), xa[i], xa[i + 1]);
-      rotate_pair(xb[i], xb[i + 1], make_pair_cs(cb[i], cb[i + 1], sb[i], sb[i + 1], conj), xb[i], xb[i + 1]);
+      rot(xa, i, xa, i + 1, ca, ca, sa, sa);
+      rot(xb, i, xb, i + 1, cb, cb, sb, sb);
     }
   } else {
 #pragma unroll
-    for (int i = 0; i < VEC; ++i) {
-      rotate_pair(xa[i], xb[i], make_pair_cs(ca[i], cb[i], sa[i], sb[i], conj), xa[i], xb[i]);
-    }
+    for (int i = 0; i < VEC; ++i) rot(xa, i, xb, i, ca, cb, sa, sb);
   }
+}
+
+// The conj (backward) rule on a chunk's sin values, once per chunk: (s1, s2) := (-s2, -s1)
+// within each pair (rotary_math.h make_pair_cs).
+template <int VEC, bool INTERLEAVED, typename C>
+__device__ __forceinline__ void conj_sin(Packed<C, VEC>& sa, Packed<C, VEC>& sb) {
+  if constexpr (INTERLEAVED && VEC >= 2) {  // pairs are neighbours inside each vector
+    sa.swap_pairs();
+    sb.swap_pairs();
+  } else {  // pair i joins element i of sa with element i of sb
+    const Packed<C, VEC> t = sa;
+    sa = sb;
+    sb = t;
+  }
+  sa.negate();
+  sb.negate();
 }
 
 // VEC cos (or sin) values of head-dim elements j0 .. j0 + VEC - 1 of token (a, s)'s row: one
 // vector load (CS_VECTOR: contiguous, aligned, no mrope), else element by element, each from
 // its pair's mrope axis and position.
-template <bool CS_VECTOR, int VEC, typename cs_t, typename acc_t>
+template <bool CS_VECTOR, int VEC, typename cs_t>
 __device__ __forceinline__ void load_cs(const cs_t* t, const CSStrides& st, const TokenIndex& ti, int64_t a,
-                                        int64_t s, const int64_t (&pos)[3], int64_t j0, int64_t half,
-                                        bool interleaved, acc_t (&out)[VEC]) {
+                                        int64_t s, const int64_t (&pos)[3], int32_t j0, int32_t half,
+                                        bool interleaved, Packed<cs_t, VEC>& regs) {
   if constexpr (CS_VECTOR) {
-    load_n<true>(t + cs_offset(st, 0, a, s, pos[0], j0), 1, out);
+    load_n<true>(t + cs_offset(st, 0, a, s, pos[0], j0), 1, regs);
   } else {
+    Vec<cs_t, VEC> out;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       const int64_t j = j0 + e;
       const int x = pair_axis(ti, pair_of(j, half, interleaved));
       const int64_t px = x == 0 ? pos[0] : (x == 1 ? pos[1] : pos[2]);  // no dynamic indexing: registers
-      out[e] = static_cast<acc_t>(t[cs_offset(st, x, a, s, px, j)]);
+      const cs_t* e_ptr = t + cs_offset(st, x, a, s, px, j);
+      RK_SIM_READ(e_ptr, sizeof(cs_t));
+      out.v[e] = *e_ptr;
     }
+    regs.set(out);
   }
 }
 
-template <typename scalar_t>
-__device__ __forceinline__ const Operand<scalar_t>& operand_of(const Operand<scalar_t>& q,
-                                                              const Operand<scalar_t>& k, int64_t row,
-                                                              int64_t& h) {
-  const bool is_q = row < q.H;
-  h = is_q ? row : row - q.H;
-  return is_q ? q : k;
+// Row r of the token's q and k rows (q's first): where its input (OUT = false) or output
+// starts, and the head-dim stride (VECTOR: contiguous, 1). Computed where used, so no 64-bit
+// pointer stays live across the loads of a step.
+template <bool OUT, bool VECTOR, typename scalar_t>
+__device__ __forceinline__ auto row_ptr(const Operand<scalar_t>& q, const Operand<scalar_t>& k, int64_t a,
+                                        int64_t s, int32_t r, int64_t& stride) {
+  const bool is_q = r < q.H;
+  const Operand<scalar_t>& o = is_q ? q : k;
+  const int64_t h = is_q ? r : r - q.H;
+  const Strides4& st = OUT ? o.sy : o.sx;
+  stride = VECTOR ? 1 : st.d;
+  if constexpr (OUT) {
+    return o.y + offset4(st, a, s, h, 0);
+  } else {
+    return o.x + offset4(st, a, s, h, 0);
+  }
+}
+
+// Blocks of kThreads an SM must hold (the register budget: 65536 / (kThreads x this)). The
+// element-by-element cos/sin path (mrope, misaligned tables) and half-split 16-bit x with fp32
+// tables do not fit 64 registers without spilling (measured with ptxas, sm_90/sm_80): they get
+// a larger budget, hence less occupancy (tests/test_codegen_cuda.py records each).
+template <typename scalar_t, typename cs_t, bool CS_VECTOR, bool INTERLEAVED>
+constexpr int min_blocks() {
+  if (!CS_VECTOR) return kMinBlocks / 2;
+  if (!INTERLEAVED && sizeof(scalar_t) == 2 && sizeof(cs_t) == 4) {
+    return std::is_same_v<scalar_t, c10::Half> ? kMinBlocks / 2 : kMinBlocks - 1;  // fp16 spills at 80
+  }
+  return kMinBlocks;
 }
 
 template <typename scalar_t, typename cs_t, int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED>
-__global__ void __launch_bounds__(kThreads) rotary_kernel(const RotaryParams<scalar_t, cs_t> p) {
+__global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR, INTERLEAVED>())
+    rotary_kernel(const RotaryParams<scalar_t, cs_t> p) {
   using acc_t = typename AccType<scalar_t>::type;
-  const int64_t token = blockIdx.x;
-  const int64_t a = token / p.S, s = token % p.S;
-  const int64_t rows = p.q.H + p.k.H;
-  const int64_t row0 = blockIdx.y * p.rows_per_slice;
-  const int64_t row_end = rows < row0 + p.rows_per_slice ? rows : row0 + p.rows_per_slice;
-  const int64_t nchunks = p.half / VEC;
-  const int64_t TY = blockDim.y;
+  const int32_t token = static_cast<int32_t>(blockIdx.x);
+  const int32_t a = token / p.S, s = token - a * p.S;
+  const int32_t row0 = static_cast<int32_t>(blockIdx.y) * p.rows_per_slice;
+  const int32_t row_end = p.rows - row0 < p.rows_per_slice ? p.rows : row0 + p.rows_per_slice;
+  const int32_t nchunks = p.half / VEC;
+  const int32_t TY = static_cast<int32_t>(blockDim.y);
+  int64_t dx, dy;
 
-  // The token's cos/sin rows: its position on each mrope axis (caches), else per-token tables.
-  int64_t pos[3];
-#pragma unroll
-  for (int x = 0; x < 3; ++x) {
-    pos[x] = (x == 0 || p.ti.mrope) ? token_position(p.ti, a, s, x) : 0;
-    RK_KERNEL_ASSERT(position_ok(p.ti, pos[x]));  // a position outside the cos/sin cache
-    if (!position_ok(p.ti, pos[x])) return;
-  }
-
-  for (int64_t c = threadIdx.x; c < nchunks; c += blockDim.x) {
-    int64_t oa, ob;
+#pragma unroll 1
+  for (int32_t c = static_cast<int32_t>(threadIdx.x); c < nchunks; c += static_cast<int32_t>(blockDim.x)) {
+    int32_t r = row0 + static_cast<int32_t>(threadIdx.y);
+    if (r >= row_end) break;
+    int32_t oa, ob;
     chunk_offsets<VEC, INTERLEAVED>(c, p.half, oa, ob);
-    acc_t ca[VEC], cb[VEC], sa[VEC], sb[VEC];
+    // The first row's q/k loads, before anything waits on memory.
+    Packed<scalar_t, VEC> xa, xb;
+    const scalar_t* x = row_ptr<false, VECTOR>(p.q, p.k, a, s, r, dx);
+    load_n<VECTOR>(x + oa * dx, dx, xa);
+    load_n<VECTOR>(x + ob * dx, dx, xb);
+    // Then the chunk's cos/sin: the token's cache row on each mrope axis (caches), else the
+    // per-token tables. A row outside the cache: NaN, nothing read. (CS_VECTOR excludes mrope.)
+    int64_t pos[3] = {0, 0, 0};
+    bool bad = false;
+#pragma unroll
+    for (int ax = 0; ax < (CS_VECTOR ? 1 : 3); ++ax) {
+      if (ax == 0 || p.ti.mrope) {
+        pos[ax] = token_position(p.ti, a, s, ax);
+        bad = bad || !position_ok(p.ti, pos[ax]);
+      }
+    }
+    Packed<cs_t, VEC> ca, cb, sa, sb;
+    if (bad) {  // a position outside the cache: read row 0 instead (in bounds), rotate to NaN
+      pos[0] = pos[1] = pos[2] = 0;
+    }
     load_cs<CS_VECTOR>(p.cos, p.sc, p.ti, a, s, pos, oa, p.half, INTERLEAVED, ca);
     load_cs<CS_VECTOR>(p.cos, p.sc, p.ti, a, s, pos, ob, p.half, INTERLEAVED, cb);
     load_cs<CS_VECTOR>(p.sin, p.ss, p.ti, a, s, pos, oa, p.half, INTERLEAVED, sa);
     load_cs<CS_VECTOR>(p.sin, p.ss, p.ti, a, s, pos, ob, p.half, INTERLEAVED, sb);
+    if (bad) {
+      ca.fill_nan();
+      cb.fill_nan();
+      sa.fill_nan();
+      sb.fill_nan();
+    }
+    if (p.conj) conj_sin<VEC, INTERLEAVED>(sa, sb);
 
-    for (int64_t r = row0 + threadIdx.y; r < row_end; r += 2 * TY) {
-      const bool two = r + TY < row_end;
-      int64_t h0, h1 = 0;
-      const Operand<scalar_t>& o0 = operand_of(p.q, p.k, r, h0);
-      const Operand<scalar_t>& o1 = operand_of(p.q, p.k, two ? r + TY : r, h1);
-      const scalar_t* x0 = o0.x + offset4(o0.sx, a, s, h0, 0);
-      const scalar_t* x1 = o1.x + offset4(o1.sx, a, s, h1, 0);
-      acc_t xa0[VEC], xb0[VEC], xa1[VEC], xb1[VEC];
-      load_n<VECTOR>(x0 + oa * o0.sx.d, o0.sx.d, xa0);
-      load_n<VECTOR>(x0 + ob * o0.sx.d, o0.sx.d, xb0);
-      if (two) {
-        load_n<VECTOR>(x1 + oa * o1.sx.d, o1.sx.d, xa1);
-        load_n<VECTOR>(x1 + ob * o1.sx.d, o1.sx.d, xb1);
-      }
-      rotate_chunk<VEC, INTERLEAVED>(xa0, xb0, ca, cb, sa, sb, p.conj);
-      scalar_t* y0 = o0.y + offset4(o0.sy, a, s, h0, 0);
-      store_n<VECTOR>(y0 + oa * o0.sy.d, o0.sy.d, xa0);
-      store_n<VECTOR>(y0 + ob * o0.sy.d, o0.sy.d, xb0);
-      if (two) {
-        rotate_chunk<VEC, INTERLEAVED>(xa1, xb1, ca, cb, sa, sb, p.conj);
-        scalar_t* y1 = o1.y + offset4(o1.sy, a, s, h1, 0);
-        store_n<VECTOR>(y1 + oa * o1.sy.d, o1.sy.d, xa1);
-        store_n<VECTOR>(y1 + ob * o1.sy.d, o1.sy.d, xb1);
-      }
+    // One row a step: rotate, store, then issue the next row's loads (TY rows on).
+#pragma unroll 1
+    for (;;) {
+      const uint32_t zero = static_cast<uint32_t>(r) >> 31;  // 0: r >= 0
+      ca.opaque(zero);
+      cb.opaque(zero);
+      sa.opaque(zero);
+      sb.opaque(zero);
+      rotate_chunk<VEC, INTERLEAVED, acc_t>(xa, xb, ca, cb, sa, sb);
+      scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, a, s, r, dy);
+      store_n<VECTOR>(y + oa * dy, dy, xa);
+      store_n<VECTOR>(y + ob * dy, dy, xb);
+      r += TY;
+      if (r >= row_end) break;
+      x = row_ptr<false, VECTOR>(p.q, p.k, a, s, r, dx);
+      load_n<VECTOR>(x + oa * dx, dx, xa);
+      load_n<VECTOR>(x + ob * dx, dx, xb);
     }
   }
 
-  // Partial rotary, out of place: the dims [R, D) pass through unchanged.
-  const int64_t tail = p.D - 2 * p.half;
+  // Partial rotary, out of place: the dims [R, D) pass through unchanged (bad tokens too).
+  const int32_t tail = p.D - 2 * p.half;
   if (tail > 0 && (p.q.copy_pass || p.k.copy_pass)) {
-    for (int64_t r = row0 + threadIdx.y; r < row_end; r += TY) {
-      int64_t h;
-      const Operand<scalar_t>& o = operand_of(p.q, p.k, r, h);
-      if (!o.copy_pass) continue;
-      const scalar_t* x = o.x + offset4(o.sx, a, s, h, 2 * p.half);
-      scalar_t* y = o.y + offset4(o.sy, a, s, h, 2 * p.half);
+    for (int32_t r = row0 + static_cast<int32_t>(threadIdx.y); r < row_end; r += TY) {
+      if (!(r < p.q.H ? p.q : p.k).copy_pass) continue;
+      const scalar_t* x = row_ptr<false, VECTOR>(p.q, p.k, a, s, r, dx) + 2 * p.half * dx;
+      scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, a, s, r, dy) + 2 * p.half * dy;
       if constexpr (VECTOR) {
         if (tail % VEC == 0) {
-          for (int64_t j = threadIdx.x * VEC; j < tail; j += blockDim.x * VEC) {
-            *reinterpret_cast<Vec<scalar_t, VEC>*>(y + j) = *reinterpret_cast<const Vec<scalar_t, VEC>*>(x + j);
+          for (int32_t j = static_cast<int32_t>(threadIdx.x) * VEC; j < tail;
+               j += static_cast<int32_t>(blockDim.x) * VEC) {
+            Packed<scalar_t, VEC> v;
+            load_n<true>(x + j, 1, v);  // pass-through copy
+            store_n<true>(y + j, 1, v);  // pass-through copy
           }
           continue;
         }
       }
-      for (int64_t j = threadIdx.x; j < tail; j += blockDim.x) y[j * o.sy.d] = x[j * o.sx.d];
+      for (int32_t j = static_cast<int32_t>(threadIdx.x); j < tail; j += static_cast<int32_t>(blockDim.x)) {
+        Packed<scalar_t, 1> v;
+        load_n<false>(x + j * dx, dx, v);  // pass-through copy
+        store_n<false>(y + j * dy, dy, v);  // pass-through copy
+      }
     }
   }
 }
@@ -241,6 +471,33 @@ inline bool cs_vector_ok(const at::Tensor& t, int64_t vec) {
 struct LaunchShape {
   int64_t x, y;
 };
+
+struct LaunchPlan {
+  LaunchShape grid, block;
+  int64_t rows_per_slice;
+};
+
+// The launch shape of rotary_kernel from sizes alone (tests call it without tensors):
+// tokens = A * S, rows = Hq + Hk, nchunks = chunks of a row (pairs / VEC), sms = SMs.
+// Block: TX threads over the chunks of a row, TY over rows, one row per thread and step.
+// Small problems (decode) split the rows over grid.y so every row is in flight at once; large
+// ones use full blocks (kThreads, so kMinBlocks of them fill half the SM's warps) and split
+// grid.y only when tokens alone are too few.
+inline LaunchPlan plan_launch(int64_t tokens, int64_t rows, int64_t nchunks, int64_t sms) {
+  constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max() - kThreads;  // r + TY stays < 2^31
+  TORCH_CHECK(tokens <= std::numeric_limits<int32_t>::max(), "rotary: too many tokens (", tokens,
+              "; the CUDA kernel takes < 2^31)");
+  TORCH_CHECK(rows <= kMax32 && nchunks <= kMax32, "rotary: too many rows (", rows, ") or pairs (", nchunks, ")");
+  const int64_t tx = std::min<int64_t>(nchunks, kThreads);
+  const int64_t max_ty = std::max<int64_t>(1, kThreads / tx);
+  const bool small = tokens * rows * nchunks <= sms * 2048;
+  int64_t slices = small ? (rows + std::min(max_ty, rows) - 1) / std::min(max_ty, rows)
+                         : std::min<int64_t>(rows, (4 * sms + tokens - 1) / tokens);
+  slices = std::min<int64_t>(slices, 65535);  // grid.y's limit: then more rows per slice
+  const int64_t rows_per_slice = (rows + slices - 1) / slices;
+  const int64_t ty = std::min<int64_t>(max_ty, rows_per_slice);
+  return {{tokens, (rows + rows_per_slice - 1) / rows_per_slice}, {tx, ty}, rows_per_slice};
+}
 
 template <int VEC, bool VECTOR, bool CS_VECTOR, typename Launcher, typename Params>
 void dispatch_interleaved(Launcher& launcher, const Params& p, bool interleaved, LaunchShape grid,
@@ -270,52 +527,136 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   p.sc = cs_strides(cos);
   p.ss = cs_strides(sin);
   p.ti = make_token_index(cos, ix);
-  p.S = S;
-  p.D = D;
-  p.half = half;
   p.conj = conj;
   const int64_t tokens = A * S, rows = p.q.H + p.k.H;
   if (tokens == 0 || rows == 0) return;
-  TORCH_CHECK(tokens <= std::numeric_limits<int32_t>::max(), "rotary: too many tokens (", tokens, ")");
 
   bool vector = half % VEC == 0 && vector_ok(q, VEC) && vector_ok(q_out, VEC);
   if (k.has_value()) vector = vector && vector_ok(*k, VEC) && vector_ok(*k_out, VEC);
   const bool cs_vector = vector && p.ti.mrope == 0 && cs_vector_ok(cos, VEC) && cs_vector_ok(sin, VEC);
-
-  // Block shape: TX threads over the chunks of a row, TY over rows. Small problems (decode)
-  // get one row per thread and the rows split over grid.y so every row is in flight at once;
-  // large ones two rows per thread, and grid.y splits only when tokens alone are too few.
-  const int64_t nchunks = vector ? half / VEC : half;
-  const int64_t tx = std::min<int64_t>(nchunks, kThreads);
-  const int64_t max_ty = std::max<int64_t>(1, kThreads / tx);
-  const bool small = tokens * rows * nchunks <= sms * 2048;
-  int64_t slices = small ? (rows + std::min(max_ty, rows) - 1) / std::min(max_ty, rows)
-                         : std::min<int64_t>(rows, (4 * sms + tokens - 1) / tokens);
-  slices = std::min<int64_t>(slices, 65535);
-  const int64_t rows_per_slice = (rows + slices - 1) / slices;
-  p.rows_per_slice = rows_per_slice;
-  const int64_t rows_per_thread = small ? 1 : 2;
-  const int64_t steps = (rows_per_slice + rows_per_thread * max_ty - 1) / (rows_per_thread * max_ty);
-  const int64_t ty = std::min<int64_t>(max_ty, (rows_per_slice + rows_per_thread * steps - 1) / (rows_per_thread * steps));
-  const LaunchShape grid{tokens, (rows + rows_per_slice - 1) / rows_per_slice};
-  const LaunchShape block{tx, ty};
+  const LaunchPlan plan = plan_launch(tokens, rows, vector ? half / VEC : half, sms);
+  TORCH_CHECK(D <= std::numeric_limits<int32_t>::max(), "rotary: head dim too large (", D, ")");
+  p.S = static_cast<int32_t>(S);
+  p.D = static_cast<int32_t>(D);
+  p.half = static_cast<int32_t>(half);
+  p.rows = static_cast<int32_t>(rows);
+  p.rows_per_slice = static_cast<int32_t>(plan.rows_per_slice);
   if (!vector) {
-    dispatch_interleaved<1, false, false>(launcher, p, interleaved, grid, block);
+    dispatch_interleaved<1, false, false>(launcher, p, interleaved, plan.grid, plan.block);
   } else if (cs_vector) {
-    dispatch_interleaved<VEC, true, true>(launcher, p, interleaved, grid, block);
+    dispatch_interleaved<VEC, true, true>(launcher, p, interleaved, plan.grid, plan.block);
   } else {
-    dispatch_interleaved<VEC, true, false>(launcher, p, interleaved, grid, block);
+    dispatch_interleaved<VEC, true, false>(launcher, p, interleaved, plan.grid, plan.block);
   }
 }
 
-// flash-attn's elementwise rotation: one thread per element, grid-stride.
+// ---- flash-attn's elementwise apply_rotary ----
+
+// Rows of the 4-D iteration space [n0, n1, n2] and VEC-element chunks of the innermost dim n3.
+struct ElementwisePlan {
+  LaunchShape grid, block;
+  int64_t rows, chunks;
+  int vec;  // elements per thread access: 16 / sizeof(scalar_t), or 1
+};
+
+// Whether every operand allows 16-byte accesses along dim 3 (n3 % vec == 0 already checked).
 template <typename scalar_t, typename acc_t>
-__global__ void apply_rotary_kernel(const Elementwise<scalar_t, acc_t> e) {
-  const int64_t n = e.n0 * e.n1 * e.n2 * e.n3;
-  for (int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; idx < n;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    apply_rotary_element(e, idx / (e.n3 * e.n2 * e.n1), (idx / (e.n3 * e.n2)) % e.n1, (idx / e.n3) % e.n2,
-                         idx % e.n3);
+bool elementwise_vector_ok(const Elementwise<scalar_t, acc_t>& e, int vec) {
+  auto ok = [&](const void* ptr, const Strides4& st, int64_t esize, int64_t v) {
+    const int64_t n[3] = {e.n0, e.n1, e.n2}, sd[3] = {st.a, st.s, st.h};
+    if (st.d != 1 && e.n3 > 1) return false;
+    for (int d = 0; d < 3; ++d) {
+      if (n[d] > 1 && sd[d] % v != 0) return false;
+    }
+    return aligned(ptr, v * esize);
+  };
+  const int64_t xs = sizeof(scalar_t), cs = sizeof(acc_t);
+  return e.n3 % vec == 0 && ok(e.x1, e.sx1, xs, vec) && ok(e.x2, e.sx2, xs, vec) && ok(e.o1, e.so1, xs, vec) &&
+         ok(e.o2, e.so2, xs, vec) && ok(e.c, e.sc, cs, vec) && ok(e.s, e.ss, cs, vec);
+}
+
+inline ElementwisePlan plan_elementwise(int64_t rows, int64_t n3, int vec) {
+  const int64_t chunks = (n3 + vec - 1) / vec;
+  const int64_t tx = std::min<int64_t>(chunks, kThreads);
+  const int64_t ty = std::max<int64_t>(1, kThreads / tx);
+  const int64_t blocks = std::min<int64_t>((rows + ty - 1) / ty, 65535LL * 16);
+  return {{blocks, 1}, {tx, ty}, rows, chunks, vec};
+}
+
+// Row index -> (i0, i1, i2): per thread and row, 32-bit division unless there are >= 2^32 rows.
+template <typename I>
+__device__ __forceinline__ void split_row(I row, I n1, I n2, int64_t& i0, int64_t& i1, int64_t& i2) {
+  const I q2 = row / n2;
+  i2 = static_cast<int64_t>(row - q2 * n2);
+  const I q1 = q2 / n1;
+  i1 = static_cast<int64_t>(q2 - q1 * n1);
+  i0 = static_cast<int64_t>(q1);
+}
+
+// ROWS32: fewer than 2^32 rows, split with 32-bit division (else 64-bit, once per row).
+template <typename scalar_t, typename acc_t, int VEC, bool VECTOR, bool ROWS32>
+__global__ void __launch_bounds__(kThreads, kMinBlocks) apply_rotary_kernel(const Elementwise<scalar_t, acc_t> e,
+                                                                             int64_t rows) {
+  const int64_t ty = blockDim.y;
+  const int64_t chunks = (e.n3 + VEC - 1) / VEC;
+  for (int64_t row = blockIdx.x * ty + threadIdx.y; row < rows; row += static_cast<int64_t>(gridDim.x) * ty) {
+    int64_t i0, i1, i2;
+    if constexpr (ROWS32) {
+      split_row<uint32_t>(static_cast<uint32_t>(row), static_cast<uint32_t>(e.n1), static_cast<uint32_t>(e.n2), i0,
+                          i1, i2);
+    } else {
+      split_row<int64_t>(row, e.n1, e.n2, i0, i1, i2);
+    }
+    const scalar_t* x1 = e.x1 + offset4(e.sx1, i0, i1, i2, 0);
+    const scalar_t* x2 = e.x2 + offset4(e.sx2, i0, i1, i2, 0);
+    const acc_t* c = e.c + offset4(e.sc, i0, i1, i2, 0);
+    const acc_t* s = e.s + offset4(e.ss, i0, i1, i2, 0);
+    scalar_t* o1 = e.o1 + offset4(e.so1, i0, i1, i2, 0);
+    scalar_t* o2 = e.o2 + offset4(e.so2, i0, i1, i2, 0);
+    for (int64_t ch = threadIdx.x; ch < chunks; ch += blockDim.x) {
+      const int64_t j = ch * VEC;
+      // (VECTOR: every operand's dim 3 is contiguous.)
+      const int64_t d1 = VECTOR ? 1 : e.sx1.d, d2 = VECTOR ? 1 : e.sx2.d, dc = VECTOR ? 1 : e.sc.d,
+                    ds = VECTOR ? 1 : e.ss.d, do1 = VECTOR ? 1 : e.so1.d, do2 = VECTOR ? 1 : e.so2.d;
+      Packed<scalar_t, VEC> pa, pb;
+      Packed<acc_t, VEC> pc, ps;
+      load_n<VECTOR>(x1 + j * d1, d1, pa);
+      load_n<VECTOR>(x2 + j * d2, d2, pb);
+      load_n<VECTOR>(c + j * dc, dc, pc);
+      load_n<VECTOR>(s + j * ds, ds, ps);
+#pragma unroll
+      for (int i = 0; i < VEC; ++i) {
+        acc_t y1, y2;
+        rotate_elementwise(static_cast<acc_t>(pa.at(i)), static_cast<acc_t>(pb.at(i)), pc.at(i), ps.at(i), e.conj,
+                           y1, y2);
+        pa.set_at(i, static_cast<scalar_t>(y1));
+        pb.set_at(i, static_cast<scalar_t>(y2));
+      }
+      store_n<VECTOR, scalar_t, VEC, true>(o1 + j * do1, do1, pa);
+      store_n<VECTOR, scalar_t, VEC, true>(o2 + j * do2, do2, pb);
+    }
+  }
+}
+
+// Host side of apply_rotary: picks the vector width, the launch shape and the row index
+// width, then calls launcher.template run_elementwise<VEC, VECTOR, ROWS32>(e, plan).
+template <typename scalar_t, typename acc_t, typename Launcher>
+void apply_rotary_plan(const Elementwise<scalar_t, acc_t>& e, Launcher& launcher) {
+  constexpr int VEC = 16 / sizeof(scalar_t);
+  const int64_t rows = e.n0 * e.n1 * e.n2;
+  if (rows == 0 || e.n3 == 0) return;
+  const bool vector = elementwise_vector_ok(e, VEC);
+  const ElementwisePlan plan = plan_elementwise(rows, e.n3, vector ? VEC : 1);
+  if (rows <= static_cast<int64_t>(std::numeric_limits<uint32_t>::max())) {
+    if (vector) {
+      launcher.template run_elementwise<VEC, true, true>(e, plan);
+    } else {
+      launcher.template run_elementwise<1, false, true>(e, plan);
+    }
+  } else if (vector) {
+    launcher.template run_elementwise<VEC, true, false>(e, plan);
+  } else {
+    launcher.template run_elementwise<1, false, false>(e, plan);
   }
 }
 

@@ -85,13 +85,26 @@ void dispatch_rotary_types(const at::Tensor& x, const at::Tensor& cos, const at:
   });
 }
 
-// The elementwise op's type dispatch: cos/sin converted to the math type (a no-op for fp32
-// tables; their zero strides are kept), then f(Elementwise<scalar_t, acc_t>{...}).
+// A cos/sin table of the elementwise op (expanded to x's shape) in the math type. Broadcast
+// dims (zero strides) stay broadcast: the table's distinct elements are converted, then
+// expanded again. (Converting the expanded view itself would make an x-sized copy: to() lays
+// out a non-dense view densely.)
+inline at::Tensor elementwise_table(const at::Tensor& x, const at::Tensor& t) {
+  const auto acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (t.scalar_type() == acc_type) return t;
+  std::vector<int64_t> distinct(t.sizes().begin(), t.sizes().end());
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.stride(d) == 0) distinct[d] = 1;
+  }
+  return t.as_strided(distinct, t.strides()).to(acc_type).expand(t.sizes());
+}
+
+// The elementwise op's type dispatch: cos/sin converted to the math type (elementwise_table:
+// a no-op for fp32 tables), then f(Elementwise<scalar_t, acc_t>{...}).
 template <typename F>
 void dispatch_elementwise(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
                           const at::Tensor& out1, const at::Tensor& out2, bool conj, F&& f) {
-  const auto acc_type = x1.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const at::Tensor cc = cos.to(acc_type), sc = sin.to(acc_type);
+  const at::Tensor cc = elementwise_table(x1, cos), sc = elementwise_table(x1, sin);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x1.scalar_type(), "apply_rotary", [&] {
     using acc_t = typename AccType<scalar_t>::type;
     f(Elementwise<scalar_t, acc_t>{x1.const_data_ptr<scalar_t>(), x2.const_data_ptr<scalar_t>(),

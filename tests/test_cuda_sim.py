@@ -1,7 +1,10 @@
-"""The CUDA rotary kernel's logic, run on the CPU (tests/cuda_sim.cpp walks its grid thread by
-thread with the real launch planning), against the reference: memory paths (16-byte vectors,
-strided scalar, misaligned), launch shapes (decode split over grid.y, prefill with two rows per
-thread), partial rotary, interleaved, conj, in place, and no write outside the outputs.
+"""The CUDA kernels' logic, run on the CPU (tests/cuda_sim.cpp walks the grid thread by thread
+with the real launch planning), against the reference: memory paths (16-byte vectors, strided
+scalar, misaligned), launch shapes (decode split over grid.y, prefill blocks), partial rotary,
+interleaved, conj, in place, token positions (out of range: NaN rows, nothing read out of
+bounds), flash-attn's elementwise apply_rotary. Every launch is checked for 16-byte alignment
+of vector accesses, reads/writes outside the tensors, and two threads touching one element;
+plans too large to allocate are checked by planning alone.
 
 Compiles a small CPU extension (~20 s, cached under ~/.cache/torch_extensions).
 """
@@ -94,7 +97,7 @@ def test_sim_launch_shapes(sim, A, S, Hq, Hk, sms, interleaved):
     close(ko, want(k, cos, sin, interleaved, False))
     gx, gy, bx, by = info[:4]
     assert gx == A * S and bx == 8  # 64 pairs / 8 per thread
-    assert gy * by * 2 >= Hq + Hk  # every row covered
+    assert bx * by <= 256 and gy <= Hq + Hk
 
 
 def test_sim_inplace_and_cos_dtypes(sim):
@@ -147,15 +150,159 @@ def test_sim_token_positions(sim, interleaved, layout):
         close(qo, ref_ix(q, c3, s3, 2, interleaved, mrope_section=sec, mrope_interleaved=mi))
 
 
-def test_sim_position_out_of_range_traps(sim):
-    q = canonical(1, 3, 2, 16, torch.float32, "cpu")
-    cos, sin = tables(1, 4, 16, torch.float32, "cpu")
-    with pytest.raises(IndexError, match="outside the cos/sin cache"):
-        sim.rotary_sim(q, None, cos[0], sin[0], q.clone(), None, False, False, 132,
-                       positions=torch.tensor([[[0, 4, 1]]]))
+@pytest.mark.parametrize("layout", ["heads_outer", "strided_d"])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_sim_position_out_of_range_nan(sim, layout, interleaved):
+    """A token whose cache row is outside [0, P): its rotated dims are NaN, its pass-through dims
+    copied, nothing read outside the cache (the bounds check would raise), other tokens exact;
+    no device assert (which would lose the CUDA context on a GPU)."""
+    D, R, P = 32, 16, 4
+    q = canonical(1, 4, 2, D, torch.float32, "cpu", layout)
+    k = canonical(1, 4, 1, D, torch.float32, "cpu", layout, seed=2)
+    cos, sin = tables(1, P, R, torch.float32, "cpu")
+    cos, sin = cos[0], sin[0]
+    pos = torch.tensor([[[0, 4, 1, -1]]])  # tokens 1 and 3 out of range
+    for mrope in (None, [2, 3, 3]):
+        ix = dict(positions=pos.expand(3, 1, 4)) if mrope else dict(positions=pos)
+        if mrope:
+            ix.update(mrope_section=mrope)
+        qo, ko, _ = run_ix(sim, q, k, cos, sin, interleaved, False, **ix)
+        for x, out in ((q, qo), (k, ko)):
+            good = [0, 2]
+            c, s_ = cos[pos[0, 0, good]][None], sin[pos[0, 0, good]][None]
+            close(out[:, good], want(x[:, good], c, s_, interleaved, False))
+            assert torch.isnan(out[:, [1, 3], :, :R]).all()
+            assert torch.equal(out[:, [1, 3], :, R:], x[:, [1, 3], :, R:])
+
+
+def test_sim_plan_large_shapes(sim):
+    """Plans for shapes too large to allocate: grid.y's 65535 clamp and the token limit."""
+    rows = 10_000_000  # one token, a row a slice wanted: grid.y clamped, several rows a slice
+    gx, gy, bx, by, rps = sim.plan(1, rows, 256, 10**9)
+    assert (gx, bx, by) == (1, 256, 1) and rps == -(-rows // 65535) and gy <= 65535 and rps * gy >= rows
+    gx, gy, bx, by, rps = sim.plan(2**31 - 1, 40, 8, 132)  # largest token count: one grid.x each
+    assert (gx, gy, bx, by, rps) == (2**31 - 1, 1, 8, 32, 40)
+    with pytest.raises(RuntimeError, match="too many tokens"):
+        sim.plan(2**31, 40, 8, 132)
+    with pytest.raises(RuntimeError, match="too many rows"):
+        sim.plan(1, 2**31 - 1, 8, 132)
+
+
+def test_sim_llama_prefill_plan(sim):
+    """Llama-3-8B prefill (32 + 8 rows, 8 chunks of 16 bytes): full 256-thread blocks."""
+    assert sim.plan(4096, 40, 8, 132) == [4096, 1, 8, 32, 40]
+
+
+def test_sim_catches_misaligned_vectors(sim):
+    """A vector access off a 16-byte boundary raises in the simulation (x86 would not fault)."""
+    q = canonical(1, 2, 2, 16, torch.bfloat16, "cpu", "misaligned")
+    cos, sin = tables(1, 2, 16, torch.float32, "cpu")
+    sim.set_force_vector(True)
+    try:
+        with pytest.raises(RuntimeError, match="misaligned"):
+            sim.rotary_sim(q, None, cos, sin, q.clone(), None, False, False, 132)
+    finally:
+        sim.set_force_vector(False)
+
+
+def test_sim_catches_races_and_stray_writes(sim):
+    """Two threads writing one element (an output whose heads alias) and a write outside the
+    outputs raise in the simulation, where running threads one by one would hide them."""
+    q = canonical(1, 2, 4, 16, torch.float32, "cpu")
+    cos, sin = tables(1, 2, 16, torch.float32, "cpu")
+    aliased = torch.empty(1, 2, 1, 16).expand(1, 2, 4, 16)  # every head writes one row
+    with pytest.raises(RuntimeError, match="race"):
+        sim.rotary_sim(q, None, cos, sin, aliased, None, False, False, 132)
+    sim.set_checks(False)
+    try:
+        sim.rotary_sim(q, None, cos, sin, aliased, None, False, False, 132)  # unchecked: silent
+    finally:
+        sim.set_checks(True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("cs_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["halves", "separate", "misaligned", "strided"])
+def test_sim_elementwise(sim, dtype, cs_dtype, layout):
+    """flash-attn's apply_rotary through the CUDA kernel: 16-byte vectors where every operand
+    allows, else scalar; cos [S, 1, R/2] broadcast over heads; conj; in place."""
+    from rotary_kernels.reference import apply_rotary_reference
+
+    S, H, D = 5, 3, 32
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, S, H, D + (2 if layout == "strided" else 0), generator=g).to(dtype)
+    if layout == "strided":
+        x = x[..., 1:D + 1]
+    if layout == "misaligned":
+        x = torch.randn(2 * S * H * D + 1, generator=g).to(dtype)[1:].view(2, S, H, D)
+    if layout == "separate":
+        x1, x2 = x[..., : D // 2].clone(), x[..., D // 2:].clone()
+    else:
+        x1, x2 = x[..., : D // 2], x[..., D // 2:]
+    cos, sin = tables(1, S, D // 2, cs_dtype, "cpu")
+    c4, s4 = cos[0, :, None].expand_as(x1), sin[0, :, None].expand_as(x1)
+    vec = 16 // x1.element_size()
+    for conj in (False, True):
+        r1, r2 = apply_rotary_reference(x1, x2, c4, s4, conj)
+        o1, o2 = torch.full_like(x1, float("nan")), torch.full_like(x2, float("nan"))
+        info = sim.apply_rotary_sim(x1, x2, c4, s4, o1, o2, conj)
+        close(o1, r1)
+        close(o2, r2)
+        aligned = layout in ("halves", "separate") and (D // 2) % vec == 0 and x1.element_size() * 8 >= 16
+        assert bool(info[5]) == (aligned and layout != "misaligned"), info
+    a1, a2 = x1.clone(), x2.clone()  # in place
+    sim.apply_rotary_sim(a1, a2, c4, s4, a1, a2, False)
+    r1, r2 = apply_rotary_reference(x1, x2, c4, s4, False)
+    close(a1, r1)
+    close(a2, r2)
+
+
+def test_elementwise_tables_not_materialized(sim):
+    """16-bit tables expanded to x's shape are converted to fp32 at their own size, not x's
+    (the x-sized copy cos.to(float) made of the expanded view)."""
+    x1 = torch.empty(4, 256, 32, 64, dtype=torch.bfloat16)
+    cos = torch.randn(256, 1, 64).to(torch.bfloat16)
+    c, s = sim.elementwise_tables(x1, cos.expand_as(x1), cos.expand_as(x1))
+    assert c.dtype == torch.float32 and c.shape == x1.shape
+    assert c.untyped_storage().nbytes() == 256 * 64 * 4  # the table, not 4 * 256 * 32 * 64 floats
+    torch.testing.assert_close(c, cos.float().expand_as(x1), rtol=0, atol=0)
 
 
 def run_ix(sim, q, k, cos, sin, interleaved, conj, **ix):
     (_, qo), (_, ko) = padded_like(q), padded_like(k)
     info = sim.rotary_sim(q, k, cos, sin, qo, ko, interleaved, conj, 132, **ix)
     return qo, ko, info
+
+
+def test_default_cuda_archs_reach_newer_gpus():
+    """The default CUDA build has SASS up to sm_120 and PTX of the newest, so newer GPUs load it."""
+    src = (ROOT / "setup.py").read_text()
+    ns = {"__file__": str(ROOT / "setup.py")}
+    exec(compile(src.split("\next_modules, cmdclass = _extensions()")[0], "setup.py", "exec"), ns)
+    archs = ns["_cuda_capabilities"](ns["_build_config"]()).split(";")
+    assert {"8.0", "9.0", "10.0"} <= set(archs) and archs[-1] == "12.0+PTX", archs
+
+
+def test_no_cuda_image_falls_back_to_triton(monkeypatch):
+    """A GPU the build has no image for: the default backend is Triton, with one warning."""
+    import warnings
+
+    from rotary_kernels import _dispatch
+
+    ops = _dispatch._compiled_ops()
+    if ops is None or not ops.HAS_CUDA_EXT or _dispatch._triton_module() is None:
+        pytest.skip("needs the CUDA extension and triton")
+    dev = torch.device("cuda", 7)
+    monkeypatch.setitem(_dispatch._IMAGE_OK, 7, False)  # what cuda_image_ok(7) answers for such a GPU
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (13, 0))
+    monkeypatch.setattr(_dispatch, "_SELECTED", {})
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert _dispatch.select_backend(dev) == "triton"
+        assert _dispatch.select_backend(dev) == "triton"  # cached: no second warning
+    msgs = [str(x.message) for x in w if "no image" in str(x.message)]
+    assert len(msgs) == 1 and "sm_130" in msgs[0], msgs
+    ok, why = _dispatch.backend_available("cuda", dev)
+    assert not ok and "no image" in why
+    with pytest.raises(RuntimeError, match="no image"):
+        _dispatch._select_backend(dev, "cuda")  # asked for explicitly: a clear error

@@ -12,6 +12,7 @@ Default order for a device: cuda > triton on GPUs, cpu > reference on CPU.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -53,8 +54,13 @@ def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
         ops = COMPILED
         if device.type != "cuda" or torch.version.hip:
             return False, f"the cuda backend runs on NVIDIA CUDA tensors, got {device}"
-        ok = ops is not None and ops.HAS_CUDA_EXT
-        return ok, "the extension was built without CUDA (needs nvcc and a CUDA build of torch)"
+        if not (ops is not None and ops.HAS_CUDA_EXT):
+            return False, "the extension was built without CUDA (needs nvcc and a CUDA build of torch)"
+        if not _cuda_image_ok(device):
+            cap = torch.cuda.get_device_capability(device)
+            return False, (f"the compiled CUDA kernels have no image for this GPU (sm_{cap[0]}{cap[1]}); rebuild "
+                           f"with ROTARY_KERNELS_CUDA_ARCHS including {cap[0]}.{cap[1]}")
+        return True, ""
     if backend == "triton":
         if device.type == "cpu" and not _interpret():
             return False, "Triton runs on CPU tensors only with TRITON_INTERPRET=1"
@@ -64,14 +70,31 @@ def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
 
+_IMAGE_OK: dict = {}  # CUDA device index -> whether the extension has a kernel image for it
+
+
+def _cuda_image_ok(device: torch.device) -> bool:
+    """The extension's ``cuda_image_ok`` op (rotary_cuda.cu: cudaFuncGetAttributes), once per device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _IMAGE_OK:
+        try:
+            op = COMPILED.ops.cuda_image_ok
+        except AttributeError:  # a build without the op: assume it loads, as before
+            _IMAGE_OK[index] = True
+        else:
+            _IMAGE_OK[index] = bool(op(index))
+    return _IMAGE_OK[index]
+
+
 def select_backend(device: torch.device, backend: str | None = None) -> str:
     """The backend to run on ``device``: ``backend`` if available there (else RuntimeError), or
     the fastest available one. Cached per (device type, backend): availability does not change
     within a process (not while torch.compile traces: a cache filled then would cost a second graph)."""
+    key = (device.type, device.index if device.type == "cuda" else None, backend)  # (GPUs may differ in arch)
     compiling = torch.compiler.is_compiling()
     if not compiling:
         try:
-            return _SELECTED[(device.type, backend)]
+            return _SELECTED[key]
         except (KeyError, TypeError):  # not chosen yet, or an unhashable backend argument
             pass
     if backend is not None and backend not in BACKENDS:
@@ -79,7 +102,7 @@ def select_backend(device: torch.device, backend: str | None = None) -> str:
     # meta tensors: shapes only, which the reference's PyTorch ops compute
     choice = "reference" if device.type == "meta" else _select_backend(device, backend)
     if not compiling:
-        _SELECTED[(device.type, backend)] = choice
+        _SELECTED[key] = choice
     return choice
 
 
@@ -94,8 +117,11 @@ def _select_backend(device: torch.device, backend: str | None) -> str:
         return backend
     order = ("cpu", "triton", "reference") if device.type == "cpu" else ("cuda", "triton", "reference")
     for name in order:
-        if backend_available(name, device)[0]:
+        ok, why = backend_available(name, device)
+        if ok:
             return name
+        if name == "cuda" and "no image" in why:  # a GPU newer than the build: say so once, go on
+            warnings.warn(f"rotary_kernels: {why}; using the next backend", RuntimeWarning, stacklevel=3)
     return "reference"  # unreachable: the reference is always available
 
 
