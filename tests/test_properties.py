@@ -193,3 +193,52 @@ def test_entry_op_takes_exactly_what_validation_accepts(data):
         assert torch.equal(xi, out[0])
     else:
         assert torch.equal(xi, x)
+
+
+def _element_sets(*tensors):
+    """For each tensor, the set of its elements' byte addresses, and whether two elements share one."""
+    import itertools
+
+    out = []
+    for t in tensors:
+        e, base = t.element_size(), t.data_ptr()
+        offs = [sum(i * s for i, s in zip(idx, t.stride())) for idx in itertools.product(*map(range, t.shape))]
+        out.append(({base + e * o + u for o in offs for u in range(e)}, len(set(offs)) != len(offs)))
+    return out
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@given(data=st.data())
+def test_inplace_memory_rules(backend, data):
+    """In place, q and k are random strided views of one buffer (overlapping themselves or each
+    other, or disjoint like a packed qkv's heads): the call raises exactly when the brute-force
+    element sets overlap, and otherwise gives the out-of-place values, leaving the rest of the buffer."""
+    B, S, D = data.draw(st.integers(1, 2), label="B"), data.draw(st.integers(1, 3), label="S"), 4
+    buf = torch.randn(200, generator=torch.Generator().manual_seed(3))
+
+    def view(name):
+        H = data.draw(st.integers(1, 3), label=f"{name} heads")
+        strides = [data.draw(st.sampled_from([0, 1, 4, 8, 12, 24, 48]), label=f"{name} stride {d}") for d in "bhs"]
+        sd = data.draw(st.sampled_from([1, 1, 2]), label=f"{name} head-dim stride")
+        off = data.draw(st.integers(0, 40), label=f"{name} offset")
+        return buf.as_strided((B, H, S, D), (*strides, sd), off)
+
+    q, k = view("q"), view("k")
+    cos, sin = torch.randn(B, S, D), torch.randn(B, S, D)
+    (qs, q_self), (ks, k_self) = _element_sets(q, k)
+    bad = q_self or k_self or bool(qs & ks)
+    want = [rotary_reference_indexed(x, cos, sin) for x in (q, k)]
+    untouched = torch.ones(200, dtype=torch.bool)
+    untouched[[(a - buf.data_ptr()) // 4 for a in qs | ks]] = False
+    before = buf.clone()
+    if bad:
+        with pytest.raises(ValueError, match="sharing memory|overlaps"):
+            with torch.no_grad():
+                rk.apply_rotary_transformers_(q, k, cos, sin, backend=backend)
+        assert torch.equal(buf, before)
+    else:
+        with torch.no_grad():
+            rk.apply_rotary_transformers_(q, k, cos, sin, backend=backend)
+        close(q, want[0])
+        close(k, want[1])
+        assert torch.equal(buf[untouched], before[untouched])

@@ -267,3 +267,63 @@ def test_default_backend_and_listing():
         assert_close(g, w)
     for b in ("reference",):
         assert_close(rk.apply_rotary_emb(q, cos, sin, backend=b), rotary_reference(q, cos, sin))
+
+
+# ---------------------------------------------------------------- per-pair tables, conj
+
+def gpt_oss_formula(x, cos, sin, interleaved):
+    """gpt-oss's rotation (transformers' modeling_gpt_oss._apply_rotary_emb): per-pair tables
+    [..., R/2] on the first R dims; openai_privacy_filter's form for interleaved pairs."""
+    r = 2 * cos.shape[-1]
+    xr, xp = x[..., :r].double(), x[..., r:]
+    a, b = (xr[..., 0::2], xr[..., 1::2]) if interleaved else xr.chunk(2, dim=-1)
+    c, s = cos.double(), sin.double()
+    y1, y2 = a * c - b * s, b * c + a * s
+    y = torch.stack((y1, y2), -1).flatten(-2) if interleaved else torch.cat((y1, y2), -1)
+    return torch.cat((y.to(x.dtype), xp), -1)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_pair_tables_and_conj(dev_backend, interleaved):
+    device, backend = dev_backend
+    q, k = make_qk(2, 5, 4, 2, 40, torch.float32, device, "bhsd_view")  # partial: R = 32 of D = 40
+    g = torch.Generator().manual_seed(3)
+    ang = (torch.rand(2, 5, 16, generator=g) * 6.3).to(device)
+    cos, sin = ang.cos(), ang.sin()
+    got = rk.apply_rotary_transformers(q, k, cos, sin, interleaved=interleaved, pair_tables=True, backend=backend)
+    for a, x in zip(got, (q, k)):
+        assert_close(a, gpt_oss_formula(x, cos.unsqueeze(1), sin.unsqueeze(1), interleaved))
+    # conj: the rotation by -theta (nanochat's rotate_half sign), and the inverse of the rotation
+    back = rk.apply_rotary_transformers(*got, cos, sin, interleaved=interleaved, pair_tables=True, conj=True,
+                                        backend=backend)
+    for a, x in zip(back, (q, k)):
+        torch.testing.assert_close(a, x, rtol=1e-5, atol=1e-5)
+    full = [rk.reference.full_width_tables(t, interleaved) for t in (cos, sin)]
+    want = apply_rotary_transformers_reference(q, k, full[0], -full[1], 1, interleaved)
+    for a, b in zip(rk.apply_rotary_transformers(q, k, *full, interleaved=interleaved, conj=True, backend=backend),
+                    want):
+        assert_close(a, b)
+    # gradients wrt q, k and the per-pair tables against the formula's autograd
+    qg, kg = q.detach().double().requires_grad_(), k.detach().double().requires_grad_()
+    cg, sg = cos.double().requires_grad_(), sin.double().requires_grad_()
+    for conj in (False, True):
+        ours = rk.apply_rotary_transformers(qg, kg, cg, sg, interleaved=interleaved, pair_tables=True, conj=conj,
+                                            backend=backend)
+        ref = [gpt_oss_formula(x, cg.unsqueeze(1), (-sg if conj else sg).unsqueeze(1), interleaved) for x in (qg, kg)]
+        gq = [torch.randn_like(t) for t in ours]
+        d_ours = torch.autograd.grad(ours, (qg, kg, cg, sg), gq)
+        d_ref = torch.autograd.grad(ref, (qg, kg, cg, sg), gq)
+        for a, b in zip(d_ours, d_ref):
+            torch.testing.assert_close(a, b)
+    # in place, single tensor, packed qkv and a per-pair cache with positions
+    qi = q.clone()
+    with torch.no_grad():
+        rk.apply_rotary_emb_(qi, cos, sin, interleaved=interleaved, pair_tables=True, conj=True, backend=backend)
+    assert_close(qi, rk.apply_rotary_emb(q, cos, sin, 1, interleaved, pair_tables=True, conj=True, backend="reference"))
+    pos = torch.randint(0, 9, (2, 5), generator=g).to(device)
+    cache = (torch.rand(9, 16, generator=g) * 6.3).to(device)
+    got = rk.apply_rotary_emb(q, cache.cos(), cache.sin(), interleaved=interleaved, pair_tables=True, positions=pos,
+                              backend=backend)
+    assert_close(got, gpt_oss_formula(q, cache.cos()[pos].unsqueeze(1), cache.sin()[pos].unsqueeze(1), interleaved))
+    with pytest.raises(TypeError, match="pair_tables must be a bool"):
+        rk.apply_rotary_emb(q, cos, sin, pair_tables=1, backend=backend)

@@ -197,6 +197,31 @@ def test_cuda_graph_capture_and_replay(backend):
         torch.testing.assert_close(g, rotary_reference(x, cache_c[pos], cache_s[pos]), **TOL[torch.bfloat16])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_cuda_graph_decode_with_tensor_offsets(backend):
+    """Decode under a CUDA graph: a tensor seqlen_offsets is read at replay (an int would be a
+    launch constant frozen into the graph, as the README says)."""
+    if backend not in rk.available_backends("cuda"):
+        pytest.skip(f"{backend} not available")
+    q, k, _, _ = qkcs(4, 1, 8, 2, 128, 128, dtype=torch.bfloat16, device="cuda")
+    ang = torch.rand(64, 128, device="cuda") * 6.3
+    cache_c, cache_s = ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
+    off = torch.zeros(4, dtype=torch.int64, device="cuda")
+    rk.apply_rotary_transformers(q, k, cache_c, cache_s, seqlen_offsets=off, backend=backend)  # warm up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = rk.apply_rotary_transformers(q, k, cache_c, cache_s, seqlen_offsets=off, backend=backend)
+    for step in (5, 17, 63):
+        off.copy_(torch.tensor([step, step - 1, step - 2, step - 3]))
+        graph.replay()
+        torch.cuda.synchronize()
+        for g, x in zip(out, (q, k)):
+            rows = off[:, None].expand(4, 1)
+            torch.testing.assert_close(g, rotary_reference(x, cache_c[rows], cache_s[rows]), **TOL[torch.bfloat16])
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _compiled.HAS_EXT, reason="extension not built")
 def test_index_math_past_2_31_elements_cpu():

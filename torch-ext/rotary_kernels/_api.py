@@ -10,7 +10,7 @@ from ._autograd import Rotary, functional_transform, rotary_, rotate_differentia
 from ._dispatch import (BACKENDS, COMPILED, Declined, backend_available, launch_elementwise, launch_rotary,
                         rotate_new, select_backend)
 from ._index import NO_INDEX, check_values, make_index, reference_kwargs, template
-from .reference import materialize_cos_sin, rotary_reference_indexed
+from .reference import full_width_tables, materialize_cos_sin, rotary_reference_indexed
 
 _INDEX_DOC = """
     Token-position options (keyword-only; semantics in ``reference.py``, "Token positions"):
@@ -50,9 +50,13 @@ def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict):
 
 def _needs_graph(*tensors) -> bool:
     """Record autograd (eager ``Rotary``, or the custom ops under torch.compile) rather than launch?"""
-    if torch.compiler.is_compiling() or functional_transform():
+    if functional_transform() or torch.compiler.is_compiling():
         return True
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if t is not None and t.requires_grad:
+                return True
+    return False
 
 
 def _reference_for_transform(cos, sin) -> bool:
@@ -73,9 +77,10 @@ def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index
     a backend other than cpu/cuda."""
     if index or type(unsqueeze_dim) is not int or not -5 <= unsqueeze_dim < 5 or type(interleaved) is not bool:
         return None  # (5: cos/sin [B, S, R] unsqueezed have 4 dims; the full path reports the rest)
-    if not all(type(t) is torch.Tensor for t in (q, cos, sin)) or not (k is None or type(k) is torch.Tensor):
+    if type(q) is not torch.Tensor or type(cos) is not torch.Tensor or type(sin) is not torch.Tensor or not (
+            k is None or type(k) is torch.Tensor):
         return None
-    if torch.compiler.is_compiling() or functional_transform() or (
+    if functional_transform() or torch.compiler.is_compiling() or (
             torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
         return None
     try:
@@ -85,7 +90,7 @@ def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index
     return be if be in ("cpu", "cuda") else None
 
 
-def _fast(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index) -> list | None:
+def _fast(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index) -> list | None:
     """The common call (plain cos/sin, a compiled backend, not tracing; gradients wrt q/k at
     most) through one C++ op that validates, builds the views, allocates and launches: a small
     (decode) call costs one op dispatch instead of tens of Python-level tensor calls. None when
@@ -95,8 +100,8 @@ def _fast(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index) -> list | 
         return None
     try:
         if _needs_graph(q, k):
-            return Rotary.apply(q, k, cos, sin, (unsqueeze_dim, interleaved, False, be, NO_INDEX, False))
-        return rotate_new(be, q, k, cos, sin, unsqueeze_dim, interleaved, False, NO_INDEX, validated=False)
+            return Rotary.apply(q, k, cos, sin, (unsqueeze_dim, interleaved, conj, be, NO_INDEX, False))
+        return rotate_new(be, q, k, cos, sin, unsqueeze_dim, interleaved, conj, NO_INDEX, validated=False)
     except Declined:
         return None
 
@@ -110,50 +115,70 @@ def _plain_if_cos_grad(q, cos, sin, unsqueeze_dim, interleaved, idx):
     return c, s, NO_INDEX
 
 
-def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, backend=None, **index):
+def _tables(cos, sin, interleaved, pair_tables, conj):
+    """Check the table options; per-pair tables become full-width ones (reference.py).
+
+    (The kernels read full-width tables: per-pair ones are expanded here, one small copy of
+    ``[..., R]``; with token positions, of the whole cache.)"""
+    for name, v in (("interleaved", interleaved), ("pair_tables", pair_tables), ("conj", conj)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+    if not pair_tables:
+        return cos, sin
+    _canon.check_float("cos", cos)
+    _canon.check_float("sin", sin)
+    if cos.dim() < 1 or cos.shape[-1] == 0 or cos.shape != sin.shape:
+        raise ValueError(f"with pair_tables, cos and sin must be [..., R/2] of one shape, got {tuple(cos.shape)} "
+                         f"and {tuple(sin.shape)}")
+    return full_width_tables(cos, interleaved), full_width_tables(sin, interleaved)
+
+
+def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index) -> tuple:
+    """The out-of-place functions: q (and k, may be None) rotated into new tensors."""
+    out = _fast(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index)
+    if out is not None:
+        return tuple(out)
+    idx, canon = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
+    be = "reference" if _reference_for_transform(cos, sin) else select_backend(q.device, backend)
+    if be == "reference":
+        check_values(q, cos, unsqueeze_dim, idx)
+        kw = reference_kwargs(idx)
+        return tuple(rotary_reference_indexed(x, cos, -sin if conj else sin, unsqueeze_dim, interleaved, **kw)
+                     for x in (q, k) if x is not None)
+    if _needs_graph(q, k, cos, sin):
+        cos, sin, idx = _plain_if_cos_grad(q, cos, sin, unsqueeze_dim, interleaved, idx)
+        return tuple(rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, idx))
+    outs = [torch.empty_like(x) for x in (q, k) if x is not None]
+    launch_rotary(be, q, k, cos, sin, outs[0], outs[1] if k is not None else None, unsqueeze_dim, interleaved,
+                  conj, idx, canon)
+    return tuple(outs)
+
+
+def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, pair_tables=False, conj=False,
+                              backend=None, **index):
     """Rotate q and k like transformers' ``apply_rotary_pos_emb``; returns ``(q_embed, k_embed)``.
 
     q: ``[B, Hq, S, D]`` (``unsqueeze_dim=1``) or ``[B, S, Hq, D]`` (``unsqueeze_dim=2``), any
     strides; k likewise with its own head count (GQA/MQA). cos/sin: ``[B, S, R]`` or
     ``[S, R]`` (with a matching ``unsqueeze_dim``), fp32 or any float dtype. Outputs have
     the inputs' dtypes and memory layouts. Math in fp32, rounded once.
+
+    ``interleaved``: GPT-J pairs ``(2i, 2i + 1)`` instead of ``(i, i + R/2)``. ``pair_tables``:
+    cos/sin hold one entry per pair, ``[..., R/2]`` (gpt-oss, flash-attn, vLLM). ``conj``: rotate
+    by ``-theta`` (nanochat's sign). ``backend``: see ``available_backends``.
     """
-    if k is not None:
-        out = _fast(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
-        if out is not None:
-            return out[0], out[1]
     _canon.check_float("k", k)  # apply_rotary_emb rotates a single tensor
-    idx, canon = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
-    be = "reference" if _reference_for_transform(cos, sin) else select_backend(q.device, backend)
-    if be == "reference":
-        check_values(q, cos, unsqueeze_dim, idx)
-        kw = reference_kwargs(idx)
-        return (rotary_reference_indexed(q, cos, sin, unsqueeze_dim, interleaved, **kw),
-                rotary_reference_indexed(k, cos, sin, unsqueeze_dim, interleaved, **kw))
-    if _needs_graph(q, k, cos, sin):
-        cos, sin, idx = _plain_if_cos_grad(q, cos, sin, unsqueeze_dim, interleaved, idx)
-        return tuple(rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, be, idx))
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    launch_rotary(be, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, False, idx, canon)
+    cos, sin = _tables(cos, sin, interleaved, pair_tables, conj)
+    q_out, k_out = _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index)
     return q_out, k_out
 
 
-def apply_rotary_emb(x, cos, sin, unsqueeze_dim=1, interleaved=False, *, backend=None, **index):
-    """Rotate a single tensor (q-only layers such as Gemma3n/Gemma4 KV-shared layers)."""
-    out = _fast(x, None, cos, sin, unsqueeze_dim, interleaved, backend, index)
-    if out is not None:
-        return out[0]
-    idx, canon = _validate(x, None, cos, sin, unsqueeze_dim, interleaved, index)
-    be = "reference" if _reference_for_transform(cos, sin) else select_backend(x.device, backend)
-    if be == "reference":
-        check_values(x, cos, unsqueeze_dim, idx)
-        return rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, **reference_kwargs(idx))
-    if _needs_graph(x, cos, sin):
-        cos, sin, idx = _plain_if_cos_grad(x, cos, sin, unsqueeze_dim, interleaved, idx)
-        return rotate_differentiable(x, None, cos, sin, unsqueeze_dim, interleaved, be, idx)[0]
-    out = torch.empty_like(x)
-    launch_rotary(be, x, None, cos, sin, out, None, unsqueeze_dim, interleaved, False, idx, canon)
-    return out
+def apply_rotary_emb(x, cos, sin, unsqueeze_dim=1, interleaved=False, *, pair_tables=False, conj=False,
+                     backend=None, **index):
+    """Rotate a single tensor (q-only layers such as Gemma3n/Gemma4 KV-shared layers); options
+    as ``apply_rotary_transformers``."""
+    cos, sin = _tables(cos, sin, interleaved, pair_tables, conj)
+    return _rotate(x, None, cos, sin, unsqueeze_dim, interleaved, conj, backend, index)[0]
 
 
 def check_mutable(**tensors) -> None:
@@ -167,10 +192,11 @@ def check_mutable(**tensors) -> None:
                                "in place outside inference mode is not allowed: clone() it first")
 
 
-def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index):
+def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, backend, index):
     names = ("q", "k") if k is not None else ("x", "k")
     check_mutable(**{names[0]: q, "k": k})
-    be = _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
+    cos, sin = _tables(cos, sin, interleaved, pair_tables, conj)
+    be = None if conj else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
     if be is not None and not _needs_graph(q, k):  # (with gradients: the full path's error)
         if COMPILED.ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved):
             torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
@@ -184,25 +210,27 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index):
         )
     be = select_backend(q.device, backend)
     if torch.compiler.is_compiling():  # data pointers are not traceable; the op is the same
-        rotary_(q, k, cos, sin, unsqueeze_dim, interleaved, False, be, *idx.op_args())
+        rotary_(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, *idx.op_args())
         return
     _canon.check_writes({names[0]: q, "k": k}, dict(cos=cos, sin=sin, positions=idx.positions,
                                                     cu_seqlens=idx.cu_seqlens, seqlen_offsets=idx.seqlen_offsets))
-    launch_rotary(be, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, False, idx, canon)
+    launch_rotary(be, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, conj, idx, canon)
     torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
 
 
-def apply_rotary_transformers_(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, backend=None, **index):
+def apply_rotary_transformers_(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, pair_tables=False, conj=False,
+                               backend=None, **index):
     """In-place ``apply_rotary_transformers``: rotates q and k in place and returns them.
     q and k must not overlap in memory (each element is rotated once)."""
     _canon.check_float("k", k)  # apply_rotary_emb_ rotates a single tensor
-    _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
+    _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, backend, index)
     return q, k
 
 
-def apply_rotary_emb_(x, cos, sin, unsqueeze_dim=1, interleaved=False, *, backend=None, **index):
+def apply_rotary_emb_(x, cos, sin, unsqueeze_dim=1, interleaved=False, *, pair_tables=False, conj=False,
+                      backend=None, **index):
     """In-place ``apply_rotary_emb``: rotates x in place and returns it."""
-    _inplace(x, None, cos, sin, unsqueeze_dim, interleaved, backend, index)
+    _inplace(x, None, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, backend, index)
     return x
 
 
@@ -224,20 +252,24 @@ def _split_qkv(qkv, num_q_heads, num_kv_heads):
     return qkv[..., :num_q_heads, :], qkv[..., num_q_heads : num_q_heads + num_kv_heads, :]
 
 
-def apply_rotary_qkv(qkv, cos, sin, num_q_heads, num_kv_heads, *, interleaved=False, backend=None, **index):
+def apply_rotary_qkv(qkv, cos, sin, num_q_heads, num_kv_heads, *, interleaved=False, pair_tables=False, conj=False,
+                     backend=None, **index):
     """Rotate the q and k heads of a packed projection output ``[B, S, Hq + 2 Hk, D]`` (heads in
     the order q, k, v; or packed tokens ``[T, Hq + 2 Hk, D]``) in one launch; returns
     ``(q_embed, k_embed)``. Differentiable: gradients flow back into ``qkv`` (v's are untouched).
-    cos/sin: ``[B, S, R]`` / ``[S, R]`` / ``[T, R]``, or caches with the token-position options."""
+    cos/sin: ``[B, S, R]`` / ``[S, R]`` / ``[T, R]``, or caches with the token-position options;
+    other options as ``apply_rotary_transformers``."""
     q, k = _split_qkv(qkv, num_q_heads, num_kv_heads)
-    return apply_rotary_transformers(q, k, cos, sin, -2, interleaved=interleaved, backend=backend, **index)
+    return apply_rotary_transformers(q, k, cos, sin, -2, interleaved=interleaved, pair_tables=pair_tables,
+                                     conj=conj, backend=backend, **index)
 
 
-def apply_rotary_qkv_(qkv, cos, sin, num_q_heads, num_kv_heads, *, interleaved=False, backend=None, **index):
+def apply_rotary_qkv_(qkv, cos, sin, num_q_heads, num_kv_heads, *, interleaved=False, pair_tables=False, conj=False,
+                      backend=None, **index):
     """In-place ``apply_rotary_qkv``: rotates q's and k's heads inside ``qkv`` (one launch, v
     untouched) and returns ``qkv`` (inference; no autograd)."""
     q, k = _split_qkv(qkv, num_q_heads, num_kv_heads)
-    _inplace(q, k, cos, sin, -2, interleaved, backend, index)
+    _inplace(q, k, cos, sin, -2, interleaved, pair_tables, conj, backend, index)
     return qkv
 
 

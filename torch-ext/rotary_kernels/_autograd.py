@@ -188,10 +188,11 @@ class Rotary(torch.autograd.Function):
     def setup_context(ctx, inputs, output):  # (separate from forward: torch.func transforms work)
         q, k, cos, sin, args = inputs
         ctx.save_for_backward(cos, sin)
-        ctx.save_for_forward(cos, sin)
         ctx.args = args
         ctx.has_k = k is not None
-        if not functional_transform():  # (there, tangents do not show in requires_grad)
+        if functional_transform():  # jvp needs the tables; tangents do not show in requires_grad
+            ctx.save_for_forward(cos, sin)
+        else:
             for x, out in zip((q, k), output):  # like the reference: an output depends on its own input only
                 if not x.requires_grad:
                     ctx.mark_non_differentiable(out)
@@ -224,11 +225,11 @@ class Rotary(torch.autograd.Function):
 Rotary.forward.__signature__ = inspect.signature(Rotary.forward)  # computed once, not per apply
 
 
-def rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, backend, idx: Index) -> tuple:
+def rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, idx: Index) -> tuple:
     """Rotate q (and k, may be None) recording autograd: ``Rotary`` in eager mode when cos/sin
     need no gradient, else (torch.compile, cos/sin gradients) the custom ops."""
     if not (torch.compiler.is_compiling() or cos.requires_grad or sin.requires_grad):
-        return Rotary.apply(q, k, cos, sin, (unsqueeze_dim, interleaved, False, backend, idx, True))
+        return Rotary.apply(q, k, cos, sin, (unsqueeze_dim, interleaved, conj, backend, idx, True))
     if k is None:
-        return (rotary_x(q, cos, sin, unsqueeze_dim, interleaved, False, backend, *idx.op_args()),)
-    return rotary_qk(q, k, cos, sin, unsqueeze_dim, interleaved, False, backend, *idx.op_args())
+        return (rotary_x(q, cos, sin, unsqueeze_dim, interleaved, conj, backend, *idx.op_args()),)
+    return rotary_qk(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, *idx.op_args())

@@ -35,8 +35,8 @@ except Exception:  # ImportError, or triton failing to find a driver
     TRITON = None
 
 
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+# Triton's CPU interpreter (TRITON_INTERPRET=1), as Triton saw it when the kernels were defined.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
@@ -55,7 +55,7 @@ def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
         ok = ops is not None and ops.HAS_CUDA_EXT
         return ok, "the extension was built without CUDA (needs nvcc and a CUDA build of torch)"
     if backend == "triton":
-        if device.type == "cpu" and not _interpret():
+        if device.type == "cpu" and not INTERPRET:
             return False, "Triton runs on CPU tensors only with TRITON_INTERPRET=1"
         if TRITON is None:
             return False, "triton is not installed or failed to import"
@@ -64,17 +64,22 @@ def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
 
 
 def select_backend(device: torch.device, backend: str | None = None) -> str:
+    """The backend to run on ``device``: ``backend`` if available there (else RuntimeError), or
+    the fastest available one. Cached per (device type, backend): availability does not change
+    within a process (not while torch.compile traces: a cache filled then would cost a second graph)."""
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        try:
+            return _SELECTED[(device.type, backend)]
+        except (KeyError, TypeError):  # not chosen yet, or an unhashable backend argument
+            pass
     if backend is not None and backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-    if device.type == "meta":  # shapes only: the reference's PyTorch ops compute them
-        return "reference"
-    if torch.compiler.is_compiling():  # (a cache filled while tracing would cost a second graph)
-        return _select_backend(device, backend)
-    key = (device.type, backend, _interpret())
-    if key in _SELECTED:  # availability does not change within a process
-        return _SELECTED[key]
-    _SELECTED[key] = _select_backend(device, backend)
-    return _SELECTED[key]
+    # meta tensors: shapes only, which the reference's PyTorch ops compute
+    choice = "reference" if device.type == "meta" else _select_backend(device, backend)
+    if not compiling:
+        _SELECTED[(device.type, backend)] = choice
+    return choice
 
 
 _SELECTED: dict = {}

@@ -12,6 +12,13 @@ Conventions (the same for every entry point of the package):
 
 For ``R == D``, half-split, and cos/sin of ``x``'s dtype this is exactly transformers'
 ``apply_rotary_pos_emb`` up to that single rounding (eager rounds three times).
+
+Two options of the public functions map onto these conventions:
+
+* ``pair_tables=True``: cos/sin hold one entry per rotary pair (last dim ``R/2``; the tables of
+  gpt-oss, flash-attn and vLLM): ``full_width_tables`` gives the layout above.
+* ``conj=True``: the rotation by ``-theta`` (sin negated): ``x * cos - rotate(x) * sin``
+  (nanochat's ``apply_rotary_pos_emb``; also the backward of the rotation).
 """
 
 from __future__ import annotations
@@ -29,6 +36,12 @@ def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
     """GPT-J's rotate_every_two: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)."""
     x_even, x_odd = x[..., 0::2], x[..., 1::2]
     return torch.stack((-x_odd, x_even), dim=-1).flatten(-2)
+
+
+def full_width_tables(t: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
+    """Per-pair cos or sin ``[..., R/2]`` as the full-width table ``[..., R]``: pair ``i`` is
+    elements ``(i, i + R/2)`` (half-split) or ``(2i, 2i + 1)`` (interleaved)."""
+    return t.repeat_interleave(2, dim=-1) if interleaved else torch.cat((t, t), dim=-1)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
