@@ -196,19 +196,38 @@ def _classify(fn_obj) -> Plan:
                 continue
             conv, opts = match
             try:  # the kernel itself must reproduce it (and accept the options)
-                got = _api.apply_rotary_transformers(q, k, cos, sin, 1, **opts)
-                ok = all(_close(g_, w) for g_, w in zip(got, want))
+                ok = _kernel_matches(fn_obj, original, q, k, cos, sin, opts, want)
+                if not ok and opts.get("conj") and not opts.get("pair_tables"):
+                    # The kernels' -theta rotation is the transpose of the +theta one: equal to
+                    # x cos - rotate(x) sin on tables laid out as transformers' rotary embeddings
+                    # make them (each angle twice: cat(f, f) / repeat_interleave), not on arbitrary tables.
+                    half = cos[..., : cos.shape[-1] // 2]
+                    hs = sin[..., : sin.shape[-1] // 2]
+                    lay = ((lambda t: t.repeat_interleave(2, -1)) if opts.get("interleaved")
+                           else (lambda t: torch.cat((t, t), -1)))
+                    c2, s2 = lay(half), lay(hs)
+                    ok = _kernel_matches(fn_obj, original, q, k, c2, s2, opts, None)
+                    if ok:
+                        conv += " (tables with each angle twice, as transformers' rotary embeddings make them)"
             except TypeError as e:  # a build without pair_tables/conj
                 notes.append(f"cos width {'D' if width == 'full' else 'D/2'}: {conv} is not supported by this "
                              f"build ({e})")
                 continue
             if not ok:
-                notes.append(f"cos width {width}: {conv}: the kernel's result differs from the model's")
+                notes.append(f"cos width {'D' if width == 'full' else 'D/2'}: {conv}: the kernel's result differs "
+                             "from the model's")
                 continue
             options[width], conventions[width] = opts, conv
     if not options and not notes:
         notes.append("the function fails on every probed input")
     return Plan(name, original, options, conventions, notes)
+
+
+def _kernel_matches(fn_obj, original, q, k, cos, sin, opts, want) -> bool:
+    if want is None:
+        want = original(fn_obj, q, k, cos, sin, 1)
+    got = _api.apply_rotary_transformers(q, k, cos, sin, 1, **opts)
+    return all(_close(g_, w) for g_, w in zip(got, want))
 
 
 # --------------------------------------------------------------------------------------------
