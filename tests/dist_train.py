@@ -156,7 +156,8 @@ def _train_trainer(rank, world, kernel, gc, out):
 
     import rotary_kernels as rk
 
-    PartialState(backend="gloo")  # before TrainingArguments: no GPU, no NCCL
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # the state is made for DeepSpeed ...
+    PartialState(backend="gloo")  # ... before TrainingArguments: no GPU, no NCCL
     model = tiny_llama()
     if kernel:
         rk.hub.kernelize(model)
@@ -181,6 +182,9 @@ def _train_trainer(rank, world, kernel, gc, out):
     with deepspeed.zero.GatheredParameters(list(trainer.model_wrapped.module.parameters())):
         params = {n: p.detach().clone() for n, p in trainer.model_wrapped.module.named_parameters()}
     rk.hub.restore()
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()  # the next run's Trainer makes its Accelerator afresh (same PartialState)
     return {"losses": losses, "params": params, "calls": counter.calls}
 
 

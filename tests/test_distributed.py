@@ -36,7 +36,7 @@ def single():
         rk.hub.restore()
 
 
-def _check(results, single, *, atol):
+def _check(results, single, *, atol=1e-4, same_optimizer=True):
     own_1, ker_1 = single[False], single[True]
     assert own_1["losses"] == ker_1["losses"]
     assert all(torch.equal(own_1["params"][n], ker_1["params"][n]) for n in own_1["params"])
@@ -50,6 +50,9 @@ def _check(results, single, *, atol):
         for n in own["params"]:
             assert torch.equal(ker["params"][n], own["params"][n]), (rank, n)
         # the same training as one process on the whole batch, up to reduction order
+        if not same_optimizer:  # the first loss (before any optimizer step) only
+            torch.testing.assert_close(ker["losses"][0], own_1["losses"][0], rtol=1e-5, atol=1e-5)
+            continue
         torch.testing.assert_close(torch.tensor(ker["losses"]), torch.tensor(own_1["losses"]), rtol=1e-5, atol=1e-5)
         for n in own["params"]:
             torch.testing.assert_close(ker["params"][n], own_1["params"][n], rtol=0, atol=atol, msg=n)
@@ -57,7 +60,7 @@ def _check(results, single, *, atol):
 
 @pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
 def test_torch_engines(engine, single, tmp_path):
-    _check(dist_train.launch(engine, tmp_path), single, atol=1e-4)
+    _check(dist_train.launch(engine, tmp_path), single)
 
 
 def _ensure(*pkgs):
@@ -73,7 +76,10 @@ def test_deepspeed_zero3(engine, single, tmp_path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     results = dist_train.launch(engine, tmp_path)
     if engine == "deepspeed":
-        _check(results, single, atol=1e-4)
+        # DeepSpeed's optimizer step over ZeRO-3 partitions is not torch's AdamW on the full
+        # model (losses from step 2 on differ from one process by up to ~2e-4 relative, with or
+        # without the kernel): vs one process, the first loss; kernel vs own code, everything.
+        _check(results, single, same_optimizer=False)
         return
     # Trainer: its own schedule/optimizer defaults; compare kernel vs own code on every rank.
     for res in results:

@@ -345,3 +345,37 @@ def test_hub_kernel_kernelize_from_the_built_tree(hub_kernel, hub_restore):
             assert torch.equal(p.grad, want[1][n]), n
     finally:
         hub_kernel.hub.restore()
+
+
+def test_hub_kernelize_torch_compile_one_graph(hub_restore):
+    """torch.compile(fullgraph=True) of a kernelized model: one forward and one backward graph,
+    the kernel's op in both (forward and backward of every layer), results exact."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    cls, cfg, _ = _tiny("llama")
+    torch.manual_seed(0)
+    ref = cls(cfg).float()
+    model = cls(cfg).float()
+    model.load_state_dict(ref.state_dict())
+    rk.hub.kernelize(model)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return gm
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    want = ref(input_ids=ids, labels=ids)
+    want.loss.backward()
+    ns = rk._ops.add_op_namespace_prefix("x").split("::")[0]
+    assert len(graphs) == 2  # forward, backward
+    for g in graphs:
+        assert sum(ns in str(n.target) for n in g.graph.nodes) == cfg.num_hidden_layers
+    assert torch.equal(out.logits, want.logits)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    torch._dynamo.reset()
