@@ -37,6 +37,19 @@ def modeling_files():
     return out
 
 
+def undecorated_packages():
+    """Model packages that define their own ``apply_rotary_pos_emb`` but do not decorate it with
+    the hub hook: transformers never routes their RoPE to a kernel."""
+    import transformers
+
+    out = set()
+    for f in sorted((Path(transformers.__file__).parent / "models").glob("*/modeling_*.py")):
+        src = f.read_text()
+        if re.search(r"^def apply_rotary_pos_emb\(", src, re.M) and HUB_DECORATOR not in src:
+            out.add(f.parent.name)
+    return sorted(out)
+
+
 def _decorated_fn_names(src: str):
     return re.findall(r'@use_kernel_forward_from_hub\("rotary_pos_emb"\)\n(?:[@#].*\n)*def (\w+)', src)
 
@@ -364,13 +377,25 @@ if __name__ == "__main__":
             "config is not valid for it); its hub function was classified and the kernel checked against it on "
             "random inputs (float64), as `kernelize` does before serving any model.",
             "* **not routed**: transformers never calls a kernel for it: the function is decorated but not attached "
-            "to any attention class with `@use_kernelized_func`, or the model's own modules use another RoPE.",
+            "to any attention class with `@use_kernelized_func`, or it is attached but the model's code never calls it, or the model's own modules use another RoPE (vision towers).",
             "* **refused**: `kernelize` raises `UnsupportedRotary` naming the function (math this package does not "
             "implement).",
             "",
             "Summary: " + ", ".join(f"{v}: {n} types ({len(pkgs[v])} packages)" for v, n in counts.most_common()) + ".",
             "",
         ]
+        undecorated = undecorated_packages()
+        tail = [
+            "",
+            f"## Not decorated ({len(undecorated)} model packages)",
+            "",
+            "These define their own `apply_rotary_pos_emb` without `@use_kernel_forward_from_hub(\"rotary_pos_emb\")`: "
+            "transformers never routes their RoPE, so `kernelize` raises `UnsupportedRotary` (\"never calls a kernel\") "
+            "for them; call `rotary_kernels.apply_rotary_transformers` from the model code instead.",
+            "",
+            ", ".join(undecorated),
+            "",
+        ]
         out = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "zoo.md"
-        out.write_text("\n".join(head) + "\n" + table(rows) + "\n")
+        out.write_text("\n".join(head) + "\n" + table(rows) + "\n" + "\n".join(tail))
         print("wrote", out)
