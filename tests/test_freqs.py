@@ -20,6 +20,11 @@ CASES = {
     "llama3": dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
                    original_max_position_embeddings=8192),
     "partial": dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5),
+    "longrope": dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=4096,
+                     long_factor=[1.0 + 0.37 * i for i in range(64)], short_factor=[1.0 + 0.01 * i for i in range(64)]),
+    "longrope-factor": dict(rope_type="longrope", rope_theta=10000.0, original_max_position_embeddings=4096, factor=3.0,
+                            long_factor=[2.0 + 0.5 * i for i in range(64)], short_factor=[1.0] * 64),
+    "proportional": dict(rope_type="proportional", rope_theta=1000000.0, partial_rotary_factor=0.25, factor=8.0),
 }
 
 
@@ -42,7 +47,7 @@ def test_inv_freq_matches_transformers(name):
         assert got.shape == (32,)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
         return
-    seq_lens = (None, 20000) if rope_type == "dynamic" else (None,)
+    seq_lens = (None, 20000) if rope_type in ("dynamic", "longrope") else (None,)
     for seq_len in seq_lens:
         if rope_type == "default":
             want, want_scale = type(_rotary_module(cfg)).compute_default_rope_parameters(cfg)
@@ -86,7 +91,13 @@ def test_interleaved_cache_layout():
 
 def test_errors():
     with pytest.raises(ValueError, match="rope_type must be one of"):
+        freqs.rope_inv_freq(64, rope_type="ntk-by-parts")
+    with pytest.raises(ValueError, match="needs original_max_position_embeddings"):
         freqs.rope_inv_freq(64, rope_type="longrope")
+    with pytest.raises(ValueError, match="32 entries"):
+        freqs.rope_inv_freq(64, rope_type="longrope", original_max_position_embeddings=8, factor=2.0,
+                            short_factor=[1.0] * 31)
+    assert set(ROPE_INIT_FUNCTIONS) <= set(freqs.ROPE_TYPES)  # every type transformers has
     with pytest.raises(ValueError, match="needs factor"):
         freqs.rope_inv_freq(64, rope_type="linear")
     with pytest.raises(ValueError, match="positive even int"):

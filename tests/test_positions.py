@@ -1,4 +1,4 @@
-"""Token-position options (issue 6) on every backend against the reference, and the reference
+"""Token-position options on every backend against the reference, and the reference
 against independent constructions: cos/sin caches gathered by ``positions``, packed varlen
 batches (``cu_seqlens``), ``seqlen_offsets`` for decoding, and multimodal RoPE (against
 transformers' Qwen2-VL / Qwen3-VL frequency recomposition)."""

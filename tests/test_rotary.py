@@ -327,3 +327,140 @@ def test_pair_tables_and_conj(dev_backend, interleaved):
     assert_close(got, gpt_oss_formula(q, cache.cos()[pos].unsqueeze(1), cache.sin()[pos].unsqueeze(1), interleaved))
     with pytest.raises(TypeError, match="pair_tables must be a bool"):
         rk.apply_rotary_emb(q, cos, sin, pair_tables=1, backend=backend)
+
+
+def test_llama4_complex_freqs_cis(dev_backend):
+    """rk.apply_rotary_emb_complex against transformers' Llama 4 apply_rotary_emb (complex product)."""
+    device, backend = dev_backend
+    pytest.importorskip("transformers")
+    from transformers.models.llama4.modeling_llama4 import apply_rotary_emb
+
+    g = torch.Generator().manual_seed(5)
+    for dtype in (torch.float32, torch.bfloat16):
+        xq = torch.randn(2, 6, 4, 32, generator=g).to(dtype).to(device)
+        xk = torch.randn(2, 6, 2, 32, generator=g).to(dtype).to(device)
+        freqs_cis = torch.polar(torch.ones(2, 6, 16), torch.rand(2, 6, 16, generator=g) * 6.3).to(device)
+        want = apply_rotary_emb(xq, xk, freqs_cis)
+        got = rk.apply_rotary_emb_complex(xq, xk, freqs_cis, backend=backend)
+        for a, b in zip(got, want):
+            if dtype == torch.float32:
+                assert_close(a, b)
+            else:  # transformers rounds the fp32 complex product once, like the kernels
+                torch.testing.assert_close(a, b, **TOL[dtype])
+    with pytest.raises(TypeError, match="freqs_cis must be a complex tensor"):
+        rk.apply_rotary_emb_complex(xq, xk, freqs_cis.real, backend=backend)
+
+
+def test_vllm_cos_sin_cache_and_context_parallel_positions(dev_backend):
+    device, backend = dev_backend
+    g = torch.Generator().manual_seed(6)
+    inv = 1.0 / (10000 ** (torch.arange(0, 32, 2) / 32))
+    ang = torch.arange(64)[:, None] * inv
+    cos_sin_cache = torch.cat((ang.cos(), ang.sin()), -1).to(device)  # vLLM's layout [max_pos, R]
+    x = torch.randn(1, 16, 3, 32, generator=g).to(device)  # [B, S, H, D], the whole sequence
+    full = rk.apply_rotary_emb(x, *rk.freqs.split_cos_sin_cache(cos_sin_cache), 2, pair_tables=True,
+                               positions=torch.arange(16, device=device)[None], backend=backend)
+    want = rotary_reference(x, torch.cat((ang.cos(), ang.cos()), -1)[:16].to(device),
+                            torch.cat((ang.sin(), ang.sin()), -1)[:16].to(device), 1)
+    assert_close(full, want)
+    # context parallelism: each rank rotates its two chunks at their global positions
+    for rank in range(2):
+        pos = rk.freqs.context_parallel_positions(16, 2, rank, device=device)
+        assert pos.tolist() == [*range(4 * rank, 4 * rank + 4), *range(12 - 4 * rank, 16 - 4 * rank)]
+        got = rk.apply_rotary_emb(x[:, pos], *rk.freqs.split_cos_sin_cache(cos_sin_cache), 2, pair_tables=True,
+                                  positions=pos[None], backend=backend)
+        assert_close(got, full[:, pos])
+    with pytest.raises(ValueError, match="multiple of 2 \\* cp_size"):
+        rk.freqs.context_parallel_positions(10, 4, 0)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_inplace_with_autograd(dev_backend, compiled):
+    """flash-attn's differentiable in place: x is rotated in place (version bumped, history
+    rebased, also for views such as a packed qkv's heads), gradients are the conj rotation."""
+    device, backend = dev_backend
+    g = torch.Generator().manual_seed(9)
+    cos, sin = make_cs(2, 5, 16, torch.float64, device)
+    a = torch.randn(2, 5, 4 + 2 * 2, 16, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.randn(a.shape, generator=g, dtype=torch.float64).to(device)
+
+    def inplace(a):
+        qkv = a * 1
+        rk.apply_rotary_qkv_(qkv, cos, sin, 4, 2, backend=backend)
+        x = a[:, :, :3].transpose(1, 2) * 1  # a transposed view, as transformers passes q
+        rk.apply_rotary_emb_(x, cos, sin, backend=backend)
+        return qkv, x
+
+    def reference(a):
+        q, k = apply_rotary_transformers_reference(a[:, :, :4], a[:, :, 4:6], cos, sin, 2)
+        return torch.cat((q, k, a[:, :, 6:]), 2), rotary_reference(a[:, :, :3].transpose(1, 2), cos, sin)
+
+    f = torch.compile(inplace, fullgraph=True) if compiled else inplace
+    got, want = f(a), reference(a)
+    for x, y in zip(got, want):
+        assert_close(x, y)
+    d_got = torch.autograd.grad((got[0] * w).sum() + got[1].sum(), a)
+    d_want = torch.autograd.grad((want[0] * w).sum() + want[1].sum(), a)
+    torch.testing.assert_close(d_got, d_want)
+    if not compiled:
+        with pytest.raises(RuntimeError, match="leaf Variable"):  # torch's own rule for leaves
+            rk.apply_rotary_emb_(a, cos, sin, 2, backend=backend)
+        with pytest.raises(RuntimeError, match="no gradients wrt cos/sin"):
+            rk.apply_rotary_emb_(a * 1, cos.requires_grad_(), sin, 2, backend=backend)
+
+
+def test_five_dim_packed_qkv_and_kv(dev_backend):
+    """flash-attn's packed layouts [B, S, 3, H, D] (qkv) and [B, S, 2, H, D] (kv): q and k
+    rotated (one launch), v untouched, out of place, in place and with gradients."""
+    device, backend = dev_backend
+    g = torch.Generator().manual_seed(11)
+    cos, sin = make_cs(2, 5, 12, torch.float32, device)  # partial: R = 12 of D = 16
+    qkv = torch.randn(2, 5, 3, 4, 16, generator=g).to(device)
+    want = [rotary_reference(qkv[:, :, i], cos, sin, 2) for i in (0, 1)]
+    for a, b in zip(rk.apply_rotary_qkv(qkv, cos, sin, backend=backend), want):
+        assert_close(a, b)
+    x = qkv.clone()
+    rk.apply_rotary_qkv_(x, cos, sin, backend=backend)
+    assert_close(x[:, :, 0], want[0])
+    assert_close(x[:, :, 1], want[1])
+    assert torch.equal(x[:, :, 2], qkv[:, :, 2])
+    kv = qkv[:, :, 1:].clone()
+    assert_close(rk.apply_rotary_kv(kv, cos, sin, backend=backend), want[1])
+    rk.apply_rotary_kv_(kv, cos, sin, backend=backend)
+    assert_close(kv[:, :, 0], want[1])
+    assert torch.equal(kv[:, :, 1], qkv[:, :, 2])
+    a = qkv.clone().requires_grad_()
+    (rk.apply_rotary_qkv(a, cos, sin, backend=backend)[0] * 2).sum().backward()
+    assert torch.equal(a.grad[:, :, 1:], torch.zeros_like(a.grad[:, :, 1:]))
+    with pytest.raises(ValueError, match=r"\[B, S, 3, H, D\]"):
+        rk.apply_rotary_qkv(qkv, cos, sin, 4, 2, backend=backend)
+    with pytest.raises(ValueError, match=r"kv must be \[B, S, 2, H, D\]"):
+        rk.apply_rotary_kv(qkv, cos, sin, backend=backend)
+
+
+def test_deepseek_mla_interleave(dev_backend):
+    """rk.apply_rotary_pos_emb_interleave against transformers' DeepSeek-V3 function: values
+    (bf16: one rounding vs its three, within an ulp), gradients, torch.compile."""
+    device, backend = dev_backend
+    pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
+
+    g = torch.Generator().manual_seed(12)
+    cos, sin = make_cs(2, 5, 16, torch.float32, device)
+    for dtype in (torch.float32, torch.bfloat16):
+        base = torch.randn(2, 4, 5, 24, generator=g).to(dtype).to(device)
+        q = base[..., 8:]  # the rope part of a [.., nope + rope] head, as MLA slices it
+        k = torch.randn(2, 1, 5, 16, generator=g).to(dtype).to(device)
+        want = apply_rotary_pos_emb_interleave(q, k, cos.to(dtype), sin.to(dtype))
+        got = rk.apply_rotary_pos_emb_interleave(q, k, cos.to(dtype), sin.to(dtype), backend=backend)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, **TOL[dtype])
+    q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
+    w = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(device) for t in (q64, k64)]
+    d_got = torch.autograd.grad(rk.apply_rotary_pos_emb_interleave(q64, k64, cos, sin, backend=backend), (q64, k64), w)
+    d_want = torch.autograd.grad(apply_rotary_pos_emb_interleave(q64, k64, cos, sin), (q64, k64), w)
+    for a, b in zip(d_got, d_want):
+        torch.testing.assert_close(a, b)
+    f = torch.compile(lambda q, k: rk.apply_rotary_pos_emb_interleave(q, k, cos, sin, backend=backend), fullgraph=True)
+    for a, b in zip(f(q.float(), k.float()), apply_rotary_pos_emb_interleave(q.float(), k.float(), cos, sin)):
+        assert_close(a, b)

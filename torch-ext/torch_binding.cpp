@@ -1,5 +1,5 @@
 // Registers the ops in the extension's namespace (TORCH_EXTENSION_NAME, set by the build),
-// with CPU and (when compiled with ROTARY_WITH_CUDA) CUDA implementations.
+// with CPU and (when built with CUDA: RK_HAVE_CUDA, see torch_binding.h) CUDA implementations.
 //
 //   rotary(q, k?, cos, sin, q_out!, k_out?!, interleaved, conj, <index>)   one launch for q and k
 //   rotary_inplace(q!, k?!, cos, sin, interleaved, conj, <index>)            the same, out = in
@@ -184,11 +184,13 @@ void apply_rotary_op(const at::Tensor& x1, const at::Tensor& x2, const at::Tenso
 }
 
 // ---- rotary_transformers(_): the common call in one op (validate, view, allocate, launch) ----
-// The public functions with plain cos/sin on a compiled backend spent most of a small (decode)
-// call in Python building views; these do the same work in C++. They mirror
-// rotary_kernels/_canon.py (_x_axes, _cs_plan, check_no_partial_overlap) and decline (no
-// tensors / false) any argument they do not take: the Python path then validates, reports
-// errors with its messages, and handles the other cases (token positions, k not fusable with q).
+// Why a C++ copy of the shape rules: built in Python, the views of a small (decode) call cost
+// several times the kernel's own host time; here they cost one op dispatch. For the plain call
+// on a compiled backend these functions are the rules' owner. They follow rotary_kernels/_canon.py
+// (canonical_x, canonical_cs) -- the owner for the Python path (Triton, reference, pure-Python
+// Hub builds) -- and decline (no tensors / false) whatever they do not take: the Python path then
+// validates, reports errors with its messages and handles the rest (token positions, k not fusable
+// with q, writes it cannot prove safe). tests/test_properties.py holds the two to one rule set.
 
 // The permutation taking x to [others..., head, D] (head: the axis unsqueeze_dim inserts into
 // cos), or an empty vector when cos [..., R] unsqueezed there does not broadcast to x.

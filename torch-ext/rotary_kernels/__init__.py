@@ -6,13 +6,18 @@ Public API (see README.md for examples):
   transformers' ``apply_rotary_pos_emb``; one fused launch for q and k; differentiable.
 * ``apply_rotary_emb(x, cos, sin, unsqueeze_dim=1)`` -- one tensor (q-only layers).
 * ``apply_rotary_transformers_(q, k, ...)`` / ``apply_rotary_emb_(x, ...)`` -- in place
-  (inference; no autograd).
+  (differentiable too: x is rotated in place, its gradient by the conj rotation).
 * ``apply_rotary(x1, x2, cos, sin, out1, out2, conj)`` -- flash-attn /
   ``kernels-community/rotary`` low-level elementwise API (out may alias x).
 * ``apply_rotary_qkv(qkv, cos, sin, Hq, Hk)`` / ``apply_rotary_qkv_`` -- the q and k heads of a
-  packed ``[B, S, Hq + 2 Hk, D]`` projection, one launch, v untouched.
+  packed ``[B, S, Hq + 2 Hk, D]`` projection (or flash-attn's ``[B, S, 3, H, D]``), one launch,
+  v untouched; ``apply_rotary_kv(kv, cos, sin)`` / ``apply_rotary_kv_`` -- k of a packed
+  ``[B, S, 2, H, D]``.
 * ``apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section)`` -- Qwen2-VL's mrope.
-* ``freqs`` -- inverse frequencies (default, linear, dynamic, YaRN, Llama-3) and cos/sin caches.
+* ``apply_rotary_emb_complex(xq, xk, freqs_cis)`` -- Llama 4's complex ``freqs_cis`` form.
+* ``apply_rotary_pos_emb_interleave(q, k, cos, sin)`` -- DeepSeek-V3 / MLA's rope part.
+* ``freqs`` -- inverse frequencies (every transformers rope type), cos/sin caches, vLLM's
+  ``cos_sin_cache`` split, context-parallel positions.
 
 The rotating functions also take token-position options: ``positions=`` (gather rows of a
 ``[max_pos, R]`` cos/sin cache in the kernel), ``cu_seqlens=`` (packed variable-length
@@ -36,6 +41,10 @@ from ._api import (
     apply_rotary,
     apply_rotary_emb,
     apply_rotary_emb_,
+    apply_rotary_emb_complex,
+    apply_rotary_kv,
+    apply_rotary_kv_,
+    apply_rotary_pos_emb_interleave,
     apply_rotary_qkv,
     apply_rotary_qkv_,
     apply_rotary_transformers,
@@ -51,11 +60,15 @@ __version__ = "0.1.0"
 for _fn, _backward, _compile in (
     (apply_rotary_transformers, True, True),
     (apply_rotary_emb, True, True),
-    (apply_rotary_transformers_, False, True),
-    (apply_rotary_emb_, False, True),
+    (apply_rotary_transformers_, True, True),
+    (apply_rotary_emb_, True, True),
     (apply_rotary_qkv, True, True),
-    (apply_rotary_qkv_, False, True),
+    (apply_rotary_qkv_, True, True),
     (apply_multimodal_rotary_pos_emb, True, True),
+    (apply_rotary_emb_complex, True, True),
+    (apply_rotary_kv, True, True),
+    (apply_rotary_kv_, True, True),
+    (apply_rotary_pos_emb_interleave, True, True),
     (apply_rotary, False, False),
 ):
     _fn.has_backward = _backward
@@ -71,6 +84,10 @@ __all__ = [
     "apply_rotary_qkv",
     "apply_rotary_qkv_",
     "apply_multimodal_rotary_pos_emb",
+    "apply_rotary_emb_complex",
+    "apply_rotary_kv",
+    "apply_rotary_kv_",
+    "apply_rotary_pos_emb_interleave",
     "available_backends",
     "freqs",
     "layers",

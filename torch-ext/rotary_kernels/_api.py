@@ -6,11 +6,11 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import _canon
-from ._autograd import Rotary, functional_transform, rotary_, rotate_differentiable
+from ._autograd import Rotary, RotaryDeinterleave, RotaryInplace, functional_transform, rotary_, rotate_differentiable
 from ._dispatch import (BACKENDS, COMPILED, Declined, backend_available, launch_elementwise, launch_rotary,
                         rotate_new, select_backend)
 from ._index import NO_INDEX, check_values, make_index, reference_kwargs, template
-from .reference import full_width_tables, materialize_cos_sin, rotary_reference_indexed
+from .reference import compute_dtype, full_width_tables, materialize_cos_sin, rotary_reference_indexed
 
 _INDEX_DOC = """
     Token-position options (keyword-only; semantics in ``reference.py``, "Token positions"):
@@ -143,7 +143,7 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index) ->
     if be == "reference":
         check_values(q, cos, unsqueeze_dim, idx)
         kw = reference_kwargs(idx)
-        return tuple(rotary_reference_indexed(x, cos, -sin if conj else sin, unsqueeze_dim, interleaved, **kw)
+        return tuple(rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, conj, **kw)
                      for x in (q, k) if x is not None)
     if _needs_graph(q, k, cos, sin):
         cos, sin, idx = _plain_if_cos_grad(q, cos, sin, unsqueeze_dim, interleaved, idx)
@@ -164,8 +164,8 @@ def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=Fa
     the inputs' dtypes and memory layouts. Math in fp32, rounded once.
 
     ``interleaved``: GPT-J pairs ``(2i, 2i + 1)`` instead of ``(i, i + R/2)``. ``pair_tables``:
-    cos/sin hold one entry per pair, ``[..., R/2]`` (gpt-oss, flash-attn, vLLM). ``conj``: rotate
-    by ``-theta`` (nanochat's sign). ``backend``: see ``available_backends``.
+    cos/sin hold one entry per pair, ``[..., R/2]`` (gpt-oss, flash-attn, vLLM). ``conj``: the
+    transpose of the rotation, i.e. by ``-theta`` (nanochat's sign). ``backend``: see ``available_backends``.
     """
     _canon.check_float("k", k)  # apply_rotary_emb rotates a single tensor
     cos, sin = _tables(cos, sin, interleaved, pair_tables, conj)
@@ -202,18 +202,27 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, back
             torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
             return
     idx, canon = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
-    if functional_transform() or (torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                                                  for t in (q, k, cos, sin))):
+    if functional_transform() or (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
         raise RuntimeError(
-            "in-place rotation does not support autograd (nor forward-mode AD / torch.func transforms); use "
-            "apply_rotary_transformers / apply_rotary_emb, or call under torch.no_grad() / torch.inference_mode()"
+            "in-place rotation takes no gradients wrt cos/sin, nor forward-mode AD / torch.func transforms; use "
+            "apply_rotary_transformers / apply_rotary_emb"
         )
     be = select_backend(q.device, backend)
-    if torch.compiler.is_compiling():  # data pointers are not traceable; the op is the same
-        rotary_(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, *idx.op_args())
+    grad = _needs_graph(q, k)
+    if torch.compiler.is_compiling():  # data pointers are not traceable: functional ops
+        if grad:  # (copy_ records the in-place update for autograd)
+            for x, y in zip((q, k), _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, index)):
+                x.copy_(y)
+        else:
+            rotary_(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, *idx.op_args())
         return
     _canon.check_writes({names[0]: q, "k": k}, dict(cos=cos, sin=sin, positions=idx.positions,
                                                     cu_seqlens=idx.cu_seqlens, seqlen_offsets=idx.seqlen_offsets))
+    if grad:  # one launch per tensor: autograd lets a Function modify one view in place, not two
+        for x in (q, k):
+            if x is not None:
+                RotaryInplace.apply(x, (be, cos, sin, unsqueeze_dim, interleaved, conj, idx))
+        return
     launch_rotary(be, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, conj, idx, canon)
     torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
 
@@ -239,9 +248,16 @@ for _f in (apply_rotary_transformers, apply_rotary_emb, apply_rotary_transformer
 
 
 def _split_qkv(qkv, num_q_heads, num_kv_heads):
+    """q's and k's heads of a packed qkv: ``[B, S, Hq + 2 Hk, D]`` / ``[T, Hq + 2 Hk, D]``, or
+    flash-attn's ``[B, S, 3, H, D]`` (head counts implied)."""
     _canon.check_float("qkv", qkv)
+    if qkv.dim() == 5:
+        if qkv.shape[2] != 3 or num_q_heads not in (None, qkv.shape[3]) or num_kv_heads not in (None, qkv.shape[3]):
+            raise ValueError(f"a 5-D qkv must be [B, S, 3, H, D] (head counts H), got shape {tuple(qkv.shape)} "
+                             f"with num_q_heads={num_q_heads}, num_kv_heads={num_kv_heads}")
+        return qkv[:, :, 0], qkv[:, :, 1]
     if qkv.dim() not in (3, 4):
-        raise ValueError(f"qkv must be [B, S, Hq + 2 Hk, D] or [T, Hq + 2 Hk, D], got shape {tuple(qkv.shape)}")
+        raise ValueError(f"qkv must be [B, S, Hq + 2 Hk, D], [T, Hq + 2 Hk, D] or [B, S, 3, H, D], got shape {tuple(qkv.shape)}")
     for name, n in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads)):
         if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"{name} must be a non-negative int, got {n!r}")
@@ -252,10 +268,11 @@ def _split_qkv(qkv, num_q_heads, num_kv_heads):
     return qkv[..., :num_q_heads, :], qkv[..., num_q_heads : num_q_heads + num_kv_heads, :]
 
 
-def apply_rotary_qkv(qkv, cos, sin, num_q_heads, num_kv_heads, *, interleaved=False, pair_tables=False, conj=False,
+def apply_rotary_qkv(qkv, cos, sin, num_q_heads=None, num_kv_heads=None, *, interleaved=False, pair_tables=False, conj=False,
                      backend=None, **index):
     """Rotate the q and k heads of a packed projection output ``[B, S, Hq + 2 Hk, D]`` (heads in
-    the order q, k, v; or packed tokens ``[T, Hq + 2 Hk, D]``) in one launch; returns
+    the order q, k, v; or packed tokens ``[T, Hq + 2 Hk, D]``; or flash-attn's
+    ``[B, S, 3, H, D]``, head counts implied) in one launch; returns
     ``(q_embed, k_embed)``. Differentiable: gradients flow back into ``qkv`` (v's are untouched).
     cos/sin: ``[B, S, R]`` / ``[S, R]`` / ``[T, R]``, or caches with the token-position options;
     other options as ``apply_rotary_transformers``."""
@@ -264,13 +281,33 @@ def apply_rotary_qkv(qkv, cos, sin, num_q_heads, num_kv_heads, *, interleaved=Fa
                                      conj=conj, backend=backend, **index)
 
 
-def apply_rotary_qkv_(qkv, cos, sin, num_q_heads, num_kv_heads, *, interleaved=False, pair_tables=False, conj=False,
+def apply_rotary_qkv_(qkv, cos, sin, num_q_heads=None, num_kv_heads=None, *, interleaved=False, pair_tables=False, conj=False,
                       backend=None, **index):
     """In-place ``apply_rotary_qkv``: rotates q's and k's heads inside ``qkv`` (one launch, v
-    untouched) and returns ``qkv`` (inference; no autograd)."""
+    untouched) and returns ``qkv``; differentiable like the other in-place functions."""
     q, k = _split_qkv(qkv, num_q_heads, num_kv_heads)
     _inplace(q, k, cos, sin, -2, interleaved, pair_tables, conj, backend, index)
     return qkv
+
+
+def _split_kv(kv):
+    _canon.check_float("kv", kv)
+    if kv.dim() != 5 or kv.shape[2] != 2:
+        raise ValueError(f"kv must be [B, S, 2, H, D] (flash-attn's packed k and v), got shape {tuple(kv.shape)}")
+    return kv[:, :, 0]
+
+
+def apply_rotary_kv(kv, cos, sin, *, interleaved=False, pair_tables=False, conj=False, backend=None, **index):
+    """Rotate k of flash-attn's packed ``kv`` ``[B, S, 2, H, D]`` (v untouched); returns k_embed
+    ``[B, S, H, D]``. Options as ``apply_rotary_transformers``; cos/sin ``[B, S, R]`` / ``[S, R]``."""
+    return apply_rotary_emb(_split_kv(kv), cos, sin, -2, interleaved, pair_tables=pair_tables, conj=conj,
+                            backend=backend, **index)
+
+
+def apply_rotary_kv_(kv, cos, sin, *, interleaved=False, pair_tables=False, conj=False, backend=None, **index):
+    """In-place ``apply_rotary_kv``: rotates k inside ``kv`` and returns ``kv``."""
+    _inplace(_split_kv(kv), None, cos, sin, -2, interleaved, pair_tables, conj, backend, index)
+    return kv
 
 
 def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim=1, *, backend=None):
@@ -279,6 +316,40 @@ def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim
     per-axis selection happens in the kernel."""
     return apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim, mrope_section=tuple(mrope_section),
                                      backend=backend)
+
+
+def apply_rotary_emb_complex(xq, xk, freqs_cis, *, backend=None):
+    """Drop-in for Llama 4's ``apply_rotary_emb(xq, xk, freqs_cis)`` (transformers): xq/xk
+    ``[B, S, H, D]`` whose neighbours ``(2i, 2i + 1)`` are the real and imaginary parts of a
+    complex number, multiplied by complex ``freqs_cis`` ``[B, S, D/2]``. Its real and imaginary
+    parts are the per-pair cos and sin (read in place: no table is built); returns ``(xq, xk)``
+    rotated, differentiable."""
+    if not isinstance(freqs_cis, torch.Tensor) or not freqs_cis.is_complex():
+        raise TypeError(f"freqs_cis must be a complex tensor, got {getattr(freqs_cis, 'dtype', type(freqs_cis))}")
+    return apply_rotary_transformers(xq, xk, freqs_cis.real, freqs_cis.imag, 2, interleaved=True, pair_tables=True,
+                                     backend=backend)
+
+
+def apply_rotary_pos_emb_interleave(q, k, cos, sin, position_ids=None, unsqueeze_dim=1, *, backend=None):
+    """Drop-in for DeepSeek-V3's ``apply_rotary_pos_emb_interleave`` (transformers; MLA's rope
+    part): rotation pairs are read at ``(2i, 2i + 1)`` and written at ``(i, i + R/2)``. cos/sin:
+    transformers' ``cat(freqs, freqs)`` tables ``[B, S, R]`` with ``R`` = q's and k's last dim
+    (``position_ids`` is accepted and unused, as there). One elementwise launch per tensor;
+    differentiable wrt q and k."""
+    del position_ids
+    _canon.check_cos_sin(cos, sin)
+    for name, x in (("q", q), ("k", k)):
+        _canon.check_float(name, x)
+        if x.dim() < 2 or x.shape[-1] != cos.shape[-1]:
+            raise ValueError(f"{name}'s last dim must be the rotary dim {cos.shape[-1]} (cos.shape[-1]), got "
+                             f"shape {tuple(x.shape)}")
+    h = cos.shape[-1] // 2
+    c, s = cos[..., :h].unsqueeze(unsqueeze_dim), sin[..., :h].unsqueeze(unsqueeze_dim)
+    be = "reference" if torch.compiler.is_compiling() or functional_transform() else select_backend(q.device, backend)
+    if be == "reference":  # PyTorch ops: traced by torch.compile, transformed by torch.func
+        return tuple(torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1).to(x.dtype) for x in (q, k)
+                     for x1, x2 in [(x[..., 0::2].to(compute_dtype(x.dtype)), x[..., 1::2].to(compute_dtype(x.dtype)))])
+    return RotaryDeinterleave.apply(q, c, s, be), RotaryDeinterleave.apply(k, c, s, be)
 
 
 def apply_rotary(x1, x2, cos, sin, out1, out2, conj: bool = False, *, backend=None) -> None:

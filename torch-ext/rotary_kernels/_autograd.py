@@ -10,16 +10,20 @@ The math, shared by both:
   (With token-position options the public API gathers cos/sin with differentiable PyTorch ops
   first, so these ops only see cos/sin gradients in the plain form.)
 
-``Rotary`` (eager, gradients wrt q/k only: the training case) is light on host time: a
-one-token forward recording autograd costs ~60-75 us on a 2-core CPU, ~220 us through a
-custom op's autograd. Its ``setup_context`` form lets torch.func transforms (``torch.func.grad``) run it.
+``Rotary`` (eager, gradients wrt q/k only: the training case) is the light one on host time:
+recording a ``torch.autograd.Function`` costs a fraction of a custom op's autograd, which
+matters for decode-sized calls. Its ``setup_context`` form lets torch.func transforms
+(``torch.func.grad``, ``jvp``) run it.
 
 ``rotary_qk`` (q and k) and ``rotary_x`` (one tensor), in this build's op namespace
 (``_ops.py``), are functional ops with fake implementations (so ``torch.compile(fullgraph=True)``
 traces them as single nodes) and registered autograd; they also take cos/sin gradients. Their
 trailing arguments (positions, cu_seqlens, seqlen_offsets, offset, mrope_section,
 mrope_interleaved, cached) are ``_index.Index.op_args()``. ``rotary_`` rotates in place
-(inference; no autograd).
+(no autograd; under torch.compile the public in-place functions record gradients through
+``copy_`` of the functional op's result instead).
+
+``RotaryInplace`` (eager) records the in-place rotation of one tensor for autograd.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
-from ._dispatch import launch_rotary, rotate_new
+from ._dispatch import launch_elementwise, launch_rotary, rotate_new
 from ._index import Index
 from ._ops import add_op_namespace_prefix
 from .reference import compute_dtype, rotate_every_two, rotate_half
@@ -223,6 +227,54 @@ class Rotary(torch.autograd.Function):
 
 
 Rotary.forward.__signature__ = inspect.signature(Rotary.forward)  # computed once, not per apply
+
+
+class RotaryInplace(torch.autograd.Function):
+    """In-place rotation recording autograd (flash-attn's ``inplace=True``): x is rotated in
+    place (``mark_dirty``: its version is bumped and its history rebased, also for views of a
+    larger tensor such as a packed qkv's heads); backward rotates the gradient with ``conj``
+    flipped. Nothing is saved but cos/sin; gradients wrt cos/sin are not taken (the public API
+    refuses them). ``args``: launch_rotary's (backend, cos, sin, unsqueeze_dim, interleaved,
+    conj, idx)."""
+
+    @staticmethod
+    def forward(ctx, x, args):
+        backend, cos, sin, unsqueeze_dim, interleaved, conj, idx = args
+        launch_rotary(backend, x, None, cos, sin, x, None, unsqueeze_dim, interleaved, conj, idx)
+        ctx.mark_dirty(x)
+        ctx.args = args
+        return x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        backend, cos, sin, unsqueeze_dim, interleaved, conj, idx = ctx.args
+        return rotate_new(backend, g, None, cos, sin, unsqueeze_dim, interleaved, not conj, idx)[0], None
+
+
+class RotaryDeinterleave(torch.autograd.Function):
+    """DeepSeek-V3 / MLA rope (transformers' ``apply_rotary_pos_emb_interleave``): pairs are read
+    at ``(2i, 2i + 1)`` and written at ``(i, i + R/2)``, one elementwise launch (strided views of
+    x and out); backward reads the gradient's ``(i, i + R/2)`` and writes ``(2i, 2i + 1)``, conj.
+    ``cos``/``sin``: per-pair tables broadcast to ``x[..., ::2]``."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, backend):
+        out = torch.empty_like(x)
+        h = x.shape[-1] // 2
+        launch_elementwise(backend, x[..., 0::2], x[..., 1::2], cos, sin, out[..., :h], out[..., h:], False)
+        ctx.save_for_backward(cos, sin)
+        ctx.backend = backend
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        dx = torch.empty_like(g)
+        h = g.shape[-1] // 2
+        launch_elementwise(ctx.backend, g[..., :h], g[..., h:], cos, sin, dx[..., 0::2], dx[..., 1::2], True)
+        return dx, None, None, None
 
 
 def rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, idx: Index) -> tuple:

@@ -35,8 +35,9 @@ except Exception:  # ImportError, or triton failing to find a driver
     TRITON = None
 
 
-# Triton's CPU interpreter (TRITON_INTERPRET=1), as Triton saw it when the kernels were defined.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+def _interpret() -> bool:
+    """Triton's CPU interpreter is on (TRITON_INTERPRET=1). Read on select_backend's cache misses."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
@@ -55,7 +56,7 @@ def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
         ok = ops is not None and ops.HAS_CUDA_EXT
         return ok, "the extension was built without CUDA (needs nvcc and a CUDA build of torch)"
     if backend == "triton":
-        if device.type == "cpu" and not INTERPRET:
+        if device.type == "cpu" and not _interpret():
             return False, "Triton runs on CPU tensors only with TRITON_INTERPRET=1"
         if TRITON is None:
             return False, "triton is not installed or failed to import"
@@ -136,11 +137,9 @@ def launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interlea
     """
     check_values(q, cos, unsqueeze_dim, idx)
     if backend == "reference":
-        if conj:
-            raise NotImplementedError("the reference backend has no conj launcher; autograd differentiates it")
         for x, out in ((q, q_out), (k, k_out)):
             if x is not None:
-                out.copy_(rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, **reference_kwargs(idx)))
+                out.copy_(rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, conj, **reference_kwargs(idx)))
         return
     if canon is None:
         canon = _canon.canonical_x("q", q, template(q, cos, unsqueeze_dim, idx), unsqueeze_dim)

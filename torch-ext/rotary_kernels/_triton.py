@@ -3,21 +3,41 @@ flash-attn style elementwise ``apply_rotary``.
 
 The launchers take *canonical* tensors (see ``_canon.py``): ``x`` as ``[A, S, H, D]`` and
 ``cos``/``sin`` as ``[A, S, R]``, both with arbitrary strides (zero strides included).
-Nothing is copied: every load and store goes through the strides.
+Nothing is copied: every load and store goes through the strides, and every offset is
+computed in 64-bit integers.
 
-Each program handles one token ``(a, s)`` and a block of heads, of q or of k: the grid's
-second axis enumerates q's head blocks and then k's, so q and k share one launch. The
-token's cos/sin are read once per program and broadcast over its heads.
+Each program handles one token ``(a, s)`` and one group of heads: a block of q heads *and*
+a block of k heads (with the usual shapes, all of them: one program per token, one launch).
+A program issues its q and k loads first, then reads the token's cos/sin once for both, so
+it waits for one memory round trip (two with a cos/sin cache: the position, then the row).
+The head dim is read in rows: two contiguous half rows per head (half-split pairs
+``(i, i + R/2)``) or one contiguous row split into pairs in registers (interleaved pairs
+``(2i, 2i + 1)``), so with a unit head-dim stride every access is as wide as the alignment
+allows (128 bits). ``num_warps`` is chosen so that a thread holds at least 16 bytes of the
+smaller (k) block.
 
-Math per rotary pair ``(j1, j2)`` (``(i, i + R/2)`` half-split, ``(2i, 2i + 1)``
-interleaved), in fp32 (fp64 for fp64 inputs), rounded once at the store::
+Math per rotary pair ``(j1, j2)``, in fp32 (fp64 for fp64 inputs), rounded once at the store::
 
     y1 = x1 * c1 - x2 * s1
     y2 = x2 * c2 + x1 * s2        with (s1, s2) := (-s2, -s1) when CONJ (the backward)
+
+Cache rows out of range: a token whose cos/sin row (``position``, see ``_index.py``) is
+outside ``[0, P)`` reads nothing out of bounds and its rotated dims are written as NaN
+(pass-through dims as usual): memory safe, no host sync (CUDA-graph safe) and visible.
+Host-side checks, where enabled, raise before the launch.
+
+Launches: under the tensors' device (``_device_context``), so multi-GPU calls use the right
+device and its current stream. Specialisation: values that change from call to call
+(sequence length, number of sequences, offsets, cache size, index strides) are not
+specialised, and the binary search over ``cu_seqlens`` has a bucketed step count, so a
+serving workload compiles a handful of variants; head counts and head dim (model constants)
+are constexprs. ``tests/test_codegen_triton.py`` checks the generated code (128-bit q/k
+accesses, no spills, 64-bit offsets) for sm_90 and sm_80.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -25,64 +45,110 @@ import torch
 import triton
 import triton.language as tl
 
-# Elements of x one program touches per rotary half; keeps register use bounded.
+# Elements of one rotary half of q (or of k) one program holds; keeps register use bounded.
 _TILE_ELEMS = 4096
+# Elements of one rotary half per thread we aim for at most (registers: no spills).
+_MAX_PER_THREAD = 64
+
+
+# ----------------------------------------------------------------------------------------------
+# Exact bf16 conversions for the interpreter
+# ----------------------------------------------------------------------------------------------
+# Triton's CPU interpreter converts bf16 <-> fp32 with a bit-manipulating routine that
+# truncates instead of rounding to nearest even, mangles subnormals (6.79e-39 -> 2.94e-39)
+# and turns NaN payloads into zeros or infinities. GPUs convert exactly (bf16 -> fp32) and
+# round to nearest even (fp32 -> bf16). With EMU (set only when interpreting) the kernels
+# convert through the bits instead, which is exactly what the GPU computes.
 
 
 @triton.jit
-def _round(y, RTNE_BF16: tl.constexpr):
-    """Round fp32 to the nearest-even bf16 value (still fp32), so the cast is exact.
-
-    Only for the interpreter, whose fp32->bf16 cast truncates; GPUs round to nearest even.
-    """
-    if RTNE_BF16:
-        bits = y.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        y = bits.to(tl.float32, bitcast=True)
-    return y
+def _to_acc(x, ACC: tl.constexpr, EMU: tl.constexpr):
+    """Load-side conversion to the accumulation type."""
+    if EMU:
+        if x.dtype == tl.bfloat16:
+            x = (x.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    return x.to(ACC)
 
 
 @triton.jit
-def _rotate_heads(
-    x_ptr, y_ptr, c1, c2, s1, s2, a, s, h0, H, D,
-    sxa, sxs, sxh, sxd, sya, sys_, syh, syd,
-    HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, COPY_PASS: tl.constexpr,
-    ACC: tl.constexpr, RTNE_BF16: tl.constexpr,
-):
-    offs_h = h0 + tl.arange(0, BLOCK_H)
-    offs_i = tl.arange(0, BLOCK_HALF)
+def _to_out(y, OUT: tl.constexpr, EMU: tl.constexpr):
+    """Store-side conversion to the output type (round to nearest even)."""
+    if EMU:
+        if OUT == tl.bfloat16:
+            bits = y.to(tl.float32).to(tl.uint32, bitcast=True)
+            rne = bits + 0x7FFF + ((bits >> 16) & 1)
+            nan = (bits & 0x7FFFFFFF) > 0x7F800000
+            bits = tl.where(nan, bits | 0x400000, rne) >> 16  # NaN stays NaN (quiet), sign kept
+            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return y.to(OUT)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fused q/k kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_pairs(x_ptr, tok, h0, H, sxh, sxd,
+                HALF: tl.constexpr, BH: tl.constexpr, BHALF: tl.constexpr,
+                INTERLEAVED: tl.constexpr, ACC: tl.constexpr, EMU: tl.constexpr):
+    """x1, x2 ``[BH, BHALF]`` of heads ``h0 ..`` of one token (``tok``: its element offset)."""
+    offs_h = h0 + tl.arange(0, BH)
+    row = x_ptr + tok + offs_h.to(tl.int64)[:, None] * sxh
+    if INTERLEAVED:  # one contiguous row, pairs split in registers
+        offs_r = tl.arange(0, 2 * BHALF)
+        m = (offs_h[:, None] < H) & (offs_r[None, :] < 2 * HALF)
+        x = tl.load(row + offs_r.to(tl.int64)[None, :] * sxd, mask=m, other=0.0)
+        x1, x2 = tl.split(tl.reshape(x, (BH, BHALF, 2)))
+    else:  # two contiguous half rows
+        offs_i = tl.arange(0, BHALF)
+        m = (offs_h[:, None] < H) & (offs_i[None, :] < HALF)
+        x1 = tl.load(row + offs_i.to(tl.int64)[None, :] * sxd, mask=m, other=0.0)
+        x2 = tl.load(row + (offs_i + HALF).to(tl.int64)[None, :] * sxd, mask=m, other=0.0)
+    return _to_acc(x1, ACC, EMU), _to_acc(x2, ACC, EMU)
+
+
+@triton.jit
+def _store_pairs(y_ptr, tok, h0, H, syh, syd, y1, y2,
+                 HALF: tl.constexpr, BH: tl.constexpr, BHALF: tl.constexpr,
+                 INTERLEAVED: tl.constexpr, EMU: tl.constexpr):
+    out_ty: tl.constexpr = y_ptr.dtype.element_ty
+    offs_h = h0 + tl.arange(0, BH)
+    row = y_ptr + tok + offs_h.to(tl.int64)[:, None] * syh
+    y1 = _to_out(y1, out_ty, EMU)
+    y2 = _to_out(y2, out_ty, EMU)
     if INTERLEAVED:
-        j1 = 2 * offs_i
-        j2 = j1 + 1
+        offs_r = tl.arange(0, 2 * BHALF)
+        m = (offs_h[:, None] < H) & (offs_r[None, :] < 2 * HALF)
+        y = tl.reshape(tl.join(y1, y2), (BH, 2 * BHALF))
+        tl.store(row + offs_r.to(tl.int64)[None, :] * syd, y, mask=m)
     else:
-        j1 = offs_i
-        j2 = offs_i + HALF
-    mask = (offs_h[:, None] < H) & (offs_i[None, :] < HALF)
-    x_row = x_ptr + a * sxa + s * sxs + offs_h[:, None].to(tl.int64) * sxh
-    y_row = y_ptr + a * sya + s * sys_ + offs_h[:, None].to(tl.int64) * syh
-    x1 = tl.load(x_row + j1[None, :] * sxd, mask=mask, other=0.0).to(ACC)
-    x2 = tl.load(x_row + j2[None, :] * sxd, mask=mask, other=0.0).to(ACC)
-    y1 = x1 * c1[None, :] - x2 * s1[None, :]
-    y2 = x2 * c2[None, :] + x1 * s2[None, :]
-    out_ty = y_ptr.dtype.element_ty
-    tl.store(y_row + j1[None, :] * syd, _round(y1, RTNE_BF16).to(out_ty), mask=mask)
-    tl.store(y_row + j2[None, :] * syd, _round(y2, RTNE_BF16).to(out_ty), mask=mask)
-    if COPY_PASS:
-        # Partial rotary, out of place: dims [2 * HALF, D) pass through unchanged.
-        for p0 in range(2 * HALF, D, BLOCK_PASS):
-            offs_p = p0 + tl.arange(0, BLOCK_PASS)
-            pmask = (offs_h[:, None] < H) & (offs_p[None, :] < D)
-            v = tl.load(x_row + offs_p[None, :] * sxd, mask=pmask)
-            tl.store(y_row + offs_p[None, :] * syd, v, mask=pmask)
+        offs_i = tl.arange(0, BHALF)
+        m = (offs_h[:, None] < H) & (offs_i[None, :] < HALF)
+        tl.store(row + offs_i.to(tl.int64)[None, :] * syd, y1, mask=m)
+        tl.store(row + (offs_i + HALF).to(tl.int64)[None, :] * syd, y2, mask=m)
+
+
+@triton.jit
+def _copy_pass(x_ptr, y_ptr, tx, ty, h0, H, sxh, sxd, syh, syd, R, D,
+               BH: tl.constexpr, BLOCK_PASS: tl.constexpr):
+    """Partial rotary, out of place: dims [R, D) pass through unchanged."""
+    offs_h = h0 + tl.arange(0, BH)
+    xrow = x_ptr + tx + offs_h.to(tl.int64)[:, None] * sxh
+    yrow = y_ptr + ty + offs_h.to(tl.int64)[:, None] * syh
+    for p0 in range(R, D, BLOCK_PASS):
+        offs_p = p0 + tl.arange(0, BLOCK_PASS)
+        pmask = (offs_h[:, None] < H) & (offs_p[None, :] < D)
+        v = tl.load(xrow + offs_p.to(tl.int64)[None, :] * sxd, mask=pmask)
+        tl.store(yrow + offs_p.to(tl.int64)[None, :] * syd, v, mask=pmask)
 
 
 @triton.jit
 def _position(pos_ptr, cu_ptr, off_ptr, a, s, axis, spx, spa, sps, n_seqs, soff, offset,
-              HAS_POS: tl.constexpr, HAS_CU: tl.constexpr, HAS_OFF: tl.constexpr, CU_STEPS: tl.constexpr):
+              CU_STEPS: tl.constexpr):
     """The cache row of token (a, s) on mrope axis ``axis`` (reference.py, "Token positions")."""
     b = a
-    if HAS_CU:  # the packed token's sequence: the last b with cu[b] <= s (binary search)
+    if cu_ptr is not None:  # the packed token's sequence: the last b with cu[b] <= s (binary search)
         lo = tl.zeros_like(s)
         hi = lo + n_seqs
         for _ in tl.static_range(CU_STEPS):
@@ -91,96 +157,182 @@ def _position(pos_ptr, cu_ptr, off_ptr, a, s, axis, spx, spa, sps, n_seqs, soff,
             lo = tl.where(go, mid, lo)
             hi = tl.where(go, hi, mid)
         b = lo
-    if HAS_POS:
+    if pos_ptr is not None:
         p = tl.load(pos_ptr + axis * spx + a * spa + s * sps)
-    elif HAS_CU:
+    elif cu_ptr is not None:
         p = s - tl.load(cu_ptr + b)
     else:
         p = s
-    if HAS_OFF:
+    if off_ptr is not None:
         p += tl.load(off_ptr + b * soff)
     return p + offset
 
 
 @triton.jit
+def _cs_offsets(pair, j, a, s, p, scx, sca, scs, scp, scr, MROPE: tl.constexpr,
+                SEC0: tl.constexpr, SEC1: tl.constexpr, SEC2: tl.constexpr, CACHED: tl.constexpr):
+    """Element offsets of cos (or sin, with its strides) for pairs ``pair`` at dims ``j``."""
+    if MROPE == 1:  # sectioned (Qwen2-VL)
+        axis = tl.where(pair < SEC0, 0, tl.where(pair < SEC0 + SEC1, 1, 2)).to(tl.int64)
+    elif MROPE == 2:  # interleaved (Qwen3-VL)
+        r3 = pair % 3
+        axis = tl.where((r3 == 1) & (pair < 3 * SEC1), 1, tl.where((r3 == 2) & (pair < 3 * SEC2), 2, 0))
+        axis = axis.to(tl.int64)
+    else:
+        axis = 0
+    off = axis * scx + a * sca + s * scs + j.to(tl.int64) * scr
+    if CACHED:
+        off += p * scp
+    return off
+
+
+@triton.jit
+def _load_cs(ptr, pair, j, m, a, s, p, ok, scx, sca, scs, scp, scr,
+             MROPE: tl.constexpr, SEC0: tl.constexpr, SEC1: tl.constexpr, SEC2: tl.constexpr,
+             CACHED: tl.constexpr, ACC: tl.constexpr, EMU: tl.constexpr):
+    off = _cs_offsets(pair, j, a, s, p, scx, sca, scs, scp, scr, MROPE, SEC0, SEC1, SEC2, CACHED)
+    if CACHED:  # rows out of range: nothing read, NaN
+        v = _to_acc(tl.load(ptr + off, mask=m & ok, other=0.0), ACC, EMU)
+        v = tl.where(ok, v, float("nan"))
+    else:
+        v = _to_acc(tl.load(ptr + off, mask=m, other=0.0), ACC, EMU)
+    return v
+
+
+_QK_NO_SPEC = ("S", "NPOS", "n_seqs", "offset", "spx", "spa", "sps", "soff")
+# The constexprs of _rotary_qk_kernel, passed as one tuple (CFG): Triton's launcher binds each
+# keyword constexpr separately (~0.3 us a piece per launch), a tuple once.
+_QK_CFG = ("HQ", "HK", "D", "HALF", "BLOCK_HQ", "BLOCK_HK", "BLOCK_HALF", "BLOCK_PASS", "INTERLEAVED", "CONJ",
+           "COPY_PASS", "ACC", "EMU", "CACHED", "CU_STEPS", "MROPE", "SEC0", "SEC1", "SEC2")
+
+
+@triton.jit(do_not_specialize=_QK_NO_SPEC)
 def _rotary_qk_kernel(
     q_ptr, qo_ptr, k_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, cu_ptr, off_ptr,
-    S, HQ, HK, D, NQB,
-    sqa, sqs, sqh, sqd, soa, sos, soh, sod,
-    ska, sks, skh, skd, sla, sls, slh, sld,
-    scx, sca, scs, scp, scr, ssx, ssa, sss, ssp, ssr,
-    spx, spa, sps, n_seqs, soff, offset, sec0, sec1, sec2,
-    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_HALF: tl.constexpr,
-    BLOCK_PASS: tl.constexpr, INTERLEAVED: tl.constexpr, CONJ: tl.constexpr,
-    COPY_PASS: tl.constexpr, HAS_K: tl.constexpr, ACC: tl.constexpr, RTNE_BF16: tl.constexpr,
-    CACHED: tl.constexpr, HAS_POS: tl.constexpr, HAS_CU: tl.constexpr, HAS_OFF: tl.constexpr,
-    CU_STEPS: tl.constexpr, MROPE: tl.constexpr,
+    S, NPOS, n_seqs, offset,
+    sq, so, sk, sl,  # element strides (a, s, h, d) of q, q_out, k, k_out
+    sc, ss,  # (x, a, s, p, r) of cos, sin (_table_strides)
+    spx, spa, sps, soff,  # strides of positions (x, a, s) and seqlen_offsets: separate, as
+    # do_not_specialize does not reach into tuples (a stride of 1 would be a new variant)
+    CFG: tl.constexpr,  # the values named by _QK_CFG
 ):
+    HQ: tl.constexpr = CFG[0]  # head counts and head dim: model constants (masks fold away)
+    HK: tl.constexpr = CFG[1]
+    D: tl.constexpr = CFG[2]
+    HALF: tl.constexpr = CFG[3]
+    BLOCK_HQ: tl.constexpr = CFG[4]
+    BLOCK_HK: tl.constexpr = CFG[5]
+    BLOCK_HALF: tl.constexpr = CFG[6]
+    BLOCK_PASS: tl.constexpr = CFG[7]
+    INTERLEAVED: tl.constexpr = CFG[8]
+    CONJ: tl.constexpr = CFG[9]
+    COPY_PASS: tl.constexpr = CFG[10]
+    ACC: tl.constexpr = CFG[11]
+    EMU: tl.constexpr = CFG[12]
+    CACHED: tl.constexpr = CFG[13]
+    CU_STEPS: tl.constexpr = CFG[14]
+    MROPE: tl.constexpr = CFG[15]
+    SEC0: tl.constexpr = CFG[16]
+    SEC1: tl.constexpr = CFG[17]
+    SEC2: tl.constexpr = CFG[18]
+    sqa, sqs, sqh, sqd = sq
+    soa, sos, soh, sod = so
+    ska, sks, skh, skd = sk
+    sla, sls, slh, sld = sl
+    scx, sca, scs, scp, scr = sc
+    ssx, ssa, sss, ssp, ssr = ss
+
     pid_t = tl.program_id(0).to(tl.int64)
-    pid_h = tl.program_id(1)
+    g = tl.program_id(1).to(tl.int64)
     a = pid_t // S
     s = pid_t % S
+    hq0 = g * BLOCK_HQ
+    hk0 = g * BLOCK_HK
+    tq = a * sqa + s * sqs
+    tk = a * ska + s * sks
 
-    offs_i = tl.arange(0, BLOCK_HALF)
+    # 1. q and k (nothing they need depends on a load)
+    q1, q2 = _load_pairs(q_ptr, tq, hq0, HQ, sqh, sqd, HALF, BLOCK_HQ, BLOCK_HALF, INTERLEAVED, ACC, EMU)
+    if k_ptr is not None:
+        k1, k2 = _load_pairs(k_ptr, tk, hk0, HK, skh, skd, HALF, BLOCK_HK, BLOCK_HALF, INTERLEAVED, ACC, EMU)
+    # Keeps the compiler from scheduling a q/k load after the first use of cos/sin (their
+    # layout conversion waits for them): every q/k load is in flight before anything waits.
+    tl.debug_barrier()
+
+    # 2. the token's cos/sin, once for q and k
     if INTERLEAVED:
-        j1 = 2 * offs_i
-        j2 = j1 + 1
+        j = tl.arange(0, 2 * BLOCK_HALF)
+        pair = j // 2
+        m = j < 2 * HALF
     else:
-        j1 = offs_i
-        j2 = offs_i + HALF
-    m = offs_i < HALF
-    # Each pair's cos/sin element offset: x * s_x + a * s_a + s * s_s (per-token tables) or
-    # position * s_p (caches; the a/s/x strides are 0), where x is the pair's mrope axis.
-    if MROPE == 1:  # sectioned (Qwen2-VL)
-        axis = tl.where(offs_i < sec0, 0, tl.where(offs_i < sec0 + sec1, 1, 2))
-    elif MROPE == 2:  # interleaved (Qwen3-VL)
-        r3 = offs_i % 3
-        axis = tl.where((r3 == 1) & (offs_i < 3 * sec1), 1, tl.where((r3 == 2) & (offs_i < 3 * sec2), 2, 0))
-    else:
-        axis = tl.zeros_like(offs_i)
-    base_c = axis * scx + a * sca + s * scs
-    base_s = axis * ssx + a * ssa + s * sss
+        pair = tl.arange(0, BLOCK_HALF)
+        j = pair
+        m = pair < HALF
+    p = 0
+    ok = True
     if CACHED:
-        if MROPE != 0 and HAS_POS:
-            p0 = _position(pos_ptr, cu_ptr, off_ptr, a, s, 0, spx, spa, sps, n_seqs, soff, offset,
-                           HAS_POS, HAS_CU, HAS_OFF, CU_STEPS)
-            p1 = _position(pos_ptr, cu_ptr, off_ptr, a, s, 1, spx, spa, sps, n_seqs, soff, offset,
-                           HAS_POS, HAS_CU, HAS_OFF, CU_STEPS)
-            p2 = _position(pos_ptr, cu_ptr, off_ptr, a, s, 2, spx, spa, sps, n_seqs, soff, offset,
-                           HAS_POS, HAS_CU, HAS_OFF, CU_STEPS)
-            p = tl.where(axis == 0, p0, tl.where(axis == 1, p1, p2))
+        if MROPE != 0 and pos_ptr is not None:
+            p0 = _position(pos_ptr, cu_ptr, off_ptr, a, s, 0, spx, spa, sps, n_seqs, soff, offset, CU_STEPS)
+            p1 = _position(pos_ptr, cu_ptr, off_ptr, a, s, 1, spx, spa, sps, n_seqs, soff, offset, CU_STEPS)
+            p2 = _position(pos_ptr, cu_ptr, off_ptr, a, s, 2, spx, spa, sps, n_seqs, soff, offset, CU_STEPS)
+            if MROPE == 1:
+                p = tl.where(pair < SEC0, p0, tl.where(pair < SEC0 + SEC1, p1, p2))
+            else:
+                r3 = pair % 3
+                p = tl.where((r3 == 1) & (pair < 3 * SEC1), p1, tl.where((r3 == 2) & (pair < 3 * SEC2), p2, p0))
         else:
-            p = _position(pos_ptr, cu_ptr, off_ptr, a, s, 0, spx, spa, sps, n_seqs, soff, offset,
-                          HAS_POS, HAS_CU, HAS_OFF, CU_STEPS)
-        base_c += p * scp
-        base_s += p * ssp
-    c1 = tl.load(cos_ptr + base_c + j1 * scr, mask=m, other=0.0).to(ACC)
-    c2 = tl.load(cos_ptr + base_c + j2 * scr, mask=m, other=0.0).to(ACC)
-    s1 = tl.load(sin_ptr + base_s + j1 * ssr, mask=m, other=0.0).to(ACC)
-    s2 = tl.load(sin_ptr + base_s + j2 * ssr, mask=m, other=0.0).to(ACC)
+            p = _position(pos_ptr, cu_ptr, off_ptr, a, s, 0, spx, spa, sps, n_seqs, soff, offset, CU_STEPS)
+        p = p.to(tl.int64)
+        ok = (p >= 0) & (p < NPOS)
+        p = tl.where(ok, p, 0)
+    if INTERLEAVED:
+        c = _load_cs(cos_ptr, pair, j, m, a, s, p, ok, scx, sca, scs, scp, scr,
+                     MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
+        sn = _load_cs(sin_ptr, pair, j, m, a, s, p, ok, ssx, ssa, sss, ssp, ssr,
+                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
+        c1, c2 = tl.split(tl.reshape(c, (BLOCK_HALF, 2)))
+        s1, s2 = tl.split(tl.reshape(sn, (BLOCK_HALF, 2)))
+    else:
+        c1 = _load_cs(cos_ptr, pair, j, m, a, s, p, ok, scx, sca, scs, scp, scr,
+                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
+        c2 = _load_cs(cos_ptr, pair, j + HALF, m, a, s, p, ok, scx, sca, scs, scp, scr,
+                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
+        s1 = _load_cs(sin_ptr, pair, j, m, a, s, p, ok, ssx, ssa, sss, ssp, ssr,
+                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
+        s2 = _load_cs(sin_ptr, pair, j + HALF, m, a, s, p, ok, ssx, ssa, sss, ssp, ssr,
+                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
     if CONJ:
         s1, s2 = -s2, -s1
+    c1 = c1[None, :]
+    c2 = c2[None, :]
+    s1 = s1[None, :]
+    s2 = s2[None, :]
 
-    if pid_h < NQB:
-        _rotate_heads(
-            q_ptr, qo_ptr, c1, c2, s1, s2, a, s, pid_h * BLOCK_HQ, HQ, D,
-            sqa, sqs, sqh, sqd, soa, sos, soh, sod,
-            HALF, BLOCK_HQ, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, COPY_PASS, ACC, RTNE_BF16,
-        )
-    elif HAS_K:
-        _rotate_heads(
-            k_ptr, ko_ptr, c1, c2, s1, s2, a, s, (pid_h - NQB) * BLOCK_HK, HK, D,
-            ska, sks, skh, skd, sla, sls, slh, sld,
-            HALF, BLOCK_HK, BLOCK_HALF, BLOCK_PASS, INTERLEAVED, COPY_PASS, ACC, RTNE_BF16,
-        )
+    # 3. rotate and store
+    _store_pairs(qo_ptr, a * soa + s * sos, hq0, HQ, soh, sod, q1 * c1 - q2 * s1, q2 * c2 + q1 * s2,
+                 HALF, BLOCK_HQ, BLOCK_HALF, INTERLEAVED, EMU)
+    if k_ptr is not None:
+        _store_pairs(ko_ptr, a * sla + s * sls, hk0, HK, slh, sld, k1 * c1 - k2 * s1, k2 * c2 + k1 * s2,
+                     HALF, BLOCK_HK, BLOCK_HALF, INTERLEAVED, EMU)
+    if COPY_PASS:
+        _copy_pass(q_ptr, qo_ptr, tq, a * soa + s * sos, hq0, HQ, sqh, sqd, soh, sod, 2 * HALF, D,
+                   BLOCK_HQ, BLOCK_PASS)
+        if k_ptr is not None:
+            _copy_pass(k_ptr, ko_ptr, tk, a * sla + s * sls, hk0, HK, skh, skd, slh, sld, 2 * HALF, D,
+                       BLOCK_HK, BLOCK_PASS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _emulate_rtne(dtype: torch.dtype) -> bool:
-    return dtype == torch.bfloat16 and _interpreting()
+# Whether triton.jit made interpreted functions: decided when this module was imported.
+_INTERPRET = _interpreting()
 
 
 # Triton's CPU interpreter patches triton.language globally while it runs a kernel, so two
@@ -188,12 +340,34 @@ def _emulate_rtne(dtype: torch.dtype) -> bool:
 _INTERPRETER_LOCK = threading.Lock()
 
 
+def _device_context(device: torch.device):
+    """The context that makes ``device`` current for a launch, or None when nothing is to be done.
+
+    Triton launches on the current device and its current stream; tensors on another device
+    (multi-GPU) need their own device made current. Works for any accelerator torch has a
+    device module for (cuda, which ROCm shares, xpu, ...); CPU tensors (the interpreter) need
+    nothing.
+    """
+    if device.type == "cpu" or device.index is None:
+        return None
+    return torch.get_device_module(device.type).device(device.index)
+
+
 def _launch(kernel, grid, *args, **kwargs):
-    if _interpreting():
+    if _INTERPRET:
         with _INTERPRETER_LOCK:
             kernel[grid](*args, **kwargs)
     else:
         kernel[grid](*args, **kwargs)
+
+
+def _launch_on(device, kernel, grid, *args, **kwargs):
+    ctx = _device_context(device)
+    if ctx is None:
+        _launch(kernel, grid, *args, **kwargs)
+    else:
+        with ctx:
+            _launch(kernel, grid, *args, **kwargs)
 
 
 def _acc_dtype(dtype: torch.dtype):
@@ -202,11 +376,37 @@ def _acc_dtype(dtype: torch.dtype):
 
 def _table_strides(t):
     """(x, a, s, p, r) element strides of a cos/sin table: [A, S, R], [3, A, S, R] or a [P, R] cache."""
-    if t.dim() == 2:
-        return 0, 0, 0, t.stride(0), t.stride(1)
-    if t.dim() == 3:
-        return 0, t.stride(0), t.stride(1), 0, t.stride(2)
-    return t.stride(0), t.stride(1), t.stride(2), 0, t.stride(3)
+    st = t.stride()
+    if len(st) == 2:
+        return 0, 0, 0, st[0], st[1]
+    if len(st) == 3:
+        return 0, st[0], st[1], 0, st[2]
+    return st[0], st[1], st[2], 0, st[3]
+
+
+def _cu_steps(n_seqs: int) -> int:
+    """Binary-search steps for n_seqs sequences, bucketed (multiples of 4) so that batches of
+    different sizes share a compiled kernel; extra steps change nothing."""
+    return max(4, -(-n_seqs.bit_length() // 4) * 4)
+
+
+def _plan(HQ, HK, half, esize, interleaved, has_k):
+    """(BLOCK_HQ, BLOCK_HK, BLOCK_HALF, groups, num_warps) for one token's heads."""
+    block_half = triton.next_power_of_2(half)
+    groups = max(1, triton.cdiv(HQ * block_half, _TILE_ELEMS), triton.cdiv(HK * block_half, _TILE_ELEMS))
+    block_hq = triton.next_power_of_2(max(triton.cdiv(HQ, groups), 1))
+    block_hk = triton.next_power_of_2(max(triton.cdiv(HK, groups), 1)) if has_k else 1
+    # Widest accesses: a thread of every load holds >= 16 bytes of the smaller block ...
+    row = 2 * block_half if interleaved else block_half  # elements per load and head
+    small = (min(block_hq, block_hk) if has_k else block_hq) * row
+    warps = max(1, small * esize // (32 * 16))
+    # ... unless that leaves a thread too many elements (registers): then fewer, wider programs
+    per_thread = (block_hq + (block_hk if has_k else 0)) * 2 * block_half
+    warps = max(warps, triton.next_power_of_2(triton.cdiv(per_thread, 32 * 2 * _MAX_PER_THREAD)))
+    return block_hq, block_hk, block_half, groups, min(warps, 8)
+
+
+_PLANS: dict = {}
 
 
 def rotary_qk(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, positions=None, cu_seqlens=None,
@@ -216,55 +416,68 @@ def rotary_qk(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, posit
     ``[3, A, S, R]`` (mrope) or ``[P, R]`` caches read at each token's position (``_index.py``)."""
     A, S, HQ, D = q.shape
     HK = k.shape[2] if k is not None else 0
+    if HK == 0:
+        k = k_out = None
+    elif HQ == 0:  # only k heads: rotate k as "q"
+        q, q_out, k, k_out, HQ, HK = k, k_out, None, None, HK, 0
     R = cos.shape[-1]
-    half = R // 2
-    if A * S == 0 or (HQ + HK) * D == 0:
+    if A * S == 0 or HQ * D == 0:
         return
-    block_half = triton.next_power_of_2(half)
-    max_h = max(1, _TILE_ELEMS // block_half)
-    block_hq = min(triton.next_power_of_2(HQ), max_h)
-    block_hk = min(triton.next_power_of_2(max(HK, 1)), max_h)
-    nqb = triton.cdiv(HQ, block_hq)
-    nkb = triton.cdiv(HK, block_hk)
+    half = R // 2
+    key = (HQ, HK, half, q.dtype, interleaved, k is not None)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _plan(HQ, HK, half, q.element_size(), interleaved, k is not None)
+    block_hq, block_hk, block_half, groups, warps = plan
     copy_pass = R < D and (q_out.data_ptr() != q.data_ptr() or (k is not None and k_out.data_ptr() != k.data_ptr()))
-    block_pass = min(triton.next_power_of_2(max(D - R, 1)), 128)
-    kk = k if k is not None else q
-    ko = k_out if k_out is not None else q_out
     cached = cos.dim() == 2
-    pos_strides = positions.stride() if positions is not None else (0, 0, 0)
-    n_seqs = cu_seqlens.numel() - 1 if cu_seqlens is not None else 1
+    if positions is not None:
+        pos_strides = positions.stride()
+    else:
+        pos_strides = (0, 0, 0)
+    n_seqs = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else 1
     sec = tuple(mrope_section) if mrope_section else (0, 0, 0)
-    dummy = cos  # stands in for absent index tensors (never read)
-    grid = (A * S, nqb + nkb)
-    _launch(
-        _rotary_qk_kernel, grid,
-        q, q_out, kk, ko, cos, sin,
-        positions if positions is not None else dummy,
-        cu_seqlens if cu_seqlens is not None else dummy,
-        seqlen_offsets if seqlen_offsets is not None else dummy,
-        S, HQ, HK, D, nqb,
-        *q.stride(), *q_out.stride(), *kk.stride(), *ko.stride(),
-        *_table_strides(cos), *_table_strides(sin),
-        *pos_strides, n_seqs, seqlen_offsets.stride(0) if seqlen_offsets is not None else 0, offset, *sec,
-        HALF=half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk, BLOCK_HALF=block_half, BLOCK_PASS=block_pass,
-        INTERLEAVED=interleaved, CONJ=conj, COPY_PASS=copy_pass, HAS_K=k is not None,
-        ACC=_acc_dtype(q.dtype), RTNE_BF16=_emulate_rtne(q.dtype),
-        CACHED=cached, HAS_POS=positions is not None, HAS_CU=cu_seqlens is not None,
-        HAS_OFF=seqlen_offsets is not None, CU_STEPS=max(1, n_seqs.bit_length()),
-        MROPE=(2 if mrope_interleaved else 1) if mrope_section else 0,
-        num_warps=4 if max(block_hq, block_hk) * block_half <= 2048 else 8,
+    if k is not None:
+        kst, lst = k.stride(), k_out.stride()
+    else:
+        kst = lst = (0, 0, 0, 0)
+    _launch_on(
+        q.device, _rotary_qk_kernel, (A * S, groups),
+        q, q_out, k, k_out, cos, sin, positions, cu_seqlens, seqlen_offsets,
+        S, min(cos.shape[0], sin.shape[0]) if cached else 0, n_seqs, offset,
+        q.stride(), q_out.stride(), kst, lst, _table_strides(cos), _table_strides(sin),
+        *pos_strides, seqlen_offsets.stride(0) if seqlen_offsets is not None else 0,
+        (HQ, HK, D, half, block_hq, block_hk, block_half,
+         min(triton.next_power_of_2(max(D - R, 1)), 128) if copy_pass else 1,
+         interleaved, conj, copy_pass, _acc_dtype(q.dtype), _INTERPRET, cached,
+         _cu_steps(n_seqs) if cu_seqlens is not None else 0,
+         (2 if mrope_interleaved else 1) if mrope_section else 0, *sec),
+        num_warps=warps,
     )
 
 
-@triton.jit
+# ----------------------------------------------------------------------------------------------
+# Elementwise kernel (flash-attn's apply_rotary)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=("n1", "n2"))
 def _elementwise_kernel(
     x1_ptr, x2_ptr, c_ptr, s_ptr, o1_ptr, o2_ptr, N,
-    n1, n2, n3,
-    x1s0, x1s1, x1s2, x1s3, x2s0, x2s1, x2s2, x2s3,
-    cs0, cs1, cs2, cs3, ss0, ss1, ss2, ss3,
-    o1s0, o1s1, o1s2, o1s3, o2s0, o2s1, o2s2, o2s3,
-    CONJ: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, RTNE_BF16: tl.constexpr,
+    n1, n2, n3,  # sizes of dims 1..3 (n3, the innermost, stays specialised: it decides vectorisation)
+    x1s, x2s, cst, sst, o1s, o2s,  # strides, 4 each
+    CFG: tl.constexpr,  # (CONJ, ACC, BLOCK, EMU)
 ):
+    CONJ: tl.constexpr = CFG[0]
+    ACC: tl.constexpr = CFG[1]
+    BLOCK: tl.constexpr = CFG[2]
+    EMU: tl.constexpr = CFG[3]
+    x1s0, x1s1, x1s2, x1s3 = x1s
+    x2s0, x2s1, x2s2, x2s3 = x2s
+    cs0, cs1, cs2, cs3 = cst
+    ss0, ss1, ss2, ss3 = sst
+    o1s0, o1s1, o1s2, o1s3 = o1s
+    o2s0, o2s1, o2s2, o2s3 = o2s
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = idx < N
     i3 = idx % n3
@@ -273,16 +486,18 @@ def _elementwise_kernel(
     r = r // n2
     i1 = r % n1
     i0 = r // n1
-    x1 = tl.load(x1_ptr + i0 * x1s0 + i1 * x1s1 + i2 * x1s2 + i3 * x1s3, mask=m).to(ACC)
-    x2 = tl.load(x2_ptr + i0 * x2s0 + i1 * x2s1 + i2 * x2s2 + i3 * x2s3, mask=m).to(ACC)
-    c = tl.load(c_ptr + i0 * cs0 + i1 * cs1 + i2 * cs2 + i3 * cs3, mask=m).to(ACC)
-    sn = tl.load(s_ptr + i0 * ss0 + i1 * ss1 + i2 * ss2 + i3 * ss3, mask=m).to(ACC)
+    x1 = _to_acc(tl.load(x1_ptr + i0 * x1s0 + i1 * x1s1 + i2 * x1s2 + i3 * x1s3, mask=m), ACC, EMU)
+    x2 = _to_acc(tl.load(x2_ptr + i0 * x2s0 + i1 * x2s1 + i2 * x2s2 + i3 * x2s3, mask=m), ACC, EMU)
+    c = _to_acc(tl.load(c_ptr + i0 * cs0 + i1 * cs1 + i2 * cs2 + i3 * cs3, mask=m), ACC, EMU)
+    sn = _to_acc(tl.load(s_ptr + i0 * ss0 + i1 * ss1 + i2 * ss2 + i3 * ss3, mask=m), ACC, EMU)
     if CONJ:
         sn = -sn
     y1 = x1 * c - x2 * sn
     y2 = x1 * sn + x2 * c
-    tl.store(o1_ptr + i0 * o1s0 + i1 * o1s1 + i2 * o1s2 + i3 * o1s3, _round(y1, RTNE_BF16).to(o1_ptr.dtype.element_ty), mask=m)
-    tl.store(o2_ptr + i0 * o2s0 + i1 * o2s1 + i2 * o2s2 + i3 * o2s3, _round(y2, RTNE_BF16).to(o2_ptr.dtype.element_ty), mask=m)
+    tl.store(o1_ptr + i0 * o1s0 + i1 * o1s1 + i2 * o1s2 + i3 * o1s3,
+             _to_out(y1, o1_ptr.dtype.element_ty, EMU), mask=m)
+    tl.store(o2_ptr + i0 * o2s0 + i1 * o2s1 + i2 * o2s2 + i3 * o2s3,
+             _to_out(y2, o2_ptr.dtype.element_ty, EMU), mask=m)
 
 
 def apply_rotary_elementwise(x1, x2, cos, sin, out1, out2, conj: bool) -> None:
@@ -291,10 +506,10 @@ def apply_rotary_elementwise(x1, x2, cos, sin, out1, out2, conj: bool) -> None:
     if n == 0:
         return
     block = 1024
-    _launch(
-        _elementwise_kernel, (triton.cdiv(n, block),),
+    _launch_on(
+        x1.device, _elementwise_kernel, (triton.cdiv(n, block),),
         x1, x2, cos, sin, out1, out2, n,
         x1.shape[1], x1.shape[2], x1.shape[3],
-        *x1.stride(), *x2.stride(), *cos.stride(), *sin.stride(), *out1.stride(), *out2.stride(),
-        CONJ=conj, ACC=_acc_dtype(x1.dtype), BLOCK=block, RTNE_BF16=_emulate_rtne(out1.dtype),
+        x1.stride(), x2.stride(), cos.stride(), sin.stride(), out1.stride(), out2.stride(),
+        (conj, _acc_dtype(x1.dtype), block, _INTERPRET),
     )

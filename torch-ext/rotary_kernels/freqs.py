@@ -1,4 +1,5 @@
-"""RoPE frequencies and cos/sin caches: default, linear, dynamic-NTK, YaRN and Llama-3 scaling.
+"""RoPE frequencies and cos/sin caches: default, linear, dynamic-NTK, YaRN, LongRoPE, Llama-3
+and proportional scaling: every type of transformers' ``ROPE_INIT_FUNCTIONS``.
 
 ``rope_inv_freq`` returns ``(inv_freq, attention_scaling)`` numerically equal to transformers'
 ``ROPE_INIT_FUNCTIONS[rope_type](config)`` (tested against them); ``rope_inv_freq_from_config``
@@ -20,6 +21,13 @@ Scalings (``dim`` = rotary dim R, ``theta_i = base^(-2i/dim)``):
   the original context; ``attention_scaling = 0.1 ln(factor) + 1`` (or the mscale ratio).
 * ``llama3``: wavelengths above ``L0 / low_freq_factor`` divided by ``factor``, below
   ``L0 / high_freq_factor`` kept, smoothly interpolated between.
+* ``longrope`` (Phi-3 long context): ``theta_i / ext_i`` with per-pair factors ``short_factor``,
+  or ``long_factor`` once ``seq_len`` exceeds ``L0 = original_max_position_embeddings``;
+  ``attention_scaling = sqrt(1 + ln(factor) / ln(L0))`` (``factor`` defaults to
+  ``max_position_embeddings / L0``).
+* ``proportional`` (Gemma 4): ``dim`` is the head dim; the first
+  ``int(partial_rotary_factor * dim // 2)`` pairs get ``base^(-2i/dim)``, the others frequency 0
+  (cos 1, sin 0: they pass through), all divided by ``factor``.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ import math
 
 import torch
 
-ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "llama3")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3", "proportional")
 
 
 def _base_inv_freq(dim: int, base: float, device=None) -> torch.Tensor:
@@ -57,6 +65,9 @@ def rope_inv_freq(
     mscale_all_dim: float | None = None,
     attention_factor: float | None = None,
     truncate: bool = True,
+    long_factor=None,
+    short_factor=None,
+    partial_rotary_factor: float = 1.0,
     device=None,
 ) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (fp32, ``[dim // 2]``) and the cos/sin scaling for one rope type."""
@@ -80,6 +91,22 @@ def rope_inv_freq(
         length = l0 if seq_len is None else max(seq_len, l0)
         base = base * ((factor * length / l0) - (factor - 1)) ** (dim / (dim - 2))
         return _base_inv_freq(dim, base, device), 1.0
+    if rope_type == "longrope":
+        l0 = need("original_max_position_embeddings", original_max_position_embeddings)
+        if factor is None:
+            factor = need("max_position_embeddings", max_position_embeddings) / l0
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(l0))
+        ext = need("long_factor", long_factor) if seq_len and seq_len > l0 else need("short_factor", short_factor)
+        if len(ext) != dim // 2:
+            raise ValueError(f"longrope factors must have dim // 2 = {dim // 2} entries, got {len(ext)}")
+        exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(device=device, dtype=torch.float32) / dim
+        return 1.0 / (torch.tensor(ext, dtype=torch.float32, device=device) * base**exponents), attention_factor
+    if rope_type == "proportional":
+        angles = int(partial_rotary_factor * dim // 2)
+        exponents = torch.arange(0, 2 * angles, 2, dtype=torch.int64).to(device=device, dtype=torch.float32) / dim
+        inv = torch.cat((1.0 / base**exponents, torch.zeros(dim // 2 - angles, device=device)))
+        return inv / (1.0 if factor is None else factor), 1.0
     if rope_type == "llama3":
         factor = need("factor", factor)
         l0 = need("original_max_position_embeddings", original_max_position_embeddings)
@@ -123,13 +150,16 @@ def rope_inv_freq_from_config(config, seq_len: int | None = None, device=None) -
     """``rope_inv_freq`` with the parameters of a transformers config (``config.rope_parameters``)."""
     params = dict(getattr(config, "rope_parameters", None) or {})
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    partial = params.get("partial_rotary_factor", 1.0)
+    # proportional rope keeps the whole head dim (pairs past the partial factor get frequency 0)
+    dim = head_dim if params.get("rope_type") == "proportional" else int(head_dim * partial)
     kwargs = {k: params[k] for k in ("factor", "original_max_position_embeddings", "low_freq_factor",
                                      "high_freq_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
-                                     "attention_factor", "truncate") if params.get(k) is not None}
+                                     "attention_factor", "truncate", "long_factor", "short_factor")
+              if params.get(k) is not None}
     return rope_inv_freq(dim, params.get("rope_theta", 10000.0), params.get("rope_type", "default"),
                          max_position_embeddings=getattr(config, "max_position_embeddings", None),
-                         seq_len=seq_len, device=device, **kwargs)
+                         seq_len=seq_len, partial_rotary_factor=partial, device=device, **kwargs)
 
 
 def rope_cos_sin_cache(inv_freq: torch.Tensor, max_position: int, attention_scaling: float = 1.0, *,
@@ -145,3 +175,33 @@ def rope_cos_sin_cache(inv_freq: torch.Tensor, max_position: int, attention_scal
     freqs = pos[:, None] * inv_freq.float()[None, :]
     emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
     return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
+
+
+def split_cos_sin_cache(cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """vLLM's ``cos_sin_cache`` ``[max_pos, R]`` (cos of the R/2 pairs, then their sin) as the
+    per-pair cos and sin caches ``[max_pos, R/2]`` (views) that ``pair_tables=True`` takes::
+
+        cos, sin = rk.freqs.split_cos_sin_cache(cos_sin_cache)
+        q, k = rk.apply_rotary_transformers(q, k, cos, sin, 2, pair_tables=True, positions=positions)
+    """
+    if not isinstance(cos_sin_cache, torch.Tensor) or cos_sin_cache.dim() != 2 or cos_sin_cache.shape[-1] % 2:
+        raise ValueError(f"cos_sin_cache must be [max_pos, R] with R even, got {getattr(cos_sin_cache, 'shape', None)}")
+    return cos_sin_cache.chunk(2, dim=-1)
+
+
+def context_parallel_positions(seq_len: int, cp_size: int, cp_rank: int, device=None) -> torch.Tensor:
+    """The positions of the tokens that rank ``cp_rank`` of ``cp_size`` holds under load-balanced
+    context parallelism (TransformerEngine / Megatron): the sequence is cut into ``2 * cp_size``
+    equal chunks and rank r holds chunks ``r`` and ``2 * cp_size - 1 - r``. Pass them as
+    ``positions=`` with a cos/sin cache: int64 ``[seq_len // cp_size]``."""
+    for name, v in (("seq_len", seq_len), ("cp_size", cp_size), ("cp_rank", cp_rank)):
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if cp_size < 1 or not 0 <= cp_rank < cp_size:
+        raise ValueError(f"need cp_size >= 1 and 0 <= cp_rank < cp_size, got cp_size={cp_size}, cp_rank={cp_rank}")
+    if seq_len < 0 or seq_len % (2 * cp_size):
+        raise ValueError(f"seq_len={seq_len} must be a multiple of 2 * cp_size = {2 * cp_size}")
+    chunk = seq_len // (2 * cp_size)
+    first, second = cp_rank * chunk, (2 * cp_size - 1 - cp_rank) * chunk
+    return torch.cat((torch.arange(first, first + chunk, device=device),
+                      torch.arange(second, second + chunk, device=device)))

@@ -17,8 +17,9 @@ Two options of the public functions map onto these conventions:
 
 * ``pair_tables=True``: cos/sin hold one entry per rotary pair (last dim ``R/2``; the tables of
   gpt-oss, flash-attn and vLLM): ``full_width_tables`` gives the layout above.
-* ``conj=True``: the rotation by ``-theta`` (sin negated): ``x * cos - rotate(x) * sin``
-  (nanochat's ``apply_rotary_pos_emb``; also the backward of the rotation).
+* ``conj=True``: the transpose of the rotation, ``x * cos - rotate(x * sin)``: the backward
+  of the rotation and, for RoPE tables (both elements of a pair share their angle), the
+  rotation by ``-theta``, ``x * cos - rotate(x) * sin`` (nanochat's ``apply_rotary_pos_emb``).
 """
 
 from __future__ import annotations
@@ -54,15 +55,17 @@ def rotary_reference(
     sin: torch.Tensor,
     unsqueeze_dim: int = 1,
     interleaved: bool = False,
+    conj: bool = False,
 ) -> torch.Tensor:
-    """Rotate one tensor: ``x * cos + rotate(x) * sin`` on the first R dims."""
+    """Rotate one tensor: ``x * cos + rotate(x) * sin`` on the first R dims; with ``conj`` the
+    transpose of that rotation, ``x * cos - rotate(x * sin)`` (``rotate`` is antisymmetric)."""
     r = cos.shape[-1]
     acc = compute_dtype(x.dtype)
     cos = cos.unsqueeze(unsqueeze_dim).to(acc)
     sin = sin.unsqueeze(unsqueeze_dim).to(acc)
     x_rot, x_pass = x[..., :r].to(acc), x[..., r:]
     rotate = rotate_every_two if interleaved else rotate_half
-    out = (x_rot * cos + rotate(x_rot) * sin).to(x.dtype)
+    out = (x_rot * cos - rotate(x_rot * sin) if conj else x_rot * cos + rotate(x_rot) * sin).to(x.dtype)
     return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
 
@@ -186,10 +189,10 @@ def materialize_cos_sin(x, cos, sin, unsqueeze_dim=1, interleaved=False, positio
     return (select_mrope([c for c, _ in cs], axes, interleaved), select_mrope([s for _, s in cs], axes, interleaved))
 
 
-def rotary_reference_indexed(x, cos, sin, unsqueeze_dim=1, interleaved=False, **index):
+def rotary_reference_indexed(x, cos, sin, unsqueeze_dim=1, interleaved=False, conj=False, **index):
     """``rotary_reference`` with the token-position options above (``index``: positions,
     cu_seqlens, seqlen_offsets, mrope_section, mrope_interleaved)."""
     if not any(v is not None and v is not False for v in index.values()):
-        return rotary_reference(x, cos, sin, unsqueeze_dim, interleaved)
+        return rotary_reference(x, cos, sin, unsqueeze_dim, interleaved, conj)
     c, s = materialize_cos_sin(x, cos, sin, unsqueeze_dim, interleaved, **index)
-    return rotary_reference(x, c, s, unsqueeze_dim, interleaved)
+    return rotary_reference(x, c, s, unsqueeze_dim, interleaved, conj)
