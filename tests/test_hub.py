@@ -350,6 +350,7 @@ def test_hub_kernel_kernelize_from_the_built_tree(hub_kernel, hub_restore):
 def test_hub_kernelize_torch_compile_one_graph(hub_restore):
     """torch.compile(fullgraph=True) of a kernelized model: one forward and one backward graph,
     the kernel's op in both (forward and backward of every layer), results exact."""
+    from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     cls, cfg, _ = _tiny("llama")
@@ -363,7 +364,7 @@ def test_hub_kernelize_torch_compile_one_graph(hub_restore):
 
     def keep(gm, _):
         graphs.append(gm)
-        return gm
+        return make_boxed_func(gm)
 
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
