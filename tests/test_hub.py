@@ -380,3 +380,29 @@ def test_hub_kernelize_torch_compile_one_graph(hub_restore):
     for p, q in zip(model.parameters(), ref.parameters()):
         assert torch.equal(p.grad, q.grad)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "nanochat"])
+def test_hub_layers_are_model_aware(hub_repo, hub_kernel, restore_rotary, model_type):
+    """kernels.kernelize with the Hub tree's mapping (no rotary_kernels.hub.kernelize): the layer
+    bound to gpt_oss's / nanochat's function runs their math (per-pair tables; -theta), exactly."""
+    import zoo
+    from kernels import Mode, kernelize, use_kernel_mapping
+
+    model, ref, cfg = zoo.build(model_type)
+    want = zoo.run(ref, cfg, "TRAINING")
+    fn = next(iter(hub_kernel.hub.hub_functions(model)))
+    restore_rotary.append(fn)
+    try:
+        with use_kernel_mapping(rk.hub.kernel_mapping(repo_path=hub_repo), inherit_mapping=False):
+            kernelize(model, mode=Mode.TRAINING, device="cpu")
+        assert fn.forward.__func__ is hub_kernel.layers.apply_rotary_transformers.forward
+        counter = CountOps(hub_kernel._ops.add_op_namespace_prefix("x").split("::")[0])
+        with counter:
+            got = zoo.run(model, cfg, "TRAINING")
+        assert counter.calls >= 2 * cfg.num_hidden_layers
+        assert torch.equal(got[0], want[0])
+        for n in want[1]:
+            assert torch.equal(got[1][n], want[1][n]), n
+    finally:
+        type(fn).__dict__.get(hub_kernel.hub._PLAN) and delattr(type(fn), hub_kernel.hub._PLAN)
