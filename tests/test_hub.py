@@ -217,3 +217,192 @@ def test_kernelize_transformers_model(hub_repo, hub_kernel, restore_rotary, kind
             logits = model(input_ids=ids).logits
         torch.testing.assert_close(logits, ref_logits, **tol)
         assert counter.calls == cfg.num_hidden_layers
+
+
+# --- rotary_kernels.hub.kernelize: one call, model-aware, survives train()/eval()/use_kernels --
+
+
+@pytest.fixture
+def hub_restore():
+    yield
+    rk.hub.restore()
+
+
+def _count(ns, fn):
+    counter = CountOps(ns)
+    with counter:
+        out = fn()
+    return out, counter.calls
+
+
+def _logits(model, ids, train):
+    if train:
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        return out.logits.detach()
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+def test_hub_kernelize_survives_mode_switches_and_use_kernels(hub_restore, tmp_path, monkeypatch):
+    """kernelize(model) once; then use_kernels=True (set_use_kernels, what from_pretrained does),
+    train(), eval(), train(): transformers re-registers its default mapping and re-kernelizes
+    each time; the kernel keeps running and the results stay exact."""
+    from kernels import Device, KernelizeFallback, Mode
+    from kernels.layer.layer import kernelize_layer
+    from kernels.layer.globals import _KERNEL_MAPPING
+    from transformers.integrations import hub_kernels
+
+    cls, cfg, _ = _tiny("llama")
+    torch.manual_seed(0)
+    ref = cls(cfg).float()
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    want_train = _logits(ref.train(), ids, True)
+    want_eval = _logits(ref.eval(), ids, False)
+
+    model = cls(cfg).float()
+    model.load_state_dict(ref.state_dict())
+    assert rk.hub.kernelize(model) is model
+    model.set_use_kernels(True)  # from_pretrained(..., use_kernels=True)
+    ns = rk._ops.add_op_namespace_prefix("x").split("::")[0]
+    for train in (True, False, True, False):
+        model.train(train)  # re-registers transformers' defaults and re-kernelizes (cpu)
+        got, calls = _count(ns, lambda: _logits(model, ids, train))
+        assert calls >= cfg.num_hidden_layers * (2 if train else 1)
+        assert torch.equal(got, want_train if train else want_eval)
+    # The mapping transformers re-registers points to this package for every device and mode
+    # (its own default is kernels-community/rotary, inference only, on cuda/xpu/rocm).
+    import kernels.layer.repos
+
+    monkeypatch.setattr(kernels.layer.repos, "_find_capability", lambda: 90)  # as on an H100
+    tmap = hub_kernels.get_kernel_mapping_transformers()["rotary_pos_emb"]
+    for device in ("cuda", "xpu", "rocm", "cpu"):
+        for repo in tmap[device].values():
+            assert isinstance(repo, rk.hub._PackageLayerRepository), (device, repo)
+        repos = _KERNEL_MAPPING.get()["rotary_pos_emb"][device].repos
+        assert repos and all(isinstance(r, rk.hub._PackageLayerRepository) for r in repos.values())
+    # kernels.kernelize for a GPU device (as transformers does on one) selects this package's
+    # layer in both modes; run on CPU tensors here, it is the same kernel.
+    for mode, train in ((Mode.TRAINING, True), (Mode.INFERENCE, False)):
+        fn = next(iter(rk.hub.hub_functions(model)))
+        # (kernels.kernelize(model, device="cuda") does this for every hub layer of the model;
+        # the model's other layers would look their transformers defaults up online.)
+        kernelize_layer(fn, mode=mode, device_type=Device("cuda"), use_fallback=KernelizeFallback.NONE)
+        assert fn.forward.__func__ is rk.layers.apply_rotary_transformers.forward
+        got, calls = _count(ns, lambda: _logits(model.train(train), ids, train))
+        assert calls > 0 and torch.equal(got, want_train if train else want_eval)
+
+    # from_pretrained(..., use_kernels=True) of another model of the class, after kernelize.
+    ref.save_pretrained(tmp_path)
+    loaded = cls.from_pretrained(tmp_path, use_kernels=True).float()
+    got, calls = _count(ns, lambda: _logits(loaded.eval(), ids, False))
+    assert calls == cfg.num_hidden_layers and torch.equal(got, want_eval)
+
+
+def test_hub_kernelize_refuses_unknown_math(hub_restore):
+    """A hub-routed function with math no convention of the package reproduces is refused, by
+    name, and nothing is changed."""
+    from kernels import use_kernel_forward_from_hub, use_kernelized_func
+
+    @use_kernel_forward_from_hub("rotary_pos_emb")
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):  # a scaled rotation
+        cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+        return 2 * q * cos, 2 * k * cos
+
+    @use_kernelized_func(apply_rotary_pos_emb)
+    class Attn(torch.nn.Module):
+        def forward(self, q, k, cos, sin):
+            return apply_rotary_pos_emb(q, k, cos, sin)
+
+    model = torch.nn.Sequential(Attn())
+    with pytest.raises(rk.hub.UnsupportedRotary, match="apply_rotary_pos_emb.*matches none"):
+        rk.hub.kernelize(model)
+    assert "forward" not in type(apply_rotary_pos_emb).__dict__ or not hasattr(
+        type(apply_rotary_pos_emb), rk.hub._ORIGINAL)
+    assert rk.hub.kernelize(model, strict=False) is model  # serves nothing, changes nothing
+    (served, why), = rk.hub.describe(model).values()
+    assert not served and "matches none" in why
+    with pytest.raises(rk.hub.UnsupportedRotary, match="never calls a kernel"):
+        rk.hub.kernelize(torch.nn.Linear(2, 2))
+
+
+def test_hub_kernel_kernelize_from_the_built_tree(hub_kernel, hub_restore):
+    """The Hub-loaded package's own hub.kernelize (training and inference, ops of its namespace)."""
+    cls, cfg, _ = _tiny("llama")
+    torch.manual_seed(0)
+    ref = cls(cfg).float()
+    model = cls(cfg).float()
+    model.load_state_dict(ref.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    want = _logits(ref.train(), ids, True), {n: p.grad.clone() for n, p in ref.named_parameters()}
+    try:
+        hub_kernel.hub.kernelize(model)
+        ns = hub_kernel._ops.add_op_namespace_prefix("x").split("::")[0]
+        got, calls = _count(ns, lambda: _logits(model.train(), ids, True))
+        assert calls >= 2 * cfg.num_hidden_layers and torch.equal(got, want[0])
+        for n, p in model.named_parameters():
+            assert torch.equal(p.grad, want[1][n]), n
+    finally:
+        hub_kernel.hub.restore()
+
+
+def test_hub_kernelize_torch_compile_one_graph(hub_restore):
+    """torch.compile(fullgraph=True) of a kernelized model: one forward and one backward graph,
+    the kernel's op in both (forward and backward of every layer), results exact."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    cls, cfg, _ = _tiny("llama")
+    torch.manual_seed(0)
+    ref = cls(cfg).float()
+    model = cls(cfg).float()
+    model.load_state_dict(ref.state_dict())
+    rk.hub.kernelize(model)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    graphs = []
+
+    def keep(gm, _):
+        graphs.append(gm)
+        return make_boxed_func(gm)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    out = compiled(input_ids=ids, labels=ids)
+    out.loss.backward()
+    want = ref(input_ids=ids, labels=ids)
+    want.loss.backward()
+    ns = rk._ops.add_op_namespace_prefix("x").split("::")[0]
+    assert len(graphs) == 2  # forward, backward
+    for g in graphs:
+        assert sum(ns in str(n.target) for n in g.graph.nodes) == cfg.num_hidden_layers
+    assert torch.equal(out.logits, want.logits)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("model_type", ["gpt_oss", "nanochat"])
+def test_hub_layers_are_model_aware(hub_repo, hub_kernel, restore_rotary, model_type):
+    """kernels.kernelize with the Hub tree's mapping (no rotary_kernels.hub.kernelize): the layer
+    bound to gpt_oss's / nanochat's function runs their math (per-pair tables; -theta), exactly."""
+    import zoo
+    from kernels import Mode, kernelize, use_kernel_mapping
+
+    model, ref, cfg = zoo.build(model_type)
+    want = zoo.run(ref, cfg, "TRAINING")
+    fn = next(iter(hub_kernel.hub.hub_functions(model)))
+    restore_rotary.append(fn)
+    try:
+        with use_kernel_mapping(rk.hub.kernel_mapping(repo_path=hub_repo), inherit_mapping=False):
+            kernelize(model, mode=Mode.TRAINING, device="cpu")
+        assert fn.forward.__func__ is hub_kernel.layers.apply_rotary_transformers.forward
+        counter = CountOps(hub_kernel._ops.add_op_namespace_prefix("x").split("::")[0])
+        with counter:
+            got = zoo.run(model, cfg, "TRAINING")
+        assert counter.calls >= 2 * cfg.num_hidden_layers
+        assert torch.equal(got[0], want[0])
+        for n in want[1]:
+            assert torch.equal(got[1][n], want[1][n]), n
+    finally:
+        type(fn).__dict__.get(hub_kernel.hub._PLAN) and delattr(type(fn), hub_kernel.hub._PLAN)
