@@ -289,8 +289,8 @@ def test_no_cuda_image_falls_back_to_triton(monkeypatch):
 
     from rotary_kernels import _dispatch
 
-    ops = _dispatch._compiled_ops()
-    if ops is None or not ops.HAS_CUDA_EXT or _dispatch._triton_module() is None:
+    ops = _dispatch.COMPILED
+    if ops is None or not ops.HAS_CUDA_EXT or _dispatch.TRITON is None:
         pytest.skip("needs the CUDA extension and triton")
     dev = torch.device("cuda", 7)
     monkeypatch.setitem(_dispatch._IMAGE_OK, 7, False)  # what cuda_image_ok(7) answers for such a GPU

@@ -24,8 +24,10 @@ _INDEX_DOC = """
     * ``mrope_section=(t, h, w)`` (+ ``mrope_interleaved``): multimodal RoPE; cos/sin are
       ``[3, ..., R]`` per-axis tables, or, in cache mode, positions are ``[3, ...]``.
 
-    Positions outside the cache raise ``IndexError`` on CPU tensors; on GPUs the CUDA kernel
-    traps (device assert), and ``ROTARY_KERNELS_CHECK=1`` checks before launching (a sync)."""
+    Positions outside the cache raise ``IndexError`` on CPU tensors (checked where the kernels
+    launch, so also inside compiled programs); on GPUs the kernels read nothing out of bounds
+    and write NaN into the rotated dims of such a token, and ``ROTARY_KERNELS_CHECK=1`` checks
+    before launching (a sync)."""
 
 
 INDEX_OPTIONS = ("positions", "cu_seqlens", "max_seqlen", "seqlen_offsets", "mrope_section", "mrope_interleaved")
