@@ -9,7 +9,7 @@ from . import _canon
 from ._autograd import Rotary, RotaryDeinterleave, RotaryInplace, functional_transform, rotary_, rotate_differentiable
 from ._dispatch import (BACKENDS, COMPILED, Declined, backend_available, launch_elementwise, launch_rotary,
                         rotate_new, select_backend)
-from ._index import NO_INDEX, check_values, make_index, reference_kwargs, template
+from ._index import NO_INDEX, check_values, kernel_views, make_index, reference_kwargs
 from .reference import compute_dtype, full_width_tables, materialize_cos_sin, rotary_reference_indexed
 
 _INDEX_DOC = """
@@ -43,11 +43,9 @@ def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict):
     if not isinstance(interleaved, bool):
         raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
     idx = make_index(q, cos, unsqueeze_dim, **index)
-    canon = _canon.canonical_x("q" if k is not None else "x", q, template(q, cos, unsqueeze_dim, idx), unsqueeze_dim)
-    if k is not None:
-        canon += _canon.canonical_x("k", k, template(k, cos, unsqueeze_dim, idx), unsqueeze_dim)
+    views = kernel_views(q, k, cos, unsqueeze_dim, idx)
     _canon.check_same_device(q=q, k=k, cos=cos, sin=sin)
-    return idx, canon  # canon: the canonical views, reused by direct launches
+    return idx, views  # (the views are reused by direct launches)
 
 
 def _needs_graph(*tensors) -> bool:
@@ -140,7 +138,7 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index) ->
     out = _fast(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index)
     if out is not None:
         return tuple(out)
-    idx, canon = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
+    idx, views = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
     be = "reference" if _reference_for_transform(cos, sin) else select_backend(q.device, backend)
     if be == "reference":
         check_values(q, cos, unsqueeze_dim, idx)
@@ -152,7 +150,7 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index) ->
         return tuple(rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, idx))
     outs = [torch.empty_like(x) for x in (q, k) if x is not None]
     launch_rotary(be, q, k, cos, sin, outs[0], outs[1] if k is not None else None, unsqueeze_dim, interleaved,
-                  conj, idx, canon)
+                  conj, idx, views)
     return tuple(outs)
 
 
@@ -203,7 +201,7 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, back
         if COMPILED.ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved):
             torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
             return
-    idx, canon = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
+    idx, views = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
     if functional_transform() or (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
         raise RuntimeError(
             "in-place rotation takes no gradients wrt cos/sin, nor forward-mode AD / torch.func transforms; use "
@@ -225,7 +223,7 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, back
             if x is not None:
                 RotaryInplace.apply(x, (be, cos, sin, unsqueeze_dim, interleaved, conj, idx))
         return
-    launch_rotary(be, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, conj, idx, canon)
+    launch_rotary(be, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, conj, idx, views)
     torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
 
 

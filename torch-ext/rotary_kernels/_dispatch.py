@@ -17,7 +17,7 @@ import warnings
 import torch
 
 from . import _canon
-from ._index import NO_INDEX, canonical_positions, canonical_tables, check_values, reference_kwargs, template
+from ._index import NO_INDEX, canonical_positions, canonical_tables, check_values, kernel_views, reference_kwargs
 from .reference import apply_rotary_reference, rotary_reference_indexed
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
@@ -154,12 +154,13 @@ def _fusable(q4, k4) -> bool:
 
 
 def launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, conj, idx=NO_INDEX,
-                  canon=None):
+                  views=None):
     """Rotate q (and k, may be None) into q_out/k_out; outputs may be the inputs (in place).
 
-    Arguments are validated by the caller; this only builds views and launches. ``idx``: the
-    token-position options (``_index.Index``); ``canon``: the canonical views of q (and k) the
-    caller's validation already built, ``(q4, axes[, k4, kaxes])``.
+    Arguments are validated by the caller; ``idx``: the token-position options
+    (``_index.Index``); ``views``: q's and k's kernel views (``_index.Views``) when the caller's
+    validation built them. One launch for q and k, two when they cannot share one (different
+    batch/sequence/head dim/dtype).
     """
     check_values(q, cos, unsqueeze_dim, idx)
     if backend == "reference":
@@ -167,39 +168,24 @@ def launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interlea
             if x is not None:
                 out.copy_(rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, conj, **reference_kwargs(idx)))
         return
-    if canon is None:
-        canon = _canon.canonical_x("q", q, template(q, cos, unsqueeze_dim, idx), unsqueeze_dim)
-        if k is not None:
-            canon += _canon.canonical_x("k", k, template(k, cos, unsqueeze_dim, idx), unsqueeze_dim)
-    q4, axes = canon[:2]
-
-    def views(x, axes):  # cos, sin, positions, cu_seqlens, offsets as the kernels read them
-        return [canonical_tables(cos, x, axes, idx), canonical_tables(sin, x, axes, idx),
-                *canonical_positions(x, axes, idx)]
-
-    qo4 = _canon.canonical_view(q_out, axes)
-    k4 = ko4 = None
+    v = views if views is not None else kernel_views(q, k, cos, unsqueeze_dim, idx)
+    jobs = [(q, v.q4, _canon.canonical_view(q_out, v.q_axes), v.q_axes)]  # (x, x4, out4, axes)
     if k is not None:
-        k4, kaxes = canon[2:]
-        ko4 = _canon.canonical_view(k_out, kaxes)
-        if not _fusable(q4, k4):  # different batch/seq/head dim/dtype: two launches
-            _launch_canonical(backend, k4, None, ko4, None, views(k, kaxes), idx, interleaved, conj)
-            k4 = ko4 = None
-    _launch_canonical(backend, q4, k4, qo4, ko4, views(q, axes), idx, interleaved, conj)
-
-
-def _launch_canonical(backend, q4, k4, qo4, ko4, views, idx, interleaved, conj):
-    c, s, pos, cu, off = views
-    extra = (pos, cu, off, idx.offset, list(idx.mrope_section), idx.mrope_interleaved)
-    if backend == "triton":
-        TRITON.rotary_qk(q4, k4, c, s, qo4, ko4, interleaved, conj, *extra)
-        return
-    ops = COMPILED.ops
-    inplace = _canon.same_view(q4, qo4) and (k4 is None or _canon.same_view(k4, ko4))
-    if inplace:
-        ops.rotary_inplace(q4, k4, c, s, interleaved, conj, *extra)
+        jobs.append((k, v.k4, _canon.canonical_view(k_out, v.k_axes), v.k_axes))
+    if k is not None and _fusable(v.q4, v.k4):
+        jobs = [(q, v.q4, jobs[0][2], v.q_axes, v.k4, jobs[1][2])]
     else:
-        ops.rotary(q4, k4, c, s, qo4, ko4, interleaved, conj, *extra)
+        jobs = [job + (None, None) for job in jobs]
+    extra = (idx.offset, list(idx.mrope_section), idx.mrope_interleaved)
+    for x, x4, o4, axes, k4, ko4 in jobs:
+        tables = (canonical_tables(cos, x, axes, idx), canonical_tables(sin, x, axes, idx),
+                  *canonical_positions(x, axes, idx), *extra)
+        if backend == "triton":
+            TRITON.rotary_qk(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:])
+        elif _canon.same_view(x4, o4) and (k4 is None or _canon.same_view(k4, ko4)):
+            COMPILED.ops.rotary_inplace(x4, k4, *tables[:2], interleaved, conj, *tables[2:])
+        else:
+            COMPILED.ops.rotary(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:])
 
 
 def launch_elementwise(backend, x1, x2, cos, sin, out1, out2, conj):

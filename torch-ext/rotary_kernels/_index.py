@@ -183,6 +183,25 @@ def template(x, cos, unsqueeze_dim, idx: Index) -> torch.Tensor:
     return torch.empty(token_shape(x, unsqueeze_dim) + [1], device="meta")
 
 
+class Views(NamedTuple):
+    """q (and k) as the kernels read them, ``[A, S, H, D]``, with the permutations that made
+    them (``_canon.canonical_x``: ``(unsqueeze_dim, perm)``), reused for outputs and tables."""
+
+    q4: torch.Tensor
+    q_axes: tuple
+    k4: Optional[torch.Tensor] = None
+    k_axes: Optional[tuple] = None
+
+
+def kernel_views(q, k, cos, unsqueeze_dim, idx: Index) -> Views:
+    """Validate q (and k) against cos and the index; their canonical views (cached per shape)."""
+    q4, q_axes = _canon.canonical_x("q" if k is not None else "x", q, template(q, cos, unsqueeze_dim, idx),
+                                    unsqueeze_dim)
+    if k is None:
+        return Views(q4, q_axes)
+    return Views(q4, q_axes, *_canon.canonical_x("k", k, template(k, cos, unsqueeze_dim, idx), unsqueeze_dim))
+
+
 def canonical_tables(t, x, axes, idx: Index) -> torch.Tensor:
     """cos or sin as the kernels read it: [P, R] (cache), [3, A, S, R] (mrope), else [A, S, R]."""
     if idx.cached:

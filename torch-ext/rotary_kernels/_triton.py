@@ -37,7 +37,6 @@ accesses, no spills, 64-bit offsets) for sm_90 and sm_80.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 
