@@ -10,6 +10,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <type_traits>
@@ -92,11 +93,11 @@ inline void store_out<c10::Half, float>(c10::Half* p, float v) {
   std::memcpy(p, &h, 2);
 }
 
-// One token's cos/sin per pair (conj applied), structure of arrays for vector loads.
+// One token's cos/sin per pair (conj applied), structure of arrays for vector loads: four
+// runs of `half` values in a block buffer (see rotate_tokens).
 template <typename acc_t>
 struct CSTable {
-  std::vector<acc_t> c1, c2, s1, s2;
-  explicit CSTable(int64_t half) : c1(half), c2(half), s1(half), s2(half) {}
+  const acc_t *c1, *c2, *s1, *s2;
   PairCS<acc_t> at(int64_t i) const { return {c1[i], c2[i], s1[i], s2[i]}; }
 };
 
@@ -107,7 +108,7 @@ template <typename scalar_t, typename acc_t, bool interleaved>
 inline void rotate_contig(const scalar_t* x, scalar_t* y, int64_t half, const CSTable<acc_t>& cs) {
   constexpr int64_t step = interleaved ? 2 : 1;
   const int64_t off2 = interleaved ? 1 : half;
-  const acc_t *c1 = cs.c1.data(), *c2 = cs.c2.data(), *s1 = cs.s1.data(), *s2 = cs.s2.data();
+  const acc_t *c1 = cs.c1, *c2 = cs.c2, *s1 = cs.s1, *s2 = cs.s2;
 #pragma omp simd
   for (int64_t i = 0; i < half; ++i) {
     const acc_t a = load_acc<scalar_t, acc_t>(x + i * step), b = load_acc<scalar_t, acc_t>(x + i * step + off2);
@@ -194,41 +195,145 @@ struct CpuParams {
 #define RK_CPU_CLONES
 #endif
 
-// Tokens [begin, end): the per-token cos/sin table, then every row of q and k. Returns -1, or
-// the first token whose position lies outside the cos/sin cache (nothing written for it).
+// Loop order (issue 19). A thread's tokens [begin, end) are taken kTokBlock at a time: the
+// block's cos/sin tables are built once (kTokBlock * R accumulator values: 32 KB for R = 128 in
+// fp32, held in L1 while the block's rows read them), then the rows are walked in the order they
+// lie in memory, picked from the canonical strides:
+//   - token-major operands (|stride h| <= |stride s|: [B, S, H, D], packed tokens [T, H, D],
+//     slices of a packed qkv, transformers' transposed view of [B, S, H, D]): token outer, then
+//     q's heads, then k's, which is memory order for a packed qkv too;
+//   - head-major operands (contiguous [B, H, S, D]): head outer, tokens inner, so that a head's
+//     rows of the block are one contiguous run, whereas walking one token across all heads jumps
+//     S*D elements per head, one stream per head (40 for Llama-3's q + k), more than the hardware
+//     prefetchers follow (3-5x slower here).
+// Layouts with gaps (a qkv slice skips v; a head-major block ends every kTokBlock rows) also
+// stall the hardware prefetchers at each gap, so a second cursor runs kPrefetchBytes of rows
+// ahead of the rotation in the same order and prefetches them (2-4x on a qkv slice here).
+// Each row is read and written once whatever the order, with the same arithmetic: the order
+// changes the speed only, never a bit of the result.
+constexpr int64_t kTokBlock = 32;
+constexpr int64_t kPrefetchBytes = 4096;
+
+// Are x's heads its outer dimension (rather than the tokens)? The output's layout decides when
+// x's does not (a broadcast x with zero strides, or S == 1 or H == 1).
+template <typename scalar_t>
+inline bool heads_outer(const Operand<scalar_t>& o) {
+  auto mag = [](int64_t v) { return v < 0 ? -v : v; };
+  const int64_t xh = mag(o.sx.h), xs = mag(o.sx.s);
+  if (xh != xs) return xh > xs;
+  return mag(o.sy.h) > mag(o.sy.s);
+}
+
+// A position in a block's rows: token b of the block, operand k, head h. step() moves to the next
+// row: head-outer walks one operand (k fixed) head by head, each head's n tokens in a row;
+// token-outer walks the operands [k0, k1] of one token, head by head, then the next token.
+struct RowCursor {
+  int64_t b = 0, h = 0;
+  int k = 0;
+};
+
+// Tokens [begin, end): per block, the cos/sin tables, then every row of q and k. Returns -1, or
+// the first token whose position lies outside the cos/sin cache (the tokens before it are
+// done, nothing is written for it).
 template <typename scalar_t, typename cs_t, bool interleaved>
 RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t begin, int64_t end) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t half = p.half;
   const int n_axes = p.ti.mrope ? 3 : 1;
-  CSTable<acc_t> cs(half);
-  for (int64_t t = begin; t < end; ++t) {
-    const int64_t a = t / p.S, s = t % p.S;
-    int64_t pos[3] = {0, 0, 0};
-    for (int x = 0; x < n_axes; ++x) {
-      pos[x] = token_position(p.ti, a, s, x);
-      if (!position_ok(p.ti, pos[x])) return t;
-    }
-    for (int64_t i = 0; i < half; ++i) {
-      const int64_t j1 = pair_first(i, half, interleaved), j2 = pair_second(i, half, interleaved);
-      const int x = pair_axis(p.ti, i);
-      const cs_t* c = p.cp + cs_offset(p.sc, x, a, s, pos[x], 0);
-      const cs_t* sn = p.sp + cs_offset(p.ss, x, a, s, pos[x], 0);
-      const PairCS<acc_t> pc = make_pair_cs<acc_t>(
-          load_acc<cs_t, acc_t>(c + j1 * p.sc.r), load_acc<cs_t, acc_t>(c + j2 * p.sc.r),
-          load_acc<cs_t, acc_t>(sn + j1 * p.ss.r), load_acc<cs_t, acc_t>(sn + j2 * p.ss.r), p.conj);
-      cs.c1[i] = pc.c1;
-      cs.c2[i] = pc.c2;
-      cs.s1[i] = pc.s1;
-      cs.s2[i] = pc.s2;
-    }
-    for (int n = 0; n < p.n_ops; ++n) {
-      const Operand<scalar_t>& o = p.ops[n];
-      for (int64_t h = 0; h < o.H; ++h) {
-        rotate_row<scalar_t, acc_t, interleaved>(o.x + offset4(o.sx, a, s, h, 0), o.y + offset4(o.sy, a, s, h, 0),
-                                                 o.sx.d, o.sy.d, p.D, half, o.copy_pass, cs, p.f16c);
+  const int64_t tb = std::min<int64_t>(kTokBlock, end - begin);
+  std::vector<acc_t> buf(tb * 4 * half);
+  std::vector<CSTable<acc_t>> tab(tb);
+  for (int64_t b = 0; b < tb; ++b) {
+    acc_t* r = buf.data() + b * 4 * half;
+    tab[b] = {r, r + half, r + 2 * half, r + 3 * half};
+  }
+  // Per operand and token of the block: the offsets of its row (a, s, h = 0, d = 0) in x and y.
+  std::vector<int64_t> xoff(2 * tb), yoff(2 * tb);
+  bool outer[2] = {false, false}, all_token_major = true;
+  bool prefetch = true;
+  for (int k = 0; k < p.n_ops; ++k) {
+    const Operand<scalar_t>& o = p.ops[k];
+    outer[k] = heads_outer(o);
+    all_token_major = all_token_major && !outer[k];
+    prefetch = prefetch && o.sx.d == 1 && o.sy.d == 1;
+  }
+  const int64_t row_bytes = p.D * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t dist = prefetch ? (kPrefetchBytes + row_bytes - 1) / row_bytes : 0;  // rows ahead
+
+  int64_t a = begin / p.S, s = begin % p.S;  // the next token to set up, stepped (no divisions)
+  for (int64_t t0 = begin; t0 < end; t0 += tb) {
+    int64_t n = std::min<int64_t>(tb, end - t0);
+    int64_t bad = -1;
+    for (int64_t b = 0; b < n; ++b, s = (s + 1 == p.S) ? (++a, 0) : s + 1) {
+      int64_t pos[3] = {0, 0, 0};
+      for (int x = 0; x < n_axes && bad < 0; ++x) {
+        pos[x] = token_position(p.ti, a, s, x);
+        if (!position_ok(p.ti, pos[x])) bad = t0 + b;
+      }
+      if (bad >= 0) {
+        n = b;  // rotate the block's tokens before the bad one, then report it
+        break;
+      }
+      for (int k = 0; k < p.n_ops; ++k) {
+        xoff[k * tb + b] = offset4(p.ops[k].sx, a, s, 0, 0);
+        yoff[k * tb + b] = offset4(p.ops[k].sy, a, s, 0, 0);
+      }
+      acc_t* r = buf.data() + b * 4 * half;
+      for (int64_t i = 0; i < half; ++i) {
+        const int64_t j1 = pair_first(i, half, interleaved), j2 = pair_second(i, half, interleaved);
+        const int x = pair_axis(p.ti, i);
+        const cs_t* c = p.cp + cs_offset(p.sc, x, a, s, pos[x], 0);
+        const cs_t* sn = p.sp + cs_offset(p.ss, x, a, s, pos[x], 0);
+        const PairCS<acc_t> pc = make_pair_cs<acc_t>(
+            load_acc<cs_t, acc_t>(c + j1 * p.sc.r), load_acc<cs_t, acc_t>(c + j2 * p.sc.r),
+            load_acc<cs_t, acc_t>(sn + j1 * p.ss.r), load_acc<cs_t, acc_t>(sn + j2 * p.ss.r), p.conj);
+        r[i] = pc.c1;
+        r[half + i] = pc.c2;
+        r[2 * half + i] = pc.s1;
+        r[3 * half + i] = pc.s2;
       }
     }
+
+    // Walk operands [k0, k1] (several only when all are token-major) in the order chosen above.
+    auto walk = [&](int k0, int k1) {
+      const bool head_outer = outer[k0];
+      int64_t rows = 0;
+      for (int k = k0; k <= k1; ++k) rows += n * p.ops[k].H;
+      auto step = [&](RowCursor& c) {
+        if (head_outer) {
+          if (++c.b == n) c.b = 0, ++c.h;
+        } else if (++c.h == p.ops[c.k].H) {
+          c.h = 0;
+          if (++c.k > k1) c.k = k0, ++c.b;
+        }
+      };
+      RowCursor cur, ahead;
+      cur.k = ahead.k = k0;
+      for (int64_t i = 0; i < std::min(dist, rows); ++i) step(ahead);
+      for (int64_t i = 0; i < rows; ++i) {
+        if (i + dist < rows) {  // false when dist == 0
+          const Operand<scalar_t>& o = p.ops[ahead.k];
+          const char* px = reinterpret_cast<const char*>(o.x + xoff[ahead.k * tb + ahead.b] + ahead.h * o.sx.h);
+          const char* py = reinterpret_cast<const char*>(o.y + yoff[ahead.k * tb + ahead.b] + ahead.h * o.sy.h);
+          for (int64_t off = 0; off < row_bytes; off += 64) {
+            __builtin_prefetch(px + off, 0, 3);
+            if (py != px) __builtin_prefetch(py + off, 1, 3);
+          }
+          step(ahead);
+        }
+        const Operand<scalar_t>& o = p.ops[cur.k];
+        rotate_row<scalar_t, acc_t, interleaved>(o.x + xoff[cur.k * tb + cur.b] + cur.h * o.sx.h,
+                                                 o.y + yoff[cur.k * tb + cur.b] + cur.h * o.sy.h, o.sx.d, o.sy.d,
+                                                 p.D, half, o.copy_pass, tab[cur.b], p.f16c);
+        step(cur);
+      }
+    };
+    if (all_token_major) {
+      walk(0, p.n_ops - 1);
+    } else {
+      for (int k = 0; k < p.n_ops; ++k) walk(k, k);
+    }
+    if (bad >= 0) return bad;
   }
   return -1;
 }
