@@ -206,9 +206,11 @@ struct CpuParams {
 //     rows of the block are one contiguous run, whereas walking one token across all heads jumps
 //     S*D elements per head, one stream per head (40 for Llama-3's q + k), more than the hardware
 //     prefetchers follow (3-5x slower here).
-// Layouts with gaps (a qkv slice skips v; a head-major block ends every kTokBlock rows) also
-// stall the hardware prefetchers at each gap, so a second cursor runs kPrefetchBytes of rows
-// ahead of the rotation in the same order and prefetches them (2-4x on a qkv slice here).
+// Gaps in the walk (a qkv slice skips v; a head-major block's run of a head ends every kTokBlock
+// rows) stall the hardware prefetchers, so rows with a contiguous head dim are also prefetched
+// in software: token-major walks fetch each row one token ahead, head-major walks kPrefetchBytes
+// ahead, on into the next head's run (2-4x on a qkv slice and on [B, H, S, D] here, ~10% on
+// the dense layouts).
 // Each row is read and written once whatever the order, with the same arithmetic: the order
 // changes the speed only, never a bit of the result.
 constexpr int64_t kTokBlock = 32;
@@ -223,14 +225,6 @@ inline bool heads_outer(const Operand<scalar_t>& o) {
   if (xh != xs) return xh > xs;
   return mag(o.sy.h) > mag(o.sy.s);
 }
-
-// A position in a block's rows: token b of the block, operand k, head h. step() moves to the next
-// row: head-outer walks one operand (k fixed) head by head, each head's n tokens in a row;
-// token-outer walks the operands [k0, k1] of one token, head by head, then the next token.
-struct RowCursor {
-  int64_t b = 0, h = 0;
-  int k = 0;
-};
 
 // Tokens [begin, end): per block, the cos/sin tables, then every row of q and k. Returns -1, or
 // the first token whose position lies outside the cos/sin cache (the tokens before it are
@@ -294,44 +288,57 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
       }
     }
 
-    // Walk operands [k0, k1] (several only when all are token-major) in the order chosen above.
-    auto walk = [&](int k0, int k1) {
-      const bool head_outer = outer[k0];
-      int64_t rows = 0;
-      for (int k = k0; k <= k1; ++k) rows += n * p.ops[k].H;
-      auto step = [&](RowCursor& c) {
-        if (head_outer) {
-          if (++c.b == n) c.b = 0, ++c.h;
-        } else if (++c.h == p.ops[c.k].H) {
-          c.h = 0;
-          if (++c.k > k1) c.k = k0, ++c.b;
-        }
-      };
-      RowCursor cur, ahead;
-      cur.k = ahead.k = k0;
-      for (int64_t i = 0; i < std::min(dist, rows); ++i) step(ahead);
-      for (int64_t i = 0; i < rows; ++i) {
-        if (i + dist < rows) {  // false when dist == 0
-          const Operand<scalar_t>& o = p.ops[ahead.k];
-          const char* px = reinterpret_cast<const char*>(o.x + xoff[ahead.k * tb + ahead.b] + ahead.h * o.sx.h);
-          const char* py = reinterpret_cast<const char*>(o.y + yoff[ahead.k * tb + ahead.b] + ahead.h * o.sy.h);
-          for (int64_t off = 0; off < row_bytes; off += 64) {
-            __builtin_prefetch(px + off, 0, 3);
-            if (py != px) __builtin_prefetch(py + off, 1, 3);
-          }
-          step(ahead);
-        }
-        const Operand<scalar_t>& o = p.ops[cur.k];
-        rotate_row<scalar_t, acc_t, interleaved>(o.x + xoff[cur.k * tb + cur.b] + cur.h * o.sx.h,
-                                                 o.y + yoff[cur.k * tb + cur.b] + cur.h * o.sy.h, o.sx.d, o.sy.d,
-                                                 p.D, half, o.copy_pass, tab[cur.b], p.f16c);
-        step(cur);
+    auto prefetch_row = [&](const Operand<scalar_t>& o, int64_t xo, int64_t yo) {
+      const char* px = reinterpret_cast<const char*>(o.x + xo);
+      const char* py = reinterpret_cast<const char*>(o.y + yo);
+      for (int64_t off = 0; off < row_bytes; off += 64) {
+        __builtin_prefetch(px + off, 0, 3);
+        if (py != px) __builtin_prefetch(py + off, 1, 3);
       }
     };
     if (all_token_major) {
-      walk(0, p.n_ops - 1);
+      // Token outer, then each operand's heads; each row prefetches the same row one token ahead.
+      for (int64_t b = 0; b < n; ++b) {
+        const bool pf_next = dist > 0 && b + 1 < n;
+        for (int k = 0; k < p.n_ops; ++k) {
+          const Operand<scalar_t>& o = p.ops[k];
+          const int64_t xo = xoff[k * tb + b], yo = yoff[k * tb + b];
+          const int64_t xn = xoff[k * tb + b + pf_next], yn = yoff[k * tb + b + pf_next];
+          for (int64_t h = 0; h < o.H; ++h) {
+            if (pf_next) prefetch_row(o, xn + h * o.sx.h, yn + h * o.sy.h);
+            rotate_row<scalar_t, acc_t, interleaved>(o.x + xo + h * o.sx.h, o.y + yo + h * o.sy.h, o.sx.d, o.sy.d,
+                                                     p.D, half, o.copy_pass, tab[b], p.f16c);
+          }
+        }
+      }
     } else {
-      for (int k = 0; k < p.n_ops; ++k) walk(k, k);
+      // Per operand, in its own order; a head-major one prefetches `dist` rows ahead within its
+      // walk, across into the next head's run.
+      for (int k = 0; k < p.n_ops; ++k) {
+        const Operand<scalar_t>& o = p.ops[k];
+        const int64_t* xo = xoff.data() + k * tb;
+        const int64_t* yo = yoff.data() + k * tb;
+        if (!outer[k]) {
+          for (int64_t b = 0; b < n; ++b) {
+            for (int64_t h = 0; h < o.H; ++h) {
+              rotate_row<scalar_t, acc_t, interleaved>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
+                                                       o.sy.d, p.D, half, o.copy_pass, tab[b], p.f16c);
+            }
+          }
+          continue;
+        }
+        const int64_t d = std::min(dist, n);  // rows ahead, within [0, n]
+        for (int64_t h = 0; h < o.H; ++h) {
+          for (int64_t b = 0; b < n; ++b) {
+            if (d > 0) {
+              const int64_t b2 = b + d < n ? b + d : b + d - n, h2 = b + d < n ? h : h + 1;
+              if (h2 < o.H) prefetch_row(o, xo[b2] + h2 * o.sx.h, yo[b2] + h2 * o.sy.h);
+            }
+            rotate_row<scalar_t, acc_t, interleaved>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
+                                                     o.sy.d, p.D, half, o.copy_pass, tab[b], p.f16c);
+          }
+        }
+      }
     }
     if (bad >= 0) return bad;
   }
