@@ -1,7 +1,8 @@
 // CPU kernels: rotary (q and k in one pass over tokens) and flash-attn's elementwise apply_rotary.
 //
-// Tokens (a, s) are split across threads with at::parallel_for. Per token, the cos/sin of every
-// pair are converted once into a small table and reused for all heads of q and k. Rows with a
+// Tokens (a, s) are split across threads with at::parallel_for. Per block of tokens, the cos/sin
+// of every pair are converted once into small tables and reused for all heads of q and k, whose
+// rows are walked in memory order (see "Loop order" below). Rows with a
 // contiguous head dim go through fixed-size chunks (loaded into local arrays, so the compiler
 // vectorises them even when out aliases x); other strides take the generic indexed path.
 // 16-bit conversions are branch-free bit arithmetic (vectorisable, IEEE round to nearest even),
@@ -187,6 +188,7 @@ struct CpuParams {
   int64_t S, D, half;
   bool conj;
   bool f16c;  // the CPU has F16C (fp16 rows convert 8 elements per instruction)
+  bool prefetch;  // large enough to stream from memory (software prefetch pays off)
 };
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
@@ -215,6 +217,7 @@ struct CpuParams {
 // changes the speed only, never a bit of the result.
 constexpr int64_t kTokBlock = 32;
 constexpr int64_t kPrefetchBytes = 4096;
+constexpr int64_t kPrefetchMin = int64_t{4} << 20;
 
 // Are x's heads its outer dimension (rather than the tokens)? The output's layout decides when
 // x's does not (a broadcast x with zero strides, or S == 1 or H == 1).
@@ -244,7 +247,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   // Per operand and token of the block: the offsets of its row (a, s, h = 0, d = 0) in x and y.
   std::vector<int64_t> xoff(2 * tb), yoff(2 * tb);
   bool outer[2] = {false, false}, all_token_major = true;
-  bool prefetch = true;
+  bool prefetch = p.prefetch;
   for (int k = 0; k < p.n_ops; ++k) {
     const Operand<scalar_t>& o = p.ops[k];
     outer[k] = heads_outer(o);
@@ -373,6 +376,9 @@ void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, co
   const int64_t tokens = q.size(0) * p.S;
   if (tokens == 0 || row_elems == 0) return;
   const int64_t grain = std::max<int64_t>(1, 32768 / row_elems);
+  // Below kPrefetchMin bytes of q + k the rows come from the caches (decode batches): the
+  // prefetches would only cost instructions (~10% at 64 tokens).
+  p.prefetch = tokens * row_elems * static_cast<int64_t>(sizeof(scalar_t)) >= kPrefetchMin;
   std::atomic<int64_t> bad{-1};
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
     const int64_t t = interleaved ? rotate_tokens<scalar_t, cs_t, true>(p, begin, end)
