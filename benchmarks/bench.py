@@ -3,6 +3,14 @@ forward+backward, out of place and in place; time, GB/s, fraction of the measure
 bandwidth, speedup vs eager, peak memory. Writes a Markdown report, JSON and PNG plots.
 
     python benchmarks/bench.py [--device cuda|cpu] [--quick] [--out benchmarks/results/<device>]
+                               [--layouts ...] [--shapes ...] [--dtypes ...] [--impls ...] [--no-features]
+
+Layouts (the q/k memory layouts the API accepts; the same bytes in each, so a layout that is
+slower than the others shows as such): transformers' transposed view of [B, S, H, D] (the
+default; every shape), and on the llama3-8b shape also contiguous [B, H, S, D], contiguous
+[B, S, H, D] (unsqueeze_dim=2), packed tokens [T, H, D] and slices of a packed qkv
+[B, S, Hq + 2 Hk, D] (unsqueeze_dim=2). The report has a table per layout and a layout summary
+(worst and best layout per case).
 
 Timing: GPU: CUDA events around each call, with the L2 flushed (256 MB written) before it;
 median and interquartile range of the per-call times. CPU: wall clock per call (the machine's
@@ -13,7 +21,7 @@ maps blocks over 32 MB afresh on every call), which eager and torch.compile pay 
 Bytes (the minimum one call must move, each tensor read or written once):
     forward, in place, backward: 2 * (|q| + |k|) * itemsize + |cos| + |sin|   (|x| = bytes of x)
     forward+backward: twice that.
-GB/s = bytes / median time; "% copy" = GB/s / the bandwidth of a plain tensor copy of q + k's
+GB/s = bytes / median time (best time with --stat min); "% copy" = GB/s / the bandwidth of a plain tensor copy of q + k's
 size measured in the same run (bytes read + written; same sizes, so the same caches). The large
 copy (1 GiB on GPU) is reported too.
 """
@@ -52,20 +60,60 @@ def token_sets(device, quick):
     return decode + ([("16k", 4, 4096)] if quick else [("4k", 1, 4096), ("16k", 4, 4096), ("64k", 8, 8192)])
 
 
+# name: description (the report's table headings). The first is transformers' own layout.
+LAYOUTS = {
+    "bhsd_view": "transposed view [B, H, S, D] of [B, S, H, D] (transformers)",
+    "bhsd": "contiguous [B, H, S, D] (heads outer)",
+    "bshd": "contiguous [B, S, H, D] (unsqueeze_dim=2)",
+    "thd": "packed tokens [T, H, D] (T = B*S)",
+    "qkv": "slices of a packed qkv [B, S, Hq+2Hk, D] (unsqueeze_dim=2)",
+}
+LAYOUT_SHAPES = ("llama3-8b",)  # shapes measured in every layout (the others: transformers' view only)
+
+
 def make(B, S, Hq, Hk, D, R, dtype, cs_dtype, device):
+    """q/k as transformers' transposed views, cos/sin [B, S, R]."""
+    return make_layout(B, S, Hq, Hk, D, R, dtype, cs_dtype, device)[:4]
+
+
+def make_layout(B, S, Hq, Hk, D, R, dtype, cs_dtype, device, layout="bhsd_view"):
+    """(q, k, cos, sin, unsqueeze_dim) with q/k in `layout` (see LAYOUTS); the same values in
+    every layout."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    q = torch.randn(B, S, Hq, D, generator=g).to(dtype).to(device).transpose(1, 2)
-    k = torch.randn(B, S, Hk, D, generator=g).to(dtype).to(device).transpose(1, 2)
+    q = torch.randn(B, S, Hq, D, generator=g).to(dtype)
+    k = torch.randn(B, S, Hk, D, generator=g).to(dtype)
     pos = torch.arange(S, dtype=torch.float32)[None, :, None] + torch.randint(0, 1000, (B, 1, 1), generator=g)
     inv = 1.0 / 500000.0 ** (torch.arange(0, R, 2, dtype=torch.float32) / R)
     ang = torch.cat([pos * inv, pos * inv], -1)
-    return q, k, ang.cos().to(cs_dtype).to(device), ang.sin().to(cs_dtype).to(device)
+    cos, sin = ang.cos().to(cs_dtype).to(device), ang.sin().to(cs_dtype).to(device)
+    if layout == "bhsd_view":
+        return q.to(device).transpose(1, 2), k.to(device).transpose(1, 2), cos, sin, 1
+    if layout == "bhsd":
+        return q.transpose(1, 2).contiguous().to(device), k.transpose(1, 2).contiguous().to(device), cos, sin, 1
+    if layout == "bshd":
+        return q.to(device), k.to(device), cos, sin, 2
+    if layout == "thd":
+        return q.flatten(0, 1).to(device), k.flatten(0, 1).to(device), cos.flatten(0, 1), sin.flatten(0, 1), 1
+    if layout == "qkv":
+        qkv = torch.cat([q, k, torch.zeros_like(k)], 2).to(device)  # v's values do not matter
+        return qkv[:, :, :Hq], qkv[:, :, Hq:Hq + Hk], cos, sin, 2
+    raise ValueError(f"unknown layout {layout!r} (one of {', '.join(LAYOUTS)})")
 
 
-def eager(q, k, cos, sin):
+def as_bhsd(q, k, cos, sin, unsqueeze_dim):
+    """Views (no copies) of any layout as transformers' [B, H, S, D] with cos/sin [B, S, R], for
+    the peers that take only that form."""
+    if q.dim() == 3:  # packed tokens [T, H, D], cos [T, R]
+        q, k, cos, sin, unsqueeze_dim = q[None], k[None], cos[None], sin[None], unsqueeze_dim + 1
+    if unsqueeze_dim == 2:
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+    return q, k, cos, sin
+
+
+def eager(q, k, cos, sin, unsqueeze_dim=1):
     """transformers' apply_rotary_pos_emb (with the caller-side split partial-rotary models do)."""
     r = cos.shape[-1]
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     if r == q.shape[-1]:
         return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     qr, kr = q[..., :r], k[..., :r]
@@ -74,12 +122,13 @@ def eager(q, k, cos, sin):
 
 
 def peers(device):
-    """name -> (forward fn(q, k, cos, sin) -> (q_embed, k_embed)) or a string saying why missing."""
+    """name -> (forward fn(q, k, cos, sin, unsqueeze_dim) -> (q_embed, k_embed)) or a string
+    saying why missing."""
     out = {"eager (transformers)": eager}  # first: the baseline every speedup refers to
     for be in rk.available_backends(device):
         if be != "reference":
-            out[f"rotary_kernels[{be}]"] = (lambda be: lambda q, k, c, s: rk.apply_rotary_transformers(
-                q, k, c, s, backend=be))(be)
+            out[f"rotary_kernels[{be}]"] = (lambda be: lambda q, k, c, s, ud: rk.apply_rotary_transformers(
+                q, k, c, s, ud, backend=be))(be)
     try:
         # Every (shape, dtype) is its own graph: allow them all rather than falling back to eager.
         torch._dynamo.config.cache_size_limit = 1024
@@ -96,13 +145,14 @@ def peers(device):
     try:
         from liger_kernel.ops.rope import LigerRopeFunction
 
-        out["liger rope"] = lambda q, k, c, s: LigerRopeFunction.apply(q, k, c, s)
+        out["liger rope"] = lambda q, k, c, s, ud: LigerRopeFunction.apply(*as_bhsd(q, k, c, s, ud))
     except Exception as e:
         out["liger rope"] = f"not installed ({type(e).__name__})"
     try:
         from flash_attn.layers.rotary import apply_rotary_emb as fa_rotary
 
-        def fa(q, k, c, s):  # [B, S, H, D] layout, cos/sin [S, R/2] (one position row per token)
+        def fa(q, k, c, s, ud):  # [B, S, H, D] layout, cos/sin [S, R/2] (one position row per token)
+            q, k, c, s = as_bhsd(q, k, c, s, ud)
             r = c.shape[-1] // 2
             return (fa_rotary(q.transpose(1, 2), c[0, :, :r], s[0, :, :r]).transpose(1, 2),
                     fa_rotary(k.transpose(1, 2), c[0, :, :r], s[0, :, :r]).transpose(1, 2))
@@ -114,10 +164,21 @@ def peers(device):
         import kernels
 
         hub = kernels.get_kernel("kernels-community/rotary", version=2)
-        out["kernels-community/rotary"] = lambda q, k, c, s: hub.apply_rotary_transformers(q, k, c, s)
+        out["kernels-community/rotary"] = lambda q, k, c, s, ud: hub.apply_rotary_transformers(q, k, c, s, ud)
     except Exception as e:
         out["kernels-community/rotary"] = f"not loadable offline ({type(e).__name__})"
     return out
+
+
+# "median" (default) or "min": the statistic of the per-call times each row reports (and the copy
+# it is compared with). "min" (best of the calls) for machines shared with other work, where a
+# call whose thread was descheduled takes a whole scheduler slice (4-16 ms) and medians measure
+# the neighbours.
+STAT = "median"
+
+
+def _stat(times):
+    return min(times) if STAT == "min" else statistics.median(times)
 
 
 def copy_bandwidth(device, numel=None, dtype=torch.float32) -> float:
@@ -126,14 +187,14 @@ def copy_bandwidth(device, numel=None, dtype=torch.float32) -> float:
     numel = numel or ((1 << 28) if device.type == "cuda" else (1 << 26))
     src = torch.empty(numel, dtype=dtype, device=device).normal_()
     dst = torch.empty_like(src)
-    ms = statistics.median(time_fn(lambda: dst.copy_(src), device, reps=10))
+    ms = _stat(time_fn(lambda: dst.copy_(src), device, reps=20 if STAT == "min" else 10))
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
 def measure(fn, device):
     times = time_fn(fn, device)
     q1, med, q3 = statistics.quantiles(times, n=4)
-    return med, q3 - q1
+    return (min(times) if STAT == "min" else med), q3 - q1
 
 
 def peak_mb(fn, device):
@@ -147,61 +208,79 @@ def peak_mb(fn, device):
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
-def run(device, quick, dtypes, cs_modes):
+def run(device, quick, dtypes, cs_modes, layouts=tuple(LAYOUTS), shapes=None, impl_filter=None):
     impls = peers(device)
+    if impl_filter:
+        impls = {n: f for n, f in impls.items() if n.startswith("eager") or any(x in n for x in impl_filter)}
     copy_gbs = copy_bandwidth(device)
     rows, missing = [], {n: f for n, f in impls.items() if isinstance(f, str)}
     impls = {n: f for n, f in impls.items() if not isinstance(f, str)}
-    shapes = {"llama3-8b": SHAPES["llama3-8b"], "qwen-partial": SHAPES["qwen-partial"]} if quick else SHAPES
-    for shape, (Hq, Hk, D, R) in shapes.items():
+    shapes = shapes or (("llama3-8b", "qwen-partial") if quick else tuple(SHAPES))
+    for shape in shapes:
+        Hq, Hk, D, R = SHAPES[shape]
         for label, B, S in token_sets(device, quick):
             for dtype in dtypes:
                 for cs_mode in cs_modes:
                     cs_dtype = torch.float32 if cs_mode == "fp32" else dtype
-                    q, k, cos, sin = make(B, S, Hq, Hk, D, R, dtype, cs_dtype, device)
-                    nbytes = 2 * (q.numel() + k.numel()) * q.element_size() + 2 * cos.numel() * cos.element_size()
-                    gq, gk = torch.randn_like(q), torch.randn_like(k)
-                    case_copy = copy_bandwidth(device, q.numel() + k.numel(), dtype)
-                    base = {}
-                    for name, fn in impls.items():
-                        for pss in ("fwd", "bwd", "fwd+bwd", "inplace"):
-                            if pss == "inplace" and not name.startswith("rotary_kernels"):
-                                continue
-                            call = _call(pss, name, fn, q, k, cos, sin, gq, gk)
-                            try:
-                                call()
-                                med, iqr = measure(call, device)
-                                mem = peak_mb(call, device)
-                            except Exception as e:
-                                missing.setdefault(name, f"failed: {type(e).__name__}: {str(e)[:80]}")
-                                continue
-                            b = nbytes * (2 if pss == "fwd+bwd" else 1)
-                            if name.startswith("eager"):
-                                base[pss] = med
-                            ref = base.get("fwd" if pss == "inplace" else pss)
-                            rows.append(dict(shape=shape, tokens=label, B=B, S=S, dtype=str(dtype)[6:], cos=cs_mode,
-                                             pass_=pss, impl=name, ms=med, iqr=iqr, gbs=b / med / 1e6,
-                                             frac=b / med / 1e6 / case_copy, copy_gbs=case_copy,
-                                             speedup=(ref / med) if ref else None,
-                                             peak_mb=mem))
+                    for layout in (layouts if shape in LAYOUT_SHAPES else layouts[:1]):
+                        rows += _run_case(device, impls, missing, shape, label, B, S, Hq, Hk, D, R, dtype, cs_dtype,
+                                          cs_mode, layout)
                     print(f"  {shape} {label} {dtype} cos={cs_mode}: done", file=sys.stderr)
     return rows, missing, copy_gbs
 
 
-def _call(pss, name, fn, q, k, cos, sin, gq, gk):
+def _run_case(device, impls, missing, shape, label, B, S, Hq, Hk, D, R, dtype, cs_dtype, cs_mode, layout):
+    """Every implementation and pass on one case; the copy it is compared with is measured
+    alongside (same size, so the same caches)."""
+    q, k, cos, sin, ud = make_layout(B, S, Hq, Hk, D, R, dtype, cs_dtype, device, layout)
+    nbytes = 2 * (q.numel() + k.numel()) * q.element_size() + 2 * cos.numel() * cos.element_size()
+    gq, gk = torch.randn_like(q), torch.randn_like(k)  # the layout of the outputs
+    case_copy = copy_bandwidth(device, q.numel() + k.numel(), dtype)
+    rows, base = [], {}
+    for name, fn in impls.items():
+        for pss in ("fwd", "bwd", "fwd+bwd", "inplace"):
+            if pss == "inplace" and not name.startswith("rotary_kernels"):
+                continue
+            call = _call(pss, name, fn, q, k, cos, sin, ud, gq, gk)
+            try:
+                call()
+                med, iqr = measure(call, device)
+                mem = peak_mb(call, device)
+            except Exception as e:
+                missing.setdefault(name, f"failed: {type(e).__name__}: {str(e)[:80]}")
+                continue
+            b = nbytes * (2 if pss == "fwd+bwd" else 1)
+            if name.startswith("eager"):
+                base[pss] = med
+            ref = base.get("fwd" if pss == "inplace" else pss)
+            rows.append(dict(shape=shape, tokens=label, B=B, S=S, dtype=str(dtype)[6:], cos=cs_mode,
+                             layout=layout, pass_=pss, impl=name, ms=med, iqr=iqr,
+                             gbs=b / med / 1e6, frac=b / med / 1e6 / case_copy,
+                             copy_gbs=case_copy, speedup=(ref / med) if ref else None,
+                             peak_mb=mem))
+    return rows
+
+
+def _call(pss, name, fn, q, k, cos, sin, ud, gq, gk):
     if pss == "fwd":
-        return lambda: fn(q, k, cos, sin)
-    if pss == "inplace":
-        qi, ki = q.clone(), k.clone()
+        return lambda: fn(q, k, cos, sin, ud)
+    if pss == "inplace":  # in the layout itself (a packed qkv: its q and k slices rotated in place)
+        base = q._base if q._base is not None and q._base is k._base else None
+        if base is not None:
+            buf = base.clone()
+            qi, ki = buf.as_strided(q.shape, q.stride(), q.storage_offset()), buf.as_strided(
+                k.shape, k.stride(), k.storage_offset())
+        else:
+            qi, ki = q.clone(), k.clone()
 
         def inplace():
             with torch.no_grad():
-                rk.apply_rotary_transformers_(qi, ki, cos, sin, backend=name[len("rotary_kernels["):-1])
+                rk.apply_rotary_transformers_(qi, ki, cos, sin, ud, backend=name[len("rotary_kernels["):-1])
         return inplace
     qq, kk = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
     if pss == "fwd+bwd":  # autograd.grad: fresh gradients, no accumulation into .grad
-        return lambda: torch.autograd.grad(fn(qq, kk, cos, sin), (qq, kk), (gq, gk))
-    outs = fn(qq, kk, cos, sin)  # bwd: the backward pass alone, graph kept
+        return lambda: torch.autograd.grad(fn(qq, kk, cos, sin, ud), (qq, kk), (gq, gk))
+    outs = fn(qq, kk, cos, sin, ud)  # bwd: the backward pass alone, graph kept
     return lambda: torch.autograd.grad(outs, (qq, kk), (gq, gk), retain_graph=True)
 
 
@@ -298,6 +377,31 @@ def device_name(device):
     return f"{model} CPU ({', '.join(isa) or 'no AVX'}), {torch.get_num_threads()} threads"
 
 
+def layout_summary(rows):
+    """Markdown lines: for each of our implementations and each case measured in several
+    layouts, the best and the worst layout (median ms, % copy) and worst / best."""
+    cases = {}
+    for r in rows:
+        if r["impl"].startswith("rotary_kernels"):
+            key = (r["impl"], r["shape"], r["tokens"], r["dtype"], r["cos"], r["pass_"])
+            cases.setdefault(key, []).append(r)
+    cases = {k: v for k, v in cases.items() if len(v) > 1}
+    if not cases:
+        return []
+    lines = ["## Layout summary", "",
+             f"The same case (same bytes) in every layout measured; worst / best is the ratio of their {STAT} times. "
+             "Layout names: " + "; ".join(f"`{k}` = {v}" for k, v in LAYOUTS.items()) + ".", "",
+             "| implementation | shape | tokens | dtype | cos | pass | best layout | ms | % copy | worst layout | ms "
+             "| % copy | worst / best |",
+             "|---|---|---|---|---|---|---|---:|---:|---|---:|---:|---:|"]
+    for (impl, shape, tokens, dtype, cs, pss), rs in cases.items():
+        best, worst = min(rs, key=lambda r: r["ms"]), max(rs, key=lambda r: r["ms"])
+        lines.append(f"| {impl} | {shape} | {tokens} | {dtype} | {cs} | {pss} | {best['layout']} | {best['ms']:.3f} | "
+                     f"{100 * best['frac']:.0f}% | {worst['layout']} | {worst['ms']:.3f} | {100 * worst['frac']:.0f}% | "
+                     f"{worst['ms'] / best['ms']:.2f} |")
+    return lines + [""]
+
+
 def write_report(rows, missing, copy_gbs, device, out: Path, features=()):
     out.mkdir(parents=True, exist_ok=True)
     import importlib.metadata as md
@@ -308,7 +412,7 @@ def write_report(rows, missing, copy_gbs, device, out: Path, features=()):
         except md.PackageNotFoundError:
             return "-"
 
-    meta = dict(device=device_name(device), date=datetime.date.today().isoformat(), torch=torch.__version__,
+    meta = dict(device=device_name(device), date=datetime.date.today().isoformat(), stat=STAT, torch=torch.__version__,
                 triton=ver("triton"), rotary_kernels=rk.__version__, transformers=ver("transformers"),
                 cuda=torch.version.cuda, copy_gbs=copy_gbs, python=platform.python_version())
     (out / "results.json").write_text(json.dumps(dict(meta=meta, missing=missing, rows=rows, features=list(features)),
@@ -321,13 +425,20 @@ def write_report(rows, missing, copy_gbs, device, out: Path, features=()):
              "its forward).", ""]
     if missing:
         lines += ["Not measured: " + "; ".join(f"{k}: {v}" for k, v in missing.items()), ""]
-    lines += ["| shape | tokens | dtype | cos | pass | implementation | median ms | IQR ms | GB/s | % copy | vs eager | peak MB |",
-              "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
-        pm = "-" if r["peak_mb"] != r["peak_mb"] else f"{r['peak_mb']:.0f}"
-        lines.append(f"| {r['shape']} | {r['tokens']} | {r['dtype']} | {r['cos']} | {r['pass_']} | {r['impl']} | "
-                     f"{r['ms']:.4f} | {r['iqr']:.4f} | {r['gbs']:.1f} | {100 * r['frac']:.0f}% | {sp} | {pm} |")
+    lines += layout_summary(rows)
+    for layout in dict.fromkeys(r.get("layout", "bhsd_view") for r in rows):
+        lines += [f"## Layout: {LAYOUTS.get(layout, layout)}", "",
+                  f"| shape | tokens | dtype | cos | pass | implementation | {STAT} ms | IQR ms | GB/s | % copy "
+                  "| vs eager | peak MB |",
+                  "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            if r.get("layout", "bhsd_view") != layout:
+                continue
+            sp = f"{r['speedup']:.2f}x" if r["speedup"] else "-"
+            pm = "-" if r["peak_mb"] != r["peak_mb"] else f"{r['peak_mb']:.0f}"
+            lines.append(f"| {r['shape']} | {r['tokens']} | {r['dtype']} | {r['cos']} | {r['pass_']} | {r['impl']} | "
+                         f"{r['ms']:.4f} | {r['iqr']:.4f} | {r['gbs']:.1f} | {100 * r['frac']:.0f}% | {sp} | {pm} |")
+        lines.append("")
     if features:
         lines += ["", "## Token-position features (llama3-8b, bf16 q/k, fp32 [8192, 128] cos/sin cache, forward)", "",
                   "Eager = gather the cos/sin rows with PyTorch ops, then transformers' rotation. "
@@ -353,7 +464,7 @@ def plot(rows, out, meta):
 
     for pss in ("fwd", "fwd+bwd"):
         sel = [r for r in rows if r["shape"] == "llama3-8b" and r["pass_"] == pss and r["cos"] == rows[0]["cos"]
-               and r["dtype"] == rows[0]["dtype"]]
+               and r["dtype"] == rows[0]["dtype"] and r.get("layout", "bhsd_view") == "bhsd_view"]
         if not sel:
             continue
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -379,12 +490,37 @@ def main(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="fewer shapes and sizes")
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--layouts", default=",".join(LAYOUTS),
+                   help=f"comma-separated q/k layouts for the {', '.join(LAYOUT_SHAPES)} shape, of: "
+                        f"{', '.join(LAYOUTS)} (default: all; other shapes run the first one)")
+    p.add_argument("--shapes", default=None, help=f"comma-separated, of: {', '.join(SHAPES)} (default: all)")
+    p.add_argument("--dtypes", default=None, help="comma-separated, of: bfloat16, float16, float32")
+    p.add_argument("--cos", default=None, help="comma-separated cos/sin dtype modes, of: same, fp32")
+    p.add_argument("--impls", default=None,
+                   help="comma-separated substrings: measure only the implementations that contain one "
+                        "(eager, the baseline, always)")
+    p.add_argument("--no-features", action="store_true", help="skip the token-position feature table")
+    p.add_argument("--stat", choices=["median", "min"], default="median",
+                   help="per-call statistic reported (min: best of the calls, for a shared machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
     args = p.parse_args(argv)
+    global STAT
+    STAT = args.stat
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtypes = [torch.bfloat16, torch.float32] if args.quick else [torch.bfloat16, torch.float16, torch.float32]
-    cs_modes = ["same"] if args.quick else ["same", "fp32"]
-    rows, missing, copy_gbs = run(device, args.quick, dtypes, cs_modes)
-    features = run_features(device, args.quick)
+    if args.dtypes:
+        dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    cs_modes = args.cos.split(",") if args.cos else (["same"] if args.quick else ["same", "fp32"])
+    layouts = tuple(args.layouts.split(","))
+    for name in layouts:
+        if name not in LAYOUTS:
+            p.error(f"unknown layout {name!r}")
+    shapes = tuple(args.shapes.split(",")) if args.shapes else None
+    rows, missing, copy_gbs = run(device, args.quick, dtypes, cs_modes, layouts, shapes,
+                                  args.impls.split(",") if args.impls else None)
+    features = [] if args.no_features else run_features(device, args.quick)
     out = args.out or Path(__file__).parent / "results" / ("cuda-" + torch.cuda.get_device_name(device).replace(" ", "_")
                                                           if device.type == "cuda" else "cpu")
     print(f"wrote {write_report(rows, missing, copy_gbs, device, out, features)}")

@@ -464,3 +464,64 @@ def test_deepseek_mla_interleave(dev_backend):
     f = torch.compile(lambda q, k: rk.apply_rotary_pos_emb_interleave(q, k, cos, sin, backend=backend), fullgraph=True)
     for a, b in zip(f(q.float(), k.float()), apply_rotary_pos_emb_interleave(q.float(), k.float(), cos, sin)):
         assert_close(a, b)
+
+
+def _layout_qk(layout, B, S, Hq, Hk, D, dtype, seed):
+    """q/k in one of the memory layouts the API accepts (issue 19), with their unsqueeze_dim."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    if layout == "bhsd_view":  # transformers: transposed view of a [B, S, H, D] projection
+        return r(B, S, Hq, D).transpose(1, 2), r(B, S, Hk, D).transpose(1, 2), 1
+    if layout == "bhsd":  # contiguous, heads outer
+        return r(B, Hq, S, D), r(B, Hk, S, D), 1
+    if layout == "bshd":
+        return r(B, S, Hq, D), r(B, S, Hk, D), 2
+    if layout == "thd":  # packed tokens
+        return r(B * S, Hq, D), r(B * S, Hk, D), 1
+    qkv = r(B, S, Hq + 2 * Hk, D)  # slices of a packed qkv projection
+    q, k = qkv[:, :, :Hq], qkv[:, :, Hq:Hq + Hk]
+    if layout == "qkv_view":
+        return q.transpose(1, 2), k.transpose(1, 2), 1
+    return q, k, 2
+
+
+def _conj_sin(sin, interleaved):
+    """sin of the backward (transposed) map: the reference with it is the kernel's conj pass."""
+    h = sin.shape[-1] // 2
+    if interleaved:
+        return -sin.unflatten(-1, (h, 2)).flip(-1).flatten(-2)
+    return -torch.cat((sin[..., h:], sin[..., :h]), -1)
+
+
+@pytest.mark.parametrize("layout", ["bhsd_view", "bhsd", "bshd", "thd", "qkv", "qkv_view"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("R", [64, 32])
+def test_cpu_layouts_bit_exact(layout, dtype, interleaved, R):
+    """Every layout, forward, in place and backward, bit for bit the reference's result on the
+    CPU kernel: enough tokens for several token blocks per thread, prefetch distances that cross
+    heads and operands, and both loop orders (head-major and token-major)."""
+    if "cpu" not in rk.available_backends("cpu"):
+        pytest.skip("compiled CPU kernel not built")
+    B, S, Hq, Hk, D = 2, 75, 5, 3, 64
+    q, k, ud = _layout_qk(layout, B, S, Hq, Hk, D, dtype, seed=3)
+    cos, sin = make_cs(B, S, R, dtype, "cpu")
+    if layout == "thd":
+        cos, sin = cos.flatten(0, 1), sin.flatten(0, 1)
+    want = apply_rotary_transformers_reference(q, k, cos, sin, ud, interleaved)
+    got = rk.apply_rotary_transformers(q, k, cos, sin, ud, interleaved=interleaved, backend="cpu")
+    for g_, w in zip(got, want):
+        assert torch.equal(g_, w)
+    qi, ki = q.clone(), k.clone()
+    rk.apply_rotary_transformers_(qi, ki, cos, sin, ud, interleaved=interleaved, backend="cpu")
+    assert torch.equal(qi, want[0]) and torch.equal(ki, want[1])
+    # Backward, with incoming gradients in the same layout as q/k.
+    gq, gk, _ = _layout_qk(layout, B, S, Hq, Hk, D, dtype, seed=4)
+    qq, kk = q.detach().requires_grad_(), k.detach().requires_grad_()
+    outs = rk.apply_rotary_transformers(qq, kk, cos, sin, ud, interleaved=interleaved, backend="cpu")
+    dq, dk = torch.autograd.grad(outs, (qq, kk), (gq, gk))
+    wq, wk = apply_rotary_transformers_reference(gq, gk, cos, _conj_sin(sin, interleaved), ud, interleaved)
+    assert torch.equal(dq, wq) and torch.equal(dk, wk)
