@@ -107,10 +107,7 @@ struct Operand {
 };
 
 // Head-dim indices of pair i.
-RK_HD int64_t pair_first(int64_t i, int64_t half, bool interleaved) {
-  (void)half;
-  return interleaved ? 2 * i : i;
-}
+RK_HD int64_t pair_first(int64_t i, bool interleaved) { return interleaved ? 2 * i : i; }
 
 RK_HD int64_t pair_second(int64_t i, int64_t half, bool interleaved) {
   return interleaved ? 2 * i + 1 : i + half;

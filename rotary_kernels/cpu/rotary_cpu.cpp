@@ -165,7 +165,7 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd,
     rotate_contig<scalar_t, acc_t, interleaved>(x, y, half, cs);
   } else {
     for (int64_t i = 0; i < half; ++i) {
-      const int64_t j1 = pair_first(i, half, interleaved), j2 = pair_second(i, half, interleaved);
+      const int64_t j1 = pair_first(i, interleaved), j2 = pair_second(i, half, interleaved);
       acc_t y1, y2;
       rotate_pair(load_acc<scalar_t, acc_t>(x + j1 * sxd), load_acc<scalar_t, acc_t>(x + j2 * sxd), cs.at(i), y1, y2);
       store_out<scalar_t, acc_t>(y + j1 * syd, y1);
@@ -277,7 +277,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
       }
       acc_t* r = buf.data() + b * 4 * half;
       for (int64_t i = 0; i < half; ++i) {
-        const int64_t j1 = pair_first(i, half, interleaved), j2 = pair_second(i, half, interleaved);
+        const int64_t j1 = pair_first(i, interleaved), j2 = pair_second(i, half, interleaved);
         const int x = pair_axis(p.ti, i);
         const cs_t* c = p.cp + cs_offset(p.sc, x, a, s, pos[x], 0);
         const cs_t* sn = p.sp + cs_offset(p.ss, x, a, s, pos[x], 0);
