@@ -18,6 +18,8 @@ transformers = pytest.importorskip("transformers")
 import rotary_kernels as rk  # noqa: E402
 from rotary_kernels.reference import apply_rotary_transformers_reference, rotary_reference  # noqa: E402
 
+from zoo import CountOps, namespace  # noqa: E402  (counts the kernel's ops, forward and backward)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -124,19 +126,6 @@ def test_missing_variant_is_kernels_error(tmp_path):
 # --- transformers models, kernelized -------------------------------------------------------
 
 
-class CountOps(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts calls of ops in the kernel's namespace (forward and backward)."""
-
-    def __init__(self, namespace):
-        super().__init__()
-        self.namespace, self.calls = namespace, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.namespace == self.namespace:
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
-
-
 def _tiny(kind):
     if kind == "llama":
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -198,7 +187,7 @@ def test_kernelize_transformers_model(hub_repo, hub_kernel, restore_rotary, kind
         else hub_kernel.layers.apply_rotary_transformers
     assert modeling.apply_rotary_pos_emb.forward.__func__ is expect.forward  # really replaced
 
-    counter = CountOps(hub_kernel._ops.add_op_namespace_prefix("x").split("::")[0])
+    counter = CountOps(namespace(hub_kernel))
     # fp32 on both sides; the kernel computes RoPE in fp32 and rounds once, eager rounds each
     # of its three ops, so they differ by fp32 rounding, amplified a little by two layers.
     tol = dict(rtol=1e-4, atol=1e-5)
@@ -338,7 +327,7 @@ def test_hub_kernel_kernelize_from_the_built_tree(hub_kernel, hub_restore):
     want = _logits(ref.train(), ids, True), {n: p.grad.clone() for n, p in ref.named_parameters()}
     try:
         hub_kernel.hub.kernelize(model)
-        ns = hub_kernel._ops.add_op_namespace_prefix("x").split("::")[0]
+        ns = namespace(hub_kernel)
         got, calls = _count(ns, lambda: _logits(model.train(), ids, True))
         assert calls >= 2 * cfg.num_hidden_layers and torch.equal(got, want[0])
         for n, p in model.named_parameters():
@@ -397,7 +386,7 @@ def test_hub_layers_are_model_aware(hub_repo, hub_kernel, restore_rotary, model_
         with use_kernel_mapping(rk.hub.kernel_mapping(repo_path=hub_repo), inherit_mapping=False):
             kernelize(model, mode=Mode.TRAINING, device="cpu")
         assert fn.forward.__func__ is hub_kernel.layers.apply_rotary_transformers.forward
-        counter = CountOps(hub_kernel._ops.add_op_namespace_prefix("x").split("::")[0])
+        counter = CountOps(namespace(hub_kernel))
         with counter:
             got = zoo.run(model, cfg, "TRAINING")
         assert counter.calls >= 2 * cfg.num_hidden_layers
