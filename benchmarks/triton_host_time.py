@@ -4,10 +4,10 @@
 
 Imports rotary_kernels with the real Triton JIT (no interpreter) under a fake driver whose
 compiled kernel does nothing, so a call runs everything on the host that a GPU launch runs:
-the launcher's Python (``_triton.rotary_qk``) and Triton's ``JITFunction.run`` (argument
+the launcher's Python (``_triton.rotary_triton``) and Triton's ``JITFunction.run`` (argument
 binding, specialisation key, cache lookup, launch metadata), but not the C launch stub
 (``cuLaunchKernel`` and its argument packing). Reports us per call (median of repeats) for
-``rotary_qk`` itself and with ``_launch`` stubbed out (the launcher's own share).
+``rotary_triton`` itself and with ``_launch`` stubbed out (the launcher's own share).
 """
 
 from __future__ import annotations
@@ -80,13 +80,13 @@ def main():
     q, k = qk(1, 1)
     c, s = torch.empty(1, 1, 128), torch.empty(1, 1, 128)
     qo, ko = torch.empty_like(q), torch.empty_like(k)
-    cases["decode b1, per-token cos/sin"] = lambda: T.rotary_qk(q, k, c, s, qo, ko, False, False)
+    cases["decode b1, per-token cos/sin"] = lambda: T.rotary_triton(q, k, c, s, qo, ko, False, False)
     cc, cs = torch.empty(8192, 128), torch.empty(8192, 128)
     off = torch.zeros(1, dtype=torch.int64)
-    cases["decode b1, cache + seqlen_offsets"] = lambda: T.rotary_qk(q, k, cc, cs, qo, ko, False, False,
+    cases["decode b1, cache + seqlen_offsets"] = lambda: T.rotary_triton(q, k, cc, cs, qo, ko, False, False,
                                                                      None, None, off, 0)
     pos = torch.zeros(1, 1, 1, dtype=torch.int64)
-    cases["decode b1, cache + positions"] = lambda: T.rotary_qk(q, k, cc, cs, qo, ko, False, False, pos)
+    cases["decode b1, cache + positions"] = lambda: T.rotary_triton(q, k, cc, cs, qo, ko, False, False, pos)
 
     def bench(fn, n=2000, reps=7):
         fn()
@@ -99,7 +99,7 @@ def main():
         return statistics.median(out)
 
     orig = T._launch
-    print(f"{'case':<36} {'rotary_qk us':>12} {'launcher only us':>16}")
+    print(f"{'case':<36} {'rotary_triton us':>16} {'launcher only us':>16}")
     for name, fn in cases.items():
         full = bench(fn)
         T._launch = lambda *a, **k: None

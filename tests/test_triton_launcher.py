@@ -43,7 +43,7 @@ def test_zero_q_heads_with_k_heads(interleaved, hq, hk):
     k = torch.randn(A, S, hk, D, device=DEV)
     cos, sin = _tables(A, S, D)
     qo, ko = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))
-    T.rotary_qk(q, k, cos, sin, qo, ko, interleaved, False)
+    T.rotary_triton(q, k, cos, sin, qo, ko, interleaved, False)
     torch.testing.assert_close(qo, _ref(q, cos, sin, interleaved), rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(ko, _ref(k, cos, sin, interleaved), rtol=2e-6, atol=2e-6)
 
@@ -78,7 +78,7 @@ def test_out_of_range_positions_give_nan(bad, interleaved):
     cos_c, sin_c = _cache(P, R)
     pos = torch.tensor([[[0, bad, 5]]], device=DEV)  # [X=1, A, S]
     qo, ko = torch.empty_like(q), torch.empty_like(k)
-    T.rotary_qk(q, k, cos_c, sin_c, qo, ko, interleaved, False, positions=pos)
+    T.rotary_triton(q, k, cos_c, sin_c, qo, ko, interleaved, False, positions=pos)
     rows = pos[0]
     _check_rows(qo, q, cos_c, sin_c, rows, R, interleaved)
     _check_rows(ko, k, cos_c, sin_c, rows, R, interleaved)
@@ -93,14 +93,14 @@ def test_out_of_range_from_cu_seqlens_and_offsets():
     cu = torch.tensor([0, 3, 7], device=DEV)
     off = torch.tensor([4, -2], device=DEV)  # seq 0: rows 4, 5, 6; seq 1: rows -2, -1, 0, 1
     qo = torch.empty_like(q)
-    T.rotary_qk(q, None, cos_c, sin_c, qo, None, False, False, cu_seqlens=cu, seqlen_offsets=off, offset=1)
+    T.rotary_triton(q, None, cos_c, sin_c, qo, None, False, False, cu_seqlens=cu, seqlen_offsets=off, offset=1)
     rows = torch.tensor([[5, 6, 7, -1, 0, 1, 2]], device=DEV)
     _check_rows(qo, q, cos_c, sin_c, rows, R)
     # offsets alone (decode): one token per sequence
     q2 = torch.randn(3, 1, 2, D, device=DEV)
     qo2 = torch.empty_like(q2)
     off2 = torch.tensor([7, 8, 10**12], device=DEV)
-    T.rotary_qk(q2, None, cos_c, sin_c, qo2, None, False, False, seqlen_offsets=off2)
+    T.rotary_triton(q2, None, cos_c, sin_c, qo2, None, False, False, seqlen_offsets=off2)
     _check_rows(qo2, q2, cos_c, sin_c, off2[:, None], R)
 
 
@@ -114,7 +114,7 @@ def test_out_of_range_mrope_axis():
     cos_c, sin_c = _cache(P, D)
     pos = torch.tensor([[[1, 2]], [[3, 99]], [[5, 6]]], device=DEV)  # [3, A, S]: axis 1 of token 1 is bad
     qo = torch.empty_like(q)
-    T.rotary_qk(q, None, cos_c, sin_c, qo, None, False, False, positions=pos, mrope_section=sec)
+    T.rotary_triton(q, None, cos_c, sin_c, qo, None, False, False, positions=pos, mrope_section=sec)
     assert torch.isnan(qo[0, 1, 0, :D]).all()
     assert torch.equal(qo[0, 1, 0, D:], q[0, 1, 0, D:])
     assert not torch.isnan(qo[0, 0]).any()
@@ -143,7 +143,7 @@ def test_offsets_beyond_int32(interleaved):
     qo.fill_(float("nan"))
     ang = torch.tensor([0.3, 1.1, 0.3, 1.1] if not interleaved else [0.3, 0.3, 1.1, 1.1])
     cos, sin = ang.cos().view(1, 1, 4), ang.sin().view(1, 1, 4)
-    T.rotary_qk(q, None, cos, sin, qo, None, interleaved, False)
+    T.rotary_triton(q, None, cos, sin, qo, None, interleaved, False)
     exp = _ref(vals.view(1, 1, 1, 4), cos, sin, interleaved)
     assert torch.equal(qo.clone(), exp), (qo, exp)
     assert torch.equal(q.clone(), vals.view(1, 1, 1, 4))
@@ -163,7 +163,7 @@ def test_pass_through_offsets_beyond_int32():
     q.copy_(vals.view(1, 1, 1, 4))
     qo.fill_(float("nan"))
     cos, sin = torch.tensor([0.5, 0.5]).view(1, 1, 2), torch.tensor([0.25, 0.25]).view(1, 1, 2)
-    T.rotary_qk(q, None, cos, sin, qo, None, False, False)
+    T.rotary_triton(q, None, cos, sin, qo, None, False, False)
     exp = _ref(vals.view(1, 1, 1, 4), cos, sin)
     assert torch.equal(qo.clone(), exp), (qo, exp)
 
@@ -186,9 +186,9 @@ def test_launchers_use_the_tensors_device(monkeypatch):
     monkeypatch.setattr(T, "_launch", lambda *a, **k: None)
     q = torch.empty(1, 2, 2, 8, device=DEV)
     cos, sin = _tables(1, 2, 8)
-    T.rotary_qk(q, None, cos, sin, q, None, False, False)
+    T.rotary_triton(q, None, cos, sin, q, None, False, False)
     x = torch.empty(1, 2, 2, 4, device=DEV)
-    T.apply_rotary_elementwise(x, x, x, x, x, x, False)
+    T.apply_rotary_triton(x, x, x, x, x, x, False)
     assert seen == [q.device, x.device]
 
 
@@ -199,7 +199,7 @@ def test_second_gpu_while_first_is_current():
         cos, sin = _tables(1, 4, 16)
         cos, sin = cos.to("cuda:1"), sin.to("cuda:1")
         qo = torch.empty_like(q)
-        T.rotary_qk(q, None, cos, sin, qo, None, False, False)
+        T.rotary_triton(q, None, cos, sin, qo, None, False, False)
         torch.testing.assert_close(qo, _ref(q, cos, sin), rtol=2e-6, atol=2e-6)
 
 
@@ -265,7 +265,7 @@ def test_fp32_to_bf16_round_to_nearest_even_all_patterns():
 @pytest.mark.skipif(not CPU_INTERP, reason="the emulation is for the interpreter")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_rotation_bit_exact_all_patterns(dtype):
-    """rotary_qk on every bf16/fp16 pattern of q: the kernel's fp32 math (x1*c1 - x2*s1, no
+    """rotary_triton on every bf16/fp16 pattern of q: the kernel's fp32 math (x1*c1 - x2*s1, no
     contraction under the interpreter) rounded once, bit for bit; NaN payloads in cos
     (0x7FFFFFFF, 0xFFFFFFFF) give NaN, not +-0."""
     A, S, H, D = 1, 64, 8, 128
@@ -276,7 +276,7 @@ def test_rotation_bit_exact_all_patterns(dtype):
     cos[0, 5, 3] = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
     cos[0, 9, 70] = torch.tensor([-1], dtype=torch.int32).view(torch.float32)
     qo = torch.empty_like(q)
-    T.rotary_qk(q, None, cos, sin, qo, None, False, False)
+    T.rotary_triton(q, None, cos, sin, qo, None, False, False)
     exp = _ref(q, cos, sin)
     _assert_same_bits(qo, exp)
     assert torch.isnan(qo[0, 5, :, 3]).all() and torch.isnan(qo[0, 9, :, 70]).all()
@@ -365,6 +365,6 @@ def test_several_head_groups_per_token(interleaved):
     cos, sin = _tables(A, S, R)
     assert T._plan(Hq, Hk, R // 2, 4, interleaved, True)[3] > 1
     qo, ko = torch.empty_like(q), torch.empty_like(k)
-    T.rotary_qk(q, k, cos, sin, qo, ko, interleaved, False)
+    T.rotary_triton(q, k, cos, sin, qo, ko, interleaved, False)
     torch.testing.assert_close(qo, _ref(q, cos, sin, interleaved), rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(ko, _ref(k, cos, sin, interleaved), rtol=2e-6, atol=2e-6)

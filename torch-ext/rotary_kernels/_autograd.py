@@ -19,7 +19,7 @@ matters for decode-sized calls. Its ``setup_context`` form lets torch.func trans
 (``_ops.py``), are functional ops with fake implementations (so ``torch.compile(fullgraph=True)``
 traces them as single nodes) and registered autograd; they also take cos/sin gradients. Their
 trailing arguments (positions, cu_seqlens, seqlen_offsets, offset, mrope_section,
-mrope_interleaved, cached) are ``_index.Index.op_args()``. ``rotary_`` rotates in place
+mrope_interleaved, cached) are ``_index.TokenIndex.op_args()``. ``rotary_`` rotates in place
 (no autograd; under torch.compile the public in-place functions record gradients through
 ``copy_`` of the functional op's result instead).
 
@@ -36,7 +36,7 @@ import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from ._dispatch import launch_elementwise, launch_rotary, rotate_new
-from ._index import Index
+from ._index import TokenIndex
 from ._ops import add_op_namespace_prefix
 from .reference import compute_dtype, rotate_every_two, rotate_half
 
@@ -58,7 +58,7 @@ def rotary_qk(
     positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
     offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
 ) -> tuple[Tensor, Tensor]:
-    idx = Index.from_op_args(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
+    idx = TokenIndex.from_op_args(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
     q_out, k_out = rotate_new(backend, q, k, cos, sin, unsqueeze_dim, interleaved, conj, idx)
     return q_out, k_out
 
@@ -70,7 +70,7 @@ def rotary_x(
     positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
     offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
 ) -> Tensor:
-    idx = Index.from_op_args(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
+    idx = TokenIndex.from_op_args(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
     return rotate_new(backend, x, None, cos, sin, unsqueeze_dim, interleaved, conj, idx)[0]
 
 
@@ -81,7 +81,7 @@ def rotary_(
     positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
     offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
 ) -> None:
-    idx = Index.from_op_args(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
+    idx = TokenIndex.from_op_args(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
     launch_rotary(backend, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, conj, idx)
 
 
@@ -102,7 +102,7 @@ def _(q, k, *args):
 
 def _setup(ctx, xs, cos, sin, args):
     ctx.args = tuple(args[:4])  # (unsqueeze_dim, interleaved, conj, backend)
-    idx = Index.from_op_args(*args[4:])
+    idx = TokenIndex.from_op_args(*args[4:])
     ctx.index_scalars = idx.op_args()[3:]  # the tensors go through save_for_backward
     need_cs = cos.requires_grad or sin.requires_grad
     if need_cs and not idx.plain:
@@ -277,7 +277,7 @@ class RotaryDeinterleave(torch.autograd.Function):
         return dx, None, None, None
 
 
-def rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, idx: Index) -> tuple:
+def rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, idx: TokenIndex) -> tuple:
     """Rotate q (and k, may be None) recording autograd: ``Rotary`` in eager mode when cos/sin
     need no gradient, else (torch.compile, cos/sin gradients) the custom ops."""
     if not (torch.compiler.is_compiling() or cos.requires_grad or sin.requires_grad):

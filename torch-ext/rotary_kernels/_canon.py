@@ -48,7 +48,7 @@ def check_cos_sin(cos, sin) -> int:
     return r
 
 
-def _cached(fn):
+def _memoized(fn):
     """The lru_cache'd shape function, or the plain one while torch.compile traces (dynamo
     traces through caches anyway, and warns about them)."""
     return fn.__wrapped__ if torch.compiler.is_compiling() else fn
@@ -62,7 +62,7 @@ def canonical_x(name: str, x: torch.Tensor, cos: torch.Tensor, unsqueeze_dim: in
     same shapes every step: Python time is most of a small call).
     """
     check_float(name, x)
-    axes = _cached(_x_axes)(name, tuple(x.shape), tuple(cos.shape), unsqueeze_dim)
+    axes = _memoized(_x_axes)(name, tuple(x.shape), tuple(cos.shape), unsqueeze_dim)
     return canonical_view(x, axes), axes
 
 
@@ -105,7 +105,7 @@ def canonical_view(t: torch.Tensor, axes) -> torch.Tensor:
 
 def canonical_cs(t: torch.Tensor, x: torch.Tensor, axes) -> torch.Tensor:
     """cos or sin -> [A, S, R] view broadcast against x (zero strides, no copy)."""
-    sizes, src = _cached(_cs_plan)(tuple(t.shape), tuple(x.shape), axes)
+    sizes, src = _memoized(_cs_plan)(tuple(t.shape), tuple(x.shape), axes)
     st = t.stride()
     return t.as_strided(sizes, [st[d] if d is not None else 0 for d in src], t.storage_offset())
 

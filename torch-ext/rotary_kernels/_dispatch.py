@@ -11,7 +11,6 @@ Default order for a device: cuda > triton on GPUs, cpu > reference on CPU.
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
@@ -37,8 +36,8 @@ except Exception:  # ImportError, or triton failing to find a driver
 
 
 def _interpret() -> bool:
-    """Triton's CPU interpreter is on (TRITON_INTERPRET=1). Read on select_backend's cache misses."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """The Triton kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return TRITON is not None and TRITON._INTERPRET
 
 
 def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
@@ -158,7 +157,7 @@ def launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interlea
     """Rotate q (and k, may be None) into q_out/k_out; outputs may be the inputs (in place).
 
     Arguments are validated by the caller; ``idx``: the token-position options
-    (``_index.Index``); ``views``: q's and k's kernel views (``_index.Views``) when the caller's
+    (``_index.TokenIndex``); ``views``: q's and k's kernel views (``_index.Views``) when the caller's
     validation built them. One launch for q and k, two when they cannot share one (different
     batch/sequence/head dim/dtype).
     """
@@ -181,7 +180,7 @@ def launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interlea
         tables = (canonical_tables(cos, x, axes, idx), canonical_tables(sin, x, axes, idx),
                   *canonical_positions(x, axes, idx), *extra)
         if backend == "triton":
-            TRITON.rotary_qk(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:])
+            TRITON.rotary_triton(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:])
         elif _canon.same_view(x4, o4) and (k4 is None or _canon.same_view(k4, ko4)):
             COMPILED.ops.rotary_inplace(x4, k4, *tables[:2], interleaved, conj, *tables[2:])
         else:
@@ -200,7 +199,7 @@ def launch_elementwise(backend, x1, x2, cos, sin, out1, out2, conj):
             t = t.expand_as(x1)
             return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape)) if t.dim() < 4 else t
 
-        TRITON.apply_rotary_elementwise(
+        TRITON.apply_rotary_triton(
             as4(x1), as4(x2), as4(cos), as4(sin), as4(out1), as4(out2), conj
         )
         return

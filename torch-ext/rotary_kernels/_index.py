@@ -24,7 +24,7 @@ from .reference import check_positions, token_positions, token_shape
 INT_DTYPES = (torch.int32, torch.int64)
 
 
-class Index(NamedTuple):
+class TokenIndex(NamedTuple):
     """In the order of the custom ops' trailing arguments (``_autograd.py``)."""
 
     positions: Optional[torch.Tensor] = None  # int, token shape (or [3, ...] for mrope)
@@ -44,12 +44,12 @@ class Index(NamedTuple):
         return (*self[:4], list(self.mrope_section), *self[5:])
 
     @classmethod
-    def from_op_args(cls, *args) -> "Index":
+    def from_op_args(cls, *args) -> "TokenIndex":
         positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached = args
         return cls(positions, cu_seqlens, seqlen_offsets, offset, tuple(mrope_section), mrope_interleaved, cached)
 
 
-NO_INDEX = Index()
+NO_INDEX = TokenIndex()
 
 
 def checks_enabled(*tensors) -> bool:
@@ -72,8 +72,8 @@ def _check_int(name, t, device):
 
 
 def make_index(x, cos, unsqueeze_dim, positions=None, cu_seqlens=None, max_seqlen=None, seqlen_offsets=None,
-               mrope_section=None, mrope_interleaved=False) -> Index:
-    """Validate the options against x (q) and cos; returns the Index the launchers take."""
+               mrope_section=None, mrope_interleaved=False) -> TokenIndex:
+    """Validate the options against x (q) and cos; returns the TokenIndex the launchers take."""
     del max_seqlen  # flash-attn API compatibility: not needed (one program per token)
     cached = positions is not None or cu_seqlens is not None or seqlen_offsets is not None
     if not isinstance(mrope_interleaved, bool):
@@ -95,7 +95,7 @@ def make_index(x, cos, unsqueeze_dim, positions=None, cu_seqlens=None, max_seqle
     if not cached:
         if section and (cos.dim() < 2 or cos.shape[0] != 3):
             raise ValueError(f"with mrope_section, cos/sin must be [3, ..., R] (one table per axis), got {tuple(cos.shape)}")
-        return Index(mrope_section=section, mrope_interleaved=mrope_interleaved)
+        return TokenIndex(mrope_section=section, mrope_interleaved=mrope_interleaved)
 
     if cos.dim() != 2:
         raise ValueError(
@@ -140,10 +140,10 @@ def make_index(x, cos, unsqueeze_dim, positions=None, cu_seqlens=None, max_seqle
         offset = seqlen_offsets
     if cos.shape[0] == 0:
         raise ValueError("the cos/sin cache is empty (0 rows)")
-    return Index(positions, cu_seqlens, offsets, offset, section, mrope_interleaved, cached=True)
+    return TokenIndex(positions, cu_seqlens, offsets, offset, section, mrope_interleaved, cached=True)
 
 
-def check_values(x, cos, unsqueeze_dim, idx: Index) -> None:
+def check_values(x, cos, unsqueeze_dim, idx: TokenIndex) -> None:
     """The data-dependent checks of the token-position options: ``cu_seqlens`` rises from 0 to
     the number of tokens, every position lies in the cache (reference.check_positions). Called
     where the kernels launch, so they also run inside torch.compile'd and exported programs
@@ -160,8 +160,8 @@ def check_values(x, cos, unsqueeze_dim, idx: Index) -> None:
     check_positions(pos + idx.offset, cos.shape[0])
 
 
-def reference_kwargs(idx: Index) -> dict:
-    """The Index as keyword arguments of reference.rotary_reference_indexed."""
+def reference_kwargs(idx: TokenIndex) -> dict:
+    """The TokenIndex as keyword arguments of reference.rotary_reference_indexed."""
     if idx.plain:
         return {}
     off = idx.seqlen_offsets
@@ -173,7 +173,7 @@ def reference_kwargs(idx: Index) -> dict:
                 mrope_section=idx.mrope_section or None, mrope_interleaved=idx.mrope_interleaved)
 
 
-def template(x, cos, unsqueeze_dim, idx: Index) -> torch.Tensor:
+def template(x, cos, unsqueeze_dim, idx: TokenIndex) -> torch.Tensor:
     """A tensor shaped like a plain-mode cos for x: what canonical_x validates x against."""
     if not idx.cached:
         return cos[0] if idx.mrope_section else cos
@@ -193,7 +193,7 @@ class Views(NamedTuple):
     k_axes: Optional[tuple] = None
 
 
-def kernel_views(q, k, cos, unsqueeze_dim, idx: Index) -> Views:
+def kernel_views(q, k, cos, unsqueeze_dim, idx: TokenIndex) -> Views:
     """Validate q (and k) against cos and the index; their canonical views (cached per shape)."""
     q4, q_axes = _canon.canonical_x("q" if k is not None else "x", q, template(q, cos, unsqueeze_dim, idx),
                                     unsqueeze_dim)
@@ -202,7 +202,7 @@ def kernel_views(q, k, cos, unsqueeze_dim, idx: Index) -> Views:
     return Views(q4, q_axes, *_canon.canonical_x("k", k, template(k, cos, unsqueeze_dim, idx), unsqueeze_dim))
 
 
-def canonical_tables(t, x, axes, idx: Index) -> torch.Tensor:
+def canonical_tables(t, x, axes, idx: TokenIndex) -> torch.Tensor:
     """cos or sin as the kernels read it: [P, R] (cache), [3, A, S, R] (mrope), else [A, S, R]."""
     if idx.cached:
         return t
@@ -212,7 +212,7 @@ def canonical_tables(t, x, axes, idx: Index) -> torch.Tensor:
     return torch.as_strided(t, (3, *c0.shape), (t.stride(0), *c0.stride()), c0.storage_offset())
 
 
-def canonical_positions(x, axes, idx: Index):
+def canonical_positions(x, axes, idx: TokenIndex):
     """positions -> int64 [X, A, S] (or None); cu_seqlens / offsets -> int64."""
     pos = None
     if idx.positions is not None:

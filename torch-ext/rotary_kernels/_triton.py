@@ -326,12 +326,9 @@ def _rotary_qk_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-# Whether triton.jit made interpreted functions: decided when this module was imported.
-_INTERPRET = _interpreting()
+# Whether triton.jit made interpreted functions (TRITON_INTERPRET=1): decided when this module
+# was imported (_dispatch._interpret reads it too).
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 # Triton's CPU interpreter patches triton.language globally while it runs a kernel, so two
@@ -408,7 +405,7 @@ def _plan(HQ, HK, half, esize, interleaved, has_k):
 _PLANS: dict = {}
 
 
-def rotary_qk(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, positions=None, cu_seqlens=None,
+def rotary_triton(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, positions=None, cu_seqlens=None,
               seqlen_offsets=None, offset: int = 0, mrope_section=(), mrope_interleaved: bool = False) -> None:
     """Rotate canonical q ``[A, S, Hq, D]`` (and optional k ``[A, S, Hk, D]``) into
     ``q_out``/``k_out`` (which may be q/k themselves: in place). cos/sin: ``[A, S, R]``,
@@ -499,7 +496,7 @@ def _elementwise_kernel(
              _to_out(y2, o2_ptr.dtype.element_ty, EMU), mask=m)
 
 
-def apply_rotary_elementwise(x1, x2, cos, sin, out1, out2, conj: bool) -> None:
+def apply_rotary_triton(x1, x2, cos, sin, out1, out2, conj: bool) -> None:
     """flash-attn's elementwise rotation on 4-D tensors of one shape (cos/sin expanded)."""
     n = x1.numel()
     if n == 0:
