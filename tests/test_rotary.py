@@ -525,3 +525,28 @@ def test_cpu_layouts_bit_exact(layout, dtype, interleaved, R):
     dq, dk = torch.autograd.grad(outs, (qq, kk), (gq, gk))
     wq, wk = apply_rotary_transformers_reference(gq, gk, cos, _conj_sin(sin, interleaved), ud, interleaved)
     assert torch.equal(dq, wq) and torch.equal(dk, wk)
+
+
+def test_odd_head_dim_as_transformers_computes_it(dev_backend):
+    """An odd rotary dim equal to the head dim is what transformers' apply_rotary_pos_emb computes
+    (rotate_half on the odd width); anything it cannot compute (a wider table, partial odd
+    rotary) is rejected, as there."""
+    device, backend = dev_backend
+    pytest.importorskip("transformers")
+    from transformers.models.llama.modeling_llama import rotate_half  # (its hub-routed caller may be kernelized)
+
+    g = torch.Generator().manual_seed(13)
+    q = torch.randn(2, 4, 5, 41, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    k = torch.randn(2, 1, 5, 41, generator=g, dtype=torch.float64).to(device)
+    cos, sin = (torch.randn(2, 5, 41, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    got = rk.apply_rotary_transformers(q, k, cos, sin, backend=backend)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)  # transformers' apply_rotary_pos_emb, unsqueeze_dim=1
+    want = [x * c + rotate_half(x) * s for x in (q, k)]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(torch.autograd.grad(got[0].sum(), q), torch.autograd.grad(want[0].sum(), q))
+    with pytest.raises(ValueError, match="larger than"):  # Liger's D + 1 table: transformers fails too
+        rk.apply_rotary_transformers(q, k, torch.randn(2, 5, 42, device=device), torch.randn(2, 5, 42, device=device),
+                                     backend=backend)
+    with pytest.raises(ValueError, match="must be even"):
+        rk.apply_rotary_transformers(q, k, cos[..., :7], sin[..., :7], backend=backend)

@@ -37,11 +37,13 @@ def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict):
     unknown = sorted(set(index) - set(INDEX_OPTIONS))
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; the token-position options are {INDEX_OPTIONS}")
-    _canon.check_cos_sin(cos, sin)
+    r = _canon.check_cos_sin(cos, sin)
     if not isinstance(unsqueeze_dim, int) or isinstance(unsqueeze_dim, bool):
         raise TypeError(f"unsqueeze_dim must be an int, got {type(unsqueeze_dim).__name__}")
     if not isinstance(interleaved, bool):
         raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    if r % 2:  # (computed by the reference: the kernels rotate pairs)
+        _canon.check_odd_rotary(r, interleaved, index, q, k)
     idx = make_index(q, cos, unsqueeze_dim, **index)
     views = kernel_views(q, k, cos, unsqueeze_dim, idx)
     _canon.check_same_device(q=q, k=k, cos=cos, sin=sin)
@@ -69,6 +71,13 @@ def _reference_for_transform(cos, sin) -> bool:
         return True
     return any(torch._C._functorch.is_functorch_wrapped_tensor(t) or fwAD.unpack_dual(t).tangent is not None
                for t in (cos, sin))
+
+
+def _backend(q, cos, sin, backend) -> str:
+    """The backend of a validated call: the reference where only it computes the result (an odd
+    rotary dim; torch.func transforms reaching cos/sin, vmap), else ``select_backend``'s choice."""
+    be = select_backend(q.device, backend)  # (validates a requested backend either way)
+    return "reference" if cos.shape[-1] % 2 or _reference_for_transform(cos, sin) else be
 
 
 def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index):
@@ -139,7 +148,7 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index) ->
     if out is not None:
         return tuple(out)
     idx, views = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
-    be = "reference" if _reference_for_transform(cos, sin) else select_backend(q.device, backend)
+    be = _backend(q, cos, sin, backend)
     if be == "reference":
         check_values(q, cos, unsqueeze_dim, idx)
         kw = reference_kwargs(idx)
@@ -207,7 +216,7 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, back
             "in-place rotation takes no gradients wrt cos/sin, nor forward-mode AD / torch.func transforms; use "
             "apply_rotary_transformers / apply_rotary_emb"
         )
-    be = select_backend(q.device, backend)
+    be = _backend(q, cos, sin, backend)
     grad = _needs_graph(q, k)
     if torch.compiler.is_compiling():  # data pointers are not traceable: functional ops
         if grad:  # (copy_ records the in-place update for autograd)
@@ -337,7 +346,8 @@ def apply_rotary_pos_emb_interleave(q, k, cos, sin, position_ids=None, unsqueeze
     (``position_ids`` is accepted and unused, as there). One elementwise launch per tensor;
     differentiable wrt q and k."""
     del position_ids
-    _canon.check_cos_sin(cos, sin)
+    if _canon.check_cos_sin(cos, sin) % 2:
+        raise ValueError(f"the rotary dim (cos.shape[-1]) must be even, got {cos.shape[-1]}")
     for name, x in (("q", q), ("k", k)):
         _canon.check_float(name, x)
         if x.dim() < 2 or x.shape[-1] != cos.shape[-1]:

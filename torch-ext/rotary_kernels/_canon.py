@@ -43,9 +43,21 @@ def check_cos_sin(cos, sin) -> int:
     if cos.dim() < 1:
         raise ValueError("cos and sin must have at least one dimension (the rotary dim)")
     r = cos.shape[-1]
-    if r == 0 or r % 2:
-        raise ValueError(f"the rotary dim (cos.shape[-1]) must be even and positive, got {r}")
+    if r == 0:
+        raise ValueError("the rotary dim (cos.shape[-1]) must be positive, got 0")
     return r
+
+
+def check_odd_rotary(r: int, interleaved: bool, index: dict, *xs) -> None:
+    """An odd rotary dim is defined only as transformers' ``apply_rotary_pos_emb`` computes it
+    (``rotate_half`` on the whole odd head dim): R == D, half-split, plain tables."""
+    bad = [tuple(x.shape) for x in xs if x is not None and x.shape[-1] != r]
+    if bad or interleaved or index:
+        raise ValueError(
+            f"the rotary dim (cos.shape[-1]) must be even, got {r}: an odd one is only defined, as transformers' "
+            f"rotate_half computes it, when it equals the head dim (got shapes {bad or [tuple(x.shape) for x in xs if x is not None]}), "
+            "half-split, without token-position options"
+        )
 
 
 def _memoized(fn):

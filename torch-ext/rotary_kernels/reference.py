@@ -3,7 +3,8 @@
 Conventions (the same for every entry point of the package):
 
 * ``x`` has head dim ``D`` last; ``cos``/``sin`` have a last dim ``R`` (the rotary dim,
-  ``R`` even, ``R <= D``) laid out like ``x``'s first ``R`` dims: for the half-split
+  ``R`` even, ``R <= D``; an odd ``R == D`` is accepted too and computed exactly as
+  transformers' ``apply_rotary_pos_emb`` does, by the reference) laid out like ``x``'s first ``R`` dims: for the half-split
   (``rotate_half``, Llama/NeoX) layout element ``j`` pairs with ``j + R/2``; for the
   interleaved (GPT-J ``rotate_every_two``) layout element ``2i`` pairs with ``2i + 1``.
   Dims ``R..D`` pass through unchanged (partial rotary).
@@ -28,9 +29,10 @@ import torch
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """transformers' rotate_half: [x1, x2] -> [-x2, x1]."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    """transformers' rotate_half: [x1, x2] -> [-x2, x1], x1 the first ``n // 2`` elements (for
+    an odd width n, x2 is one longer: transformers' result, which is no rotation)."""
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
 def rotate_every_two(x: torch.Tensor) -> torch.Tensor:
