@@ -285,10 +285,11 @@ def _call(pss, name, fn, q, k, cos, sin, ud, gq, gk):
 
 
 def run_features(device, quick):
-    """Issue-6 features on the llama3-8b shape, bf16, fp32 cos/sin cache: ours (each backend)
-    against the eager way to get the same result (gather cos/sin rows with PyTorch, then
-    transformers' rotation). Bytes: q and k read and written once, plus one cos and one sin row
-    per token (and per mrope axis) and the int64 positions."""
+    """Features on the llama3-8b shape, bf16 q/k, fp32 cos/sin: ours (each backend) against the
+    eager way to get the same result (token positions: gather cos/sin rows with PyTorch, then
+    transformers' rotation; table conventions: the peer model's own formula on gathered tables).
+    Bytes: q and k read and written once, plus one cos and one sin row per token (and per mrope
+    axis; half rows for per-pair tables) and the int64 positions."""
     Hq, Hk, D, R = SHAPES["llama3-8b"]
     B, S = (1, 2048) if device.type == "cpu" else (4, 4096)
     P = 8192
@@ -325,6 +326,30 @@ def run_features(device, quick):
         qq.copy_(qq * c + rotate_half(qq) * s)
         kk.copy_(kk * c + rotate_half(kk) * s)
 
+    half_c, half_s = cos[pos][..., : R // 2].unsqueeze(1), sin[pos][..., : R // 2].unsqueeze(1)  # per pair
+    full_c, full_s = cos[pos].unsqueeze(1), sin[pos].unsqueeze(1)
+    freqs_cis = torch.polar(torch.ones_like(cos[pos][..., : R // 2]), torch.atan2(sin, cos)[pos][..., : R // 2])
+
+    def eager_pair_tables():  # gpt-oss's _apply_rotary_emb on [B, S, R/2] tables
+        def one(x):
+            x1, x2 = x.chunk(2, dim=-1)
+            return torch.cat((x1 * half_c - x2 * half_s, x2 * half_c + x1 * half_s), dim=-1)
+        return one(q), one(k)
+
+    def eager_mla():  # DeepSeek-V3's apply_rotary_pos_emb_interleave
+        def one(x):
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+            return torch.cat((x1 * half_c - x2 * half_s, x2 * half_c + x1 * half_s), dim=-1)
+        return one(q), one(k)
+
+    qs, ks = q.transpose(1, 2), k.transpose(1, 2)  # [B, S, H, D] as Llama 4 passes them
+
+    def eager_complex():  # Llama 4's apply_rotary_emb
+        def one(x):
+            xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+            return torch.view_as_real(xc * freqs_cis[:, :, None, :]).flatten(3).type_as(x)
+        return one(qs), one(ks)
+
     def eager_mrope():
         sel = [torch.cat([m[i % 3] for i, m in enumerate(t[pos3].split(list(section) * 2, dim=-1))], dim=-1)
                for t in (cos, sin)]
@@ -344,6 +369,17 @@ def run_features(device, quick):
                             lambda be: rk.apply_rotary_transformers(q, k, cos, sin, positions=pos3,
                                                                     mrope_section=section, backend=be),
                             qk_bytes + B * S * 3 * (row_bytes + 8)),
+        "per-pair tables (gpt-oss)": (eager_pair_tables,
+                                      lambda be: rk.apply_rotary_transformers(q, k, half_c[:, 0], half_s[:, 0],
+                                                                              pair_tables=True, backend=be),
+                                      qk_bytes + B * S * row_bytes // 2),
+        "MLA interleave (DeepSeek-V3)": (eager_mla,
+                                         lambda be: rk.apply_rotary_pos_emb_interleave(q, k, full_c[:, 0], full_s[:, 0],
+                                                                                       backend=be),
+                                         qk_bytes + B * S * row_bytes // 2),
+        "complex freqs_cis (Llama 4)": (eager_complex,
+                                        lambda be: rk.apply_rotary_emb_complex(qs, ks, freqs_cis, backend=be),
+                                        qk_bytes + B * S * row_bytes // 2),
     }
     rows = []
     with torch.no_grad():
@@ -440,9 +476,10 @@ def write_report(rows, missing, copy_gbs, device, out: Path, features=()):
                          f"{r['ms']:.4f} | {r['iqr']:.4f} | {r['gbs']:.1f} | {100 * r['frac']:.0f}% | {sp} | {pm} |")
         lines.append("")
     if features:
-        lines += ["", "## Token-position features (llama3-8b, bf16 q/k, fp32 [8192, 128] cos/sin cache, forward)", "",
-                  "Eager = gather the cos/sin rows with PyTorch ops, then transformers' rotation. "
-                  "GB/s counts q, k and one cos/sin row (+ positions) per token (see `run_features`).", "",
+        lines += ["", "## Features (llama3-8b, bf16 q/k, fp32 [8192, 128] cos/sin cache, forward)", "",
+                  "Eager = gather the cos/sin rows with PyTorch ops, then transformers' rotation (table "
+                  "conventions: the peer model's own formula on the gathered tables). GB/s counts q, k and one "
+                  "cos/sin row (+ positions) per token (see `run_features`).", "",
                   "| feature | tokens | implementation | median ms | IQR ms | GB/s | vs eager |",
                   "|---|---:|---|---:|---:|---:|---:|"]
         for r in features:
