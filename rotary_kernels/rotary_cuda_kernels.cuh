@@ -416,8 +416,11 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
     Packed<cs_t, VEC> ca, cb, sa, sb;
     load_cs<CS_VECTOR>(p.cos, p.sc, p.ti, a, s, pos, oa, p.half, INTERLEAVED, ca);
     load_cs<CS_VECTOR>(p.cos, p.sc, p.ti, a, s, pos, ob, p.half, INTERLEAVED, cb);
-    // Half-split conj swaps sin's groups by address (no register swap): (s1, s2) := (-s2, -s1).
-    const bool swap = !INTERLEAVED && p.conj;
+    // conj: (s1, s2) := (-s2, -s1). Half-split with vector x swaps sin's groups by address (no
+    // register swap: what keeps 16-bit x / fp32 tables at 64 registers); interleaved and the
+    // scalar path (VEC = 1, where by address costs ~20 registers more) swap in registers.
+    constexpr bool kSwap = VECTOR && !INTERLEAVED;
+    const bool swap = kSwap && p.conj;
     load_cs<CS_VECTOR>(p.sin, p.ss, p.ti, a, s, pos, swap ? ob : oa, p.half, INTERLEAVED, sa);
     load_cs<CS_VECTOR>(p.sin, p.ss, p.ti, a, s, pos, swap ? oa : ob, p.half, INTERLEAVED, sb);
     if (!CS_VECTOR && bad) {
@@ -427,7 +430,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
       sb.fill_nan();
     }
     if (p.conj) {
-      if constexpr (INTERLEAVED) {
+      if constexpr (!kSwap) {
         conj_sin<VEC, INTERLEAVED>(sa, sb);
       } else {  // already swapped: the signs
         sa.negate();
