@@ -234,21 +234,17 @@ struct RotaryParams {
   TokenIndex ti;
   // 32-bit: the planner checks tokens, rows and D against INT32_MAX.
   int32_t S, D, half, rows, rows_per_slice;
+  int32_t hq;  // q.H as 32 bits: rows r < hq are q's
   bool conj;
 };
 
-// Element offsets (in the head dim) of the two VEC-element groups of chunk c, and how the
-// pairs sit in them: half-split pairs group A with group B element by element; interleaved
-// pairs neighbours inside a group (or, with VEC = 1, the two groups).
+// A chunk is two VEC-element groups of the head dim, at element offsets oa and ob = oa +
+// group_gap(): half-split pairs group A with group B element by element (oa = c VEC, gap R/2);
+// interleaved pairs neighbours inside a group, or with VEC = 1 the two groups (oa = 2 c VEC,
+// gap VEC). The kernel walks oa itself (no chunk index, no ob kept in a register).
 template <int VEC, bool INTERLEAVED>
-__device__ __forceinline__ void chunk_offsets(int32_t c, int32_t half, int32_t& oa, int32_t& ob) {
-  if constexpr (INTERLEAVED) {
-    oa = 2 * c * VEC;
-    ob = oa + VEC;
-  } else {
-    oa = c * VEC;
-    ob = half + c * VEC;
-  }
+__device__ __forceinline__ int32_t group_gap(int32_t half) {
+  return INTERLEAVED ? VEC : half;
 }
 
 // Rotates the pairs of a chunk in the math type acc_t, one pair at a time from the packed
@@ -304,7 +300,8 @@ __device__ __forceinline__ void load_cs(const cs_t* t, const CSStrides& st, cons
                                         int64_t s, const int64_t (&pos)[3], int32_t j0, int32_t half,
                                         bool interleaved, Packed<cs_t, VEC>& regs) {
   if constexpr (CS_VECTOR) {
-    load_n<true>(t + cs_offset(st, 0, a, s, pos[0], j0), 1, regs);
+    // (CS_VECTOR: st.r == 1; j0 >= 0 zero-extended, the row's offset shared by both groups.)
+    load_n<true>(t + cs_offset(st, 0, a, s, pos[0], 0) + int64_t{static_cast<uint32_t>(j0)}, 1, regs);
   } else {
     Vec<cs_t, VEC> out;
 #pragma unroll
@@ -324,31 +321,39 @@ __device__ __forceinline__ void load_cs(const cs_t* t, const CSStrides& st, cons
 // starts, and the head-dim stride (VECTOR: contiguous, 1). Computed where used, so no 64-bit
 // pointer stays live across the loads of a step.
 template <bool OUT, bool VECTOR, typename scalar_t>
-__device__ __forceinline__ auto row_ptr(const Operand<scalar_t>& q, const Operand<scalar_t>& k, int64_t a,
-                                        int64_t s, int32_t r, int64_t& stride) {
-  const bool is_q = r < q.H;
+__device__ __forceinline__ auto row_ptr(const Operand<scalar_t>& q, const Operand<scalar_t>& k, int32_t hq, uint32_t a,
+                                        uint32_t s, int32_t r, int64_t& stride) {
+  // (a, s, h are non-negative 32-bit values: zero-extended, so no high words stay live.)
+  const bool is_q = r < hq;
   const Operand<scalar_t>& o = is_q ? q : k;
-  const int64_t h = is_q ? r : r - q.H;
+  const uint32_t h = static_cast<uint32_t>(is_q ? r : r - hq);
   const Strides4& st = OUT ? o.sy : o.sx;
   stride = VECTOR ? 1 : st.d;
+  const int64_t aa = a, ss = s, hh = h;
   if constexpr (OUT) {
-    return o.y + offset4(st, a, s, h, 0);
+    return o.y + offset4(st, aa, ss, hh, 0);
   } else {
-    return o.x + offset4(st, a, s, h, 0);
+    return o.x + offset4(st, aa, ss, hh, 0);
   }
 }
 
 // Blocks of kThreads an SM must hold (the register budget: 65536 / (kThreads x this)). The
-// element-by-element cos/sin path (mrope, misaligned tables) and half-split 16-bit x with fp32
-// tables do not fit 64 registers without spilling (measured with ptxas, sm_90/sm_80): they get
-// a larger budget, hence less occupancy (tests/test_codegen_cuda.py records each).
+// element-by-element cos/sin path (mrope, misaligned tables) does not fit 64 registers without
+// spilling: it gets a larger budget, hence less occupancy (measured with ptxas, sm_90/sm_80;
+// tests/test_codegen_cuda.py records each). 16-bit x with fp32 tables (32 registers of cos/sin
+// held across the row loop) fits 64 since the loop keeps its token and offsets as 32-bit values,
+// the bad-token path stores NaN without holding cos/sin, and half-split conj swaps sin by address.
 template <typename scalar_t, typename cs_t, bool CS_VECTOR, bool INTERLEAVED>
 constexpr int min_blocks() {
-  if (!CS_VECTOR) return kMinBlocks / 2;
-  if (!INTERLEAVED && sizeof(scalar_t) == 2 && sizeof(cs_t) == 4) {
-    return std::is_same_v<scalar_t, c10::Half> ? kMinBlocks / 2 : kMinBlocks - 1;  // fp16 spills at 80
-  }
-  return kMinBlocks;
+  return CS_VECTOR ? kMinBlocks : kMinBlocks / 2;
+}
+
+// A chunk's head-dim offset (>= 0) as 64 bits: sign-extended for element-by-element 16-bit
+// tables, zero-extended otherwise. Same value; chosen per instance because ptxas then fits each
+// budget without spilling (sm_80 and sm_90, measured: those instances sit at their 128 cap).
+template <bool SIGNED>
+__device__ __forceinline__ int64_t chunk_off(int32_t o) {
+  return SIGNED ? int64_t{o} : int64_t{static_cast<uint32_t>(o)};
 }
 
 template <typename scalar_t, typename cs_t, int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED>
@@ -356,24 +361,29 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
     rotary_kernel(const RotaryParams<scalar_t, cs_t> p) {
   using acc_t = typename AccType<scalar_t>::type;
   const int32_t token = static_cast<int32_t>(blockIdx.x);
-  const int32_t a = token / p.S, s = token - a * p.S;
+  const int32_t a = token / p.S, s = token - a * p.S;  // row_ptr takes them as unsigned
   const int32_t row0 = static_cast<int32_t>(blockIdx.y) * p.rows_per_slice;
   const int32_t row_end = p.rows - row0 < p.rows_per_slice ? p.rows : row0 + p.rows_per_slice;
-  const int32_t nchunks = p.half / VEC;
+  // Chunk c starts at oa = c kStride. The loop walks oa itself with vector tables, c otherwise
+  // (each the form ptxas fits in its register budget without spilling, sm_80 and sm_90).
+  constexpr int32_t kStride = INTERLEAVED ? 2 * VEC : VEC;
+  constexpr int32_t kStep = CS_VECTOR ? kStride : 1;
+  constexpr bool kSignedOff = !CS_VECTOR && sizeof(cs_t) == 2;
+  const int32_t i_end = CS_VECTOR ? (INTERLEAVED ? 2 * p.half : p.half) : p.half / VEC;
   const int32_t TY = static_cast<int32_t>(blockDim.y);
   int64_t dx, dy;
 
 #pragma unroll 1
-  for (int32_t c = static_cast<int32_t>(threadIdx.x); c < nchunks; c += static_cast<int32_t>(blockDim.x)) {
+  for (int32_t i = static_cast<int32_t>(threadIdx.x) * kStep; i < i_end; i += static_cast<int32_t>(blockDim.x) * kStep) {
     int32_t r = row0 + static_cast<int32_t>(threadIdx.y);
     if (r >= row_end) break;
-    int32_t oa, ob;
-    chunk_offsets<VEC, INTERLEAVED>(c, p.half, oa, ob);
+    const int32_t oa = CS_VECTOR ? i : i * kStride;
+    const int32_t ob = oa + group_gap<VEC, INTERLEAVED>(p.half);
     // The first row's q/k loads, before anything waits on memory.
     Packed<scalar_t, VEC> xa, xb;
-    const scalar_t* x = row_ptr<false, VECTOR>(p.q, p.k, a, s, r, dx);
-    load_n<VECTOR>(x + oa * dx, dx, xa);
-    load_n<VECTOR>(x + ob * dx, dx, xb);
+    const scalar_t* x = row_ptr<false, VECTOR>(p.q, p.k, p.hq, a, s, r, dx);
+    load_n<VECTOR>(x + chunk_off<kSignedOff>(oa) * dx, dx, xa);
+    load_n<VECTOR>(x + chunk_off<kSignedOff>(ob) * dx, dx, xb);
     // Then the chunk's cos/sin: the token's cache row on each mrope axis (caches), else the
     // per-token tables. A row outside the cache: NaN, nothing read. (CS_VECTOR excludes mrope.)
     int64_t pos[3] = {0, 0, 0};
@@ -385,21 +395,48 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
         bad = bad || !position_ok(p.ti, pos[ax]);
       }
     }
-    Packed<cs_t, VEC> ca, cb, sa, sb;
-    if (bad) {  // a position outside the cache: read row 0 instead (in bounds), rotate to NaN
+    // A position outside the cache: nothing read, the rotated dims written as NaN. Vector
+    // tables: a loop of NaN stores (no cos/sin held, which keeps the 16-bit x / fp32 tables
+    // instances at 64 registers); element-by-element tables: row 0 read instead (in bounds),
+    // cos/sin set to NaN (the loop above costs those 30 more registers).
+    if constexpr (CS_VECTOR) {
+      if (bad) {
+        Packed<scalar_t, VEC> nan;
+        nan.fill_nan();
+        for (; r < row_end; r += TY) {
+          scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, p.hq, a, s, r, dy);
+          store_n<VECTOR>(y + chunk_off<kSignedOff>(oa) * dy, dy, nan);
+          store_n<VECTOR>(y + chunk_off<kSignedOff>(ob) * dy, dy, nan);
+        }
+        continue;
+      }
+    } else if (bad) {
       pos[0] = pos[1] = pos[2] = 0;
     }
+    Packed<cs_t, VEC> ca, cb, sa, sb;
     load_cs<CS_VECTOR>(p.cos, p.sc, p.ti, a, s, pos, oa, p.half, INTERLEAVED, ca);
     load_cs<CS_VECTOR>(p.cos, p.sc, p.ti, a, s, pos, ob, p.half, INTERLEAVED, cb);
-    load_cs<CS_VECTOR>(p.sin, p.ss, p.ti, a, s, pos, oa, p.half, INTERLEAVED, sa);
-    load_cs<CS_VECTOR>(p.sin, p.ss, p.ti, a, s, pos, ob, p.half, INTERLEAVED, sb);
-    if (bad) {
+    // conj: (s1, s2) := (-s2, -s1). Half-split with vector x swaps sin's groups by address (no
+    // register swap: what keeps 16-bit x / fp32 tables at 64 registers); interleaved and the
+    // scalar path (VEC = 1, where by address costs ~20 registers more) swap in registers.
+    constexpr bool kSwap = VECTOR && !INTERLEAVED;
+    const bool swap = kSwap && p.conj;
+    load_cs<CS_VECTOR>(p.sin, p.ss, p.ti, a, s, pos, swap ? ob : oa, p.half, INTERLEAVED, sa);
+    load_cs<CS_VECTOR>(p.sin, p.ss, p.ti, a, s, pos, swap ? oa : ob, p.half, INTERLEAVED, sb);
+    if (!CS_VECTOR && bad) {
       ca.fill_nan();
       cb.fill_nan();
       sa.fill_nan();
       sb.fill_nan();
     }
-    if (p.conj) conj_sin<VEC, INTERLEAVED>(sa, sb);
+    if (p.conj) {
+      if constexpr (!kSwap) {
+        conj_sin<VEC, INTERLEAVED>(sa, sb);
+      } else {  // already swapped: the signs
+        sa.negate();
+        sb.negate();
+      }
+    }
 
     // One row a step: rotate, store, then issue the next row's loads (TY rows on).
 #pragma unroll 1
@@ -410,14 +447,14 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
       sa.opaque(zero);
       sb.opaque(zero);
       rotate_chunk<VEC, INTERLEAVED, acc_t>(xa, xb, ca, cb, sa, sb);
-      scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, a, s, r, dy);
-      store_n<VECTOR>(y + oa * dy, dy, xa);
-      store_n<VECTOR>(y + ob * dy, dy, xb);
+      scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, p.hq, a, s, r, dy);
+      store_n<VECTOR>(y + chunk_off<kSignedOff>(oa) * dy, dy, xa);
+      store_n<VECTOR>(y + chunk_off<kSignedOff>(ob) * dy, dy, xb);
       r += TY;
       if (r >= row_end) break;
-      x = row_ptr<false, VECTOR>(p.q, p.k, a, s, r, dx);
-      load_n<VECTOR>(x + oa * dx, dx, xa);
-      load_n<VECTOR>(x + ob * dx, dx, xb);
+      x = row_ptr<false, VECTOR>(p.q, p.k, p.hq, a, s, r, dx);
+      load_n<VECTOR>(x + chunk_off<kSignedOff>(oa) * dx, dx, xa);
+      load_n<VECTOR>(x + chunk_off<kSignedOff>(ob) * dx, dx, xb);
     }
   }
 
@@ -426,8 +463,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
   if (tail > 0 && (p.q.copy_pass || p.k.copy_pass)) {
     for (int32_t r = row0 + static_cast<int32_t>(threadIdx.y); r < row_end; r += TY) {
       if (!(r < p.q.H ? p.q : p.k).copy_pass) continue;
-      const scalar_t* x = row_ptr<false, VECTOR>(p.q, p.k, a, s, r, dx) + 2 * p.half * dx;
-      scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, a, s, r, dy) + 2 * p.half * dy;
+      const scalar_t* x = row_ptr<false, VECTOR>(p.q, p.k, p.hq, a, s, r, dx) + 2 * p.half * dx;
+      scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, p.hq, a, s, r, dy) + 2 * p.half * dy;
       if constexpr (VECTOR) {
         if (tail % VEC == 0) {
           for (int32_t j = static_cast<int32_t>(threadIdx.x) * VEC; j < tail;
@@ -541,6 +578,7 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   p.half = static_cast<int32_t>(half);
   p.rows = static_cast<int32_t>(rows);
   p.rows_per_slice = static_cast<int32_t>(plan.rows_per_slice);
+  p.hq = static_cast<int32_t>(p.q.H);
   if (!vector) {
     dispatch_interleaved<1, false, false>(launcher, p, interleaved, plan.grid, plan.block);
   } else if (cs_vector) {

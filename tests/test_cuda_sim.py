@@ -193,6 +193,23 @@ def test_sim_llama_prefill_plan(sim):
     assert sim.plan(4096, 40, 8, 132) == [4096, 1, 8, 32, 40]
 
 
+@pytest.mark.parametrize("tokens", [1, 8, 64, 256], ids=lambda t: f"batch{t}x1")
+def test_sim_decode_plans(sim, tokens):
+    """Llama-3-8B decode (batch x 1 token, 32 q + 8 k heads, D = 128: 8 chunks a row) on 132 SMs.
+    Latency bound: every (token, row, chunk) gets its own thread, so each thread waits one
+    memory round trip and no thread walks a second row; blocks are whole warps with no idle
+    thread; grid.y splits the rows so a token is spread over 2 blocks (64 tokens: 128 blocks,
+    one an SM). Finer splits (5 slices of 8 rows: 320 blocks of 2 warps) would reach the 4 idle
+    SMs but not shorten the one round trip each thread waits, so the planner keeps 8x20."""
+    rows, nchunks, sms = 40, 8, 132
+    gx, gy, bx, by, rps = sim.plan(tokens, rows, nchunks, sms)
+    assert (gx, bx) == (tokens, nchunks)
+    assert rps == by and gy * rps == rows  # one row a thread, every thread busy
+    assert (bx * by) % 32 == 0 and bx * by <= 256
+    assert (gx, gy, bx, by) == (tokens, 2, 8, 20)
+    assert gx * gy >= min(sms * 0.95, tokens * 2)  # 64 tokens: 128 blocks on 132 SMs
+
+
 def test_sim_catches_misaligned_vectors(sim):
     """A vector access off a 16-byte boundary raises in the simulation (x86 would not fault)."""
     q = canonical(1, 2, 2, 16, torch.bfloat16, "cpu", "misaligned")
