@@ -8,6 +8,8 @@
 // 16-bit conversions are branch-free bit arithmetic (vectorisable, IEEE round to nearest even),
 // and on x86-64 Linux the per-token work is compiled for AVX-512, AVX2 and baseline x86-64,
 // picked at load time (GCC function multiversioning), so one binary runs everywhere.
+// On CPUs with AVX-512F, bf16 and fp32 rotate-half rows take explicit 512-bit code
+// (rotate_avx512, same arithmetic and conversions, so the same bits).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -166,8 +168,17 @@ __attribute__((target("avx512f"))) inline void bf16x16_store(c10::BFloat16* p, _
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
 }
 
-template <bool same>
-__attribute__((target("avx512f"))) void rotate_bf16_avx512(const c10::BFloat16* x, c10::BFloat16* y, int64_t half,
+__attribute__((target("avx512f"))) inline __m512 f32x16_load(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline void f32x16_store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+__attribute__((target("avx512f"))) inline __m512 x16_load(const c10::BFloat16* p) { return bf16x16_load(p); }
+__attribute__((target("avx512f"))) inline void x16_store(c10::BFloat16* p, __m512 v) { bf16x16_store(p, v); }
+__attribute__((target("avx512f"))) inline __m512 x16_load(const float* p) { return f32x16_load(p); }
+__attribute__((target("avx512f"))) inline void x16_store(float* p, __m512 v) { f32x16_store(p, v); }
+
+// bf16 or fp32 rotate-half rows, 16 pairs per step (fp32: the same as the compiler's loop but in
+// zmm registers, which GCC's default tuning does not use).
+template <typename scalar_t, bool same>
+__attribute__((target("avx512f"))) void rotate_avx512(const scalar_t* x, scalar_t* y, int64_t half,
                                                            const float* c1, const float* c2, const float* s1,
                                                            const float* s2) {
   if (same) {
@@ -176,20 +187,20 @@ __attribute__((target("avx512f"))) void rotate_bf16_avx512(const c10::BFloat16* 
   }
   int64_t i = 0;
   for (; i + 16 <= half; i += 16) {
-    const __m512 a = bf16x16_load(x + i), b = bf16x16_load(x + half + i);
+    const __m512 a = x16_load(x + i), b = x16_load(x + half + i);
     const __m512 vc1 = _mm512_loadu_ps(c1 + i), vs1 = _mm512_loadu_ps(s1 + i);
     const __m512 vc2 = same ? vc1 : _mm512_loadu_ps(c2 + i), vs2 = same ? vs1 : _mm512_loadu_ps(s2 + i);
     const __m512 ya = _mm512_sub_ps(_mm512_mul_ps(a, vc1), _mm512_mul_ps(b, vs1));
     const __m512 yb = _mm512_add_ps(_mm512_mul_ps(b, vc2), _mm512_mul_ps(a, vs2));
-    bf16x16_store(y + i, ya);
-    bf16x16_store(y + half + i, yb);
+    x16_store(y + i, ya);
+    x16_store(y + half + i, yb);
   }
   for (; i < half; ++i) {
-    const float a = load_acc<c10::BFloat16, float>(x + i), b = load_acc<c10::BFloat16, float>(x + half + i);
+    const float a = load_acc<scalar_t, float>(x + i), b = load_acc<scalar_t, float>(x + half + i);
     float ya, yb;
     rotate_pair(a, b, PairCS<float>{c1[i], c2[i], s1[i], s2[i]}, ya, yb);
-    store_out<c10::BFloat16, float>(y + i, ya);
-    store_out<c10::BFloat16, float>(y + half + i, yb);
+    store_out<scalar_t, float>(y + i, ya);
+    store_out<scalar_t, float>(y + half + i, yb);
   }
 }
 #endif
@@ -198,12 +209,12 @@ template <typename scalar_t, typename acc_t, bool interleaved>
 inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd, int64_t D, int64_t half,
                        bool copy_pass, const CSTable<acc_t>& cs, bool same, bool f16c, bool avx512) {
 #ifdef RK_HAVE_AVX512_BF16_PATH
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && !interleaved) {
+  if constexpr ((std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, float>) && !interleaved) {
     if (avx512 && sxd == 1 && syd == 1) {
       if (same) {
-        rotate_bf16_avx512<true>(x, y, half, cs.c1, cs.c2, cs.s1, cs.s2);
+        rotate_avx512<scalar_t, true>(x, y, half, cs.c1, cs.c2, cs.s1, cs.s2);
       } else {
-        rotate_bf16_avx512<false>(x, y, half, cs.c1, cs.c2, cs.s1, cs.s2);
+        rotate_avx512<scalar_t, false>(x, y, half, cs.c1, cs.c2, cs.s1, cs.s2);
       }
       if (copy_pass) std::memcpy(y + 2 * half, x + 2 * half, (D - 2 * half) * sizeof(scalar_t));
       return;
@@ -284,11 +295,11 @@ struct CpuParams {
 // rows) stall the hardware prefetchers, so rows with a contiguous head dim are also prefetched
 // in software: token-major walks fetch each row one token ahead, head-major walks kPrefetchBytes
 // ahead, on into the next head's run (2-4x on a qkv slice and on [B, H, S, D] here, ~10% on
-// the dense layouts).
+// the dense layouts; 8 KB ahead rather than 4 KB: fp32 [B, H, S, D] at 2048 tokens ~15% faster).
 // Each row is read and written once whatever the order, with the same arithmetic: the order
 // changes the speed only, never a bit of the result.
 constexpr int64_t kTokBlock = 32;
-constexpr int64_t kPrefetchBytes = 4096;
+constexpr int64_t kPrefetchBytes = 8192;
 constexpr int64_t kPrefetchMin = int64_t{4} << 20;
 
 // Are x's heads its outer dimension (rather than the tokens)? The output's layout decides when
