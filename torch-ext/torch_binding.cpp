@@ -341,6 +341,46 @@ bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
   return a0 < b1 && b0 < a1;
 }
 
+// q and k are provably disjoint views of one storage: the same strides, the same sizes but in one
+// dim j, k's start m steps of dim j from q's outside q's range there, and the box spanning both
+// is nested (each element one address). The usual case: q's and k's heads sliced from a packed
+// qkv, which may_overlap alone sends to the Python path (~40 us of exact checks per call).
+bool disjoint_slices(const at::Tensor& q, const at::Tensor& k) {
+  if (q.dim() != k.dim() || q.scalar_type() != k.scalar_type() || q.strides() != k.strides()) return false;
+  const int64_t es = q.element_size();
+  const auto diff = static_cast<int64_t>(reinterpret_cast<intptr_t>(k.data_ptr()) -
+                                         reinterpret_cast<intptr_t>(q.data_ptr()));
+  if (diff % es != 0) return false;
+  const int64_t delta = diff / es;
+  for (int64_t j = 0; j < q.dim(); ++j) {
+    const int64_t st = q.stride(j);
+    if (st <= 0 || delta % st != 0) continue;
+    bool others_equal = true;
+    for (int64_t d = 0; d < q.dim(); ++d) others_equal = others_equal && (d == j || q.size(d) == k.size(d));
+    if (!others_equal) continue;
+    const int64_t m = delta / st;
+    if (m < q.size(j) && m + k.size(j) > 0) continue;  // index ranges along j intersect
+    const int64_t lo = std::min<int64_t>(0, m), hi = std::max<int64_t>(q.size(j), m + k.size(j));
+    std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the spanning box
+    for (int64_t d = 0; d < q.dim(); ++d) {
+      const int64_t n = d == j ? hi - lo : q.size(d);
+      if (n != 1) dims.emplace_back(q.stride(d), n);
+    }
+    std::sort(dims.begin(), dims.end());
+    int64_t reach = 0;
+    bool ok = true;
+    for (const auto& [stride, size] : dims) {
+      if (stride <= reach) {
+        ok = false;
+        break;
+      }
+      reach += (size - 1) * stride;
+    }
+    if (ok) return true;
+  }
+  return false;
+}
+
 // In place: true when done; false for anything outside the one-call path or not provably safe
 // to write (the Python path then applies _canon.check_writes and reports). Eager only (it reads
 // data pointers): under torch.compile the public functions use the functionalizable rotary_ op.
@@ -352,7 +392,7 @@ bool rotary_transformers_inplace_op(const at::Tensor& q, const std::optional<at:
   for (const at::Tensor* x : {&q, k.has_value() ? &*k : nullptr}) {
     if (x != nullptr && (!nested(*x) || may_overlap(*x, cos) || may_overlap(*x, sin))) return false;
   }
-  if (k.has_value() && may_overlap(*k, q)) return false;
+  if (k.has_value() && may_overlap(*k, q) && !disjoint_slices(q, *k)) return false;
   launch_planned(*plan, q, k, cos, sin, unsqueeze_dim, q, k, interleaved, false);
   return true;
 }
