@@ -74,7 +74,7 @@ bool cuda_image_ok(int64_t device) {
 
 void rotary_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                 bool interleaved, bool conj, const IndexArgs& ix) {
+                 bool interleaved, bool conj, const TokenIndexArgs& ix) {
   const c10::cuda::CUDAGuard guard(q.device());
   CudaLauncher launcher{c10::cuda::getCurrentCUDAStream()};
   dispatch_rotary_types(q, cos, sin, [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s) {

@@ -553,7 +553,7 @@ void dispatch_interleaved(Launcher& launcher, const Params& p, bool interleaved,
 template <typename scalar_t, typename cs_t, typename Launcher>
 void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                 bool interleaved, bool conj, const IndexArgs& ix, int64_t sms, Launcher& launcher) {
+                 bool interleaved, bool conj, const TokenIndexArgs& ix, int64_t sms, Launcher& launcher) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   const int64_t A = q.size(0), S = q.size(1), D = q.size(3), R = cos.size(-1), half = R / 2;
   RotaryParams<scalar_t, cs_t> p{};

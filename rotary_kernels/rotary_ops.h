@@ -20,8 +20,9 @@ inline CSStrides cs_strides(const at::Tensor& t) {
   return {t.stride(0), t.stride(1), t.stride(2), 0, t.stride(3)};  // mrope [3, A, S, R]
 }
 
-// The token-position arguments of the rotary ops (validated by the binding).
-struct IndexArgs {
+// The token-position arguments of the rotary ops as tensors (validated by the binding): the host
+// side of rotary_math.h's TokenIndex and of the Python TokenIndex (_index.py).
+struct TokenIndexArgs {
   std::optional<at::Tensor> positions;       // int64 [X, A, S]
   std::optional<at::Tensor> cu_seqlens;      // int64 [n + 1]
   std::optional<at::Tensor> seqlen_offsets;  // int64 [n]
@@ -30,7 +31,7 @@ struct IndexArgs {
   bool mrope_interleaved = false;
 };
 
-inline TokenIndex make_token_index(const at::Tensor& cos, const IndexArgs& ix) {
+inline TokenIndex make_token_index(const at::Tensor& cos, const TokenIndexArgs& ix) {
   TokenIndex t{};
   t.rows = cos.dim() == 2 ? cos.size(0) : 0;
   if (ix.positions) {
@@ -122,7 +123,7 @@ void dispatch_elementwise(const at::Tensor& x1, const at::Tensor& x2, const at::
 // q/k themselves (in place).
 void rotary_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                 const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                bool interleaved, bool conj, const rotary_kernels::IndexArgs& ix);
+                bool interleaved, bool conj, const rotary_kernels::TokenIndexArgs& ix);
 
 // x1, x2, out1, out2 of one shape; cos/sin already expanded to it.
 void apply_rotary_cpu(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
@@ -132,7 +133,7 @@ void apply_rotary_cpu(const at::Tensor& x1, const at::Tensor& x2, const at::Tens
 #define RK_HAVE_CUDA 1
 void rotary_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                 bool interleaved, bool conj, const rotary_kernels::IndexArgs& ix);
+                 bool interleaved, bool conj, const rotary_kernels::TokenIndexArgs& ix);
 
 void apply_rotary_cuda(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
                        const at::Tensor& out1, const at::Tensor& out2, bool conj);

@@ -155,7 +155,7 @@ std::vector<int64_t> rotary_sim(const at::Tensor& q, const std::optional<at::Ten
                                 const std::optional<at::Tensor>& cu_seqlens = std::nullopt,
                                 const std::optional<at::Tensor>& seqlen_offsets = std::nullopt, int64_t offset = 0,
                                 std::vector<int64_t> mrope_section = {}, bool mrope_interleaved = false) {
-  const IndexArgs ix{positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved};
+  const TokenIndexArgs ix{positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved};
   SimLauncher plain;
   ForceVector forced;
   const SimLauncher& launcher = g_force_vector ? static_cast<const SimLauncher&>(forced) : plain;

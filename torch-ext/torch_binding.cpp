@@ -66,7 +66,7 @@ void check_index_tensor(const std::optional<at::Tensor>& t, const at::Tensor& q,
 
 void check_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                   const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                  const rotary_kernels::IndexArgs& ix) {
+                  const rotary_kernels::TokenIndexArgs& ix) {
   TORCH_CHECK(q.dim() == 4, "q must be 4-D [A, S, H, D], got ", q.sizes());
   TORCH_CHECK(cos.dim() >= 2 && cos.dim() <= 4, "cos must be [A, S, R], [3, A, S, R] or a [P, R] cache, got ",
               cos.sizes());
@@ -132,7 +132,7 @@ void rotary_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at
                bool interleaved, bool conj, const std::optional<at::Tensor>& positions,
                const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>& seqlen_offsets,
                int64_t offset, at::IntArrayRef mrope_section, bool mrope_interleaved) {
-  const rotary_kernels::IndexArgs ix{positions, cu_seqlens, seqlen_offsets, offset, mrope_section.vec(),
+  const rotary_kernels::TokenIndexArgs ix{positions, cu_seqlens, seqlen_offsets, offset, mrope_section.vec(),
                                      mrope_interleaved};
   check_rotary(q, k, cos, sin, q_out, k_out, ix);
 #ifdef RK_HAVE_CUDA

@@ -455,7 +455,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
 template <typename scalar_t, typename cs_t>
 void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                      const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                     bool interleaved, bool conj, const IndexArgs& ix) {
+                     bool interleaved, bool conj, const TokenIndexArgs& ix) {
   CpuParams<scalar_t, cs_t> p{};
   p.S = q.size(1);
   p.D = q.size(3);
@@ -507,7 +507,7 @@ void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, co
 
 void rotary_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                 const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                bool interleaved, bool conj, const IndexArgs& ix) {
+                bool interleaved, bool conj, const TokenIndexArgs& ix) {
   dispatch_rotary_types(q, cos, sin, [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s) {
     rotary_cpu_impl<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved, conj, ix);
   });
