@@ -124,13 +124,10 @@ def test_out_of_range_mrope_axis():
 # ---- 64-bit offsets ------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not CPU_INTERP, reason="needs the interpreter on CPU (virtual memory trick)")
-@pytest.mark.parametrize("interleaved", [False, True])
-def test_offsets_beyond_int32(interleaved):
-    """Head-dim stride s with 3 * s >= 2^31: offsets j * s overflow in 32-bit arithmetic.
-
-    The storage is 4 GiB of *virtual* memory (torch.empty does not touch it), of which the test
-    touches a few pages: q's 4 elements at 0, s, 2s, 3s and q_out's at 1, s + 1, ..."""
+def _huge_stride_q():
+    """q [1, 1, 1, 4] with head-dim stride s = 2^31 / 3 + 16 (3 * s overflows int32) holding
+    1, 2, 3, 4, and q_out interleaved with it one element on (NaN), in 4 GiB of *virtual*
+    memory (torch.empty does not touch it; the test touches a few pages)."""
     s = 2**31 // 3 + 16
     try:
         buf = torch.empty(3 * s + 2, dtype=torch.bfloat16)
@@ -141,6 +138,17 @@ def test_offsets_beyond_int32(interleaved):
     vals = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.bfloat16)
     q.copy_(vals.view(1, 1, 1, 4))
     qo.fill_(float("nan"))
+    return q, qo, vals
+
+
+@pytest.mark.skipif(not CPU_INTERP, reason="needs the interpreter on CPU (virtual memory trick)")
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_offsets_beyond_int32(interleaved):
+    """Head-dim stride s with 3 * s >= 2^31: offsets j * s overflow in 32-bit arithmetic.
+
+    The storage is 4 GiB of *virtual* memory (torch.empty does not touch it), of which the test
+    touches a few pages: q's 4 elements at 0, s, 2s, 3s and q_out's at 1, s + 1, ..."""
+    q, qo, vals = _huge_stride_q()
     ang = torch.tensor([0.3, 1.1, 0.3, 1.1] if not interleaved else [0.3, 0.3, 1.1, 1.1])
     cos, sin = ang.cos().view(1, 1, 4), ang.sin().view(1, 1, 4)
     T.rotary_triton(q, None, cos, sin, qo, None, interleaved, False)
@@ -152,16 +160,7 @@ def test_offsets_beyond_int32(interleaved):
 @pytest.mark.skipif(not CPU_INTERP, reason="needs the interpreter on CPU (virtual memory trick)")
 def test_pass_through_offsets_beyond_int32():
     """Partial rotary, out of place: the copied dims' offsets p * s are 64-bit too."""
-    s = 2**31 // 3 + 16
-    try:
-        buf = torch.empty(3 * s + 2, dtype=torch.bfloat16)
-    except RuntimeError as e:
-        pytest.skip(f"cannot reserve 4 GiB of address space: {e}")
-    q = buf.as_strided((1, 1, 1, 4), (0, 0, 0, s), 0)
-    qo = buf.as_strided((1, 1, 1, 4), (0, 0, 0, s), 1)
-    vals = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.bfloat16)
-    q.copy_(vals.view(1, 1, 1, 4))
-    qo.fill_(float("nan"))
+    q, qo, vals = _huge_stride_q()
     cos, sin = torch.tensor([0.5, 0.5]).view(1, 1, 2), torch.tensor([0.25, 0.25]).view(1, 1, 2)
     T.rotary_triton(q, None, cos, sin, qo, None, False, False)
     exp = _ref(vals.view(1, 1, 1, 4), cos, sin)
