@@ -4,8 +4,7 @@ import pytest
 import torch
 
 import rotary_kernels as rk
-from rotary_kernels._autograd import rotary_, rotary_qk, rotary_x
-from rotary_kernels._index import NO_INDEX
+from rotary_kernels._dispatch import Plan, rotate_inplace_op, rotate_op
 from rotary_kernels.reference import apply_rotary_reference, apply_rotary_transformers_reference
 
 from conftest import TOL
@@ -112,13 +111,11 @@ def test_apply_rotary_rejects_bad_out():
 
 def test_opcheck_python_custom_ops(dev_backend):
     device, backend = dev_backend
-    q, k, cos, sin = (t.to(device) for t in qkcs())
-    q.requires_grad_()
-    k.requires_grad_()
-    ix = NO_INDEX.op_args()
-    torch.library.opcheck(rotary_qk, (q, k, cos, sin, 1, False, False, backend, *ix))
-    torch.library.opcheck(rotary_x, (q, cos, sin, 1, True, True, backend, *ix))
-    torch.library.opcheck(rotary_, (q.detach().clone(), k.detach().clone(), cos, sin, 1, False, False, backend, *ix))
+    q, k, cos, sin = (t.to(device) for t in qkcs())  # (the ops compute; autograd is the Functions')
+    torch.library.opcheck(rotate_op, (q, k, cos, sin, *Plan(1, False, False, backend).op_args()))
+    torch.library.opcheck(rotate_op, (q, None, cos, sin, *Plan(1, True, True, backend).op_args()))
+    torch.library.opcheck(rotate_inplace_op, (q.detach().clone(), k.detach().clone(), cos, sin,
+                                              *Plan(1, False, False, backend).op_args()))
 
 
 @pytest.mark.parametrize("dynamic", [False, True])

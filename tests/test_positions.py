@@ -242,7 +242,7 @@ def test_compiled_op_rejects_bad_index():
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS_HERE if b != "reference"])
 def test_compile_and_opcheck_with_positions(backend):
-    from rotary_kernels._autograd import rotary_qk
+    from rotary_kernels._dispatch import Plan, rotate_op
     from rotary_kernels._index import make_index
 
     B, S, Hq, Hk, D, P = 2, 4, 2, 1, 16, 12
@@ -251,7 +251,7 @@ def test_compile_and_opcheck_with_positions(backend):
     cos, sin = cache(P, D)
     pos = torch.randint(0, P, (B, S))
     idx = make_index(q, cos, 1, positions=pos)
-    torch.library.opcheck(rotary_qk, (q, k, cos, sin, 1, False, False, backend, *idx.op_args()))
+    torch.library.opcheck(rotate_op, (q.detach(), k.detach(), cos, sin, *Plan(1, False, False, backend, idx).op_args()))
 
     def f(q, k, pos):
         a, b = rk.apply_rotary_transformers(q, k, cos, sin, positions=pos, backend=backend)

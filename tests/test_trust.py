@@ -155,10 +155,10 @@ def test_thread_safety(dev_backend):
 def test_opcheck_compiled_ops():
     ops = _compiled.ops
     q, k, cos, sin = qkcs(D=16, R=12)
-    from rotary_kernels._canon import canonical_cs, canonical_x
+    from rotary_kernels._canon import canonical_cs, canonical_view, x_axes
 
-    q4, axes = canonical_x("q", q, cos, 1)
-    k4, _ = canonical_x("k", k, cos, 1)
+    axes = x_axes("q", q, cos, 1)
+    q4, k4 = canonical_view(q, axes), canonical_view(k, x_axes("k", k, cos, 1))
     c3, s3 = canonical_cs(cos, q, axes), canonical_cs(sin, q, axes)
     torch.library.opcheck(ops.rotary.default, (q4, k4, c3, s3, torch.empty_like(q4), torch.empty_like(k4), False, True))
     torch.library.opcheck(ops.rotary_inplace.default, (q4.clone(), k4.clone(), c3, s3, True, False))

@@ -6,10 +6,10 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import _canon
-from ._autograd import Rotary, RotaryDeinterleave, RotaryInplace, functional_transform, rotary_, rotate_differentiable
-from ._dispatch import (BACKENDS, COMPILED, Declined, backend_available, launch_elementwise, launch_rotary,
-                        rotate_new, select_backend)
-from ._index import NO_INDEX, check_values, kernel_views, make_index, reference_kwargs
+from ._autograd import Rotary, RotaryDeinterleave, RotaryInplace, functional_transform
+from ._dispatch import (BACKENDS, COMPILED, Declined, Plan, backend_available, launch_elementwise, launch_rotary,
+                        rotate, rotate_inplace_op, select_backend)
+from ._index import NO_INDEX, check_values, kernel_axes, make_index, reference_kwargs
 from .reference import compute_dtype, full_width_tables, materialize_cos_sin, rotary_reference_indexed
 
 _INDEX_DOC = """
@@ -45,13 +45,14 @@ def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict):
     if r % 2:  # (computed by the reference: the kernels rotate pairs)
         _canon.check_odd_rotary(r, interleaved, index, q, k)
     idx = make_index(q, cos, unsqueeze_dim, **index)
-    views = kernel_views(q, k, cos, unsqueeze_dim, idx)
+    axes = kernel_axes(q, k, cos, unsqueeze_dim, idx)
     _canon.check_same_device(q=q, k=k, cos=cos, sin=sin)
-    return idx, views  # (the views are reused by direct launches)
+    return idx, axes
 
 
 def _needs_graph(*tensors) -> bool:
-    """Record autograd (eager ``Rotary``, or the custom ops under torch.compile) rather than launch?"""
+    """Go through the autograd Functions rather than launch directly? (Always while torch.compile
+    traces: dynamo records the Functions, whose compute is then the custom ops.)"""
     if functional_transform() or torch.compiler.is_compiling():
         return True
     if torch.is_grad_enabled():
@@ -61,16 +62,18 @@ def _needs_graph(*tensors) -> bool:
     return False
 
 
+_REFERENCE_TRANSFORMS = (torch._C._functorch.TransformType.Vmap, torch._C._functorch.TransformType.Jvp)
+
+
 def _reference_for_transform(cos, sin) -> bool:
-    """Under torch.func / forward-mode AD, ``Rotary`` carries q/k's tangents and gradients;
-    transforms that reach cos/sin, and vmap, go through the reference's PyTorch ops instead."""
+    """Under torch.func's grad/vjp, ``Rotary`` carries q/k's gradients; forward-mode AD (jvp,
+    forward_ad), vmap, and transforms that reach cos/sin go through the reference's PyTorch ops."""
     if not functional_transform():
         return False
-    if torch._C._functorch.peek_interpreter_stack() is not None and any(
-            i.key() == torch._C._functorch.TransformType.Vmap for i in torch._C._functorch.get_interpreter_stack()):
+    if fwAD._current_level >= 0 or any(i.key() in _REFERENCE_TRANSFORMS
+                                       for i in torch._C._functorch.get_interpreter_stack() or ()):
         return True
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) or fwAD.unpack_dual(t).tangent is not None
-               for t in (cos, sin))
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (cos, sin))
 
 
 def _backend(q, cos, sin, backend) -> str:
@@ -82,15 +85,14 @@ def _backend(q, cos, sin, backend) -> str:
 
 def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index):
     """The compiled backend for the one-call C++ entry ops (torch_binding.cpp), or None when
-    they do not apply: token-position options, tensor subclasses, tracing, cos/sin gradients,
-    a backend other than cpu/cuda."""
+    they do not apply: token-position options, tensor subclasses, tracing, torch.func, a
+    backend other than cpu/cuda."""
     if index or type(unsqueeze_dim) is not int or not -5 <= unsqueeze_dim < 5 or type(interleaved) is not bool:
         return None  # (5: cos/sin [B, S, R] unsqueezed have 4 dims; the full path reports the rest)
     if type(q) is not torch.Tensor or type(cos) is not torch.Tensor or type(sin) is not torch.Tensor or not (
             k is None or type(k) is torch.Tensor):
         return None
-    if functional_transform() or torch.compiler.is_compiling() or (
-            torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
+    if functional_transform() or torch.compiler.is_compiling():
         return None
     try:
         be = select_backend(q.device, backend)
@@ -100,28 +102,27 @@ def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index
 
 
 def _fast(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index) -> list | None:
-    """The common call (plain cos/sin, a compiled backend, not tracing; gradients wrt q/k at
-    most) through one C++ op that validates, builds the views, allocates and launches: a small
+    """The common call (plain cos/sin, a compiled backend, not tracing) through one C++ op that validates, builds the views, allocates and launches: a small
     (decode) call costs one op dispatch instead of tens of Python-level tensor calls. None when
     it does not apply; the caller's full path then validates (its errors) and handles the rest."""
     be = _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
     if be is None:
         return None
+    plan = Plan(unsqueeze_dim, interleaved, conj, be)  # (no axes: the C++ op plans, or declines)
     try:
-        if _needs_graph(q, k):
-            return Rotary.apply(q, k, cos, sin, (unsqueeze_dim, interleaved, conj, be, NO_INDEX, False))
-        return rotate_new(be, q, k, cos, sin, unsqueeze_dim, interleaved, conj, NO_INDEX, validated=False)
+        return Rotary.apply(q, k, cos, sin, plan) if _needs_graph(q, k, cos, sin) else rotate(q, k, cos, sin, plan)
     except Declined:
         return None
 
 
-def _plain_if_cos_grad(q, cos, sin, unsqueeze_dim, interleaved, idx):
+def _plain_if_cos_grad(q, k, cos, sin, unsqueeze_dim, interleaved, idx, axes):
     """Gradients wrt cos/sin through positions/mrope: gather them with differentiable PyTorch
-    ops (the reference's own gather) and rotate in the plain form, whose op differentiates cos/sin."""
+    ops (the reference's own gather) and rotate in the plain form, where ``Rotary``
+    differentiates cos/sin. Returns (cos, sin, idx, axes)."""
     if idx.plain or not (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
-        return cos, sin, idx
+        return cos, sin, idx, axes
     c, s = materialize_cos_sin(q, cos, sin, unsqueeze_dim, interleaved, **reference_kwargs(idx))
-    return c, s, NO_INDEX
+    return c, s, NO_INDEX, kernel_axes(q, k, c, unsqueeze_dim, NO_INDEX)
 
 
 def _tables(cos, sin, interleaved, pair_tables, conj):
@@ -147,20 +148,17 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index) ->
     out = _fast(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index)
     if out is not None:
         return tuple(out)
-    idx, views = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
+    idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
     be = _backend(q, cos, sin, backend)
-    if be == "reference":
+    if be == "reference":  # (PyTorch ops: autograd and transforms of their own)
         check_values(q, cos, unsqueeze_dim, idx)
         kw = reference_kwargs(idx)
         return tuple(rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, conj, **kw)
                      for x in (q, k) if x is not None)
     if _needs_graph(q, k, cos, sin):
-        cos, sin, idx = _plain_if_cos_grad(q, cos, sin, unsqueeze_dim, interleaved, idx)
-        return tuple(rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, idx))
-    outs = [torch.empty_like(x) for x in (q, k) if x is not None]
-    launch_rotary(be, q, k, cos, sin, outs[0], outs[1] if k is not None else None, unsqueeze_dim, interleaved,
-                  conj, idx, views)
-    return tuple(outs)
+        cos, sin, idx, axes = _plain_if_cos_grad(q, k, cos, sin, unsqueeze_dim, interleaved, idx, axes)
+        return Rotary.apply(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, conj, be, idx, axes))
+    return tuple(rotate(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, conj, be, idx, axes)))
 
 
 def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, pair_tables=False, conj=False,
@@ -210,29 +208,29 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, back
         if COMPILED.ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved):
             torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
             return
-    idx, views = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
+    idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
     if functional_transform() or (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
         raise RuntimeError(
             "in-place rotation takes no gradients wrt cos/sin, nor forward-mode AD / torch.func transforms; use "
             "apply_rotary_transformers / apply_rotary_emb"
         )
-    be = _backend(q, cos, sin, backend)
+    plan = Plan(unsqueeze_dim, interleaved, conj, _backend(q, cos, sin, backend), idx, axes)
     grad = _needs_graph(q, k)
     if torch.compiler.is_compiling():  # data pointers are not traceable: functional ops
         if grad:  # (copy_ records the in-place update for autograd)
-            for x, y in zip((q, k), _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, index)):
+            for x, y in zip((q, k), Rotary.apply(q, k, cos, sin, plan)):
                 x.copy_(y)
         else:
-            rotary_(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, *idx.op_args())
+            rotate_inplace_op(q, k, cos, sin, *plan.op_args())
         return
     _canon.check_writes({names[0]: q, "k": k}, dict(cos=cos, sin=sin, positions=idx.positions,
                                                     cu_seqlens=idx.cu_seqlens, seqlen_offsets=idx.seqlen_offsets))
     if grad:  # one launch per tensor: autograd lets a Function modify one view in place, not two
-        for x in (q, k):
-            if x is not None:
-                RotaryInplace.apply(x, (be, cos, sin, unsqueeze_dim, interleaved, conj, idx))
+        RotaryInplace.apply(q, cos, sin, plan._replace(axes=(axes[0], None)))
+        if k is not None:
+            RotaryInplace.apply(k, cos, sin, plan._replace(axes=(axes[1], None), check=False))
         return
-    launch_rotary(be, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, conj, idx, views)
+    launch_rotary(q, k, cos, sin, q, k, plan)
     torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
 
 

@@ -1,129 +1,51 @@
-"""Autograd for the kernel backends: a ``torch.autograd.Function`` in eager mode, ``torch.library``
-custom ops for torch.compile. ``rotate_differentiable`` picks one.
+"""Autograd for the kernel backends: one ``torch.autograd.Function`` per operation, the same in
+eager mode, under torch.compile (dynamo traces the Functions; their compute is then the
+functional custom op ``_dispatch.rotate_op``, one opaque graph node) and under torch.func.
 
-The math, shared by both:
+``Rotary`` rotates q (and k) into new tensors:
 
 * grad wrt q/k: the rotation is orthogonal per pair, so its backward is the same rotation with
   ``conj`` flipped: nothing is saved but cos/sin. Double backward works the same way.
 * grad wrt cos/sin (rare: learned or differentiated frequencies): computed from the saved
   inputs with PyTorch ops, in fp32; q/k are saved only when cos or sin requires grad.
-  (With token-position options the public API gathers cos/sin with differentiable PyTorch ops
-  first, so these ops only see cos/sin gradients in the plain form.)
+  (With token-position options the public functions gather cos/sin with differentiable
+  PyTorch ops first, so these gradients are only taken in the plain form.)
 
-``Rotary`` (eager, gradients wrt q/k only: the training case) is the light one on host time:
-recording a ``torch.autograd.Function`` costs a fraction of a custom op's autograd, which
-matters for decode-sized calls. Its ``setup_context`` form lets torch.func transforms
-(``torch.func.grad``, ``jvp``) run it.
+A Function rather than custom ops with registered autograd: recording one costs less than half
+as much host time in eager mode (one-token decode forward+backward on a 2-core CPU: ~44 us
+against ~100 us). Forward-mode AD (``torch.func.jvp``, ``forward_ad``) and vmap go through the
+reference's PyTorch ops (``_api._reference_for_transform``): dynamo cannot trace a Function
+with a custom ``jvp``.
 
-``rotary_qk`` (q and k) and ``rotary_x`` (one tensor), in this build's op namespace
-(``_ops.py``), are functional ops with fake implementations (so ``torch.compile(fullgraph=True)``
-traces them as single nodes) and registered autograd; they also take cos/sin gradients. Their
-trailing arguments (positions, cu_seqlens, seqlen_offsets, offset, mrope_section,
-mrope_interleaved, cached) are ``_index.TokenIndex.op_args()``. ``rotary_`` rotates in place
-(no autograd; under torch.compile the public in-place functions record gradients through
-``copy_`` of the functional op's result instead).
-
-``RotaryInplace`` (eager) records the in-place rotation of one tensor for autograd.
+``RotaryInplace`` records the in-place rotation of one tensor; ``RotaryDeinterleave`` is
+DeepSeek-V3's MLA rope.
 """
 
 from __future__ import annotations
 
 import inspect
-from typing import Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch import Tensor
 
-from ._dispatch import launch_elementwise, launch_rotary, rotate_new
-from ._index import TokenIndex
-from ._ops import add_op_namespace_prefix
+from ._dispatch import Plan, launch_elementwise, launch_rotary, rotate
 from .reference import compute_dtype, rotate_every_two, rotate_half
 
 
 def functional_transform() -> bool:
     """A forward-mode AD level or a torch.func transform is active: tangents and functorch
     wrappers do not show in ``requires_grad``, so the autograd paths must be taken anyway.
-    (False while torch.compile traces: it records the custom ops, whatever the mode.)"""
+    (False while torch.compile traces.)"""
     if torch.compiler.is_compiling():
         return False
     return fwAD._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
 
 
-
-@torch.library.custom_op(add_op_namespace_prefix("rotary_qk"), mutates_args=())
-def rotary_qk(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
-    unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str,
-    positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
-    offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
-) -> tuple[Tensor, Tensor]:
-    idx = TokenIndex.from_op_args(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
-    q_out, k_out = rotate_new(backend, q, k, cos, sin, unsqueeze_dim, interleaved, conj, idx)
-    return q_out, k_out
-
-
-@torch.library.custom_op(add_op_namespace_prefix("rotary_x"), mutates_args=())
-def rotary_x(
-    x: Tensor, cos: Tensor, sin: Tensor,
-    unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str,
-    positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
-    offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
-) -> Tensor:
-    idx = TokenIndex.from_op_args(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
-    return rotate_new(backend, x, None, cos, sin, unsqueeze_dim, interleaved, conj, idx)[0]
-
-
-@torch.library.custom_op(add_op_namespace_prefix("rotary_"), mutates_args=("q", "k"))
-def rotary_(
-    q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor,
-    unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str,
-    positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
-    offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
-) -> None:
-    idx = TokenIndex.from_op_args(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
-    launch_rotary(backend, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, conj, idx)
-
-
-@rotary_qk.register_fake
-def _(q, k, *args):
-    return torch.empty_like(q), torch.empty_like(k)
-
-
-@rotary_x.register_fake
-def _(x, *args):
-    return torch.empty_like(x)
-
-
-@rotary_.register_fake
-def _(q, k, *args):
-    return None
-
-
-def _setup(ctx, xs, cos, sin, args):
-    ctx.args = tuple(args[:4])  # (unsqueeze_dim, interleaved, conj, backend)
-    idx = TokenIndex.from_op_args(*args[4:])
-    ctx.index_scalars = idx.op_args()[3:]  # the tensors go through save_for_backward
-    need_cs = cos.requires_grad or sin.requires_grad
-    if need_cs and not idx.plain:
-        raise RuntimeError("internal: cos/sin gradients with token-position options are taken by the public API")
-    ctx.save_for_backward(cos, sin, *idx[:3], *(x if need_cs else None for x in xs))
-
-
-def _index_args(ctx):
-    """The index arguments to pass on to the backward's op call."""
-    return (*ctx.saved_tensors[2:5], *ctx.index_scalars)
-
-
-def _cos_sin_grads(ctx, xs, grads, cos, sin):
+def _cos_sin_grads(plan: Plan, xs, grads, cos, sin, need_cos, need_sin):
     """Gradients of cos and sin (None where not needed), summed over q and k."""
-    unsqueeze_dim, interleaved, conj, _ = ctx.args
-    need_cos, need_sin = ctx.needs_input_grad[len(xs)], ctx.needs_input_grad[len(xs) + 1]
-    if not (need_cos or need_sin):
-        return None, None
     r = cos.shape[-1]
-    rotate = rotate_every_two if interleaved else rotate_half
-    shape_u = cos.unsqueeze(unsqueeze_dim).shape
+    rotate_fn = rotate_every_two if plan.interleaved else rotate_half
+    shape_u = cos.unsqueeze(plan.unsqueeze_dim).shape
     d_cos = d_sin = 0
     for x, g in zip(xs, grads):
         acc = compute_dtype(x.dtype)
@@ -132,101 +54,58 @@ def _cos_sin_grads(ctx, xs, grads, cos, sin):
             d_cos = d_cos + (gr * xr).sum_to_size(shape_u)
         if need_sin:
             # forward: y = x*cos + rot(x)*sin;  conj: y = x*cos + rot^T(x*sin)
-            d_sin = d_sin + (xr * rotate(gr) if conj else gr * rotate(xr)).sum_to_size(shape_u)
+            d_sin = d_sin + (xr * rotate_fn(gr) if plan.conj else gr * rotate_fn(xr)).sum_to_size(shape_u)
     d_cos = d_cos.reshape(cos.shape).to(cos.dtype) if need_cos else None
     d_sin = d_sin.reshape(sin.shape).to(sin.dtype) if need_sin else None
     return d_cos, d_sin
 
 
-def _setup_qk(ctx, inputs, output):
-    q, k, cos, sin, *args = inputs
-    _setup(ctx, (q, k), cos, sin, tuple(args))
-    # Like the reference: an output depends on cos/sin and its own input only.
-    for x, out in zip((q, k), output):
-        if not (x.requires_grad or cos.requires_grad or sin.requires_grad):
-            ctx.mark_non_differentiable(out)
-
-
-def _backward_qk(ctx, gq, gk):
-    cos, sin, _, _, _, q, k = ctx.saved_tensors
-    unsqueeze_dim, interleaved, conj, backend = ctx.args
-    dq = dk = None
-    if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        dq, dk = rotary_qk(gq, gk, cos, sin, unsqueeze_dim, interleaved, not conj, backend, *_index_args(ctx))
-    d_cos, d_sin = _cos_sin_grads(ctx, (q, k), (gq, gk), cos, sin)
-    return dq, dk, d_cos, d_sin, *([None] * 11)
-
-
-def _setup_x(ctx, inputs, output):
-    x, cos, sin, *args = inputs
-    _setup(ctx, (x,), cos, sin, tuple(args))
-
-
-def _backward_x(ctx, g):
-    cos, sin, _, _, _, x = ctx.saved_tensors
-    unsqueeze_dim, interleaved, conj, backend = ctx.args
-    dx = None
-    if ctx.needs_input_grad[0]:
-        dx = rotary_x(g, cos, sin, unsqueeze_dim, interleaved, not conj, backend, *_index_args(ctx))
-    d_cos, d_sin = _cos_sin_grads(ctx, (x,), (g,), cos, sin)
-    return dx, d_cos, d_sin, *([None] * 11)
-
-
-rotary_qk.register_autograd(_backward_qk, setup_context=_setup_qk)
-rotary_x.register_autograd(_backward_x, setup_context=_setup_x)
-
-
 class Rotary(torch.autograd.Function):
-    """Eager autograd for gradients wrt q/k (cos/sin need none): forward = the rotation,
-    backward = the rotation with ``conj`` flipped, itself differentiable (double backward).
-
-    ``args``: (unsqueeze_dim, interleaved, conj, backend, idx, validated), packed into one
-    argument: ``apply`` binds the arguments against forward's signature on every call, whose
-    cost grows with their number."""
+    """q (and k, may be None) rotated into new tensors, differentiable wrt q, k, cos and sin.
+    ``plan``: the validated call (``_dispatch.Plan``)."""
 
     @staticmethod
-    def forward(q, k, cos, sin, args):
-        return tuple(rotate_new(args[3], q, k, cos, sin, *args[:3], *args[4:]))
+    def forward(q, k, cos, sin, plan):
+        return tuple(rotate(q, k, cos, sin, plan))
 
     @staticmethod
     def setup_context(ctx, inputs, output):  # (separate from forward: torch.func transforms work)
-        q, k, cos, sin, args = inputs
-        ctx.save_for_backward(cos, sin)
-        ctx.args = args
+        q, k, cos, sin, plan = inputs
+        ctx.plan = plan
         ctx.has_k = k is not None
-        if functional_transform():  # jvp needs the tables; tangents do not show in requires_grad
-            ctx.save_for_forward(cos, sin)
+        if cos.requires_grad or sin.requires_grad:
+            ctx.save_for_backward(cos, sin, q, k)
         else:
-            for x, out in zip((q, k), output):  # like the reference: an output depends on its own input only
-                if not x.requires_grad:
+            ctx.save_for_backward(cos, sin)
+        if not functional_transform():  # (torch.func wrappers do not show requires_grad)
+            for x, out in zip((q, k), output):  # like the reference: an output depends on its own input
+                if not (x.requires_grad or cos.requires_grad or sin.requires_grad):  # and cos/sin only
                     ctx.mark_non_differentiable(out)
 
     @staticmethod
-    def jvp(ctx, q_t, k_t, cos_t, sin_t, _):
-        """Forward-mode AD: the rotation is linear in q/k, so a tangent rotates like its primal,
-        through this same Function (tangents may be torch.func wrappers; nested transforms compose).
-        (cos/sin with tangents never get here: the public API sends those to the reference.)"""
-        cos, sin = ctx.saved_tensors
-        if ctx.has_k and q_t is not None and k_t is not None:
-            return Rotary.apply(q_t, k_t, cos, sin, ctx.args)
-        return tuple(None if t is None else Rotary.apply(t, None, cos, sin, ctx.args)[0]
-                     for t in (q_t, k_t)[: 1 + ctx.has_k])
-
-    @staticmethod
     def backward(ctx, *grads):
-        cos, sin = ctx.saved_tensors
-        unsqueeze_dim, interleaved, conj, backend, idx, _ = ctx.args
-        gq, gk = grads if len(grads) == 2 else (grads[0], None)
-        args = (unsqueeze_dim, interleaved, not conj, backend, idx, True)
-        if torch.is_grad_enabled():  # create_graph: record the backward for double backward
-            d = Rotary.apply(gq, gk, cos, sin, args)
-        else:
-            d = rotate_new(backend, gq, gk, cos, sin, unsqueeze_dim, interleaved, not conj, idx)
-        dq, dk = d if gk is not None else (d[0], None)
-        return dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None, None, None, None
+        cos, sin, *xs = ctx.saved_tensors
+        gq, gk = grads if ctx.has_k else (grads[0], None)
+        need = ctx.needs_input_grad
+        dq = dk = d_cos = d_sin = None
+        if need[0] or need[1]:
+            plan = ctx.plan.flipped()
+            # create_graph: record the backward for double backward (not while compiling: the
+            # traced backward is one graph)
+            if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+                d = Rotary.apply(gq, gk, cos, sin, plan)
+            else:
+                d = rotate(gq, gk, cos, sin, plan)
+            dq = d[0] if need[0] else None
+            dk = d[1] if need[1] else None
+        if need[2] or need[3]:
+            d_cos, d_sin = _cos_sin_grads(ctx.plan, xs[: 1 + ctx.has_k], (gq, gk), cos, sin, need[2], need[3])
+        return dq, dk, d_cos, d_sin, None
 
 
-Rotary.forward.__signature__ = inspect.signature(Rotary.forward)  # computed once, not per apply
+# Function.apply binds its arguments against forward's signature, computing inspect.signature on
+# every call (~5 us, a tenth of a one-token forward+backward): computed once here instead.
+Rotary.forward.__signature__ = inspect.signature(Rotary.forward)
 
 
 class RotaryInplace(torch.autograd.Function):
@@ -234,22 +113,21 @@ class RotaryInplace(torch.autograd.Function):
     place (``mark_dirty``: its version is bumped and its history rebased, also for views of a
     larger tensor such as a packed qkv's heads); backward rotates the gradient with ``conj``
     flipped. Nothing is saved but cos/sin; gradients wrt cos/sin are not taken (the public API
-    refuses them). ``args``: launch_rotary's (backend, cos, sin, unsqueeze_dim, interleaved,
-    conj, idx)."""
+    refuses them). ``plan``: x's validated call (``_dispatch.Plan``, x in q's place)."""
 
     @staticmethod
-    def forward(ctx, x, args):
-        backend, cos, sin, unsqueeze_dim, interleaved, conj, idx = args
-        launch_rotary(backend, x, None, cos, sin, x, None, unsqueeze_dim, interleaved, conj, idx)
+    def forward(ctx, x, cos, sin, plan):
+        launch_rotary(x, None, cos, sin, x, None, plan)
         ctx.mark_dirty(x)
-        ctx.args = args
+        ctx.save_for_backward(cos, sin)
+        ctx.plan = plan
         return x
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
-        backend, cos, sin, unsqueeze_dim, interleaved, conj, idx = ctx.args
-        return rotate_new(backend, g, None, cos, sin, unsqueeze_dim, interleaved, not conj, idx)[0], None
+        cos, sin = ctx.saved_tensors
+        return rotate(g, None, cos, sin, ctx.plan.flipped())[0], None, None, None
 
 
 class RotaryDeinterleave(torch.autograd.Function):
@@ -275,13 +153,3 @@ class RotaryDeinterleave(torch.autograd.Function):
         h = g.shape[-1] // 2
         launch_elementwise(ctx.backend, g[..., :h], g[..., h:], cos, sin, dx[..., 0::2], dx[..., 1::2], True)
         return dx, None, None, None
-
-
-def rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, idx: TokenIndex) -> tuple:
-    """Rotate q (and k, may be None) recording autograd: ``Rotary`` in eager mode when cos/sin
-    need no gradient, else (torch.compile, cos/sin gradients) the custom ops."""
-    if not (torch.compiler.is_compiling() or cos.requires_grad or sin.requires_grad):
-        return Rotary.apply(q, k, cos, sin, (unsqueeze_dim, interleaved, conj, backend, idx, True))
-    if k is None:
-        return (rotary_x(q, cos, sin, unsqueeze_dim, interleaved, conj, backend, *idx.op_args()),)
-    return rotary_qk(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, *idx.op_args())

@@ -66,16 +66,13 @@ def _memoized(fn):
     return fn.__wrapped__ if torch.compiler.is_compiling() else fn
 
 
-def canonical_x(name: str, x: torch.Tensor, cos: torch.Tensor, unsqueeze_dim: int):
-    """Return (x4 [A,S,H,D] view, axes) after validating x against cos.
-
-    ``axes`` is the permutation applied, reused to canonicalise cos/sin and outputs. The
-    shape checks and the permutation depend on shapes only and are cached (decode calls the
-    same shapes every step: Python time is most of a small call).
-    """
+def x_axes(name: str, x: torch.Tensor, cos: torch.Tensor, unsqueeze_dim: int):
+    """Validate x against cos; returns ``axes``, the permutation to x's kernel view [A, S, H, D]
+    (``canonical_view``), reused for cos/sin and outputs. The shape checks and the permutation
+    depend on shapes only and are cached (decode calls the same shapes every step: Python time
+    is most of a small call)."""
     check_float(name, x)
-    axes = _memoized(_x_axes)(name, tuple(x.shape), tuple(cos.shape), unsqueeze_dim)
-    return canonical_view(x, axes), axes
+    return _memoized(_x_axes)(name, tuple(x.shape), tuple(cos.shape), unsqueeze_dim)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -110,7 +107,7 @@ def _x_axes(name: str, x_shape: tuple, cos_shape: tuple, unsqueeze_dim: int):
 
 
 def canonical_view(t: torch.Tensor, axes) -> torch.Tensor:
-    """Apply canonical_x's permutation to x or to a tensor shaped like it (an output)."""
+    """Apply x_axes's permutation to x or to a tensor shaped like it (an output)."""
     t = t.permute(axes[1])
     return t.unsqueeze(0) if t.dim() == 3 else t
 

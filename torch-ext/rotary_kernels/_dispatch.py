@@ -12,17 +12,18 @@ Default order for a device: cuda > triton on GPUs, cpu > reference on CPU.
 from __future__ import annotations
 
 import warnings
+from typing import NamedTuple, Optional
 
 import torch
+from torch import Tensor
 
-from . import _canon
-from ._index import NO_INDEX, canonical_positions, canonical_tables, check_values, kernel_views, reference_kwargs
+from . import _canon, _compiled
+from ._index import (NO_INDEX, TokenIndex, canonical_positions, canonical_tables, check_values, kernel_axes,
+                     reference_kwargs)
+from ._ops import add_op_namespace_prefix
 from .reference import apply_rotary_reference, rotary_reference_indexed
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
-
-
-from . import _compiled
 
 # The compiled extension's ops (None when it was not built) and the Triton module (None when
 # triton is missing or fails to import), fixed at import: torch.compile guards on such globals,
@@ -124,57 +125,127 @@ def _select_backend(device: torch.device, backend: str | None) -> str:
     return "reference"  # unreachable: the reference is always available
 
 
+class Plan(NamedTuple):
+    """A validated call, built once by the public function and consumed by the launchers, the
+    autograd Functions (forward and backward) and the custom ops.
+
+    ``axes``: q's and k's permutations to their kernel views (``_index.kernel_axes``), or None on
+    the one-call path, where the C++ op plans (plain cos/sin, compiled backend, eager).
+    ``check``: run the data checks of the token-position options (``_index.check_values``):
+    once per call, so not again in the backward."""
+
+    unsqueeze_dim: int
+    interleaved: bool
+    conj: bool
+    backend: str
+    idx: TokenIndex = NO_INDEX
+    axes: Optional[tuple] = None
+    check: bool = True
+
+    def flipped(self) -> "Plan":
+        """The backward's plan: the transposed rotation, values already checked."""
+        return Plan(self.unsqueeze_dim, self.interleaved, not self.conj, self.backend, self.idx, self.axes, False)
+
+    def op_args(self) -> tuple:
+        """The custom ops' trailing arguments (the axes are recomputed inside)."""
+        return (self.unsqueeze_dim, self.interleaved, self.conj, self.backend, self.check, *self.idx.op_args())
+
+    @classmethod
+    def from_op_args(cls, unsqueeze_dim, interleaved, conj, backend, check, *index) -> "Plan":
+        return cls(unsqueeze_dim, interleaved, conj, backend, TokenIndex.from_op_args(*index), None, check)
+
+
 class Declined(Exception):
-    """rotate_new(validated=False): the one-call op did not take the arguments; validate them."""
+    """The one-call C++ op did not take an unvalidated plain call (``Plan.axes`` None and not
+    ``plain_ok``): the public function validates it (its errors) and takes the full path."""
 
 
-def rotate_new(backend, q, k, cos, sin, unsqueeze_dim, interleaved, conj, idx=NO_INDEX, validated=True) -> list:
+def rotate(q, k, cos, sin, plan: Plan) -> list:
     """Rotate q (and k, may be None) into new tensors; returns ``[q_out]`` or ``[q_out, k_out]``.
 
-    On the compiled backends the plain form goes through one C++ op (``rotary_transformers``
-    in torch_binding.cpp: views, allocation and launch in one call); anything it does not take
-    (token positions, k not fusable with q) is allocated here and goes through launch_rotary,
-    which needs validated arguments (else ``Declined`` is raised).
+    While torch.compile traces: the functional custom op ``rotate`` (one opaque graph node). In
+    eager mode, on the compiled backends without token positions: the C++ one-call op
+    (``rotary_transformers``, torch_binding.cpp: views, allocation and launch in one dispatch);
+    anything else is allocated here and launched by ``launch_rotary``.
     """
-    if backend in ("cpu", "cuda") and idx.plain:
-        outs = COMPILED.ops.rotary_transformers(q, k, cos, sin, unsqueeze_dim, interleaved, conj)
+    if torch.compiler.is_compiling():
+        return rotate_op(q, k, cos, sin, *plan.op_args())
+    if plan.backend in ("cpu", "cuda") and plan.idx.plain:
+        outs = COMPILED.ops.rotary_transformers(q, k, cos, sin, plan.unsqueeze_dim, plan.interleaved, plan.conj)
         if outs:
             return outs
-    if not validated:
-        raise Declined
+        if plan.axes is None:
+            raise Declined
     outs = [torch.empty_like(q)] + ([torch.empty_like(k)] if k is not None else [])
-    launch_rotary(backend, q, k, cos, sin, outs[0], outs[1] if k is not None else None, unsqueeze_dim,
-                  interleaved, conj, idx)
+    launch_rotary(q, k, cos, sin, outs[0], outs[1] if k is not None else None, plan)
     return outs
+
+
+@torch.library.custom_op(add_op_namespace_prefix("rotate"), mutates_args=())
+def rotate_op(
+    q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor,
+    unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str, check: bool,
+    positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
+    offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
+) -> list[Tensor]:
+    """``rotate`` as torch.compile records it (the autograd Functions call it while tracing)."""
+    plan = Plan.from_op_args(unsqueeze_dim, interleaved, conj, backend, check, positions, cu_seqlens,
+                             seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
+    outs = [torch.empty_like(q)] + ([torch.empty_like(k)] if k is not None else [])
+    launch_rotary(q, k, cos, sin, outs[0], outs[1] if k is not None else None, plan)
+    return outs
+
+
+@rotate_op.register_fake
+def _(q, k, *args):
+    return [torch.empty_like(q)] + ([torch.empty_like(k)] if k is not None else [])
+
+
+@torch.library.custom_op(add_op_namespace_prefix("rotate_"), mutates_args=("q", "k"))
+def rotate_inplace_op(
+    q: Tensor, k: Optional[Tensor], cos: Tensor, sin: Tensor,
+    unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str, check: bool,
+    positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
+    offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
+) -> None:
+    """In-place rotation as torch.compile records it without autograd (data pointers are not
+    traceable; with autograd the public functions ``copy_`` the functional result instead)."""
+    plan = Plan.from_op_args(unsqueeze_dim, interleaved, conj, backend, check, positions, cu_seqlens,
+                             seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
+    launch_rotary(q, k, cos, sin, q, k, plan)
+
+
+@rotate_inplace_op.register_fake
+def _(q, k, *args):
+    return None
 
 
 def _fusable(q4, k4) -> bool:
     return k4.shape[:2] == q4.shape[:2] and k4.shape[3] == q4.shape[3] and k4.dtype == q4.dtype
 
 
-def launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, conj, idx=NO_INDEX,
-                  views=None):
+def launch_rotary(q, k, cos, sin, q_out, k_out, plan: Plan):
     """Rotate q (and k, may be None) into q_out/k_out; outputs may be the inputs (in place).
 
-    Arguments are validated by the caller; ``idx``: the token-position options
-    (``_index.TokenIndex``); ``views``: q's and k's kernel views (``_index.Views``) when the caller's
-    validation built them. One launch for q and k, two when they cannot share one (different
-    batch/sequence/head dim/dtype).
+    Arguments are validated (``plan``); the kernel views of q, k and the outputs are one
+    ``as_strided`` each from ``plan.axes`` (recomputed, from a cache, when the plan has none).
+    One launch for q and k, two when they cannot share one (different batch/sequence/head
+    dim/dtype).
     """
-    check_values(q, cos, unsqueeze_dim, idx)
+    backend, unsqueeze_dim, interleaved, conj, idx = plan.backend, plan.unsqueeze_dim, plan.interleaved, plan.conj, plan.idx
+    if plan.check:
+        check_values(q, cos, unsqueeze_dim, idx)
     if backend == "reference":
         for x, out in ((q, q_out), (k, k_out)):
             if x is not None:
                 out.copy_(rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, conj, **reference_kwargs(idx)))
         return
-    v = views if views is not None else kernel_views(q, k, cos, unsqueeze_dim, idx)
-    jobs = [(q, v.q4, _canon.canonical_view(q_out, v.q_axes), v.q_axes)]  # (x, x4, out4, axes)
+    q_axes, k_axes = plan.axes if plan.axes is not None else kernel_axes(q, k, cos, unsqueeze_dim, idx)
+    q4, qo4 = _canon.canonical_view(q, q_axes), _canon.canonical_view(q_out, q_axes)
+    jobs = [(q, q4, qo4, q_axes, None, None)]  # (x, x4, out4, axes, k4, k_out4): one launch each
     if k is not None:
-        jobs.append((k, v.k4, _canon.canonical_view(k_out, v.k_axes), v.k_axes))
-    if k is not None and _fusable(v.q4, v.k4):
-        jobs = [(q, v.q4, jobs[0][2], v.q_axes, v.k4, jobs[1][2])]
-    else:
-        jobs = [job + (None, None) for job in jobs]
+        k4, ko4 = _canon.canonical_view(k, k_axes), _canon.canonical_view(k_out, k_axes)
+        jobs = [(q, q4, qo4, q_axes, k4, ko4)] if _fusable(q4, k4) else jobs + [(k, k4, ko4, k_axes, None, None)]
     extra = (idx.offset, list(idx.mrope_section), idx.mrope_interleaved)
     for x, x4, o4, axes, k4, ko4 in jobs:
         tables = (canonical_tables(cos, x, axes, idx), canonical_tables(sin, x, axes, idx),

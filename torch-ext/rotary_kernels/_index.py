@@ -120,7 +120,7 @@ def make_index(x, cos, unsqueeze_dim, positions=None, cu_seqlens=None, max_seqle
                 raise ValueError(f"with mrope_section, positions must be [3, ...] (one per axis), got {tuple(positions.shape)}")
             tok = positions[0]
         try:  # positions lie where cos's leading dims would: validate them the same way
-            _canon.canonical_x("x", x, tok.unsqueeze(-1), unsqueeze_dim)
+            _canon.x_axes("x", x, tok.unsqueeze(-1), unsqueeze_dim)
         except ValueError as e:
             raise ValueError(f"positions of shape {tuple(positions.shape)} do not match x's tokens {lead}: {e}") from None
     offset, offsets = 0, None
@@ -174,7 +174,7 @@ def reference_kwargs(idx: TokenIndex) -> dict:
 
 
 def template(x, cos, unsqueeze_dim, idx: TokenIndex) -> torch.Tensor:
-    """A tensor shaped like a plain-mode cos for x: what canonical_x validates x against."""
+    """A tensor shaped like a plain-mode cos for x: what x_axes validates x against."""
     if not idx.cached:
         return cos[0] if idx.mrope_section else cos
     if idx.positions is not None:
@@ -183,23 +183,13 @@ def template(x, cos, unsqueeze_dim, idx: TokenIndex) -> torch.Tensor:
     return torch.empty(token_shape(x, unsqueeze_dim) + [1], device="meta")
 
 
-class Views(NamedTuple):
-    """q (and k) as the kernels read them, ``[A, S, H, D]``, with the permutations that made
-    them (``_canon.canonical_x``: ``(unsqueeze_dim, perm)``), reused for outputs and tables."""
-
-    q4: torch.Tensor
-    q_axes: tuple
-    k4: Optional[torch.Tensor] = None
-    k_axes: Optional[tuple] = None
-
-
-def kernel_views(q, k, cos, unsqueeze_dim, idx: TokenIndex) -> Views:
-    """Validate q (and k) against cos and the index; their canonical views (cached per shape)."""
-    q4, q_axes = _canon.canonical_x("q" if k is not None else "x", q, template(q, cos, unsqueeze_dim, idx),
-                                    unsqueeze_dim)
+def kernel_axes(q, k, cos, unsqueeze_dim, idx: TokenIndex) -> tuple:
+    """Validate q (and k) against cos and the index; the permutations to their kernel views
+    ``[A, S, H, D]`` (``_canon.x_axes``), ``(q_axes, k_axes or None)``."""
+    q_axes = _canon.x_axes("q" if k is not None else "x", q, template(q, cos, unsqueeze_dim, idx), unsqueeze_dim)
     if k is None:
-        return Views(q4, q_axes)
-    return Views(q4, q_axes, *_canon.canonical_x("k", k, template(k, cos, unsqueeze_dim, idx), unsqueeze_dim))
+        return q_axes, None
+    return q_axes, _canon.x_axes("k", k, template(k, cos, unsqueeze_dim, idx), unsqueeze_dim)
 
 
 def canonical_tables(t, x, axes, idx: TokenIndex) -> torch.Tensor:
