@@ -267,6 +267,29 @@ def test_compile_and_opcheck_with_positions(backend):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("backend", [b for b in BACKENDS_HERE if b != "reference"])
+def test_compile_cos_sin_grads_with_positions(backend):
+    """Learned cache + positions under torch.compile(fullgraph=True): cos/sin are gathered by the
+    reference's ops (their range check an assert in the graph), q/k/cos/sin grads as in eager."""
+    B, S, Hq, Hk, D, P = 2, 4, 2, 1, 16, 12
+    q = rand(B, S, Hq, D).transpose(1, 2).requires_grad_()
+    k = rand(B, S, Hk, D, seed=1).transpose(1, 2).requires_grad_()
+    cos, sin = (t.clone().requires_grad_() for t in cache(P, D))
+
+    def f(pos):
+        a, b = rk.apply_rotary_transformers(q, k, cos, sin, positions=pos, backend=backend)
+        return a.square().sum() + b.sum()
+
+    torch._dynamo.reset()
+    cf = torch.compile(f, fullgraph=True, backend="aot_eager")
+    pos = torch.randint(0, P, (B, S))
+    got = torch.autograd.grad(cf(pos), (q, k, cos, sin))
+    for a, b in zip(got, torch.autograd.grad(f(pos), (q, k, cos, sin))):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cf(torch.full((B, S), P))
+
+
 def test_reference_indexed_plain_is_reference():
     q = rand(2, 3, 4, 8)
     cos, sin = cache(4, 8)

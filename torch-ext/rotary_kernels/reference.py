@@ -156,6 +156,9 @@ def token_positions(x, unsqueeze_dim, positions=None, cu_seqlens=None, seqlen_of
 
 def check_positions(pos: torch.Tensor, rows: int) -> None:
     """Every position must index a row of the cache (a clear error rather than a wild read)."""
+    if torch.compiler.is_compiling():  # (values are unknown while tracing: an assert in the graph)
+        torch._assert_async(((pos >= 0) & (pos < rows)).all(), "positions out of range for the cos/sin cache")
+        return
     if pos.numel() and pos.device.type != "meta":  # (meta tensors: shapes only)
         lo, hi = int(pos.min()), int(pos.max())
         if lo < 0 or hi >= rows:
