@@ -86,7 +86,8 @@ def _backend(q, cos, sin, backend) -> str:
 def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index):
     """The compiled backend for the one-call C++ entry ops (torch_binding.cpp), or None when
     they do not apply: token-position options, tensor subclasses, tracing, torch.func, a
-    backend other than cpu/cuda."""
+    backend other than cpu/cuda. (A small (decode) call then costs one op dispatch instead of
+    tens of Python-level tensor calls.)"""
     if index or type(unsqueeze_dim) is not int or not -5 <= unsqueeze_dim < 5 or type(interleaved) is not bool:
         return None  # (5: cos/sin [B, S, R] unsqueezed have 4 dims; the full path reports the rest)
     if type(q) is not torch.Tensor or type(cos) is not torch.Tensor or type(sin) is not torch.Tensor or not (
@@ -101,18 +102,11 @@ def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index
     return be if be in ("cpu", "cuda") else None
 
 
-def _fast(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index) -> list | None:
-    """The common call (plain cos/sin, a compiled backend, not tracing) through one C++ op that validates, builds the views, allocates and launches: a small
-    (decode) call costs one op dispatch instead of tens of Python-level tensor calls. None when
-    it does not apply; the caller's full path then validates (its errors) and handles the rest."""
-    be = _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
-    if be is None:
-        return None
-    plan = Plan(unsqueeze_dim, interleaved, conj, be)  # (no axes: the C++ op plans, or declines)
-    try:
-        return Rotary.apply(q, k, cos, sin, plan) if _needs_graph(q, k, cos, sin) else rotate(q, k, cos, sin, plan)
-    except Declined:
-        return None
+def _run(q, k, cos, sin, plan: Plan) -> tuple:
+    """Launch, through ``Rotary`` when autograd (or torch.compile) records the call."""
+    if _needs_graph(q, k, cos, sin):
+        return Rotary.apply(q, k, cos, sin, plan)
+    return tuple(rotate(q, k, cos, sin, plan))
 
 
 def _plain_if_cos_grad(q, k, cos, sin, unsqueeze_dim, interleaved, idx, axes):
@@ -145,9 +139,12 @@ def _tables(cos, sin, interleaved, pair_tables, conj):
 
 def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index) -> tuple:
     """The out-of-place functions: q (and k, may be None) rotated into new tensors."""
-    out = _fast(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index)
-    if out is not None:
-        return tuple(out)
+    be = _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
+    if be is not None:  # the common call: the C++ op validates, plans and launches in one dispatch
+        try:
+            return _run(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, conj, be))
+        except Declined:  # (anything it does not take: validated here, then the Python plan)
+            pass
     idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
     be = _backend(q, cos, sin, backend)
     if be == "reference":  # (PyTorch ops: autograd and transforms of their own)
@@ -155,10 +152,8 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index) ->
         kw = reference_kwargs(idx)
         return tuple(rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, conj, **kw)
                      for x in (q, k) if x is not None)
-    if _needs_graph(q, k, cos, sin):
-        cos, sin, idx, axes = _plain_if_cos_grad(q, k, cos, sin, unsqueeze_dim, interleaved, idx, axes)
-        return Rotary.apply(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, conj, be, idx, axes))
-    return tuple(rotate(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, conj, be, idx, axes)))
+    cos, sin, idx, axes = _plain_if_cos_grad(q, k, cos, sin, unsqueeze_dim, interleaved, idx, axes)
+    return _run(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, conj, be, idx, axes))
 
 
 def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, pair_tables=False, conj=False,

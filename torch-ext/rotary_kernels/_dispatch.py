@@ -156,8 +156,8 @@ class Plan(NamedTuple):
 
 
 class Declined(Exception):
-    """The one-call C++ op did not take an unvalidated plain call (``Plan.axes`` None and not
-    ``plain_ok``): the public function validates it (its errors) and takes the full path."""
+    """The one-call C++ op did not take a call that Python has not validated (``Plan.axes``
+    None): the public function validates it (its errors) and builds the Python plan."""
 
 
 def rotate(q, k, cos, sin, plan: Plan) -> list:
