@@ -350,6 +350,14 @@ def run_features(device, quick):
             return torch.view_as_real(xc * freqs_cis[:, :, None, :]).flatten(3).type_as(x)
         return one(qs), one(ks)
 
+    angles = torch.outer(torch.arange(P, device=device, dtype=torch.float32), inv)
+    te_freqs = torch.cat((angles, angles), -1)[:, None, None, :]  # TransformerEngine's [S2, 1, 1, R]
+    q_sbhd = q.permute(2, 0, 1, 3)  # [S, B, H, D] views, TE's default layout
+
+    def eager_te():  # TransformerEngine's unfused apply_rotary_pos_emb (fp32 cos/sin, as its fused kernel)
+        f = te_freqs[:S]
+        return q_sbhd * f.cos() + rotate_half(q_sbhd) * f.sin()
+
     def eager_mrope():
         sel = [torch.cat([m[i % 3] for i, m in enumerate(t[pos3].split(list(section) * 2, dim=-1))], dim=-1)
                for t in (cos, sin)]
@@ -377,6 +385,10 @@ def run_features(device, quick):
                                          lambda be: rk.apply_rotary_pos_emb_interleave(q, k, full_c[:, 0], full_s[:, 0],
                                                                                        backend=be),
                                          qk_bytes + B * S * row_bytes // 2),
+        "TransformerEngine sbhd, angle table": (eager_te,
+                                                lambda be: rk.apply_rotary_pos_emb_te(q_sbhd, te_freqs, "sbhd",
+                                                                                      backend=be),
+                                                q.numel() * 4 + S * R * 4),
         "complex freqs_cis (Llama 4)": (eager_complex,
                                         lambda be: rk.apply_rotary_emb_complex(qs, ks, freqs_cis, backend=be),
                                         qk_bytes + B * S * row_bytes // 2),

@@ -466,6 +466,82 @@ def test_deepseek_mla_interleave(dev_backend):
         assert_close(a, b)
 
 
+def _te_formula(t, freqs, fmt, start, interleaved, cu, cp_size, cp_rank):
+    """TransformerEngine's apply_rotary_pos_emb written out: each token at position p rotates its
+    first R dims by freqs[p] (cos/sin in fp32, TE's fused kernel), positions per format."""
+    R = freqs.shape[-1]
+    ang = freqs.reshape(freqs.shape[0], R).double()
+
+    def cp_pos(n):  # load-balanced chunks r and 2 cp - 1 - r of a sequence of n tokens
+        c = n // (2 * cp_size)
+        return torch.cat((torch.arange(cp_rank * c, (cp_rank + 1) * c),
+                          torch.arange((2 * cp_size - 1 - cp_rank) * c, (2 * cp_size - cp_rank) * c)))
+
+    if fmt == "thd":
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        pos = torch.cat([cp_pos(n) if cp_size > 1 else torch.arange(n) + (0 if start is None else int(start[i]))
+                         for i, n in enumerate(lengths)])  # [T]
+    else:
+        S, B = (t.shape[0], t.shape[1]) if fmt == "sbhd" else (t.shape[1], t.shape[0])
+        p = cp_pos(S * cp_size) if cp_size > 1 else torch.arange(S)
+        pos = p[:, None] + (0 if start is None else start.cpu()[None, :])  # [S, B]
+        pos = pos if fmt == "sbhd" else pos.T
+    a = ang[pos.to(ang.device)].unsqueeze(-2)  # [..., 1, R]
+    x = t[..., :R].double()
+    if interleaved:
+        rot = torch.stack((-x[..., 1::2], x[..., 0::2]), -1).flatten(-2)
+    else:
+        rot = torch.cat((-x[..., R // 2:], x[..., : R // 2]), -1)
+    return torch.cat(((x * a.cos() + rot * a.sin()).to(t.dtype), t[..., R:]), -1)
+
+
+@pytest.mark.parametrize("fmt", ["sbhd", "bshd", "thd"])
+def test_transformer_engine_apply_rotary_pos_emb(dev_backend, fmt):
+    """rk.apply_rotary_pos_emb_te against TransformerEngine's formula: angle tables, the three
+    formats, start_positions, context parallelism, interleaved, partial rotary; gradients."""
+    device, backend = dev_backend
+    g = torch.Generator().manual_seed(5)
+    S, B, H, D, R, S2 = 8, 2, 3, 16, 12, 40
+    freqs = (torch.rand(S2, 1, 1, R, generator=g) * 6).to(device)
+    cu = torch.tensor([0, 8, 12], dtype=torch.int32, device=device)
+    shape = {"sbhd": (S, B, H, D), "bshd": (B, S, H, D), "thd": (12, H, D)}[fmt]
+    for dtype in (torch.float32, torch.bfloat16):
+        t = torch.randn(shape, generator=g).to(dtype).to(device)
+        for start, cp_size, cp_rank, inter in ((None, 1, 0, False), (torch.tensor([3, 7], device=device), 1, 0, True),
+                                               (None, 2, 1, False), (None, 2, 0, True)):
+            cu_local = cu // cp_size if fmt == "thd" else None
+            tt = t[: int(cu_local[-1])] if fmt == "thd" else t
+            got = rk.apply_rotary_pos_emb_te(tt, freqs, fmt, start, inter, cu_seqlens=cu if fmt == "thd" else None,
+                                             cp_size=cp_size, cp_rank=cp_rank, backend=backend)
+            want = _te_formula(tt, freqs, fmt, start, inter, cu, cp_size, cp_rank)
+            assert got.shape == tt.shape and got.stride() == tt.contiguous().stride()
+            torch.testing.assert_close(got, want, **TOL[dtype])
+    x = torch.randn(shape, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    w = torch.randn(shape, generator=g, dtype=torch.float64).to(device)
+    kw = dict(cu_seqlens=cu) if fmt == "thd" else {}
+    d_got, = torch.autograd.grad(rk.apply_rotary_pos_emb_te(x, freqs, fmt, backend=backend, **kw), x, w)
+    d_want, = torch.autograd.grad(_te_formula(x, freqs, fmt, None, False, cu, 1, 0), x, w)
+    torch.testing.assert_close(d_got, d_want)
+
+
+def test_transformer_engine_errors():
+    t, freqs = torch.randn(4, 2, 3, 8), torch.randn(16, 1, 1, 8)
+    with pytest.raises(ValueError, match="tensor_format must be one of"):
+        rk.apply_rotary_pos_emb_te(t, freqs, "bhsd")
+    with pytest.raises(ValueError, match=r"freqs must be TransformerEngine's \[S, 1, 1, R\]"):
+        rk.apply_rotary_pos_emb_te(t, freqs[:, 0])
+    with pytest.raises(ValueError, match="cu_seqlens is required with tensor_format='thd'"):
+        rk.apply_rotary_pos_emb_te(t[0], freqs, "thd")
+    with pytest.raises(ValueError, match="start_positions cannot be combined with cp_size > 1"):
+        rk.apply_rotary_pos_emb_te(t, freqs, start_positions=torch.tensor([1, 2]), cp_size=2)
+    with pytest.raises(ValueError, match="0 <= cp_rank < cp_size"):
+        rk.apply_rotary_pos_emb_te(t, freqs, cp_size=2, cp_rank=2)
+    with pytest.raises(IndexError, match="out of range for the cos/sin cache"):
+        rk.apply_rotary_pos_emb_te(t, freqs[:3])
+    with pytest.raises(TypeError, match="angles must be a float tensor"):
+        rk.freqs.cos_sin_from_angles(torch.arange(4))
+
+
 def _layout_qk(layout, B, S, Hq, Hk, D, dtype, seed):
     """q/k in one of the memory layouts the API accepts (issue 19), with their unsqueeze_dim."""
     g = torch.Generator().manual_seed(seed)

@@ -16,8 +16,10 @@ Public API (see README.md for examples):
 * ``apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section)`` -- Qwen2-VL's mrope.
 * ``apply_rotary_emb_complex(xq, xk, freqs_cis)`` -- Llama 4's complex ``freqs_cis`` form.
 * ``apply_rotary_pos_emb_interleave(q, k, cos, sin)`` -- DeepSeek-V3 / MLA's rope part.
-* ``freqs`` -- inverse frequencies (every transformers rope type), cos/sin caches, vLLM's
-  ``cos_sin_cache`` split, context-parallel positions.
+* ``apply_rotary_pos_emb_te(t, freqs, tensor_format)`` -- TransformerEngine's: sbhd / bshd /
+  thd, angle tables, ``start_positions``, context parallelism.
+* ``freqs`` -- inverse frequencies (every transformers rope type), cos/sin caches, cos/sin from
+  angle tables, vLLM's ``cos_sin_cache`` split, context-parallel positions.
 
 The rotating functions also take token-position options: ``positions=`` (gather rows of a
 ``[max_pos, R]`` cos/sin cache in the kernel), ``cu_seqlens=`` (packed variable-length
@@ -37,14 +39,11 @@ from __future__ import annotations
 
 from . import _compiled, freqs, hub, layers, reference
 from ._api import (
-    apply_multimodal_rotary_pos_emb,
     apply_rotary,
     apply_rotary_emb,
     apply_rotary_emb_,
-    apply_rotary_emb_complex,
     apply_rotary_kv,
     apply_rotary_kv_,
-    apply_rotary_pos_emb_interleave,
     apply_rotary_qkv,
     apply_rotary_qkv_,
     apply_rotary_transformers,
@@ -52,6 +51,12 @@ from ._api import (
     available_backends,
 )
 from ._dispatch import BACKENDS
+from ._dropins import (
+    apply_multimodal_rotary_pos_emb,
+    apply_rotary_emb_complex,
+    apply_rotary_pos_emb_interleave,
+    apply_rotary_pos_emb_te,
+)
 
 __version__ = "0.1.0"
 
@@ -69,6 +74,7 @@ for _fn, _backward, _compile in (
     (apply_rotary_kv, True, True),
     (apply_rotary_kv_, True, True),
     (apply_rotary_pos_emb_interleave, True, True),
+    (apply_rotary_pos_emb_te, True, False),  # (thd + context parallelism reads cu_seqlens on the host)
     (apply_rotary, False, False),
 ):
     _fn.has_backward = _backward
@@ -88,6 +94,7 @@ __all__ = [
     "apply_rotary_kv",
     "apply_rotary_kv_",
     "apply_rotary_pos_emb_interleave",
+    "apply_rotary_pos_emb_te",
     "available_backends",
     "freqs",
     "layers",

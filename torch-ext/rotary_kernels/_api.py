@@ -6,11 +6,11 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import _canon
-from ._autograd import Rotary, RotaryDeinterleave, RotaryInplace, functional_transform
+from ._autograd import Rotary, RotaryInplace, functional_transform
 from ._dispatch import (BACKENDS, COMPILED, Declined, Plan, backend_available, launch_elementwise, launch_rotary,
                         rotate, rotate_inplace_op, select_backend)
 from ._index import NO_INDEX, check_values, kernel_axes, make_index, reference_kwargs
-from .reference import compute_dtype, full_width_tables, materialize_cos_sin, rotary_reference_indexed
+from .reference import full_width_tables, materialize_cos_sin, rotary_reference_indexed
 
 _INDEX_DOC = """
     Token-position options (keyword-only; semantics in ``reference.py``, "Token positions"):
@@ -310,49 +310,6 @@ def apply_rotary_kv_(kv, cos, sin, *, interleaved=False, pair_tables=False, conj
     """In-place ``apply_rotary_kv``: rotates k inside ``kv`` and returns ``kv``."""
     _inplace(_split_kv(kv), None, cos, sin, -2, interleaved, pair_tables, conj, backend, index)
     return kv
-
-
-def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim=1, *, backend=None):
-    """Drop-in for Qwen2-VL's ``apply_multimodal_rotary_pos_emb`` (transformers 4.x): cos/sin
-    ``[3, B, S, D]`` (temporal, height, width), ``mrope_section`` (t, h, w) summing to D/2; the
-    per-axis selection happens in the kernel."""
-    return apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim, mrope_section=tuple(mrope_section),
-                                     backend=backend)
-
-
-def apply_rotary_emb_complex(xq, xk, freqs_cis, *, backend=None):
-    """Drop-in for Llama 4's ``apply_rotary_emb(xq, xk, freqs_cis)`` (transformers): xq/xk
-    ``[B, S, H, D]`` whose neighbours ``(2i, 2i + 1)`` are the real and imaginary parts of a
-    complex number, multiplied by complex ``freqs_cis`` ``[B, S, D/2]``. Its real and imaginary
-    parts are the per-pair cos and sin (read in place: no table is built); returns ``(xq, xk)``
-    rotated, differentiable."""
-    if not isinstance(freqs_cis, torch.Tensor) or not freqs_cis.is_complex():
-        raise TypeError(f"freqs_cis must be a complex tensor, got {getattr(freqs_cis, 'dtype', type(freqs_cis))}")
-    return apply_rotary_transformers(xq, xk, freqs_cis.real, freqs_cis.imag, 2, interleaved=True, pair_tables=True,
-                                     backend=backend)
-
-
-def apply_rotary_pos_emb_interleave(q, k, cos, sin, position_ids=None, unsqueeze_dim=1, *, backend=None):
-    """Drop-in for DeepSeek-V3's ``apply_rotary_pos_emb_interleave`` (transformers; MLA's rope
-    part): rotation pairs are read at ``(2i, 2i + 1)`` and written at ``(i, i + R/2)``. cos/sin:
-    transformers' ``cat(freqs, freqs)`` tables ``[B, S, R]`` with ``R`` = q's and k's last dim
-    (``position_ids`` is accepted and unused, as there). One elementwise launch per tensor;
-    differentiable wrt q and k."""
-    del position_ids
-    if _canon.check_cos_sin(cos, sin) % 2:
-        raise ValueError(f"the rotary dim (cos.shape[-1]) must be even, got {cos.shape[-1]}")
-    for name, x in (("q", q), ("k", k)):
-        _canon.check_float(name, x)
-        if x.dim() < 2 or x.shape[-1] != cos.shape[-1]:
-            raise ValueError(f"{name}'s last dim must be the rotary dim {cos.shape[-1]} (cos.shape[-1]), got "
-                             f"shape {tuple(x.shape)}")
-    h = cos.shape[-1] // 2
-    c, s = cos[..., :h].unsqueeze(unsqueeze_dim), sin[..., :h].unsqueeze(unsqueeze_dim)
-    be = "reference" if torch.compiler.is_compiling() or functional_transform() else select_backend(q.device, backend)
-    if be == "reference":  # PyTorch ops: traced by torch.compile, transformed by torch.func
-        return tuple(torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1).to(x.dtype) for x in (q, k)
-                     for x1, x2 in [(x[..., 0::2].to(compute_dtype(x.dtype)), x[..., 1::2].to(compute_dtype(x.dtype)))])
-    return RotaryDeinterleave.apply(q, c, s, be), RotaryDeinterleave.apply(k, c, s, be)
 
 
 def apply_rotary(x1, x2, cos, sin, out1, out2, conj: bool = False, *, backend=None) -> None:

@@ -177,6 +177,15 @@ def rope_cos_sin_cache(inv_freq: torch.Tensor, max_position: int, attention_scal
     return (emb.cos() * attention_scaling).to(dtype), (emb.sin() * attention_scaling).to(dtype)
 
 
+def cos_sin_from_angles(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables from an angle table (TransformerEngine's ``freqs``, or ``positions x
+    inv_freq``), computed in fp32 whatever its dtype; differentiable. Any shape ``[..., R]``."""
+    if not isinstance(angles, torch.Tensor) or not angles.is_floating_point():
+        raise TypeError(f"angles must be a float tensor, got {getattr(angles, 'dtype', type(angles).__name__)}")
+    a = angles.float()
+    return a.cos(), a.sin()
+
+
 def split_cos_sin_cache(cos_sin_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """vLLM's ``cos_sin_cache`` ``[max_pos, R]`` (cos of the R/2 pairs, then their sin) as the
     per-pair cos and sin caches ``[max_pos, R/2]`` (views) that ``pair_tables=True`` takes::
