@@ -74,13 +74,16 @@ bool cuda_image_ok(int64_t device) {
 
 void rotary_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                 bool interleaved, bool conj, const TokenIndexArgs& ix) {
+                 bool interleaved, bool conj, const TokenIndexArgs& ix, const std::optional<at::Tensor>& cos_k,
+                 const std::optional<at::Tensor>& sin_k) {
   const c10::cuda::CUDAGuard guard(q.device());
   CudaLauncher launcher{c10::cuda::getCurrentCUDAStream()};
-  dispatch_rotary_types(q, cos, sin, [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s) {
-    rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved, conj, ix, sm_count(),
-                                                   launcher);
-  });
+  dispatch_rotary_types(q, cos, sin, cos_k, sin_k,
+                        [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s, const at::Tensor& ck,
+                            const at::Tensor& sk) {
+                          rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved, conj,
+                                                                         ix, sm_count(), launcher, ck, sk);
+                        });
 }
 
 void apply_rotary_cuda(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,

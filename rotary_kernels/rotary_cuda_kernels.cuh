@@ -9,7 +9,8 @@
 //   grid.x = token (a, s); grid.y = a slice of the Hq + Hk rows (more than one slice only when
 //   there are too few tokens to fill the GPU, e.g. decode).
 //   block = (TX, TY): thread x owns a chunk of VEC pairs of the head dim and walks the rows of
-//   its slice with stride TY, one row per step. The first row's q/k loads are issued before
+//   its slice with stride TY, one row per step (with k's own tables, cos_k/sin_k, a thread
+//   reloads its chunk's cos/sin from them at its first k row). The first row's q/k loads are issued before
 //   anything waits on memory; the chunk's cos/sin are loaded once, after them (so a warp waits
 //   one memory round trip per step, not two), and kept in registers as the words they arrived
 //   in (16-bit tables: two values a register; unpacked at use). A row's loads are issued before
@@ -231,10 +232,14 @@ struct RotaryParams {
   const cs_t* cos;
   const cs_t* sin;
   CSStrides sc, ss;
+  const cs_t* cos_k;  // k's own tables (cos/sin when k shares q's)
+  const cs_t* sin_k;
+  CSStrides sck, ssk;
   TokenIndex ti;
   // 32-bit: the planner checks tokens, rows and D against INT32_MAX.
   int32_t S, D, half, rows, rows_per_slice;
   int32_t hq;  // q.H as 32 bits: rows r < hq are q's
+  int32_t k_row0;  // rows r >= k_row0 read cos_k/sin_k: hq with k's own tables, else rows (none)
   bool conj;
 };
 
@@ -384,77 +389,90 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
     const scalar_t* x = row_ptr<false, VECTOR>(p.q, p.k, p.hq, a, s, r, dx);
     load_n<VECTOR>(x + chunk_off<kSignedOff>(oa) * dx, dx, xa);
     load_n<VECTOR>(x + chunk_off<kSignedOff>(ob) * dx, dx, xb);
-    // Then the chunk's cos/sin: the token's cache row on each mrope axis (caches), else the
-    // per-token tables. A row outside the cache: NaN, nothing read. (CS_VECTOR excludes mrope.)
-    int64_t pos[3] = {0, 0, 0};
-    bool bad = false;
-#pragma unroll
-    for (int ax = 0; ax < (CS_VECTOR ? 1 : 3); ++ax) {
-      if (ax == 0 || p.ti.mrope) {
-        pos[ax] = token_position(p.ti, a, s, ax);
-        bad = bad || !position_ok(p.ti, pos[ax]);
-      }
-    }
-    // A position outside the cache: nothing read, the rotated dims written as NaN. Vector
-    // tables: a loop of NaN stores (no cos/sin held, which keeps the 16-bit x / fp32 tables
-    // instances at 64 registers); element-by-element tables: row 0 read instead (in bounds),
-    // cos/sin set to NaN (the loop above costs those 30 more registers).
-    if constexpr (CS_VECTOR) {
-      if (bad) {
-        Packed<scalar_t, VEC> nan;
-        nan.fill_nan();
-        for (; r < row_end; r += TY) {
-          scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, p.hq, a, s, r, dy);
-          store_n<VECTOR>(y + chunk_off<kSignedOff>(oa) * dy, dy, nan);
-          store_n<VECTOR>(y + chunk_off<kSignedOff>(ob) * dy, dy, nan);
-        }
-        continue;
-      }
-    } else if (bad) {
-      pos[0] = pos[1] = pos[2] = 0;
-    }
-    Packed<cs_t, VEC> ca, cb, sa, sb;
-    load_cs<CS_VECTOR>(p.cos, p.sc, p.ti, a, s, pos, oa, p.half, INTERLEAVED, ca);
-    load_cs<CS_VECTOR>(p.cos, p.sc, p.ti, a, s, pos, ob, p.half, INTERLEAVED, cb);
-    // conj: (s1, s2) := (-s2, -s1). Half-split with vector x swaps sin's groups by address (no
-    // register swap: what keeps 16-bit x / fp32 tables at 64 registers); interleaved and the
-    // scalar path (VEC = 1, where by address costs ~20 registers more) swap in registers.
-    constexpr bool kSwap = VECTOR && !INTERLEAVED;
-    const bool swap = kSwap && p.conj;
-    load_cs<CS_VECTOR>(p.sin, p.ss, p.ti, a, s, pos, swap ? ob : oa, p.half, INTERLEAVED, sa);
-    load_cs<CS_VECTOR>(p.sin, p.ss, p.ti, a, s, pos, swap ? oa : ob, p.half, INTERLEAVED, sb);
-    if (!CS_VECTOR && bad) {
-      ca.fill_nan();
-      cb.fill_nan();
-      sa.fill_nan();
-      sb.fill_nan();
-    }
-    if (p.conj) {
-      if constexpr (!kSwap) {
-        conj_sin<VEC, INTERLEAVED>(sa, sb);
-      } else {  // already swapped: the signs
-        sa.negate();
-        sb.negate();
-      }
-    }
-
-    // One row a step: rotate, store, then issue the next row's loads (TY rows on).
+    // The thread's rows in segments that read one table pair: all of them, or, when k has its
+    // own tables (cos_k/sin_k), q's rows and then k's. Each segment starts with its first row's
+    // q/k loads in flight, then loads its cos/sin.
 #pragma unroll 1
     for (;;) {
-      const uint32_t zero = static_cast<uint32_t>(r) >> 31;  // 0: r >= 0
-      ca.opaque(zero);
-      cb.opaque(zero);
-      sa.opaque(zero);
-      sb.opaque(zero);
-      rotate_chunk<VEC, INTERLEAVED, acc_t>(xa, xb, ca, cb, sa, sb);
-      scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, p.hq, a, s, r, dy);
-      store_n<VECTOR>(y + chunk_off<kSignedOff>(oa) * dy, dy, xa);
-      store_n<VECTOR>(y + chunk_off<kSignedOff>(ob) * dy, dy, xb);
-      r += TY;
+      // Then the chunk's cos/sin: the token's cache row on each mrope axis (caches), else the
+      // per-token tables. A row outside the cache: NaN, nothing read. (CS_VECTOR excludes mrope.)
+      int64_t pos[3] = {0, 0, 0};
+      bool bad = false;
+#pragma unroll
+      for (int ax = 0; ax < (CS_VECTOR ? 1 : 3); ++ax) {
+        if (ax == 0 || p.ti.mrope) {
+          pos[ax] = token_position(p.ti, a, s, ax);
+          bad = bad || !position_ok(p.ti, pos[ax]);
+        }
+      }
+      // A position outside the cache: nothing read, the rotated dims written as NaN. Vector
+      // tables: a loop of NaN stores (no cos/sin held, which keeps the 16-bit x / fp32 tables
+      // instances at 64 registers); element-by-element tables: row 0 read instead (in bounds),
+      // cos/sin set to NaN (the loop above costs those 30 more registers).
+      if constexpr (CS_VECTOR) {
+        if (bad) {
+          Packed<scalar_t, VEC> nan;
+          nan.fill_nan();
+          for (; r < row_end; r += TY) {
+            scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, p.hq, a, s, r, dy);
+            store_n<VECTOR>(y + chunk_off<kSignedOff>(oa) * dy, dy, nan);
+            store_n<VECTOR>(y + chunk_off<kSignedOff>(ob) * dy, dy, nan);
+          }
+          break;  // (every row left: a bad position is bad for both tables)
+        }
+      } else if (bad) {
+        pos[0] = pos[1] = pos[2] = 0;
+      }
+      const bool k_seg = r >= p.k_row0;
+      const cs_t* cos = k_seg ? p.cos_k : p.cos;
+      const cs_t* sin = k_seg ? p.sin_k : p.sin;
+      const CSStrides& sc = k_seg ? p.sck : p.sc;
+      const CSStrides& ss = k_seg ? p.ssk : p.ss;
+      Packed<cs_t, VEC> ca, cb, sa, sb;
+      load_cs<CS_VECTOR>(cos, sc, p.ti, a, s, pos, oa, p.half, INTERLEAVED, ca);
+      load_cs<CS_VECTOR>(cos, sc, p.ti, a, s, pos, ob, p.half, INTERLEAVED, cb);
+      // conj: (s1, s2) := (-s2, -s1). Half-split with vector x swaps sin's groups by address (no
+      // register swap: what keeps 16-bit x / fp32 tables at 64 registers); interleaved and the
+      // scalar path (VEC = 1, where by address costs ~20 registers more) swap in registers.
+      constexpr bool kSwap = VECTOR && !INTERLEAVED;
+      const bool swap = kSwap && p.conj;
+      load_cs<CS_VECTOR>(sin, ss, p.ti, a, s, pos, swap ? ob : oa, p.half, INTERLEAVED, sa);
+      load_cs<CS_VECTOR>(sin, ss, p.ti, a, s, pos, swap ? oa : ob, p.half, INTERLEAVED, sb);
+      if (!CS_VECTOR && bad) {
+        ca.fill_nan();
+        cb.fill_nan();
+        sa.fill_nan();
+        sb.fill_nan();
+      }
+      if (p.conj) {
+        if constexpr (!kSwap) {
+          conj_sin<VEC, INTERLEAVED>(sa, sb);
+        } else {  // already swapped: the signs
+          sa.negate();
+          sb.negate();
+        }
+      }
+
+      // One row a step: rotate, store, then issue the next row's loads (TY rows on).
+#pragma unroll 1
+      for (;;) {
+        const uint32_t zero = static_cast<uint32_t>(r) >> 31;  // 0: r >= 0
+        ca.opaque(zero);
+        cb.opaque(zero);
+        sa.opaque(zero);
+        sb.opaque(zero);
+        rotate_chunk<VEC, INTERLEAVED, acc_t>(xa, xb, ca, cb, sa, sb);
+        scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, p.hq, a, s, r, dy);
+        store_n<VECTOR>(y + chunk_off<kSignedOff>(oa) * dy, dy, xa);
+        store_n<VECTOR>(y + chunk_off<kSignedOff>(ob) * dy, dy, xb);
+        r += TY;
+        if (r >= row_end) break;
+        x = row_ptr<false, VECTOR>(p.q, p.k, p.hq, a, s, r, dx);
+        load_n<VECTOR>(x + chunk_off<kSignedOff>(oa) * dx, dx, xa);
+        load_n<VECTOR>(x + chunk_off<kSignedOff>(ob) * dx, dx, xb);
+        if (!k_seg && r >= p.k_row0) break;  // k's first row: its own tables, loaded next
+      }
       if (r >= row_end) break;
-      x = row_ptr<false, VECTOR>(p.q, p.k, p.hq, a, s, r, dx);
-      load_n<VECTOR>(x + chunk_off<kSignedOff>(oa) * dx, dx, xa);
-      load_n<VECTOR>(x + chunk_off<kSignedOff>(ob) * dx, dx, xb);
     }
   }
 
@@ -546,14 +564,16 @@ void dispatch_interleaved(Launcher& launcher, const Params& p, bool interleaved,
   }
 }
 
-// Host side: fill the parameters, pick the memory path and the launch shape, then call
+// Host side: fill the parameters (cos_k/sin_k: k's tables, cos/sin themselves when k shares q's),
+// pick the memory path and the launch shape, then call
 // launcher.template run<VEC, VECTOR, CS_VECTOR, INTERLEAVED>(params, grid, block) — a real
 // <<<>>> launch in rotary_cuda.cu, a sequential walk over blocks and threads in the CPU
 // simulation the tests build (tests/cuda_sim.cpp).
 template <typename scalar_t, typename cs_t, typename Launcher>
 void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                 bool interleaved, bool conj, const TokenIndexArgs& ix, int64_t sms, Launcher& launcher) {
+                 bool interleaved, bool conj, const TokenIndexArgs& ix, int64_t sms, Launcher& launcher,
+                 const at::Tensor& cos_k, const at::Tensor& sin_k) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   const int64_t A = q.size(0), S = q.size(1), D = q.size(3), R = cos.size(-1), half = R / 2;
   RotaryParams<scalar_t, cs_t> p{};
@@ -563,14 +583,20 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   p.sin = sin.const_data_ptr<cs_t>();
   p.sc = cs_strides(cos);
   p.ss = cs_strides(sin);
-  p.ti = make_token_index(cos, ix);
+  p.cos_k = cos_k.const_data_ptr<cs_t>();
+  p.sin_k = sin_k.const_data_ptr<cs_t>();
+  p.sck = cs_strides(cos_k);
+  p.ssk = cs_strides(sin_k);
+  const bool k_tables = !(same_view(cos_k, cos) && same_view(sin_k, sin));
+  p.ti = make_token_index(cos, ix, cos_k);
   p.conj = conj;
   const int64_t tokens = A * S, rows = p.q.H + p.k.H;
   if (tokens == 0 || rows == 0) return;
 
   bool vector = half % VEC == 0 && vector_ok(q, VEC) && vector_ok(q_out, VEC);
   if (k.has_value()) vector = vector && vector_ok(*k, VEC) && vector_ok(*k_out, VEC);
-  const bool cs_vector = vector && p.ti.mrope == 0 && cs_vector_ok(cos, VEC) && cs_vector_ok(sin, VEC);
+  const bool cs_vector = vector && p.ti.mrope == 0 && cs_vector_ok(cos, VEC) && cs_vector_ok(sin, VEC) &&
+                         cs_vector_ok(cos_k, VEC) && cs_vector_ok(sin_k, VEC);
   const LaunchPlan plan = plan_launch(tokens, rows, vector ? half / VEC : half, sms);
   TORCH_CHECK(D <= std::numeric_limits<int32_t>::max(), "rotary: head dim too large (", D, ")");
   p.S = static_cast<int32_t>(S);
@@ -579,6 +605,7 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   p.rows = static_cast<int32_t>(rows);
   p.rows_per_slice = static_cast<int32_t>(plan.rows_per_slice);
   p.hq = static_cast<int32_t>(p.q.H);
+  p.k_row0 = k_tables ? p.hq : p.rows;
   if (!vector) {
     dispatch_interleaved<1, false, false>(launcher, p, interleaved, plan.grid, plan.block);
   } else if (cs_vector) {

@@ -154,17 +154,23 @@ std::vector<int64_t> rotary_sim(const at::Tensor& q, const std::optional<at::Ten
                                 const std::optional<at::Tensor>& positions = std::nullopt,
                                 const std::optional<at::Tensor>& cu_seqlens = std::nullopt,
                                 const std::optional<at::Tensor>& seqlen_offsets = std::nullopt, int64_t offset = 0,
-                                std::vector<int64_t> mrope_section = {}, bool mrope_interleaved = false) {
+                                std::vector<int64_t> mrope_section = {}, bool mrope_interleaved = false,
+                                const std::optional<at::Tensor>& cos_k = std::nullopt,
+                                const std::optional<at::Tensor>& sin_k = std::nullopt) {
   const TokenIndexArgs ix{positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved};
   SimLauncher plain;
   ForceVector forced;
   const SimLauncher& launcher = g_force_vector ? static_cast<const SimLauncher&>(forced) : plain;
-  dispatch_rotary_types(q, cos, sin, [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s) {
-    set_ranges({q, k.value_or(at::Tensor()), c, s}, {q_out, k_out.value_or(at::Tensor())});
+  dispatch_rotary_types(q, cos, sin, cos_k, sin_k,
+                        [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s, const at::Tensor& ck,
+                            const at::Tensor& sk) {
+    set_ranges({q, k.value_or(at::Tensor()), c, s, ck, sk}, {q_out, k_out.value_or(at::Tensor())});
     if (g_force_vector) {
-      rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved, conj, ix, sms, forced);
+      rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved, conj, ix, sms, forced,
+                                                     ck, sk);
     } else {
-      rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved, conj, ix, sms, plain);
+      rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved, conj, ix, sms, plain,
+                                                     ck, sk);
     }
   });
   return launcher.info;
@@ -201,7 +207,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("sms"), pybind11::arg("positions") = pybind11::none(),
         pybind11::arg("cu_seqlens") = pybind11::none(), pybind11::arg("seqlen_offsets") = pybind11::none(),
         pybind11::arg("offset") = 0, pybind11::arg("mrope_section") = std::vector<int64_t>{},
-        pybind11::arg("mrope_interleaved") = false);
+        pybind11::arg("mrope_interleaved") = false, pybind11::arg("cos_k") = pybind11::none(),
+        pybind11::arg("sin_k") = pybind11::none());
   m.def("apply_rotary_sim", &apply_rotary_sim);
   m.def("elementwise_tables", &elementwise_tables);
   m.def("plan", &plan);

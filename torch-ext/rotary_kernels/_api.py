@@ -33,7 +33,7 @@ _INDEX_DOC = """
 INDEX_OPTIONS = ("positions", "cu_seqlens", "max_seqlen", "seqlen_offsets", "mrope_section", "mrope_interleaved")
 
 
-def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict):
+def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict, cos_k=None, sin_k=None):
     unknown = sorted(set(index) - set(INDEX_OPTIONS))
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; the token-position options are {INDEX_OPTIONS}")
@@ -46,7 +46,12 @@ def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict):
         _canon.check_odd_rotary(r, interleaved, index, q, k)
     idx = make_index(q, cos, unsqueeze_dim, **index)
     views = kernel_views(q, k, cos, unsqueeze_dim, idx)
-    _canon.check_same_device(q=q, k=k, cos=cos, sin=sin)
+    _canon.check_same_device(q=q, k=k, cos=cos, sin=sin, cos_k=cos_k, sin_k=sin_k)
+    if cos_k is not None:  # the same rules against k (the tables' own shapes may differ from cos's)
+        try:
+            kernel_views(k, None, cos_k, unsqueeze_dim, make_index(k, cos_k, unsqueeze_dim, **index))
+        except ValueError as e:
+            raise ValueError(f"cos_k/sin_k: {e}") from None
     return idx, views  # (the views are reused by direct launches)
 
 
@@ -61,7 +66,7 @@ def _needs_graph(*tensors) -> bool:
     return False
 
 
-def _reference_for_transform(cos, sin) -> bool:
+def _reference_for_transform(*tables) -> bool:
     """Under torch.func / forward-mode AD, ``Rotary`` carries q/k's tangents and gradients;
     transforms that reach cos/sin, and vmap, go through the reference's PyTorch ops instead."""
     if not functional_transform():
@@ -70,14 +75,17 @@ def _reference_for_transform(cos, sin) -> bool:
             i.key() == torch._C._functorch.TransformType.Vmap for i in torch._C._functorch.get_interpreter_stack()):
         return True
     return any(torch._C._functorch.is_functorch_wrapped_tensor(t) or fwAD.unpack_dual(t).tangent is not None
-               for t in (cos, sin))
+               for t in tables if t is not None)
 
 
-def _backend(q, cos, sin, backend) -> str:
+def _backend(q, cos, sin, backend, cos_k=None, sin_k=None) -> str:
     """The backend of a validated call: the reference where only it computes the result (an odd
-    rotary dim; torch.func transforms reaching cos/sin, vmap), else ``select_backend``'s choice."""
+    rotary dim; torch.func transforms reaching cos/sin, vmap; gradients wrt any table when k has
+    its own), else ``select_backend``'s choice."""
     be = select_backend(q.device, backend)  # (validates a requested backend either way)
-    return "reference" if cos.shape[-1] % 2 or _reference_for_transform(cos, sin) else be
+    k_grads = cos_k is not None and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (cos, sin, cos_k, sin_k))
+    return "reference" if cos.shape[-1] % 2 or k_grads or _reference_for_transform(cos, sin, cos_k, sin_k) else be
 
 
 def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index):
@@ -124,7 +132,7 @@ def _plain_if_cos_grad(q, cos, sin, unsqueeze_dim, interleaved, idx):
     return c, s, NO_INDEX
 
 
-def _tables(cos, sin, interleaved, pair_tables, conj):
+def _tables(cos, sin, interleaved, pair_tables, conj, names=("cos", "sin")):
     """Check the table options; per-pair tables become full-width ones (reference.py).
 
     (The kernels read full-width tables: per-pair ones are expanded here, one small copy of
@@ -134,37 +142,60 @@ def _tables(cos, sin, interleaved, pair_tables, conj):
             raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
     if not pair_tables:
         return cos, sin
-    _canon.check_float("cos", cos)
-    _canon.check_float("sin", sin)
+    _canon.check_float(names[0], cos)
+    _canon.check_float(names[1], sin)
     if cos.dim() < 1 or cos.shape[-1] == 0 or cos.shape != sin.shape:
-        raise ValueError(f"with pair_tables, cos and sin must be [..., R/2] of one shape, got {tuple(cos.shape)} "
-                         f"and {tuple(sin.shape)}")
+        raise ValueError(f"with pair_tables, {names[0]} and {names[1]} must be [..., R/2] of one shape, got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
     return full_width_tables(cos, interleaved), full_width_tables(sin, interleaved)
 
 
-def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index) -> tuple:
-    """The out-of-place functions: q (and k, may be None) rotated into new tensors."""
-    out = _fast(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index)
+def _k_tables(k, cos, cos_k, sin_k, interleaved, pair_tables, conj):
+    """Check k's own tables (both or neither, k given, float, cos's last dim) and expand them like
+    cos/sin (``_tables``); the rest is checked against k with cos/sin's rules (``_validate``)."""
+    if cos_k is None and sin_k is None:
+        return None, None
+    if cos_k is None or sin_k is None:
+        raise ValueError(f"cos_k and sin_k must be given together, got only {'cos_k' if sin_k is None else 'sin_k'}")
+    if k is None:
+        raise ValueError("cos_k/sin_k rotate k, but k is None")
+    _canon.check_float("cos_k", cos_k)
+    _canon.check_float("sin_k", sin_k)
+    if isinstance(cos, torch.Tensor) and min(cos.dim(), cos_k.dim()) >= 1 and cos_k.shape[-1] != cos.shape[-1]:
+        raise ValueError(f"cos_k's rotary dim (last dim) must be cos's, {cos.shape[-1]}, got {cos_k.shape[-1]}")
+    cos_k, sin_k = _tables(cos_k, sin_k, interleaved, pair_tables, conj, ("cos_k", "sin_k"))
+    try:
+        _canon.check_cos_sin(cos_k, sin_k)
+    except ValueError as e:
+        raise ValueError(f"cos_k/sin_k: {e}") from None
+    return cos_k, sin_k
+
+
+def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, cos_k=None, sin_k=None) -> tuple:
+    """The out-of-place functions: q (and k, may be None) rotated into new tensors; k with
+    cos_k/sin_k when given."""
+    out = None if cos_k is not None else _fast(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index)
     if out is not None:
         return tuple(out)
-    idx, views = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
-    be = _backend(q, cos, sin, backend)
+    idx, views = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index, cos_k, sin_k)
+    be = _backend(q, cos, sin, backend, cos_k, sin_k)
     if be == "reference":
         check_values(q, cos, unsqueeze_dim, idx)
         kw = reference_kwargs(idx)
-        return tuple(rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, conj, **kw)
-                     for x in (q, k) if x is not None)
+        return tuple(rotary_reference_indexed(x, c, s, unsqueeze_dim, interleaved, conj, **kw)
+                     for x, c, s in ((q, cos, sin), (k, cos if cos_k is None else cos_k, sin if sin_k is None else sin_k))
+                     if x is not None)
     if _needs_graph(q, k, cos, sin):
         cos, sin, idx = _plain_if_cos_grad(q, cos, sin, unsqueeze_dim, interleaved, idx)
-        return tuple(rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, idx))
+        return tuple(rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, idx, cos_k, sin_k))
     outs = [torch.empty_like(x) for x in (q, k) if x is not None]
     launch_rotary(be, q, k, cos, sin, outs[0], outs[1] if k is not None else None, unsqueeze_dim, interleaved,
-                  conj, idx, views)
+                  conj, idx, views, cos_k, sin_k)
     return tuple(outs)
 
 
 def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, pair_tables=False, conj=False,
-                              backend=None, **index):
+                              cos_k=None, sin_k=None, backend=None, **index):
     """Rotate q and k like transformers' ``apply_rotary_pos_emb``; returns ``(q_embed, k_embed)``.
 
     q: ``[B, Hq, S, D]`` (``unsqueeze_dim=1``) or ``[B, S, Hq, D]`` (``unsqueeze_dim=2``), any
@@ -174,11 +205,14 @@ def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=Fa
 
     ``interleaved``: GPT-J pairs ``(2i, 2i + 1)`` instead of ``(i, i + R/2)``. ``pair_tables``:
     cos/sin hold one entry per pair, ``[..., R/2]`` (gpt-oss, flash-attn, vLLM). ``conj``: the
-    transpose of the rotation, i.e. by ``-theta`` (nanochat's sign). ``backend``: see ``available_backends``.
+    transpose of the rotation, i.e. by ``-theta`` (nanochat's sign). ``cos_k``/``sin_k``: k's own
+    tables (both or neither; cos's rules and rotary dim; flash-attn's ``apply_rotary_emb_qkv_``),
+    q and k still in one launch. ``backend``: see ``available_backends``.
     """
+    cos_k, sin_k = _k_tables(k, cos, cos_k, sin_k, interleaved, pair_tables, conj)
     _canon.check_float("k", k)  # apply_rotary_emb rotates a single tensor
     cos, sin = _tables(cos, sin, interleaved, pair_tables, conj)
-    q_out, k_out = _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index)
+    q_out, k_out = _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, cos_k, sin_k)
     return q_out, k_out
 
 
@@ -201,47 +235,52 @@ def check_mutable(**tensors) -> None:
                                "in place outside inference mode is not allowed: clone() it first")
 
 
-def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, backend, index):
+def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, backend, index, cos_k=None, sin_k=None):
+    """The in-place functions; ``cos_k``/``sin_k``: k's tables through ``_k_tables`` (or None)."""
     names = ("q", "k") if k is not None else ("x", "k")
     check_mutable(**{names[0]: q, "k": k})
     cos, sin = _tables(cos, sin, interleaved, pair_tables, conj)
-    be = None if conj else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
+    be = None if conj or cos_k is not None else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved,
+                                                                  backend, index)
     if be is not None and not _needs_graph(q, k):  # (with gradients: the full path's error)
         if COMPILED.ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved):
             torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
             return
-    idx, views = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
-    if functional_transform() or (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
+    idx, views = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index, cos_k, sin_k)
+    if functional_transform() or (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (cos, sin, cos_k, sin_k))):
         raise RuntimeError(
-            "in-place rotation takes no gradients wrt cos/sin, nor forward-mode AD / torch.func transforms; use "
-            "apply_rotary_transformers / apply_rotary_emb"
+            "in-place rotation takes no gradients wrt cos/sin (cos_k/sin_k), nor forward-mode AD / torch.func "
+            "transforms; use apply_rotary_transformers / apply_rotary_emb"
         )
     be = _backend(q, cos, sin, backend)
     grad = _needs_graph(q, k)
     if torch.compiler.is_compiling():  # data pointers are not traceable: functional ops
         if grad:  # (copy_ records the in-place update for autograd)
-            for x, y in zip((q, k), _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, index)):
+            for x, y in zip((q, k), _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, index, cos_k, sin_k)):
                 x.copy_(y)
         else:
-            rotary_(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, *idx.op_args())
+            rotary_(q, k, cos, sin, unsqueeze_dim, interleaved, conj, be, *idx.op_args(), cos_k, sin_k)
         return
     _canon.check_writes({names[0]: q, "k": k}, dict(cos=cos, sin=sin, positions=idx.positions,
-                                                    cu_seqlens=idx.cu_seqlens, seqlen_offsets=idx.seqlen_offsets))
+                                                    cu_seqlens=idx.cu_seqlens, seqlen_offsets=idx.seqlen_offsets,
+                                                    cos_k=cos_k, sin_k=sin_k))
     if grad:  # one launch per tensor: autograd lets a Function modify one view in place, not two
-        for x in (q, k):
+        for x, c, s in ((q, cos, sin), (k, cos if cos_k is None else cos_k, sin if sin_k is None else sin_k)):
             if x is not None:
-                RotaryInplace.apply(x, (be, cos, sin, unsqueeze_dim, interleaved, conj, idx))
+                RotaryInplace.apply(x, (be, c, s, unsqueeze_dim, interleaved, conj, idx))
         return
-    launch_rotary(be, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, conj, idx, views)
+    launch_rotary(be, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, conj, idx, views, cos_k, sin_k)
     torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
 
 
 def apply_rotary_transformers_(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, pair_tables=False, conj=False,
-                               backend=None, **index):
+                               cos_k=None, sin_k=None, backend=None, **index):
     """In-place ``apply_rotary_transformers``: rotates q and k in place and returns them.
     q and k must not overlap in memory (each element is rotated once)."""
+    cos_k, sin_k = _k_tables(k, cos, cos_k, sin_k, interleaved, pair_tables, conj)
     _canon.check_float("k", k)  # apply_rotary_emb_ rotates a single tensor
-    _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, backend, index)
+    _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, backend, index, cos_k, sin_k)
     return q, k
 
 
@@ -278,7 +317,7 @@ def _split_qkv(qkv, num_q_heads, num_kv_heads):
 
 
 def apply_rotary_qkv(qkv, cos, sin, num_q_heads=None, num_kv_heads=None, *, interleaved=False, pair_tables=False, conj=False,
-                     backend=None, **index):
+                     cos_k=None, sin_k=None, backend=None, **index):
     """Rotate the q and k heads of a packed projection output ``[B, S, Hq + 2 Hk, D]`` (heads in
     the order q, k, v; or packed tokens ``[T, Hq + 2 Hk, D]``; or flash-attn's
     ``[B, S, 3, H, D]``, head counts implied) in one launch; returns
@@ -287,15 +326,16 @@ def apply_rotary_qkv(qkv, cos, sin, num_q_heads=None, num_kv_heads=None, *, inte
     other options as ``apply_rotary_transformers``."""
     q, k = _split_qkv(qkv, num_q_heads, num_kv_heads)
     return apply_rotary_transformers(q, k, cos, sin, -2, interleaved=interleaved, pair_tables=pair_tables,
-                                     conj=conj, backend=backend, **index)
+                                     conj=conj, cos_k=cos_k, sin_k=sin_k, backend=backend, **index)
 
 
 def apply_rotary_qkv_(qkv, cos, sin, num_q_heads=None, num_kv_heads=None, *, interleaved=False, pair_tables=False, conj=False,
-                      backend=None, **index):
+                      cos_k=None, sin_k=None, backend=None, **index):
     """In-place ``apply_rotary_qkv``: rotates q's and k's heads inside ``qkv`` (one launch, v
     untouched) and returns ``qkv``; differentiable like the other in-place functions."""
     q, k = _split_qkv(qkv, num_q_heads, num_kv_heads)
-    _inplace(q, k, cos, sin, -2, interleaved, pair_tables, conj, backend, index)
+    _inplace(q, k, cos, sin, -2, interleaved, pair_tables, conj, backend, index,
+             *_k_tables(k, cos, cos_k, sin_k, interleaved, pair_tables, conj))
     return qkv
 
 

@@ -9,6 +9,9 @@ The math, shared by both:
   inputs with PyTorch ops, in fp32; q/k are saved only when cos or sin requires grad.
   (With token-position options the public API gathers cos/sin with differentiable PyTorch ops
   first, so these ops only see cos/sin gradients in the plain form.)
+* k's own tables (``cos_k``/``sin_k``) ride along wherever cos/sin go for k: k's gradient
+  rotates with them, conj. Gradients wrt any table are then taken by the reference (the public
+  API sends those calls there), so these paths never differentiate cos_k/sin_k.
 
 ``Rotary`` (eager, gradients wrt q/k only: the training case) is the light one on host time:
 recording a ``torch.autograd.Function`` costs a fraction of a custom op's autograd, which
@@ -57,9 +60,10 @@ def rotary_qk(
     unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str,
     positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
     offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
+    cos_k: Optional[Tensor] = None, sin_k: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     idx = TokenIndex.from_op_args(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
-    q_out, k_out = rotate_new(backend, q, k, cos, sin, unsqueeze_dim, interleaved, conj, idx)
+    q_out, k_out = rotate_new(backend, q, k, cos, sin, unsqueeze_dim, interleaved, conj, idx, True, cos_k, sin_k)
     return q_out, k_out
 
 
@@ -80,9 +84,10 @@ def rotary_(
     unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str,
     positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
     offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
+    cos_k: Optional[Tensor] = None, sin_k: Optional[Tensor] = None,
 ) -> None:
     idx = TokenIndex.from_op_args(positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
-    launch_rotary(backend, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, conj, idx)
+    launch_rotary(backend, q, k, cos, sin, q, k, unsqueeze_dim, interleaved, conj, idx, None, cos_k, sin_k)
 
 
 @rotary_qk.register_fake
@@ -102,7 +107,7 @@ def _(q, k, *args):
 
 def _setup(ctx, xs, cos, sin, args):
     ctx.args = tuple(args[:4])  # (unsqueeze_dim, interleaved, conj, backend)
-    idx = TokenIndex.from_op_args(*args[4:])
+    idx = TokenIndex.from_op_args(*args[4:11])
     ctx.index_scalars = idx.op_args()[3:]  # the tensors go through save_for_backward
     need_cs = cos.requires_grad or sin.requires_grad
     if need_cs and not idx.plain:
@@ -141,6 +146,7 @@ def _cos_sin_grads(ctx, xs, grads, cos, sin):
 def _setup_qk(ctx, inputs, output):
     q, k, cos, sin, *args = inputs
     _setup(ctx, (q, k), cos, sin, tuple(args))
+    ctx.k_tables = tuple(args[11:])  # (cos_k, sin_k): no gradients here (the public API's rule)
     # Like the reference: an output depends on cos/sin and its own input only.
     for x, out in zip((q, k), output):
         if not (x.requires_grad or cos.requires_grad or sin.requires_grad):
@@ -152,9 +158,10 @@ def _backward_qk(ctx, gq, gk):
     unsqueeze_dim, interleaved, conj, backend = ctx.args
     dq = dk = None
     if ctx.needs_input_grad[0] or ctx.needs_input_grad[1]:
-        dq, dk = rotary_qk(gq, gk, cos, sin, unsqueeze_dim, interleaved, not conj, backend, *_index_args(ctx))
+        dq, dk = rotary_qk(gq, gk, cos, sin, unsqueeze_dim, interleaved, not conj, backend, *_index_args(ctx),
+                           *ctx.k_tables)
     d_cos, d_sin = _cos_sin_grads(ctx, (q, k), (gq, gk), cos, sin)
-    return dq, dk, d_cos, d_sin, *([None] * 11)
+    return dq, dk, d_cos, d_sin, *([None] * 13)
 
 
 def _setup_x(ctx, inputs, output):
@@ -180,8 +187,8 @@ class Rotary(torch.autograd.Function):
     """Eager autograd for gradients wrt q/k (cos/sin need none): forward = the rotation,
     backward = the rotation with ``conj`` flipped, itself differentiable (double backward).
 
-    ``args``: (unsqueeze_dim, interleaved, conj, backend, idx, validated), packed into one
-    argument: ``apply`` binds the arguments against forward's signature on every call, whose
+    ``args``: (unsqueeze_dim, interleaved, conj, backend, idx, validated[, cos_k, sin_k]), packed
+    into one argument: ``apply`` binds the arguments against forward's signature on every call, whose
     cost grows with their number."""
 
     @staticmethod
@@ -209,19 +216,20 @@ class Rotary(torch.autograd.Function):
         cos, sin = ctx.saved_tensors
         if ctx.has_k and q_t is not None and k_t is not None:
             return Rotary.apply(q_t, k_t, cos, sin, ctx.args)
-        return tuple(None if t is None else Rotary.apply(t, None, cos, sin, ctx.args)[0]
-                     for t in (q_t, k_t)[: 1 + ctx.has_k])
+        tables = ((cos, sin), tuple(ctx.args[6:]) or (cos, sin))  # q's, k's
+        return tuple(None if t is None else Rotary.apply(t, None, *tables[i], ctx.args[:6])[0]
+                     for i, t in enumerate((q_t, k_t)[: 1 + ctx.has_k]))
 
     @staticmethod
     def backward(ctx, *grads):
         cos, sin = ctx.saved_tensors
-        unsqueeze_dim, interleaved, conj, backend, idx, _ = ctx.args
+        unsqueeze_dim, interleaved, conj, backend, idx, _, *k_tables = ctx.args
         gq, gk = grads if len(grads) == 2 else (grads[0], None)
-        args = (unsqueeze_dim, interleaved, not conj, backend, idx, True)
+        args = (unsqueeze_dim, interleaved, not conj, backend, idx, True, *k_tables)
         if torch.is_grad_enabled():  # create_graph: record the backward for double backward
             d = Rotary.apply(gq, gk, cos, sin, args)
         else:
-            d = rotate_new(backend, gq, gk, cos, sin, unsqueeze_dim, interleaved, not conj, idx)
+            d = rotate_new(backend, gq, gk, cos, sin, unsqueeze_dim, interleaved, not conj, idx, True, *k_tables)
         dq, dk = d if gk is not None else (d[0], None)
         return dq if ctx.needs_input_grad[0] else None, dk if ctx.needs_input_grad[1] else None, None, None, None
 
@@ -277,11 +285,13 @@ class RotaryDeinterleave(torch.autograd.Function):
         return dx, None, None, None
 
 
-def rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, idx: TokenIndex) -> tuple:
-    """Rotate q (and k, may be None) recording autograd: ``Rotary`` in eager mode when cos/sin
-    need no gradient, else (torch.compile, cos/sin gradients) the custom ops."""
+def rotate_differentiable(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, idx: TokenIndex, cos_k=None,
+                          sin_k=None) -> tuple:
+    """Rotate q (and k, may be None; with cos_k/sin_k when given) recording autograd: ``Rotary``
+    in eager mode when cos/sin need no gradient, else (torch.compile, cos/sin gradients) the custom ops."""
+    k_tables = () if cos_k is None else (cos_k, sin_k)
     if not (torch.compiler.is_compiling() or cos.requires_grad or sin.requires_grad):
-        return Rotary.apply(q, k, cos, sin, (unsqueeze_dim, interleaved, conj, backend, idx, True))
+        return Rotary.apply(q, k, cos, sin, (unsqueeze_dim, interleaved, conj, backend, idx, True, *k_tables))
     if k is None:
         return (rotary_x(q, cos, sin, unsqueeze_dim, interleaved, conj, backend, *idx.op_args()),)
-    return rotary_qk(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, *idx.op_args())
+    return rotary_qk(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, *idx.op_args(), *k_tables)

@@ -128,15 +128,17 @@ class Declined(Exception):
     """rotate_new(validated=False): the one-call op did not take the arguments; validate them."""
 
 
-def rotate_new(backend, q, k, cos, sin, unsqueeze_dim, interleaved, conj, idx=NO_INDEX, validated=True) -> list:
+def rotate_new(backend, q, k, cos, sin, unsqueeze_dim, interleaved, conj, idx=NO_INDEX, validated=True, cos_k=None,
+               sin_k=None) -> list:
     """Rotate q (and k, may be None) into new tensors; returns ``[q_out]`` or ``[q_out, k_out]``.
 
     On the compiled backends the plain form goes through one C++ op (``rotary_transformers``
     in torch_binding.cpp: views, allocation and launch in one call); anything it does not take
     (token positions, k not fusable with q) is allocated here and goes through launch_rotary,
-    which needs validated arguments (else ``Declined`` is raised).
+    which needs validated arguments (else ``Declined`` is raised). ``cos_k``/``sin_k``: k's own
+    tables (launch_rotary).
     """
-    if backend in ("cpu", "cuda") and idx.plain:
+    if backend in ("cpu", "cuda") and idx.plain and cos_k is None:
         outs = COMPILED.ops.rotary_transformers(q, k, cos, sin, unsqueeze_dim, interleaved, conj)
         if outs:
             return outs
@@ -144,7 +146,7 @@ def rotate_new(backend, q, k, cos, sin, unsqueeze_dim, interleaved, conj, idx=NO
         raise Declined
     outs = [torch.empty_like(q)] + ([torch.empty_like(k)] if k is not None else [])
     launch_rotary(backend, q, k, cos, sin, outs[0], outs[1] if k is not None else None, unsqueeze_dim,
-                  interleaved, conj, idx)
+                  interleaved, conj, idx, None, cos_k, sin_k)
     return outs
 
 
@@ -153,38 +155,44 @@ def _fusable(q4, k4) -> bool:
 
 
 def launch_rotary(backend, q, k, cos, sin, q_out, k_out, unsqueeze_dim, interleaved, conj, idx=NO_INDEX,
-                  views=None):
+                  views=None, cos_k=None, sin_k=None):
     """Rotate q (and k, may be None) into q_out/k_out; outputs may be the inputs (in place).
 
     Arguments are validated by the caller; ``idx``: the token-position options
     (``_index.TokenIndex``); ``views``: q's and k's kernel views (``_index.Views``) when the caller's
     validation built them. One launch for q and k, two when they cannot share one (different
-    batch/sequence/head dim/dtype).
+    batch/sequence/head dim/dtype). ``cos_k``/``sin_k``: k's own tables (None: cos/sin); the
+    kernels take them as a second table pair read for k's heads.
     """
+    ck, sk = (cos, sin) if cos_k is None else (cos_k, sin_k)
     check_values(q, cos, unsqueeze_dim, idx)
+    if cos_k is not None:
+        check_values(k, cos_k, unsqueeze_dim, idx)
     if backend == "reference":
-        for x, out in ((q, q_out), (k, k_out)):
+        for x, out, c, s in ((q, q_out, cos, sin), (k, k_out, ck, sk)):
             if x is not None:
-                out.copy_(rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, conj, **reference_kwargs(idx)))
+                out.copy_(rotary_reference_indexed(x, c, s, unsqueeze_dim, interleaved, conj, **reference_kwargs(idx)))
         return
     v = views if views is not None else kernel_views(q, k, cos, unsqueeze_dim, idx)
-    jobs = [(q, v.q4, _canon.canonical_view(q_out, v.q_axes), v.q_axes)]  # (x, x4, out4, axes)
+    jobs = [(q, v.q4, _canon.canonical_view(q_out, v.q_axes), v.q_axes, cos, sin)]  # (x, x4, out4, axes, cos, sin)
     if k is not None:
-        jobs.append((k, v.k4, _canon.canonical_view(k_out, v.k_axes), v.k_axes))
+        jobs.append((k, v.k4, _canon.canonical_view(k_out, v.k_axes), v.k_axes, ck, sk))
     if k is not None and _fusable(v.q4, v.k4):
-        jobs = [(q, v.q4, jobs[0][2], v.q_axes, v.k4, jobs[1][2])]
+        jobs = [jobs[0] + (v.k4, jobs[1][2], cos_k, sin_k)]
     else:
-        jobs = [job + (None, None) for job in jobs]
+        jobs = [job + (None, None, None, None) for job in jobs]
     extra = (idx.offset, list(idx.mrope_section), idx.mrope_interleaved)
-    for x, x4, o4, axes, k4, ko4 in jobs:
-        tables = (canonical_tables(cos, x, axes, idx), canonical_tables(sin, x, axes, idx),
+    for x, x4, o4, axes, c, s, k4, ko4, c_k, s_k in jobs:
+        tables = (canonical_tables(c, x, axes, idx), canonical_tables(s, x, axes, idx),
                   *canonical_positions(x, axes, idx), *extra)
+        k_tables = () if c_k is None else (canonical_tables(c_k, k, v.k_axes, idx),
+                                           canonical_tables(s_k, k, v.k_axes, idx))
         if backend == "triton":
-            TRITON.rotary_triton(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:])
+            TRITON.rotary_triton(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:], *k_tables)
         elif _canon.same_view(x4, o4) and (k4 is None or _canon.same_view(k4, ko4)):
-            COMPILED.ops.rotary_inplace(x4, k4, *tables[:2], interleaved, conj, *tables[2:])
+            COMPILED.ops.rotary_inplace(x4, k4, *tables[:2], interleaved, conj, *tables[2:], *k_tables)
         else:
-            COMPILED.ops.rotary(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:])
+            COMPILED.ops.rotary(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:], *k_tables)
 
 
 def launch_elementwise(backend, x1, x2, cos, sin, out1, out2, conj):
