@@ -32,6 +32,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -232,9 +233,8 @@ struct RotaryParams {
   const cs_t* cos;
   const cs_t* sin;
   CSStrides sc, ss;
-  const cs_t* cos_k;  // k's own tables (cos/sin when k shares q's)
+  const cs_t* cos_k;  // k's own tables, with cos/sin's strides (cos/sin when k shares q's)
   const cs_t* sin_k;
-  CSStrides sck, ssk;
   TokenIndex ti;
   // 32-bit: the planner checks tokens, rows and D against INT32_MAX.
   int32_t S, D, half, rows, rows_per_slice;
@@ -348,9 +348,10 @@ __device__ __forceinline__ auto row_ptr(const Operand<scalar_t>& q, const Operan
 // tests/test_codegen_cuda.py records each). 16-bit x with fp32 tables (32 registers of cos/sin
 // held across the row loop) fits 64 since the loop keeps its token and offsets as 32-bit values,
 // the bad-token path stores NaN without holding cos/sin, and half-split conj swaps sin by address.
-template <typename scalar_t, typename cs_t, bool CS_VECTOR, bool INTERLEAVED>
+// With k's own tables (K_TABLES) the element-by-element path needs more than 128 (sm_80): 255.
+template <typename scalar_t, typename cs_t, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES>
 constexpr int min_blocks() {
-  return CS_VECTOR ? kMinBlocks : kMinBlocks / 2;
+  return CS_VECTOR ? kMinBlocks : (K_TABLES ? kMinBlocks / 4 : kMinBlocks / 2);
 }
 
 // A chunk's head-dim offset (>= 0) as 64 bits: sign-extended for element-by-element 16-bit
@@ -361,8 +362,10 @@ __device__ __forceinline__ int64_t chunk_off(int32_t o) {
   return SIGNED ? int64_t{o} : int64_t{static_cast<uint32_t>(o)};
 }
 
-template <typename scalar_t, typename cs_t, int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED>
-__global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR, INTERLEAVED>())
+// K_TABLES: k's rows read cos_k/sin_k (rows >= p.k_row0); the instances without it are the kernel
+// as it is without that option (the segment loop below runs once).
+template <typename scalar_t, typename cs_t, int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES>
+__global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR, INTERLEAVED, K_TABLES>())
     rotary_kernel(const RotaryParams<scalar_t, cs_t> p) {
   using acc_t = typename AccType<scalar_t>::type;
   const int32_t token = static_cast<int32_t>(blockIdx.x);
@@ -384,16 +387,15 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
     if (r >= row_end) break;
     const int32_t oa = CS_VECTOR ? i : i * kStride;
     const int32_t ob = oa + group_gap<VEC, INTERLEAVED>(p.half);
-    // The first row's q/k loads, before anything waits on memory.
-    Packed<scalar_t, VEC> xa, xb;
-    const scalar_t* x = row_ptr<false, VECTOR>(p.q, p.k, p.hq, a, s, r, dx);
-    load_n<VECTOR>(x + chunk_off<kSignedOff>(oa) * dx, dx, xa);
-    load_n<VECTOR>(x + chunk_off<kSignedOff>(ob) * dx, dx, xb);
-    // The thread's rows in segments that read one table pair: all of them, or, when k has its
-    // own tables (cos_k/sin_k), q's rows and then k's. Each segment starts with its first row's
-    // q/k loads in flight, then loads its cos/sin.
+    // The thread's rows in segments that read one table pair: all of them, or, with k's own
+    // tables (K_TABLES), q's rows and then k's.
 #pragma unroll 1
     for (;;) {
+      // The segment's first row's q/k loads, before anything waits on memory.
+      Packed<scalar_t, VEC> xa, xb;
+      const scalar_t* x = row_ptr<false, VECTOR>(p.q, p.k, p.hq, a, s, r, dx);
+      load_n<VECTOR>(x + chunk_off<kSignedOff>(oa) * dx, dx, xa);
+      load_n<VECTOR>(x + chunk_off<kSignedOff>(ob) * dx, dx, xb);
       // Then the chunk's cos/sin: the token's cache row on each mrope axis (caches), else the
       // per-token tables. A row outside the cache: NaN, nothing read. (CS_VECTOR excludes mrope.)
       int64_t pos[3] = {0, 0, 0};
@@ -423,21 +425,20 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
       } else if (bad) {
         pos[0] = pos[1] = pos[2] = 0;
       }
-      const bool k_seg = r >= p.k_row0;
+      const bool k_seg = K_TABLES && r >= p.k_row0;
+      const int32_t seg_end = K_TABLES && !k_seg && p.k_row0 < row_end ? p.k_row0 : row_end;
       const cs_t* cos = k_seg ? p.cos_k : p.cos;
       const cs_t* sin = k_seg ? p.sin_k : p.sin;
-      const CSStrides& sc = k_seg ? p.sck : p.sc;
-      const CSStrides& ss = k_seg ? p.ssk : p.ss;
       Packed<cs_t, VEC> ca, cb, sa, sb;
-      load_cs<CS_VECTOR>(cos, sc, p.ti, a, s, pos, oa, p.half, INTERLEAVED, ca);
-      load_cs<CS_VECTOR>(cos, sc, p.ti, a, s, pos, ob, p.half, INTERLEAVED, cb);
+      load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, oa, p.half, INTERLEAVED, ca);
+      load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, ob, p.half, INTERLEAVED, cb);
       // conj: (s1, s2) := (-s2, -s1). Half-split with vector x swaps sin's groups by address (no
       // register swap: what keeps 16-bit x / fp32 tables at 64 registers); interleaved and the
       // scalar path (VEC = 1, where by address costs ~20 registers more) swap in registers.
       constexpr bool kSwap = VECTOR && !INTERLEAVED;
       const bool swap = kSwap && p.conj;
-      load_cs<CS_VECTOR>(sin, ss, p.ti, a, s, pos, swap ? ob : oa, p.half, INTERLEAVED, sa);
-      load_cs<CS_VECTOR>(sin, ss, p.ti, a, s, pos, swap ? oa : ob, p.half, INTERLEAVED, sb);
+      load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? ob : oa, p.half, INTERLEAVED, sa);
+      load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? oa : ob, p.half, INTERLEAVED, sb);
       if (!CS_VECTOR && bad) {
         ca.fill_nan();
         cb.fill_nan();
@@ -466,13 +467,12 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
         store_n<VECTOR>(y + chunk_off<kSignedOff>(oa) * dy, dy, xa);
         store_n<VECTOR>(y + chunk_off<kSignedOff>(ob) * dy, dy, xb);
         r += TY;
-        if (r >= row_end) break;
+        if (r >= seg_end) break;
         x = row_ptr<false, VECTOR>(p.q, p.k, p.hq, a, s, r, dx);
         load_n<VECTOR>(x + chunk_off<kSignedOff>(oa) * dx, dx, xa);
         load_n<VECTOR>(x + chunk_off<kSignedOff>(ob) * dx, dx, xb);
-        if (!k_seg && r >= p.k_row0) break;  // k's first row: its own tables, loaded next
       }
-      if (r >= row_end) break;
+      if (!K_TABLES || r >= row_end) break;
     }
   }
 
@@ -555,18 +555,37 @@ inline LaunchPlan plan_launch(int64_t tokens, int64_t rows, int64_t nchunks, int
 }
 
 template <int VEC, bool VECTOR, bool CS_VECTOR, typename Launcher, typename Params>
-void dispatch_interleaved(Launcher& launcher, const Params& p, bool interleaved, LaunchShape grid,
+void dispatch_interleaved(Launcher& launcher, const Params& p, bool interleaved, bool k_tables, LaunchShape grid,
                           LaunchShape block) {
   if (interleaved) {
-    launcher.template run<VEC, VECTOR, CS_VECTOR, true>(p, grid, block);
+    if (k_tables) {
+      launcher.template run<VEC, VECTOR, CS_VECTOR, true, true>(p, grid, block);
+    } else {
+      launcher.template run<VEC, VECTOR, CS_VECTOR, true, false>(p, grid, block);
+    }
+  } else if (k_tables) {
+    launcher.template run<VEC, VECTOR, CS_VECTOR, false, true>(p, grid, block);
   } else {
-    launcher.template run<VEC, VECTOR, CS_VECTOR, false>(p, grid, block);
+    launcher.template run<VEC, VECTOR, CS_VECTOR, false, false>(p, grid, block);
   }
 }
 
-// Host side: fill the parameters (cos_k/sin_k: k's tables, cos/sin themselves when k shares q's),
+// k's own tables are read with cos/sin's strides: the kernel picks between two pointers, not two
+// sets of strides (which would cost registers). Tables laid out otherwise are all copied densely
+// (a copy of the tables, not of q or k). Returns {cos, sin, cos_k, sin_k} for rotary_plan.
+inline std::array<at::Tensor, 4> shared_table_strides(const at::Tensor& cos, const at::Tensor& sin,
+                                                      const at::Tensor& cos_k, const at::Tensor& sin_k) {
+  const bool k_tables = !(same_view(cos_k, cos) && same_view(sin_k, sin));
+  if (!k_tables || (cos_k.strides() == cos.strides() && sin_k.strides() == sin.strides())) {
+    return {cos, sin, cos_k, sin_k};
+  }
+  return {cos.contiguous(), sin.contiguous(), cos_k.contiguous(), sin_k.contiguous()};
+}
+
+// Host side: fill the parameters (cos_k/sin_k: k's tables, cos/sin themselves when k shares q's;
+// through shared_table_strides),
 // pick the memory path and the launch shape, then call
-// launcher.template run<VEC, VECTOR, CS_VECTOR, INTERLEAVED>(params, grid, block) — a real
+// launcher.template run<VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES>(params, grid, block) — a real
 // <<<>>> launch in rotary_cuda.cu, a sequential walk over blocks and threads in the CPU
 // simulation the tests build (tests/cuda_sim.cpp).
 template <typename scalar_t, typename cs_t, typename Launcher>
@@ -575,6 +594,9 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
                  bool interleaved, bool conj, const TokenIndexArgs& ix, int64_t sms, Launcher& launcher,
                  const at::Tensor& cos_k, const at::Tensor& sin_k) {
   constexpr int VEC = 16 / sizeof(scalar_t);
+  const bool k_tables = !(same_view(cos_k, cos) && same_view(sin_k, sin));
+  TORCH_CHECK(!k_tables || (cos_k.strides() == cos.strides() && sin_k.strides() == sin.strides()),
+              "rotary: internal: k's tables must have cos/sin's strides (shared_table_strides)");
   const int64_t A = q.size(0), S = q.size(1), D = q.size(3), R = cos.size(-1), half = R / 2;
   RotaryParams<scalar_t, cs_t> p{};
   p.q = make_operand<scalar_t>(q, q_out, R);
@@ -585,9 +607,6 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   p.ss = cs_strides(sin);
   p.cos_k = cos_k.const_data_ptr<cs_t>();
   p.sin_k = sin_k.const_data_ptr<cs_t>();
-  p.sck = cs_strides(cos_k);
-  p.ssk = cs_strides(sin_k);
-  const bool k_tables = !(same_view(cos_k, cos) && same_view(sin_k, sin));
   p.ti = make_token_index(cos, ix, cos_k);
   p.conj = conj;
   const int64_t tokens = A * S, rows = p.q.H + p.k.H;
@@ -607,11 +626,11 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   p.hq = static_cast<int32_t>(p.q.H);
   p.k_row0 = k_tables ? p.hq : p.rows;
   if (!vector) {
-    dispatch_interleaved<1, false, false>(launcher, p, interleaved, plan.grid, plan.block);
+    dispatch_interleaved<1, false, false>(launcher, p, interleaved, k_tables, plan.grid, plan.block);
   } else if (cs_vector) {
-    dispatch_interleaved<VEC, true, true>(launcher, p, interleaved, plan.grid, plan.block);
+    dispatch_interleaved<VEC, true, true>(launcher, p, interleaved, k_tables, plan.grid, plan.block);
   } else {
-    dispatch_interleaved<VEC, true, false>(launcher, p, interleaved, plan.grid, plan.block);
+    dispatch_interleaved<VEC, true, false>(launcher, p, interleaved, k_tables, plan.grid, plan.block);
   }
 }
 

@@ -312,8 +312,10 @@ def test_sim_k_tables(sim, layout, interleaved, A, S, Hq, Hk, sms):
     if Hq == 40:  # one slice; thread y = Hq % TY walks q's row y, then k's first row Hq
         _, gy, _, by, _ = sim.plan(A * S, Hq + Hk, D // 2 // (8 if layout == "heads_outer" else 1), sms)
         assert gy == 1 and by <= Hq, (gy, by)
-    for ck_dtype in (torch.float32, torch.bfloat16):
+    for ck_dtype, bcast in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True)):
         cos_k, sin_k = tables(A, S, D, ck_dtype, "cpu", seed=5)
+        if bcast:  # strides other than cos's (zero over A): the four tables are read as dense copies
+            cos_k, sin_k = cos_k[:1].expand_as(cos_k), sin_k[:1].expand_as(sin_k)
         for conj in (False, True):
             qo, ko, _ = run(sim, q, k, cos, sin, interleaved, conj, sms, cos_k=cos_k, sin_k=sin_k)
             close(qo, want(q, cos, sin, interleaved, conj))
