@@ -223,6 +223,16 @@ def test_packed_qkv_and_pair_tables(backend):
     got = rk.apply_rotary_qkv(qkv5, cos, sin, cos_k=cos_k, sin_k=sin_k, backend=be)
     close(got[0], rotary_reference(qkv5[:, :, 0], cos, sin, -2))
     close(got[1], rotary_reference(qkv5[:, :, 1], cos_k, sin_k, -2))
+    # flash-attn's apply_rotary_emb_qkv_(qkv, cos, sin, cos_k, sin_k, seqlen_offsets=2): per-pair caches
+    caches = [t[..., : R // 2] for t in (*tables(9, R=R, seed=21, device=device), *tables(9, R=R, seed=22,
+                                                                                        device=device))]
+    x = qkv5.clone()
+    rk.apply_rotary_qkv_(x, caches[0], caches[1], cos_k=caches[2], sin_k=caches[3], pair_tables=True,
+                         seqlen_offsets=2, backend=be)
+    full = [full_width_tables(t) for t in caches]
+    close(x[:, :, 0], rotary_reference_indexed(qkv5[:, :, 0], full[0], full[1], -2, seqlen_offsets=2))
+    close(x[:, :, 1], rotary_reference_indexed(qkv5[:, :, 1], full[2], full[3], -2, seqlen_offsets=2))
+    assert torch.equal(x[:, :, 2], qkv5[:, :, 2])
     a = qkv5.clone().requires_grad_()
     g = torch.autograd.grad(rk.apply_rotary_qkv(a, cos, sin, cos_k=cos_k, sin_k=sin_k, backend=be), a,
                             (qkv5[:, :, 0], qkv5[:, :, 1]))[0]
@@ -335,3 +345,21 @@ def test_errors_name_the_argument(backend):
         rk.apply_rotary_transformers(q, None, cos, sin, ud, cos_k=cos, sin_k=sin, backend=be)
     with pytest.raises(ValueError, match="cos_k/sin_k: .*caches"):  # cos_k must be a cache like cos
         f(q, k, cos[0], sin[0], ud, cos_k=cos, sin_k=sin, positions=torch.zeros(2, 3, dtype=torch.long), backend=be)
+
+
+def test_functorch_transforms(backend):
+    """torch.func: jvp with a tangent on k alone (rotated with k's tables), grad wrt q and k."""
+    device, be = backend
+    q, k, ud = qk("bshd", 2, 3, 2, 1, 16, torch.float64, device)
+    cos, sin = tables(2, 3, R=16, seed=29, dtype=torch.float64, device=device)
+    cos_k, sin_k = tables(1, 3, R=16, seed=30, dtype=torch.float64, device=device)
+
+    def f(q, k):
+        return rk.apply_rotary_transformers(q, k, cos, sin, ud, cos_k=cos_k, sin_k=sin_k, backend=be)
+
+    _, (tq, tk) = torch.func.jvp(lambda k: f(q, k), (k,), (k,))
+    assert torch.equal(tq, torch.zeros_like(tq))
+    close(tk, rotary_reference(k, cos_k, sin_k, ud))
+    gq, gk = torch.func.grad(lambda q, k: sum((o * o.detach()).sum() for o in f(q, k)), argnums=(0, 1))(q, k)
+    close(gq, rotary_reference(rotary_reference(q, cos, sin, ud), cos, sin, ud, conj=True))
+    close(gk, rotary_reference(rotary_reference(k, cos_k, sin_k, ud), cos_k, sin_k, ud, conj=True))
