@@ -209,7 +209,8 @@ def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=Fa
     tables (both or neither; cos's rules and rotary dim; flash-attn's ``apply_rotary_emb_qkv_``),
     q and k still in one launch. ``backend``: see ``available_backends``.
     """
-    cos_k, sin_k = _k_tables(k, cos, cos_k, sin_k, interleaved, pair_tables, conj)
+    if cos_k is not None or sin_k is not None:  # (no call on the common path: host time)
+        cos_k, sin_k = _k_tables(k, cos, cos_k, sin_k, interleaved, pair_tables, conj)
     _canon.check_float("k", k)  # apply_rotary_emb rotates a single tensor
     cos, sin = _tables(cos, sin, interleaved, pair_tables, conj)
     q_out, k_out = _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, cos_k, sin_k)
@@ -278,7 +279,8 @@ def apply_rotary_transformers_(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=F
                                cos_k=None, sin_k=None, backend=None, **index):
     """In-place ``apply_rotary_transformers``: rotates q and k in place and returns them.
     q and k must not overlap in memory (each element is rotated once)."""
-    cos_k, sin_k = _k_tables(k, cos, cos_k, sin_k, interleaved, pair_tables, conj)
+    if cos_k is not None or sin_k is not None:  # (no call on the common path: host time)
+        cos_k, sin_k = _k_tables(k, cos, cos_k, sin_k, interleaved, pair_tables, conj)
     _canon.check_float("k", k)  # apply_rotary_emb_ rotates a single tensor
     _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, backend, index, cos_k, sin_k)
     return q, k
