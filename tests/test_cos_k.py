@@ -363,3 +363,12 @@ def test_functorch_transforms(backend):
     gq, gk = torch.func.grad(lambda q, k: sum((o * o.detach()).sum() for o in f(q, k)), argnums=(0, 1))(q, k)
     close(gq, rotary_reference(rotary_reference(q, cos, sin, ud), cos, sin, ud, conj=True))
     close(gk, rotary_reference(rotary_reference(k, cos_k, sin_k, ud), cos_k, sin_k, ud, conj=True))
+
+
+def test_inplace_write_overlapping_k_tables(backend):
+    """In place, k's tables are inputs like cos/sin: k must not overlap them."""
+    device, be = backend
+    qkv = rand(2, 3, 4, 32, device=device)
+    cos, sin = tables(2, 3, R=32, seed=31, device=device)
+    with pytest.raises(ValueError, match="k overlaps cos_k"):
+        rk.apply_rotary_qkv_(qkv, cos, sin, 2, 1, cos_k=qkv[:, :, 2], sin_k=qkv[:, :, 3], backend=be)
