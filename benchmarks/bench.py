@@ -358,6 +358,12 @@ def run_features(device, quick):
         f = te_freqs[:S]
         return q_sbhd * f.cos() + rotate_half(q_sbhd) * f.sin()
 
+    cos_k, sin_k = rk.freqs.rope_cos_sin_cache(inv * 0.5, P)  # k's own tables (another frequency scale)
+
+    def eager_k_tables():  # flash-attn's cos_k/sin_k: q and k each with their own gathered rows
+        c, s, ck, sk = (t[pos].unsqueeze(1) for t in (cos, sin, cos_k, sin_k))
+        return q * c + rotate_half(q) * s, k * ck + rotate_half(k) * sk
+
     def eager_mrope():
         sel = [torch.cat([m[i % 3] for i, m in enumerate(t[pos3].split(list(section) * 2, dim=-1))], dim=-1)
                for t in (cos, sin)]
@@ -377,6 +383,10 @@ def run_features(device, quick):
                             lambda be: rk.apply_rotary_transformers(q, k, cos, sin, positions=pos3,
                                                                     mrope_section=section, backend=be),
                             qk_bytes + B * S * 3 * (row_bytes + 8)),
+        "separate k tables": (eager_k_tables,
+                              lambda be: rk.apply_rotary_transformers(q, k, cos, sin, positions=pos, cos_k=cos_k,
+                                                                      sin_k=sin_k, backend=be),
+                              qk_bytes + B * S * (2 * row_bytes + 8)),
         "per-pair tables (gpt-oss)": (eager_pair_tables,
                                       lambda be: rk.apply_rotary_transformers(q, k, half_c[:, 0], half_s[:, 0],
                                                                               pair_tables=True, backend=be),

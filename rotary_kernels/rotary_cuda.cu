@@ -31,11 +31,11 @@ int64_t sm_count() {
 // Launches a kernel instance on the current stream.
 struct CudaLauncher {
   cudaStream_t stream;
-  template <int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, typename Params>
+  template <int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES, typename Params>
   void run(const Params& p, LaunchShape grid, LaunchShape block) {
     using scalar_t = typename Params::scalar_type;
     using cs_t = typename Params::cs_type;
-    rotary_kernel<scalar_t, cs_t, VEC, VECTOR, CS_VECTOR, INTERLEAVED>
+    rotary_kernel<scalar_t, cs_t, VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES>
         <<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y)),
            dim3(static_cast<unsigned>(block.x), static_cast<unsigned>(block.y)), 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -61,7 +61,7 @@ bool cuda_image_ok(int64_t device) {
   const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   cudaFuncAttributes attr;
   const cudaError_t err =
-      cudaFuncGetAttributes(&attr, rotary_kernel<at::BFloat16, at::BFloat16, 8, true, true, false>);
+      cudaFuncGetAttributes(&attr, rotary_kernel<at::BFloat16, at::BFloat16, 8, true, true, false, false>);
   if (err != cudaSuccess) (void)cudaGetLastError();  // clear the sticky-free error state
   const bool ok = err == cudaSuccess;
   TORCH_CHECK(ok || err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidKernelImage,
@@ -74,13 +74,17 @@ bool cuda_image_ok(int64_t device) {
 
 void rotary_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                 bool interleaved, bool conj, const TokenIndexArgs& ix) {
+                 bool interleaved, bool conj, const TokenIndexArgs& ix, const std::optional<at::Tensor>& cos_k,
+                 const std::optional<at::Tensor>& sin_k) {
   const c10::cuda::CUDAGuard guard(q.device());
   CudaLauncher launcher{c10::cuda::getCurrentCUDAStream()};
-  dispatch_rotary_types(q, cos, sin, [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s) {
-    rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved, conj, ix, sm_count(),
-                                                   launcher);
-  });
+  dispatch_rotary_types(q, cos, sin, cos_k, sin_k,
+                        [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s, const at::Tensor& ck,
+                            const at::Tensor& sk) {
+                          const auto t = shared_table_strides(c, s, ck, sk);
+                          rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, t[0], t[1], q_out, k_out, interleaved,
+                                                                         conj, ix, sm_count(), launcher, t[2], t[3]);
+                        });
 }
 
 void apply_rotary_cuda(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,

@@ -9,7 +9,8 @@
 //   grid.x = token (a, s); grid.y = a slice of the Hq + Hk rows (more than one slice only when
 //   there are too few tokens to fill the GPU, e.g. decode).
 //   block = (TX, TY): thread x owns a chunk of VEC pairs of the head dim and walks the rows of
-//   its slice with stride TY, one row per step. The first row's q/k loads are issued before
+//   its slice with stride TY, one row per step (with k's own tables, cos_k/sin_k, a thread
+//   reloads its chunk's cos/sin from them at its first k row). The first row's q/k loads are issued before
 //   anything waits on memory; the chunk's cos/sin are loaded once, after them (so a warp waits
 //   one memory round trip per step, not two), and kept in registers as the words they arrived
 //   in (16-bit tables: two values a register; unpacked at use). A row's loads are issued before
@@ -31,6 +32,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -231,10 +233,13 @@ struct RotaryParams {
   const cs_t* cos;
   const cs_t* sin;
   CSStrides sc, ss;
+  const cs_t* cos_k;  // k's own tables, with cos/sin's strides (cos/sin when k shares q's)
+  const cs_t* sin_k;
   TokenIndex ti;
   // 32-bit: the planner checks tokens, rows and D against INT32_MAX.
   int32_t S, D, half, rows, rows_per_slice;
   int32_t hq;  // q.H as 32 bits: rows r < hq are q's
+  int32_t k_row0;  // rows r >= k_row0 read cos_k/sin_k: hq with k's own tables, else rows (none)
   bool conj;
 };
 
@@ -343,9 +348,10 @@ __device__ __forceinline__ auto row_ptr(const Operand<scalar_t>& q, const Operan
 // tests/test_codegen_cuda.py records each). 16-bit x with fp32 tables (32 registers of cos/sin
 // held across the row loop) fits 64 since the loop keeps its token and offsets as 32-bit values,
 // the bad-token path stores NaN without holding cos/sin, and half-split conj swaps sin by address.
-template <typename scalar_t, typename cs_t, bool CS_VECTOR, bool INTERLEAVED>
+// With k's own tables (K_TABLES) the element-by-element path needs more than 128 (sm_80): 255.
+template <typename scalar_t, typename cs_t, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES>
 constexpr int min_blocks() {
-  return CS_VECTOR ? kMinBlocks : kMinBlocks / 2;
+  return CS_VECTOR ? kMinBlocks : (K_TABLES ? kMinBlocks / 4 : kMinBlocks / 2);
 }
 
 // A chunk's head-dim offset (>= 0) as 64 bits: sign-extended for element-by-element 16-bit
@@ -356,8 +362,10 @@ __device__ __forceinline__ int64_t chunk_off(int32_t o) {
   return SIGNED ? int64_t{o} : int64_t{static_cast<uint32_t>(o)};
 }
 
-template <typename scalar_t, typename cs_t, int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED>
-__global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR, INTERLEAVED>())
+// K_TABLES: k's rows read cos_k/sin_k (rows >= p.k_row0); the instances without it are the kernel
+// as it is without that option (the segment loop below runs once).
+template <typename scalar_t, typename cs_t, int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES>
+__global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR, INTERLEAVED, K_TABLES>())
     rotary_kernel(const RotaryParams<scalar_t, cs_t> p) {
   using acc_t = typename AccType<scalar_t>::type;
   const int32_t token = static_cast<int32_t>(blockIdx.x);
@@ -379,82 +387,92 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
     if (r >= row_end) break;
     const int32_t oa = CS_VECTOR ? i : i * kStride;
     const int32_t ob = oa + group_gap<VEC, INTERLEAVED>(p.half);
-    // The first row's q/k loads, before anything waits on memory.
-    Packed<scalar_t, VEC> xa, xb;
-    const scalar_t* x = row_ptr<false, VECTOR>(p.q, p.k, p.hq, a, s, r, dx);
-    load_n<VECTOR>(x + chunk_off<kSignedOff>(oa) * dx, dx, xa);
-    load_n<VECTOR>(x + chunk_off<kSignedOff>(ob) * dx, dx, xb);
-    // Then the chunk's cos/sin: the token's cache row on each mrope axis (caches), else the
-    // per-token tables. A row outside the cache: NaN, nothing read. (CS_VECTOR excludes mrope.)
-    int64_t pos[3] = {0, 0, 0};
-    bool bad = false;
-#pragma unroll
-    for (int ax = 0; ax < (CS_VECTOR ? 1 : 3); ++ax) {
-      if (ax == 0 || p.ti.mrope) {
-        pos[ax] = token_position(p.ti, a, s, ax);
-        bad = bad || !position_ok(p.ti, pos[ax]);
-      }
-    }
-    // A position outside the cache: nothing read, the rotated dims written as NaN. Vector
-    // tables: a loop of NaN stores (no cos/sin held, which keeps the 16-bit x / fp32 tables
-    // instances at 64 registers); element-by-element tables: row 0 read instead (in bounds),
-    // cos/sin set to NaN (the loop above costs those 30 more registers).
-    if constexpr (CS_VECTOR) {
-      if (bad) {
-        Packed<scalar_t, VEC> nan;
-        nan.fill_nan();
-        for (; r < row_end; r += TY) {
-          scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, p.hq, a, s, r, dy);
-          store_n<VECTOR>(y + chunk_off<kSignedOff>(oa) * dy, dy, nan);
-          store_n<VECTOR>(y + chunk_off<kSignedOff>(ob) * dy, dy, nan);
-        }
-        continue;
-      }
-    } else if (bad) {
-      pos[0] = pos[1] = pos[2] = 0;
-    }
-    Packed<cs_t, VEC> ca, cb, sa, sb;
-    load_cs<CS_VECTOR>(p.cos, p.sc, p.ti, a, s, pos, oa, p.half, INTERLEAVED, ca);
-    load_cs<CS_VECTOR>(p.cos, p.sc, p.ti, a, s, pos, ob, p.half, INTERLEAVED, cb);
-    // conj: (s1, s2) := (-s2, -s1). Half-split with vector x swaps sin's groups by address (no
-    // register swap: what keeps 16-bit x / fp32 tables at 64 registers); interleaved and the
-    // scalar path (VEC = 1, where by address costs ~20 registers more) swap in registers.
-    constexpr bool kSwap = VECTOR && !INTERLEAVED;
-    const bool swap = kSwap && p.conj;
-    load_cs<CS_VECTOR>(p.sin, p.ss, p.ti, a, s, pos, swap ? ob : oa, p.half, INTERLEAVED, sa);
-    load_cs<CS_VECTOR>(p.sin, p.ss, p.ti, a, s, pos, swap ? oa : ob, p.half, INTERLEAVED, sb);
-    if (!CS_VECTOR && bad) {
-      ca.fill_nan();
-      cb.fill_nan();
-      sa.fill_nan();
-      sb.fill_nan();
-    }
-    if (p.conj) {
-      if constexpr (!kSwap) {
-        conj_sin<VEC, INTERLEAVED>(sa, sb);
-      } else {  // already swapped: the signs
-        sa.negate();
-        sb.negate();
-      }
-    }
-
-    // One row a step: rotate, store, then issue the next row's loads (TY rows on).
+    // The thread's rows in segments that read one table pair: all of them, or, with k's own
+    // tables (K_TABLES), q's rows and then k's.
 #pragma unroll 1
     for (;;) {
-      const uint32_t zero = static_cast<uint32_t>(r) >> 31;  // 0: r >= 0
-      ca.opaque(zero);
-      cb.opaque(zero);
-      sa.opaque(zero);
-      sb.opaque(zero);
-      rotate_chunk<VEC, INTERLEAVED, acc_t>(xa, xb, ca, cb, sa, sb);
-      scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, p.hq, a, s, r, dy);
-      store_n<VECTOR>(y + chunk_off<kSignedOff>(oa) * dy, dy, xa);
-      store_n<VECTOR>(y + chunk_off<kSignedOff>(ob) * dy, dy, xb);
-      r += TY;
-      if (r >= row_end) break;
-      x = row_ptr<false, VECTOR>(p.q, p.k, p.hq, a, s, r, dx);
+      // The segment's first row's q/k loads, before anything waits on memory.
+      Packed<scalar_t, VEC> xa, xb;
+      const scalar_t* x = row_ptr<false, VECTOR>(p.q, p.k, p.hq, a, s, r, dx);
       load_n<VECTOR>(x + chunk_off<kSignedOff>(oa) * dx, dx, xa);
       load_n<VECTOR>(x + chunk_off<kSignedOff>(ob) * dx, dx, xb);
+      // Then the chunk's cos/sin: the token's cache row on each mrope axis (caches), else the
+      // per-token tables. A row outside the cache: NaN, nothing read. (CS_VECTOR excludes mrope.)
+      int64_t pos[3] = {0, 0, 0};
+      bool bad = false;
+#pragma unroll
+      for (int ax = 0; ax < (CS_VECTOR ? 1 : 3); ++ax) {
+        if (ax == 0 || p.ti.mrope) {
+          pos[ax] = token_position(p.ti, a, s, ax);
+          bad = bad || !position_ok(p.ti, pos[ax]);
+        }
+      }
+      // A position outside the cache: nothing read, the rotated dims written as NaN. Vector
+      // tables: a loop of NaN stores (no cos/sin held, which keeps the 16-bit x / fp32 tables
+      // instances at 64 registers); element-by-element tables: row 0 read instead (in bounds),
+      // cos/sin set to NaN (the loop above costs those 30 more registers).
+      if constexpr (CS_VECTOR) {
+        if (bad) {
+          Packed<scalar_t, VEC> nan;
+          nan.fill_nan();
+          for (; r < row_end; r += TY) {
+            scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, p.hq, a, s, r, dy);
+            store_n<VECTOR>(y + chunk_off<kSignedOff>(oa) * dy, dy, nan);
+            store_n<VECTOR>(y + chunk_off<kSignedOff>(ob) * dy, dy, nan);
+          }
+          break;  // (every row left: a bad position is bad for both tables)
+        }
+      } else if (bad) {
+        pos[0] = pos[1] = pos[2] = 0;
+      }
+      const bool k_seg = K_TABLES && r >= p.k_row0;
+      const int32_t seg_end = K_TABLES && !k_seg && p.k_row0 < row_end ? p.k_row0 : row_end;
+      const cs_t* cos = k_seg ? p.cos_k : p.cos;
+      const cs_t* sin = k_seg ? p.sin_k : p.sin;
+      Packed<cs_t, VEC> ca, cb, sa, sb;
+      load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, oa, p.half, INTERLEAVED, ca);
+      load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, ob, p.half, INTERLEAVED, cb);
+      // conj: (s1, s2) := (-s2, -s1). Half-split with vector x swaps sin's groups by address (no
+      // register swap: what keeps 16-bit x / fp32 tables at 64 registers); interleaved and the
+      // scalar path (VEC = 1, where by address costs ~20 registers more) swap in registers.
+      constexpr bool kSwap = VECTOR && !INTERLEAVED;
+      const bool swap = kSwap && p.conj;
+      load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? ob : oa, p.half, INTERLEAVED, sa);
+      load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? oa : ob, p.half, INTERLEAVED, sb);
+      if (!CS_VECTOR && bad) {
+        ca.fill_nan();
+        cb.fill_nan();
+        sa.fill_nan();
+        sb.fill_nan();
+      }
+      if (p.conj) {
+        if constexpr (!kSwap) {
+          conj_sin<VEC, INTERLEAVED>(sa, sb);
+        } else {  // already swapped: the signs
+          sa.negate();
+          sb.negate();
+        }
+      }
+
+      // One row a step: rotate, store, then issue the next row's loads (TY rows on).
+#pragma unroll 1
+      for (;;) {
+        const uint32_t zero = static_cast<uint32_t>(r) >> 31;  // 0: r >= 0
+        ca.opaque(zero);
+        cb.opaque(zero);
+        sa.opaque(zero);
+        sb.opaque(zero);
+        rotate_chunk<VEC, INTERLEAVED, acc_t>(xa, xb, ca, cb, sa, sb);
+        scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, p.hq, a, s, r, dy);
+        store_n<VECTOR>(y + chunk_off<kSignedOff>(oa) * dy, dy, xa);
+        store_n<VECTOR>(y + chunk_off<kSignedOff>(ob) * dy, dy, xb);
+        r += TY;
+        if (r >= seg_end) break;
+        x = row_ptr<false, VECTOR>(p.q, p.k, p.hq, a, s, r, dx);
+        load_n<VECTOR>(x + chunk_off<kSignedOff>(oa) * dx, dx, xa);
+        load_n<VECTOR>(x + chunk_off<kSignedOff>(ob) * dx, dx, xb);
+      }
+      if (!K_TABLES || r >= row_end) break;
     }
   }
 
@@ -537,24 +555,48 @@ inline LaunchPlan plan_launch(int64_t tokens, int64_t rows, int64_t nchunks, int
 }
 
 template <int VEC, bool VECTOR, bool CS_VECTOR, typename Launcher, typename Params>
-void dispatch_interleaved(Launcher& launcher, const Params& p, bool interleaved, LaunchShape grid,
+void dispatch_interleaved(Launcher& launcher, const Params& p, bool interleaved, bool k_tables, LaunchShape grid,
                           LaunchShape block) {
   if (interleaved) {
-    launcher.template run<VEC, VECTOR, CS_VECTOR, true>(p, grid, block);
+    if (k_tables) {
+      launcher.template run<VEC, VECTOR, CS_VECTOR, true, true>(p, grid, block);
+    } else {
+      launcher.template run<VEC, VECTOR, CS_VECTOR, true, false>(p, grid, block);
+    }
+  } else if (k_tables) {
+    launcher.template run<VEC, VECTOR, CS_VECTOR, false, true>(p, grid, block);
   } else {
-    launcher.template run<VEC, VECTOR, CS_VECTOR, false>(p, grid, block);
+    launcher.template run<VEC, VECTOR, CS_VECTOR, false, false>(p, grid, block);
   }
 }
 
-// Host side: fill the parameters, pick the memory path and the launch shape, then call
-// launcher.template run<VEC, VECTOR, CS_VECTOR, INTERLEAVED>(params, grid, block) — a real
+// k's own tables are read with cos/sin's strides: the kernel picks between two pointers, not two
+// sets of strides (which would cost registers). Tables laid out otherwise are all copied densely
+// (a copy of the tables, not of q or k). Returns {cos, sin, cos_k, sin_k} for rotary_plan.
+inline std::array<at::Tensor, 4> shared_table_strides(const at::Tensor& cos, const at::Tensor& sin,
+                                                      const at::Tensor& cos_k, const at::Tensor& sin_k) {
+  const bool k_tables = !(same_view(cos_k, cos) && same_view(sin_k, sin));
+  if (!k_tables || (cos_k.strides() == cos.strides() && sin_k.strides() == sin.strides())) {
+    return {cos, sin, cos_k, sin_k};
+  }
+  return {cos.contiguous(), sin.contiguous(), cos_k.contiguous(), sin_k.contiguous()};
+}
+
+// Host side: fill the parameters (cos_k/sin_k: k's tables, cos/sin themselves when k shares q's;
+// through shared_table_strides),
+// pick the memory path and the launch shape, then call
+// launcher.template run<VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES>(params, grid, block) — a real
 // <<<>>> launch in rotary_cuda.cu, a sequential walk over blocks and threads in the CPU
 // simulation the tests build (tests/cuda_sim.cpp).
 template <typename scalar_t, typename cs_t, typename Launcher>
 void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                 bool interleaved, bool conj, const TokenIndexArgs& ix, int64_t sms, Launcher& launcher) {
+                 bool interleaved, bool conj, const TokenIndexArgs& ix, int64_t sms, Launcher& launcher,
+                 const at::Tensor& cos_k, const at::Tensor& sin_k) {
   constexpr int VEC = 16 / sizeof(scalar_t);
+  const bool k_tables = !(same_view(cos_k, cos) && same_view(sin_k, sin));
+  TORCH_CHECK(!k_tables || (cos_k.strides() == cos.strides() && sin_k.strides() == sin.strides()),
+              "rotary: internal: k's tables must have cos/sin's strides (shared_table_strides)");
   const int64_t A = q.size(0), S = q.size(1), D = q.size(3), R = cos.size(-1), half = R / 2;
   RotaryParams<scalar_t, cs_t> p{};
   p.q = make_operand<scalar_t>(q, q_out, R);
@@ -563,14 +605,17 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   p.sin = sin.const_data_ptr<cs_t>();
   p.sc = cs_strides(cos);
   p.ss = cs_strides(sin);
-  p.ti = make_token_index(cos, ix);
+  p.cos_k = cos_k.const_data_ptr<cs_t>();
+  p.sin_k = sin_k.const_data_ptr<cs_t>();
+  p.ti = make_token_index(cos, ix, cos_k);
   p.conj = conj;
   const int64_t tokens = A * S, rows = p.q.H + p.k.H;
   if (tokens == 0 || rows == 0) return;
 
   bool vector = half % VEC == 0 && vector_ok(q, VEC) && vector_ok(q_out, VEC);
   if (k.has_value()) vector = vector && vector_ok(*k, VEC) && vector_ok(*k_out, VEC);
-  const bool cs_vector = vector && p.ti.mrope == 0 && cs_vector_ok(cos, VEC) && cs_vector_ok(sin, VEC);
+  const bool cs_vector = vector && p.ti.mrope == 0 && cs_vector_ok(cos, VEC) && cs_vector_ok(sin, VEC) &&
+                         cs_vector_ok(cos_k, VEC) && cs_vector_ok(sin_k, VEC);
   const LaunchPlan plan = plan_launch(tokens, rows, vector ? half / VEC : half, sms);
   TORCH_CHECK(D <= std::numeric_limits<int32_t>::max(), "rotary: head dim too large (", D, ")");
   p.S = static_cast<int32_t>(S);
@@ -579,12 +624,13 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   p.rows = static_cast<int32_t>(rows);
   p.rows_per_slice = static_cast<int32_t>(plan.rows_per_slice);
   p.hq = static_cast<int32_t>(p.q.H);
+  p.k_row0 = k_tables ? p.hq : p.rows;
   if (!vector) {
-    dispatch_interleaved<1, false, false>(launcher, p, interleaved, plan.grid, plan.block);
+    dispatch_interleaved<1, false, false>(launcher, p, interleaved, k_tables, plan.grid, plan.block);
   } else if (cs_vector) {
-    dispatch_interleaved<VEC, true, true>(launcher, p, interleaved, plan.grid, plan.block);
+    dispatch_interleaved<VEC, true, true>(launcher, p, interleaved, k_tables, plan.grid, plan.block);
   } else {
-    dispatch_interleaved<VEC, true, false>(launcher, p, interleaved, plan.grid, plan.block);
+    dispatch_interleaved<VEC, true, false>(launcher, p, interleaved, k_tables, plan.grid, plan.block);
   }
 }
 

@@ -2,6 +2,7 @@
 // called by torch-ext/torch_binding.cpp, which validates shapes before they run.
 #pragma once
 
+#include <algorithm>
 #include <optional>
 #include <vector>
 
@@ -31,9 +32,10 @@ struct TokenIndexArgs {
   bool mrope_interleaved = false;
 };
 
-inline TokenIndex make_token_index(const at::Tensor& cos, const TokenIndexArgs& ix) {
+// cos_k: k's cache (cos itself when k shares q's tables); a position must lie inside both.
+inline TokenIndex make_token_index(const at::Tensor& cos, const TokenIndexArgs& ix, const at::Tensor& cos_k) {
   TokenIndex t{};
-  t.rows = cos.dim() == 2 ? cos.size(0) : 0;
+  t.rows = cos.dim() == 2 ? std::min(cos.size(0), cos_k.size(0)) : 0;
   if (ix.positions) {
     t.pos = ix.positions->const_data_ptr<int64_t>();
     t.px = ix.positions->stride(0);
@@ -70,18 +72,22 @@ Operand<scalar_t> make_operand(const at::Tensor& x, const at::Tensor& y, int64_t
           R < x.size(3) && !same_view(x, y)};
 }
 
-// The rotary ops' type dispatch: x's dtype, and cos/sin read as x's dtype or as float (any
-// other float dtype is converted first; the tables are small, [A, S, R]). Calls
-// f(scalar_t{}, cs_t{}, cos, sin) with the tables to use.
+// The rotary ops' type dispatch: x's dtype, and the tables (cos/sin and k's own cos_k/sin_k)
+// read as x's dtype when all have it, else as float (any other float dtype is converted first;
+// the tables are small, [A, S, R]). Calls f(scalar_t{}, cs_t{}, cos, sin, cos_k, sin_k) with the
+// tables to use; without k tables, cos_k/sin_k are cos/sin themselves.
 template <typename F>
-void dispatch_rotary_types(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, F&& f) {
-  const bool cs_same = cos.scalar_type() == x.scalar_type();
-  const at::Tensor c = cs_same ? cos : cos.to(at::kFloat), s = cs_same ? sin : sin.to(at::kFloat);
+void dispatch_rotary_types(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
+                           const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k, F&& f) {
+  const bool cs_same = cos.scalar_type() == x.scalar_type() && (!cos_k || cos_k->scalar_type() == x.scalar_type());
+  auto as_cs = [&](const at::Tensor& t) { return cs_same ? t : t.to(at::kFloat); };
+  const at::Tensor c = as_cs(cos), s = as_cs(sin);
+  const at::Tensor ck = cos_k ? as_cs(*cos_k) : c, sk = sin_k ? as_cs(*sin_k) : s;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rotary", [&] {
     if (cs_same) {
-      f(scalar_t{}, scalar_t{}, c, s);
+      f(scalar_t{}, scalar_t{}, c, s, ck, sk);
     } else {
-      f(scalar_t{}, float{}, c, s);
+      f(scalar_t{}, float{}, c, s, ck, sk);
     }
   });
 }
@@ -120,10 +126,11 @@ void dispatch_elementwise(const at::Tensor& x1, const at::Tensor& x2, const at::
 
 // q [A, S, Hq, D], k [A, S, Hk, D] (optional), cos/sin [A, S, R] ([3, A, S, R] for mrope,
 // [P, R] caches with token positions), any strides. q_out/k_out have q/k's shapes and may be
-// q/k themselves (in place).
+// q/k themselves (in place). cos_k/sin_k (optional, cos/sin's form): k's own tables.
 void rotary_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                 const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                bool interleaved, bool conj, const rotary_kernels::TokenIndexArgs& ix);
+                bool interleaved, bool conj, const rotary_kernels::TokenIndexArgs& ix,
+                const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k);
 
 // x1, x2, out1, out2 of one shape; cos/sin already expanded to it.
 void apply_rotary_cpu(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
@@ -133,7 +140,8 @@ void apply_rotary_cpu(const at::Tensor& x1, const at::Tensor& x2, const at::Tens
 #define RK_HAVE_CUDA 1
 void rotary_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                 bool interleaved, bool conj, const rotary_kernels::TokenIndexArgs& ix);
+                 bool interleaved, bool conj, const rotary_kernels::TokenIndexArgs& ix,
+                 const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k);
 
 void apply_rotary_cuda(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
                        const at::Tensor& out1, const at::Tensor& out2, bool conj);

@@ -187,7 +187,7 @@ def _sim():
                               extra_cflags=["-O1"], verbose=False)
 
 
-# Llama-3-8B prefill cases: (name, x dtype, cos/sin dtype, interleaved, conj)
+# Llama-3-8B prefill cases: (name, x dtype, cos/sin dtype, interleaved, conj[, k's own tables])
 CASES = [
     ("prefill bf16, cos fp32", torch.bfloat16, torch.float32, False, False),
     ("prefill bf16, cos bf16", torch.bfloat16, torch.bfloat16, False, False),
@@ -197,6 +197,7 @@ CASES = [
     ("interleaved bf16, cos bf16", torch.bfloat16, torch.bfloat16, True, False),
     ("prefill fp32", torch.float32, torch.float32, False, False),
     ("interleaved fp32", torch.float32, torch.float32, True, False),
+    ("prefill bf16, cos fp32, k's own cos_k/sin_k", torch.bfloat16, torch.float32, False, False, True),
 ]
 TNAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "float", torch.float64: "double"}
 
@@ -211,18 +212,21 @@ def plans():
     except Exception as e:  # noqa: BLE001
         pytest.skip(f"cannot build the CUDA-kernel simulation: {e}")
     out = []
-    for name, dt, cdt, il, conj in CASES:
+    for name, dt, cdt, il, conj, *kt in CASES:
+        kt = bool(kt and kt[0])
         q = canonical(1, 2, HQ, D, dt, "cpu", "heads_outer")
         k = canonical(1, 2, HK, D, dt, "cpu", "heads_outer", seed=2)
         cos, sin = tables(1, 2, D, cdt, "cpu")
-        info = sim.rotary_sim(q, k, cos, sin, torch.empty_like(q), torch.empty_like(k), il, conj, 132)
+        ck, sk = tables(1, 2, D, cdt, "cpu", seed=5) if kt else (None, None)
+        info = sim.rotary_sim(q, k, cos, sin, torch.empty_like(q), torch.empty_like(k), il, conj, 132, cos_k=ck,
+                              sin_k=sk)
         vec, vector, cs_vector = info[4:7]
         cs_t = TNAME[cdt] if cdt == dt else "float"
         b = lambda x: "true" if x else "false"  # noqa: E731
-        inst = f"rotary_kernel<{TNAME[dt]}, {cs_t}, {vec}, {b(vector)}, {b(cs_vector)}, {b(il)}>"
+        inst = f"rotary_kernel<{TNAME[dt]}, {cs_t}, {vec}, {b(vector)}, {b(cs_vector)}, {b(il)}, {b(kt)}>"
         gx, gy, bx, by, rps = sim.plan(S, HQ + HK, D // 2 // vec, SMS[90])
         out.append(dict(name=name, dt=dt, cdt=cdt, cs_t=cs_t, il=il, inst=inst, grid=(gx, gy), block=(bx, by),
-                        vec=vec))
+                        vec=vec, kt=kt))
     return out
 
 
@@ -262,7 +266,7 @@ def test_write_report(codegen, plans):
         es, cs = torch.empty(0, dtype=pl["dt"]).element_size(), torch.empty(0, dtype=pl["cdt"]).element_size()
         if pl["cs_t"] == "float":
             cs = 4
-        moved = 2 * S * (HQ + HK) * D * es + 2 * S * D * cs
+        moved = 2 * S * (HQ + HK) * D * es + 2 * S * D * cs * (2 if pl["kt"] else 1)
         threads = pl["block"][0] * pl["block"][1]
         for arch in ARCHS:
             r = codegen[(pl["inst"], arch)]

@@ -50,6 +50,7 @@ CASES = {
     "prefill_positions": (True, "prefill, cache [8192,128] fp32 + positions [1,4096]"),
     "partial_r64": (False, "prefill, rotary dim 64 of 128, out of place (dims 64..127 copied)"),
     "elementwise": (False, "apply_rotary(x1, x2, cos[S,1,64], ...) in place, x [1,4096,32,128] bf16"),
+    "prefill_bf16_k_tables": (True, "prefill_bf16 with k's own tables, cos_k/sin_k fp32 [1,4096,128]"),
 }
 
 
@@ -127,6 +128,12 @@ def _capture():
         c, s_ = cs(1, S)
         rk.apply_rotary_transformers(q, k, c, s_, backend=T_, **kw)
 
+    def k_tables():
+        q, k = qk(B, S)
+        c, s_ = cs(1, S)
+        ck, sk = cs(1, S)
+        rk.apply_rotary_transformers(q, k, c, s_, cos_k=ck, sin_k=sk, backend=T_)
+
     def bwd():
         q, k = qk(B, S)
         q.requires_grad_(True)
@@ -166,7 +173,7 @@ def _capture():
         "prefill_bf16": lambda: prefill(bf), "prefill_fp32": lambda: prefill(f32), "prefill_bf16_bwd": bwd,
         "interleaved_bf16": lambda: prefill(bf, interleaved=True), "decode_b64": decode,
         "decode_b1_offsets": decode_offsets, "prefill_positions": positions, "partial_r64": partial,
-        "elementwise": elementwise,
+        "elementwise": elementwise, "prefill_bf16_k_tables": k_tables,
     }
     for name in CASES:
         state["case"] = name
@@ -291,7 +298,7 @@ def _worker(out_json):
 
 def _bytes(rec):
     """(bytes moved by the launch, bytes one program moves): x read + written (rotary dims
-    only when in place), cos/sin read once per token."""
+    only when in place), cos/sin (and k's own cos_k/sin_k) read once per token."""
     a = rec["args"]
     programs = math.prod(rec["grid"])
     if rec["kernel"] == "_elementwise_kernel":
@@ -301,14 +308,14 @@ def _bytes(rec):
         block = a[-1][2]  # CFG: (CONJ, ACC, BLOCK, EMU)
         return 4 * n * x1.element_size() + 2 * uniq_c * c.element_size(), \
             block * (4 * x1.element_size() + 2 * c.element_size())
-    q, qo, k, ko, cos = a[:5]
+    q, qo, k, ko, cos, _, cos_k = a[:7]
     A_, S_, hq, d = q.shape
     hk = k.shape[2] if k is not None else 0
     r = cos.shape[-1]
     inplace = qo.data_ptr() == q.data_ptr()
     width = r if inplace else d
     x = A_ * S_ * (hq + hk) * width * q.element_size() * 2
-    cs = A_ * S_ * 2 * r * cos.element_size()
+    cs = A_ * S_ * 2 * r * (cos.element_size() + (cos_k.element_size() if cos_k.data_ptr() != cos.data_ptr() else 0))
     return x + cs, (x + cs) / programs
 
 

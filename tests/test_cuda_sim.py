@@ -45,9 +45,9 @@ def padded_like(x, pad=64):
     return buf, torch.as_strided(buf, x.shape, x.stride(), pad)
 
 
-def run(sim, q, k, cos, sin, interleaved=False, conj=False, sms=132):
+def run(sim, q, k, cos, sin, interleaved=False, conj=False, sms=132, **kw):
     (bq, qo), (bk, ko) = padded_like(q), padded_like(k)
-    info = sim.rotary_sim(q, k, cos, sin, qo, ko, interleaved, conj, sms)
+    info = sim.rotary_sim(q, k, cos, sin, qo, ko, interleaved, conj, sms, **kw)
     for buf, out in ((bq, qo), (bk, ko)):
         mask = torch.ones_like(buf, dtype=torch.bool)
         torch.as_strided(mask, out.shape, out.stride(), out.storage_offset()).fill_(False)
@@ -289,6 +289,44 @@ def run_ix(sim, q, k, cos, sin, interleaved, conj, **ix):
     (_, qo), (_, ko) = padded_like(q), padded_like(k)
     info = sim.rotary_sim(q, k, cos, sin, qo, ko, interleaved, conj, 132, **ix)
     return qo, ko, info
+
+
+@pytest.mark.parametrize("layout", ["heads_outer", "strided_d"])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize(
+    "A,S,Hq,Hk,sms",
+    [(8, 1, 6, 2, 132), (1, 12, 40, 8, 1), (2, 3, 5, 3, 132), (2, 3, 0, 2, 132)],
+    ids=["decode-split", "prefill-threads-span-q-and-k", "mha-odd-rows", "no-q-heads"],
+)
+def test_sim_k_tables(sim, layout, interleaved, A, S, Hq, Hk, sms):
+    """k's own tables (cos_k/sin_k) in q's launch: k's rows read them, q's read cos/sin, whether a
+    thread's rows are all q's, all k's, or both (it reloads its cos/sin at its first k row);
+    vector and element-by-element tables (fp32 / bf16 for bf16 x), conj, and caches read at
+    positions (cos_k with fewer rows than cos)."""
+    from rotary_kernels.reference import rotary_reference_indexed as ref_ix
+
+    D = 128
+    q = canonical(A, S, Hq, D, torch.bfloat16, "cpu", layout)
+    k = canonical(A, S, Hk, D, torch.bfloat16, "cpu", layout, seed=2)
+    cos, sin = tables(A, S, D, torch.float32, "cpu")
+    if Hq == 40:  # one slice; thread y = Hq % TY walks q's row y, then k's first row Hq
+        _, gy, _, by, _ = sim.plan(A * S, Hq + Hk, D // 2 // (8 if layout == "heads_outer" else 1), sms)
+        assert gy == 1 and by <= Hq, (gy, by)
+    for ck_dtype, bcast in ((torch.float32, False), (torch.bfloat16, False), (torch.float32, True)):
+        cos_k, sin_k = tables(A, S, D, ck_dtype, "cpu", seed=5)
+        if bcast:  # strides other than cos's (zero over A): the four tables are read as dense copies
+            cos_k, sin_k = cos_k[:1].expand_as(cos_k), sin_k[:1].expand_as(sin_k)
+        for conj in (False, True):
+            qo, ko, _ = run(sim, q, k, cos, sin, interleaved, conj, sms, cos_k=cos_k, sin_k=sin_k)
+            close(qo, want(q, cos, sin, interleaved, conj))
+            close(ko, want(k, cos_k, sin_k, interleaved, conj))
+    c_cache, s_cache = (t[0] for t in tables(1, 30, D, torch.float32, "cpu"))
+    ck_cache, sk_cache = (t[0] for t in tables(1, 20, D, torch.float32, "cpu", seed=6))
+    pos = torch.randint(0, 20, (1, A, S))
+    qo, ko, _ = run(sim, q, k, c_cache, s_cache, interleaved, False, sms, positions=pos, cos_k=ck_cache,
+                    sin_k=sk_cache)
+    close(qo, ref_ix(q, c_cache, s_cache, 2, interleaved, positions=pos[0]))
+    close(ko, ref_ix(k, ck_cache, sk_cache, 2, interleaved, positions=pos[0]))
 
 
 def test_default_cuda_archs_reach_newer_gpus():

@@ -1,8 +1,9 @@
 // Registers the ops in the extension's namespace (TORCH_EXTENSION_NAME, set by the build),
 // with CPU and (when built with CUDA: RK_HAVE_CUDA, see torch_binding.h) CUDA implementations.
 //
-//   rotary(q, k?, cos, sin, q_out!, k_out?!, interleaved, conj, <index>)   one launch for q and k
-//   rotary_inplace(q!, k?!, cos, sin, interleaved, conj, <index>)            the same, out = in
+//   rotary(q, k?, cos, sin, q_out!, k_out?!, interleaved, conj, <index>, cos_k?, sin_k?)
+//       one launch for q and k; k reads cos_k/sin_k when given (its own tables)
+//   rotary_inplace(q!, k?!, cos, sin, interleaved, conj, <index>, cos_k?, sin_k?)   the same, out = in
 //   apply_rotary(x1, x2, cos, sin, out1!, out2!, conj)              flash-attn elementwise API
 //   rotary_transformers(q, k?, cos, sin, unsqueeze_dim, interleaved, conj) -> [q_out, k_out?]
 //       the public functions' common case in one call: any layout in, fresh outputs out
@@ -66,7 +67,8 @@ void check_index_tensor(const std::optional<at::Tensor>& t, const at::Tensor& q,
 
 void check_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                   const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                  const rotary_kernels::TokenIndexArgs& ix) {
+                  const rotary_kernels::TokenIndexArgs& ix, const std::optional<at::Tensor>& cos_k,
+                  const std::optional<at::Tensor>& sin_k) {
   TORCH_CHECK(q.dim() == 4, "q must be 4-D [A, S, H, D], got ", q.sizes());
   TORCH_CHECK(cos.dim() >= 2 && cos.dim() <= 4, "cos must be [A, S, R], [3, A, S, R] or a [P, R] cache, got ",
               cos.sizes());
@@ -117,6 +119,20 @@ void check_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const
   TORCH_CHECK(cos.device() == q.device() && sin.device() == q.device(), "cos/sin must be on q's device");
   check_like(q_out, q, "q_out");
   TORCH_CHECK(k.has_value() == k_out.has_value(), "k and k_out must both be given or both be None");
+  TORCH_CHECK(cos_k.has_value() == sin_k.has_value(), "cos_k and sin_k must both be given or both be None");
+  if (cos_k.has_value()) {
+    const at::Tensor &ck = *cos_k, &sk = *sin_k;
+    TORCH_CHECK(k.has_value(), "cos_k/sin_k rotate k, but k is None");
+    TORCH_CHECK(ck.sizes() == sk.sizes() && ck.scalar_type() == sk.scalar_type(),
+                "cos_k and sin_k must have the same shape and dtype, got ", ck.sizes(), " and ", sk.sizes());
+    check_float(ck, "cos_k");
+    TORCH_CHECK(ck.device() == q.device() && sk.device() == q.device(), "cos_k/sin_k must be on q's device");
+    // cos's form (the same dims: [A, S, R], [3, A, S, R] or a [P, R] cache) and rotary dim
+    TORCH_CHECK(ck.dim() == cos.dim() && ck.size(-1) == R && (cos.dim() == 2 || (ck.sizes().slice(0, ck.dim() - 1) ==
+                                                                                cos.sizes().slice(0, cos.dim() - 1))),
+                "cos_k must have cos's form and rotary dim: cos ", cos.sizes(), ", cos_k ", ck.sizes());
+    TORCH_CHECK(ck.dim() != 2 || ck.size(0) > 0, "the cos_k/sin_k cache is empty (0 rows)");
+  }
   if (k.has_value()) {
     const at::Tensor& kk = *k;
     TORCH_CHECK(kk.dim() == 4 && kk.size(0) == q.size(0) && kk.size(1) == q.size(1) && kk.size(3) == q.size(3),
@@ -131,26 +147,28 @@ void rotary_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at
                const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                bool interleaved, bool conj, const std::optional<at::Tensor>& positions,
                const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>& seqlen_offsets,
-               int64_t offset, at::IntArrayRef mrope_section, bool mrope_interleaved) {
+               int64_t offset, at::IntArrayRef mrope_section, bool mrope_interleaved,
+               const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k) {
   const rotary_kernels::TokenIndexArgs ix{positions, cu_seqlens, seqlen_offsets, offset, mrope_section.vec(),
                                      mrope_interleaved};
-  check_rotary(q, k, cos, sin, q_out, k_out, ix);
+  check_rotary(q, k, cos, sin, q_out, k_out, ix, cos_k, sin_k);
 #ifdef RK_HAVE_CUDA
   if (q.is_cuda()) {
-    rotary_cuda(q, k, cos, sin, q_out, k_out, interleaved, conj, ix);
+    rotary_cuda(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k);
     return;
   }
 #endif
   TORCH_CHECK(q.is_cpu(), "rotary: unsupported device ", q.device());
-  rotary_cpu(q, k, cos, sin, q_out, k_out, interleaved, conj, ix);
+  rotary_cpu(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k);
 }
 
 void rotary_inplace_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                        const at::Tensor& sin, bool interleaved, bool conj, const std::optional<at::Tensor>& positions,
                        const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>& seqlen_offsets,
-                       int64_t offset, at::IntArrayRef mrope_section, bool mrope_interleaved) {
+                       int64_t offset, at::IntArrayRef mrope_section, bool mrope_interleaved,
+                       const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k) {
   rotary_op(q, k, cos, sin, q, k, interleaved, conj, positions, cu_seqlens, seqlen_offsets, offset, mrope_section,
-            mrope_interleaved);
+            mrope_interleaved, cos_k, sin_k);
 }
 
 void apply_rotary_op(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
@@ -291,7 +309,7 @@ void launch_planned(const Plan& p, const at::Tensor& q, const std::optional<at::
   }
   rotary_op(canonical_view(q, p.qp), k4, canonical_cs(cos, q, unsqueeze_dim, p.qp),
             canonical_cs(sin, q, unsqueeze_dim, p.qp), canonical_view(q_out, p.qp), ko4, interleaved, conj,
-            std::nullopt, std::nullopt, std::nullopt, 0, {}, false);
+            std::nullopt, std::nullopt, std::nullopt, 0, {}, false, std::nullopt, std::nullopt);
 }
 
 std::vector<at::Tensor> rotary_transformers_op(const at::Tensor& q, const std::optional<at::Tensor>& k,
@@ -404,13 +422,15 @@ bool rotary_transformers_inplace_op(const at::Tensor& q, const std::optional<at:
 #define RK_INDEX_ARGS                                                                            \
   "Tensor? positions=None, Tensor? cu_seqlens=None, Tensor? seqlen_offsets=None, int offset=0, " \
   "int[] mrope_section=[], bool mrope_interleaved=False"
+// k's own tables (cos/sin's form and rotary dim; None: k reads cos/sin).
+#define RK_K_TABLE_ARGS "Tensor? cos_k=None, Tensor? sin_k=None"
 
 TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, m) {
   m.def(
       "rotary(Tensor q, Tensor? k, Tensor cos, Tensor sin, Tensor(a!) q_out, Tensor(b!)? k_out, "
-      "bool interleaved, bool conj, " RK_INDEX_ARGS ") -> ()");
+      "bool interleaved, bool conj, " RK_INDEX_ARGS ", " RK_K_TABLE_ARGS ") -> ()");
   m.def("rotary_inplace(Tensor(a!) q, Tensor(b!)? k, Tensor cos, Tensor sin, bool interleaved, bool conj, "
-        RK_INDEX_ARGS ") -> ()");
+        RK_INDEX_ARGS ", " RK_K_TABLE_ARGS ") -> ()");
   m.def(
       "rotary_transformers(Tensor q, Tensor? k, Tensor cos, Tensor sin, int unsqueeze_dim, bool interleaved, "
       "bool conj) -> Tensor[]");

@@ -266,6 +266,11 @@ struct CpuParams {
   const cs_t* cp;
   const cs_t* sp;
   CSStrides sc, ss;
+  const cs_t* ckp;  // k's own tables (cos_k/sin_k) when k_tables
+  const cs_t* skp;
+  CSStrides sck, ssk;
+  bool k_tables;
+  int tset[2];  // the table set (0: cos/sin, 1: cos_k/sin_k) each operand reads
   TokenIndex ti;
   int64_t S, D, half;
   bool conj;
@@ -321,12 +326,14 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   const int64_t half = p.half;
   const int n_axes = p.ti.mrope ? 3 : 1;
   const int64_t tb = std::min<int64_t>(kTokBlock, end - begin);
-  std::vector<acc_t> buf(tb * 4 * half);
+  // Table set t of token b of the block is entry t * tb + b (set 1: k's own tables).
+  const int n_sets = p.k_tables ? 2 : 1;
+  std::vector<acc_t> buf(n_sets * tb * 4 * half);
   // A block whose c2/s2 runs equal c1/s1 bit for bit (checked per block) is compacted into
   // cbuf (cos then sin per token) and rotated with `same` (see rotate_contig).
-  std::vector<acc_t> cbuf(tb * 2 * half);
-  std::vector<CSTable<acc_t>> tab(tb), ctab(tb);
-  for (int64_t b = 0; b < tb; ++b) {
+  std::vector<acc_t> cbuf(n_sets * tb * 2 * half);
+  std::vector<CSTable<acc_t>> tab(n_sets * tb), ctab(n_sets * tb);
+  for (int64_t b = 0; b < n_sets * tb; ++b) {
     acc_t* r = buf.data() + b * 4 * half;
     tab[b] = {r, r + half, r + 2 * half, r + 3 * half};
     acc_t* cr = cbuf.data() + b * 2 * half;
@@ -363,32 +370,38 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         xoff[k * tb + b] = offset4(p.ops[k].sx, a, s, 0, 0);
         yoff[k * tb + b] = offset4(p.ops[k].sy, a, s, 0, 0);
       }
-      acc_t* r = buf.data() + b * 4 * half;
-      for (int64_t i = 0; i < half; ++i) {
-        const int64_t j1 = pair_first(i, interleaved), j2 = pair_second(i, half, interleaved);
-        const int x = pair_axis(p.ti, i);
-        const cs_t* c = p.cp + cs_offset(p.sc, x, a, s, pos[x], 0);
-        const cs_t* sn = p.sp + cs_offset(p.ss, x, a, s, pos[x], 0);
-        const PairCS<acc_t> pc = make_pair_cs<acc_t>(
-            load_acc<cs_t, acc_t>(c + j1 * p.sc.r), load_acc<cs_t, acc_t>(c + j2 * p.sc.r),
-            load_acc<cs_t, acc_t>(sn + j1 * p.ss.r), load_acc<cs_t, acc_t>(sn + j2 * p.ss.r), p.conj);
-        r[i] = pc.c1;
-        r[half + i] = pc.c2;
-        r[2 * half + i] = pc.s1;
-        r[3 * half + i] = pc.s2;
+      for (int t = 0; t < n_sets; ++t) {
+        const cs_t *cp = t ? p.ckp : p.cp, *sp = t ? p.skp : p.sp;
+        const CSStrides &sc = t ? p.sck : p.sc, &ss = t ? p.ssk : p.ss;
+        acc_t* r = buf.data() + (t * tb + b) * 4 * half;
+        for (int64_t i = 0; i < half; ++i) {
+          const int64_t j1 = pair_first(i, interleaved), j2 = pair_second(i, half, interleaved);
+          const int x = pair_axis(p.ti, i);
+          const cs_t* c = cp + cs_offset(sc, x, a, s, pos[x], 0);
+          const cs_t* sn = sp + cs_offset(ss, x, a, s, pos[x], 0);
+          const PairCS<acc_t> pc = make_pair_cs<acc_t>(
+              load_acc<cs_t, acc_t>(c + j1 * sc.r), load_acc<cs_t, acc_t>(c + j2 * sc.r),
+              load_acc<cs_t, acc_t>(sn + j1 * ss.r), load_acc<cs_t, acc_t>(sn + j2 * ss.r), p.conj);
+          r[i] = pc.c1;
+          r[half + i] = pc.c2;
+          r[2 * half + i] = pc.s1;
+          r[3 * half + i] = pc.s2;
+        }
       }
     }
 
     bool same = true;
-    for (int64_t b = 0; b < n && same; ++b) {
-      const acc_t* r = buf.data() + b * 4 * half;
+    for (int64_t e = 0; e < n_sets * tb && same; ++e) {
+      if (e % tb >= n) continue;
+      const acc_t* r = buf.data() + e * 4 * half;
       same = std::memcmp(r, r + half, half * sizeof(acc_t)) == 0 &&
              std::memcmp(r + 2 * half, r + 3 * half, half * sizeof(acc_t)) == 0;
     }
     if (same) {
-      for (int64_t b = 0; b < n; ++b) {
-        const acc_t* r = buf.data() + b * 4 * half;
-        acc_t* cr = cbuf.data() + b * 2 * half;
+      for (int64_t e = 0; e < n_sets * tb; ++e) {
+        if (e % tb >= n) continue;
+        const acc_t* r = buf.data() + e * 4 * half;
+        acc_t* cr = cbuf.data() + e * 2 * half;
         std::memcpy(cr, r, half * sizeof(acc_t));
         std::memcpy(cr + half, r + 2 * half, half * sizeof(acc_t));
       }
@@ -414,7 +427,8 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           for (int64_t h = 0; h < o.H; ++h) {
             if (pf_next) prefetch_row(o, xn + h * o.sx.h, yn + h * o.sy.h);
             rotate_row<scalar_t, acc_t, interleaved>(o.x + xo + h * o.sx.h, o.y + yo + h * o.sy.h, o.sx.d, o.sy.d,
-                                                     p.D, half, o.copy_pass, tabs[b], same, p.f16c, p.avx512);
+                                                     p.D, half, o.copy_pass, tabs[p.tset[k] * tb + b], same, p.f16c,
+                                                     p.avx512);
           }
         }
       }
@@ -429,7 +443,8 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           for (int64_t b = 0; b < n; ++b) {
             for (int64_t h = 0; h < o.H; ++h) {
               rotate_row<scalar_t, acc_t, interleaved>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
-                                                       o.sy.d, p.D, half, o.copy_pass, tabs[b], same, p.f16c, p.avx512);
+                                                       o.sy.d, p.D, half, o.copy_pass, tabs[p.tset[k] * tb + b], same,
+                                                       p.f16c, p.avx512);
             }
           }
           continue;
@@ -442,7 +457,8 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
               if (h2 < o.H) prefetch_row(o, xo[b2] + h2 * o.sx.h, yo[b2] + h2 * o.sy.h);
             }
             rotate_row<scalar_t, acc_t, interleaved>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
-                                                     o.sy.d, p.D, half, o.copy_pass, tabs[b], same, p.f16c, p.avx512);
+                                                     o.sy.d, p.D, half, o.copy_pass, tabs[p.tset[k] * tb + b], same,
+                                                     p.f16c, p.avx512);
           }
         }
       }
@@ -455,7 +471,8 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
 template <typename scalar_t, typename cs_t>
 void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                      const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                     bool interleaved, bool conj, const TokenIndexArgs& ix) {
+                     bool interleaved, bool conj, const TokenIndexArgs& ix, const at::Tensor& cos_k,
+                     const at::Tensor& sin_k) {
   CpuParams<scalar_t, cs_t> p{};
   p.S = q.size(1);
   p.D = q.size(3);
@@ -467,16 +484,24 @@ void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, co
   static const bool has_avx512 = __builtin_cpu_supports("avx512f");
   p.avx512 = has_avx512;
 #endif
-  auto add = [&](const at::Tensor& x, const at::Tensor& y) {
-    if (x.size(2) > 0) p.ops[p.n_ops++] = make_operand<scalar_t>(x, y, 2 * p.half);
+  p.k_tables = !(same_view(cos_k, cos) && same_view(sin_k, sin));
+  auto add = [&](const at::Tensor& x, const at::Tensor& y, int tset) {
+    if (x.size(2) > 0) {
+      p.tset[p.n_ops] = tset;
+      p.ops[p.n_ops++] = make_operand<scalar_t>(x, y, 2 * p.half);
+    }
   };
-  add(q, q_out);
-  if (k.has_value()) add(*k, *k_out);
+  add(q, q_out, 0);
+  if (k.has_value()) add(*k, *k_out, p.k_tables ? 1 : 0);
   p.sc = cs_strides(cos);
   p.ss = cs_strides(sin);
-  p.ti = make_token_index(cos, ix);
+  p.ti = make_token_index(cos, ix, cos_k);
   p.cp = cos.const_data_ptr<cs_t>();
   p.sp = sin.const_data_ptr<cs_t>();
+  p.sck = cs_strides(cos_k);
+  p.ssk = cs_strides(sin_k);
+  p.ckp = cos_k.const_data_ptr<cs_t>();
+  p.skp = sin_k.const_data_ptr<cs_t>();
   int64_t row_elems = 0;
   for (int n = 0; n < p.n_ops; ++n) row_elems += p.ops[n].H * p.D;
   const int64_t tokens = q.size(0) * p.S;
@@ -507,10 +532,14 @@ void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, co
 
 void rotary_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                 const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
-                bool interleaved, bool conj, const TokenIndexArgs& ix) {
-  dispatch_rotary_types(q, cos, sin, [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s) {
-    rotary_cpu_impl<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved, conj, ix);
-  });
+                bool interleaved, bool conj, const TokenIndexArgs& ix, const std::optional<at::Tensor>& cos_k,
+                const std::optional<at::Tensor>& sin_k) {
+  dispatch_rotary_types(q, cos, sin, cos_k, sin_k,
+                        [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s, const at::Tensor& ck,
+                            const at::Tensor& sk) {
+                          rotary_cpu_impl<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved,
+                                                                             conj, ix, ck, sk);
+                        });
 }
 
 void apply_rotary_cpu(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,

@@ -33,7 +33,7 @@ _INDEX_DOC = """
 INDEX_OPTIONS = ("positions", "cu_seqlens", "max_seqlen", "seqlen_offsets", "mrope_section", "mrope_interleaved")
 
 
-def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict):
+def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict, k_tables=None):
     unknown = sorted(set(index) - set(INDEX_OPTIONS))
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; the token-position options are {INDEX_OPTIONS}")
@@ -46,7 +46,13 @@ def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict):
         _canon.check_odd_rotary(r, interleaved, index, q, k)
     idx = make_index(q, cos, unsqueeze_dim, **index)
     axes = kernel_axes(q, k, cos, unsqueeze_dim, idx)
-    _canon.check_same_device(q=q, k=k, cos=cos, sin=sin)
+    cos_k, sin_k = k_tables or (None, None)
+    _canon.check_same_device(q=q, k=k, cos=cos, sin=sin, cos_k=cos_k, sin_k=sin_k)
+    if cos_k is not None:  # the same rules against k (the tables' own shapes may differ from cos's)
+        try:
+            kernel_axes(k, None, cos_k, unsqueeze_dim, make_index(k, cos_k, unsqueeze_dim, **index))
+        except ValueError as e:
+            raise ValueError(f"cos_k/sin_k: {e}") from None
     return idx, axes
 
 
@@ -65,7 +71,7 @@ def _needs_graph(*tensors) -> bool:
 _REFERENCE_TRANSFORMS = (torch._C._functorch.TransformType.Vmap, torch._C._functorch.TransformType.Jvp)
 
 
-def _reference_for_transform(cos, sin) -> bool:
+def _reference_for_transform(*tables) -> bool:
     """Under torch.func's grad/vjp, ``Rotary`` carries q/k's gradients; forward-mode AD (jvp,
     forward_ad), vmap, and transforms that reach cos/sin go through the reference's PyTorch ops."""
     if not functional_transform():
@@ -73,14 +79,17 @@ def _reference_for_transform(cos, sin) -> bool:
     if fwAD._current_level >= 0 or any(i.key() in _REFERENCE_TRANSFORMS
                                        for i in torch._C._functorch.get_interpreter_stack() or ()):
         return True
-    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in (cos, sin))
+    return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tables if t is not None)
 
 
-def _backend(q, cos, sin, backend) -> str:
+def _backend(q, cos, sin, backend, k_tables=None) -> str:
     """The backend of a validated call: the reference where only it computes the result (an odd
-    rotary dim; torch.func transforms reaching cos/sin, vmap), else ``select_backend``'s choice."""
+    rotary dim; torch.func transforms reaching cos/sin, vmap; gradients wrt any table when k has
+    its own), else ``select_backend``'s choice."""
     be = select_backend(q.device, backend)  # (validates a requested backend either way)
-    return "reference" if cos.shape[-1] % 2 or _reference_for_transform(cos, sin) else be
+    tables = (cos, sin, *(k_tables or ()))
+    k_grads = k_tables is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tables)
+    return "reference" if cos.shape[-1] % 2 or k_grads or _reference_for_transform(*tables) else be
 
 
 def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index):
@@ -119,7 +128,7 @@ def _plain_if_cos_grad(q, k, cos, sin, unsqueeze_dim, interleaved, idx, axes):
     return c, s, NO_INDEX, kernel_axes(q, k, c, unsqueeze_dim, NO_INDEX)
 
 
-def _tables(cos, sin, interleaved, pair_tables, conj):
+def _tables(cos, sin, interleaved, pair_tables, conj, names=("cos", "sin")):
     """Check the table options; per-pair tables become full-width ones (reference.py).
 
     (The kernels read full-width tables: per-pair ones are expanded here, one small copy of
@@ -129,35 +138,60 @@ def _tables(cos, sin, interleaved, pair_tables, conj):
             raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
     if not pair_tables:
         return cos, sin
-    _canon.check_float("cos", cos)
-    _canon.check_float("sin", sin)
+    _canon.check_float(names[0], cos)
+    _canon.check_float(names[1], sin)
     if cos.dim() < 1 or cos.shape[-1] == 0 or cos.shape != sin.shape:
-        raise ValueError(f"with pair_tables, cos and sin must be [..., R/2] of one shape, got {tuple(cos.shape)} "
-                         f"and {tuple(sin.shape)}")
+        raise ValueError(f"with pair_tables, {names[0]} and {names[1]} must be [..., R/2] of one shape, got "
+                         f"{tuple(cos.shape)} and {tuple(sin.shape)}")
     return full_width_tables(cos, interleaved), full_width_tables(sin, interleaved)
 
 
-def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index) -> tuple:
-    """The out-of-place functions: q (and k, may be None) rotated into new tensors."""
-    be = _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
+def _k_tables(k, cos, cos_k, sin_k, interleaved, pair_tables, conj):
+    """k's own tables ``(cos_k, sin_k)``, checked (both or neither, k given, float, cos's rotary
+    dim) and expanded like cos/sin (``_tables``), or None; the rest is checked against k with
+    cos/sin's rules (``_validate``)."""
+    if cos_k is None and sin_k is None:
+        return None
+    if cos_k is None or sin_k is None:
+        raise ValueError(f"cos_k and sin_k must be given together, got only {'cos_k' if sin_k is None else 'sin_k'}")
+    if k is None:
+        raise ValueError("cos_k/sin_k rotate k, but k is None")
+    _canon.check_float("cos_k", cos_k)
+    _canon.check_float("sin_k", sin_k)
+    if isinstance(cos, torch.Tensor) and min(cos.dim(), cos_k.dim()) >= 1 and cos_k.shape[-1] != cos.shape[-1]:
+        raise ValueError(f"cos_k's rotary dim (last dim) must be cos's, {cos.shape[-1]}, got {cos_k.shape[-1]}")
+    cos_k, sin_k = _tables(cos_k, sin_k, interleaved, pair_tables, conj, ("cos_k", "sin_k"))
+    try:
+        _canon.check_cos_sin(cos_k, sin_k)
+    except ValueError as e:
+        raise ValueError(f"cos_k/sin_k: {e}") from None
+    return cos_k, sin_k
+
+
+def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, k_tables=None) -> tuple:
+    """The out-of-place functions: q (and k, may be None) rotated into new tensors; k with its own
+    tables ``k_tables`` when given."""
+    be = None if k_tables is not None else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend,
+                                                             index)
     if be is not None:  # the common call: the C++ op validates, plans and launches in one dispatch
         try:
             return _run(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, conj, be))
         except Declined:  # (anything it does not take: validated here, then the Python plan)
             pass
-    idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
-    be = _backend(q, cos, sin, backend)
+    idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index, k_tables)
+    be = _backend(q, cos, sin, backend, k_tables)
     if be == "reference":  # (PyTorch ops: autograd and transforms of their own)
         check_values(q, cos, unsqueeze_dim, idx)
         kw = reference_kwargs(idx)
-        return tuple(rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, conj, **kw)
-                     for x in (q, k) if x is not None)
+        ck, sk = k_tables or (cos, sin)
+        return tuple(rotary_reference_indexed(x, c, s, unsqueeze_dim, interleaved, conj, **kw)
+                     for x, c, s in ((q, cos, sin), (k, ck, sk)) if x is not None)
     cos, sin, idx, axes = _plain_if_cos_grad(q, k, cos, sin, unsqueeze_dim, interleaved, idx, axes)
-    return _run(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, conj, be, idx, axes))
+    return _run(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, conj, be, idx, axes, True, k_tables))
 
 
 def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, pair_tables=False, conj=False,
-                              backend=None, **index):
+                              cos_k=None, sin_k=None, backend=None, **index):
     """Rotate q and k like transformers' ``apply_rotary_pos_emb``; returns ``(q_embed, k_embed)``.
 
     q: ``[B, Hq, S, D]`` (``unsqueeze_dim=1``) or ``[B, S, Hq, D]`` (``unsqueeze_dim=2``), any
@@ -167,11 +201,16 @@ def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=Fa
 
     ``interleaved``: GPT-J pairs ``(2i, 2i + 1)`` instead of ``(i, i + R/2)``. ``pair_tables``:
     cos/sin hold one entry per pair, ``[..., R/2]`` (gpt-oss, flash-attn, vLLM). ``conj``: the
-    transpose of the rotation, i.e. by ``-theta`` (nanochat's sign). ``backend``: see ``available_backends``.
+    transpose of the rotation, i.e. by ``-theta`` (nanochat's sign). ``cos_k``/``sin_k``: k's own
+    tables (both or neither; cos's rules and rotary dim; flash-attn's ``apply_rotary_emb_qkv_``),
+    q and k still in one launch. ``backend``: see ``available_backends``.
     """
+    k_tables = None
+    if cos_k is not None or sin_k is not None:  # (no call on the common path: host time)
+        k_tables = _k_tables(k, cos, cos_k, sin_k, interleaved, pair_tables, conj)
     _canon.check_float("k", k)  # apply_rotary_emb rotates a single tensor
     cos, sin = _tables(cos, sin, interleaved, pair_tables, conj)
-    q_out, k_out = _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index)
+    q_out, k_out = _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, k_tables)
     return q_out, k_out
 
 
@@ -194,22 +233,26 @@ def check_mutable(**tensors) -> None:
                                "in place outside inference mode is not allowed: clone() it first")
 
 
-def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, backend, index):
+def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, backend, index, k_tables=None):
+    """The in-place functions; ``k_tables``: k's own (cos_k, sin_k) from ``_k_tables``, or None."""
     names = ("q", "k") if k is not None else ("x", "k")
     check_mutable(**{names[0]: q, "k": k})
     cos, sin = _tables(cos, sin, interleaved, pair_tables, conj)
-    be = None if conj else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index)
+    be = None if conj or k_tables is not None else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved,
+                                                                     backend, index)
     if be is not None and not _needs_graph(q, k):  # (with gradients: the full path's error)
         if COMPILED.ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved):
             torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
             return
-    idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index)
-    if functional_transform() or (torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)):
+    idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index, k_tables)
+    cos_k, sin_k = k_tables or (None, None)
+    if functional_transform() or (torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (cos, sin, cos_k, sin_k))):
         raise RuntimeError(
-            "in-place rotation takes no gradients wrt cos/sin, nor forward-mode AD / torch.func transforms; use "
-            "apply_rotary_transformers / apply_rotary_emb"
+            "in-place rotation takes no gradients wrt cos/sin (cos_k/sin_k), nor forward-mode AD / torch.func "
+            "transforms; use apply_rotary_transformers / apply_rotary_emb"
         )
-    plan = Plan(unsqueeze_dim, interleaved, conj, _backend(q, cos, sin, backend), idx, axes)
+    plan = Plan(unsqueeze_dim, interleaved, conj, _backend(q, cos, sin, backend), idx, axes, True, k_tables)
     grad = _needs_graph(q, k)
     if torch.compiler.is_compiling():  # data pointers are not traceable: functional ops
         if grad:  # (copy_ records the in-place update for autograd)
@@ -219,22 +262,27 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, back
             rotate_inplace_op(q, k, cos, sin, *plan.op_args())
         return
     _canon.check_writes({names[0]: q, "k": k}, dict(cos=cos, sin=sin, positions=idx.positions,
-                                                    cu_seqlens=idx.cu_seqlens, seqlen_offsets=idx.seqlen_offsets))
+                                                    cu_seqlens=idx.cu_seqlens, seqlen_offsets=idx.seqlen_offsets,
+                                                    cos_k=cos_k, sin_k=sin_k))
     if grad:  # one launch per tensor: autograd lets a Function modify one view in place, not two
-        RotaryInplace.apply(q, cos, sin, plan._replace(axes=(axes[0], None)))
-        if k is not None:
-            RotaryInplace.apply(k, cos, sin, plan._replace(axes=(axes[1], None), check=False))
+        RotaryInplace.apply(q, cos, sin, plan._replace(axes=(axes[0], None), k_tables=None))
+        if k is not None:  # (k in q's place, with its own tables: their values are checked then)
+            RotaryInplace.apply(k, *(k_tables or (cos, sin)),
+                                plan._replace(axes=(axes[1], None), check=k_tables is not None, k_tables=None))
         return
     launch_rotary(q, k, cos, sin, q, k, plan)
     torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
 
 
 def apply_rotary_transformers_(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, pair_tables=False, conj=False,
-                               backend=None, **index):
+                               cos_k=None, sin_k=None, backend=None, **index):
     """In-place ``apply_rotary_transformers``: rotates q and k in place and returns them.
     q and k must not overlap in memory (each element is rotated once)."""
+    k_tables = None
+    if cos_k is not None or sin_k is not None:  # (no call on the common path: host time)
+        k_tables = _k_tables(k, cos, cos_k, sin_k, interleaved, pair_tables, conj)
     _canon.check_float("k", k)  # apply_rotary_emb_ rotates a single tensor
-    _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, backend, index)
+    _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, backend, index, k_tables)
     return q, k
 
 
@@ -271,7 +319,7 @@ def _split_qkv(qkv, num_q_heads, num_kv_heads):
 
 
 def apply_rotary_qkv(qkv, cos, sin, num_q_heads=None, num_kv_heads=None, *, interleaved=False, pair_tables=False, conj=False,
-                     backend=None, **index):
+                     cos_k=None, sin_k=None, backend=None, **index):
     """Rotate the q and k heads of a packed projection output ``[B, S, Hq + 2 Hk, D]`` (heads in
     the order q, k, v; or packed tokens ``[T, Hq + 2 Hk, D]``; or flash-attn's
     ``[B, S, 3, H, D]``, head counts implied) in one launch; returns
@@ -280,15 +328,16 @@ def apply_rotary_qkv(qkv, cos, sin, num_q_heads=None, num_kv_heads=None, *, inte
     other options as ``apply_rotary_transformers``."""
     q, k = _split_qkv(qkv, num_q_heads, num_kv_heads)
     return apply_rotary_transformers(q, k, cos, sin, -2, interleaved=interleaved, pair_tables=pair_tables,
-                                     conj=conj, backend=backend, **index)
+                                     conj=conj, cos_k=cos_k, sin_k=sin_k, backend=backend, **index)
 
 
 def apply_rotary_qkv_(qkv, cos, sin, num_q_heads=None, num_kv_heads=None, *, interleaved=False, pair_tables=False, conj=False,
-                      backend=None, **index):
+                      cos_k=None, sin_k=None, backend=None, **index):
     """In-place ``apply_rotary_qkv``: rotates q's and k's heads inside ``qkv`` (one launch, v
     untouched) and returns ``qkv``; differentiable like the other in-place functions."""
     q, k = _split_qkv(qkv, num_q_heads, num_kv_heads)
-    _inplace(q, k, cos, sin, -2, interleaved, pair_tables, conj, backend, index)
+    _inplace(q, k, cos, sin, -2, interleaved, pair_tables, conj, backend, index,
+             _k_tables(k, cos, cos_k, sin_k, interleaved, pair_tables, conj))
     return qkv
 
 

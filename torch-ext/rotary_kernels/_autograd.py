@@ -10,6 +10,9 @@ functional custom op ``_dispatch.rotate_op``, one opaque graph node) and under t
   inputs with PyTorch ops, in fp32; q/k are saved only when cos or sin requires grad.
   (With token-position options the public functions gather cos/sin with differentiable
   PyTorch ops first, so these gradients are only taken in the plain form.)
+* k's own tables (``cos_k``/``sin_k``, ``Plan.k_tables``) go wherever the plan goes: k's
+  gradient rotates back with them. Gradients wrt any table are then taken by the reference (the
+  public functions send such calls there), so ``Rotary`` never differentiates them.
 
 A Function rather than custom ops with registered autograd: recording one costs less than half
 as much host time in eager mode (one-token decode forward+backward on a 2-core CPU: ~44 us

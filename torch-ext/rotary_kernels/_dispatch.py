@@ -132,7 +132,8 @@ class Plan(NamedTuple):
     ``axes``: q's and k's permutations to their kernel views (``_index.kernel_axes``), or None on
     the one-call path, where the C++ op plans (plain cos/sin, compiled backend, eager).
     ``check``: run the data checks of the token-position options (``_index.check_values``):
-    once per call, so not again in the backward."""
+    once per call, so not again in the backward. ``k_tables``: k's own ``(cos_k, sin_k)``
+    (None: k reads cos/sin), a second table pair in the same launch."""
 
     unsqueeze_dim: int
     interleaved: bool
@@ -141,18 +142,23 @@ class Plan(NamedTuple):
     idx: TokenIndex = NO_INDEX
     axes: Optional[tuple] = None
     check: bool = True
+    k_tables: Optional[tuple] = None
 
     def flipped(self) -> "Plan":
         """The backward's plan: the transposed rotation, values already checked."""
-        return Plan(self.unsqueeze_dim, self.interleaved, not self.conj, self.backend, self.idx, self.axes, False)
+        return Plan(self.unsqueeze_dim, self.interleaved, not self.conj, self.backend, self.idx, self.axes, False,
+                    self.k_tables)
 
     def op_args(self) -> tuple:
         """The custom ops' trailing arguments (the axes are recomputed inside)."""
-        return (self.unsqueeze_dim, self.interleaved, self.conj, self.backend, self.check, *self.idx.op_args())
+        return (self.unsqueeze_dim, self.interleaved, self.conj, self.backend, self.check, *self.idx.op_args(),
+                *(self.k_tables or (None, None)))
 
     @classmethod
-    def from_op_args(cls, unsqueeze_dim, interleaved, conj, backend, check, *index) -> "Plan":
-        return cls(unsqueeze_dim, interleaved, conj, backend, TokenIndex.from_op_args(*index), None, check)
+    def from_op_args(cls, unsqueeze_dim, interleaved, conj, backend, check, *rest) -> "Plan":
+        *index, cos_k, sin_k = rest
+        return cls(unsqueeze_dim, interleaved, conj, backend, TokenIndex.from_op_args(*index), None, check,
+                   None if cos_k is None else (cos_k, sin_k))
 
 
 class Declined(Exception):
@@ -170,7 +176,7 @@ def rotate(q, k, cos, sin, plan: Plan) -> list:
     """
     if torch.compiler.is_compiling():
         return rotate_op(q, k, cos, sin, *plan.op_args())
-    if plan.backend in ("cpu", "cuda") and plan.idx.plain:
+    if plan.backend in ("cpu", "cuda") and plan.idx.plain and plan.k_tables is None:
         outs = COMPILED.ops.rotary_transformers(q, k, cos, sin, plan.unsqueeze_dim, plan.interleaved, plan.conj)
         if outs:
             return outs
@@ -187,10 +193,11 @@ def rotate_op(
     unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str, check: bool,
     positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
     offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
+    cos_k: Optional[Tensor], sin_k: Optional[Tensor],
 ) -> list[Tensor]:
     """``rotate`` as torch.compile records it (the autograd Functions call it while tracing)."""
     plan = Plan.from_op_args(unsqueeze_dim, interleaved, conj, backend, check, positions, cu_seqlens,
-                             seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
+                             seqlen_offsets, offset, mrope_section, mrope_interleaved, cached, cos_k, sin_k)
     outs = [torch.empty_like(q)] + ([torch.empty_like(k)] if k is not None else [])
     launch_rotary(q, k, cos, sin, outs[0], outs[1] if k is not None else None, plan)
     return outs
@@ -207,11 +214,12 @@ def rotate_inplace_op(
     unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str, check: bool,
     positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
     offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
+    cos_k: Optional[Tensor], sin_k: Optional[Tensor],
 ) -> None:
     """In-place rotation as torch.compile records it without autograd (data pointers are not
     traceable; with autograd the public functions ``copy_`` the functional result instead)."""
     plan = Plan.from_op_args(unsqueeze_dim, interleaved, conj, backend, check, positions, cu_seqlens,
-                             seqlen_offsets, offset, mrope_section, mrope_interleaved, cached)
+                             seqlen_offsets, offset, mrope_section, mrope_interleaved, cached, cos_k, sin_k)
     launch_rotary(q, k, cos, sin, q, k, plan)
 
 
@@ -230,32 +238,41 @@ def launch_rotary(q, k, cos, sin, q_out, k_out, plan: Plan):
     Arguments are validated (``plan``); the kernel views of q, k and the outputs are one
     ``as_strided`` each from ``plan.axes`` (recomputed, from a cache, when the plan has none).
     One launch for q and k, two when they cannot share one (different batch/sequence/head
-    dim/dtype).
+    dim/dtype); with ``plan.k_tables`` the kernels read k's heads from the second table pair.
     """
     backend, unsqueeze_dim, interleaved, conj, idx = plan.backend, plan.unsqueeze_dim, plan.interleaved, plan.conj, plan.idx
+    ck, sk = plan.k_tables or (cos, sin)  # k's tables
     if plan.check:
         check_values(q, cos, unsqueeze_dim, idx)
+        if plan.k_tables is not None:
+            check_values(k, ck, unsqueeze_dim, idx)
     if backend == "reference":
-        for x, out in ((q, q_out), (k, k_out)):
+        for x, out, c, s in ((q, q_out, cos, sin), (k, k_out, ck, sk)):
             if x is not None:
-                out.copy_(rotary_reference_indexed(x, cos, sin, unsqueeze_dim, interleaved, conj, **reference_kwargs(idx)))
+                out.copy_(rotary_reference_indexed(x, c, s, unsqueeze_dim, interleaved, conj, **reference_kwargs(idx)))
         return
     q_axes, k_axes = plan.axes if plan.axes is not None else kernel_axes(q, k, cos, unsqueeze_dim, idx)
     q4, qo4 = _canon.canonical_view(q, q_axes), _canon.canonical_view(q_out, q_axes)
-    jobs = [(q, q4, qo4, q_axes, None, None)]  # (x, x4, out4, axes, k4, k_out4): one launch each
+    jobs = [(q, q4, qo4, q_axes, cos, sin, None)]  # (x, x4, out4, axes, cos, sin, k's job): one launch each
     if k is not None:
-        k4, ko4 = _canon.canonical_view(k, k_axes), _canon.canonical_view(k_out, k_axes)
-        jobs = [(q, q4, qo4, q_axes, k4, ko4)] if _fusable(q4, k4) else jobs + [(k, k4, ko4, k_axes, None, None)]
+        k_job = (k, _canon.canonical_view(k, k_axes), _canon.canonical_view(k_out, k_axes), k_axes, ck, sk, None)
+        jobs = [jobs[0][:6] + (k_job,)] if _fusable(q4, k_job[1]) else jobs + [k_job]
     extra = (idx.offset, list(idx.mrope_section), idx.mrope_interleaved)
-    for x, x4, o4, axes, k4, ko4 in jobs:
-        tables = (canonical_tables(cos, x, axes, idx), canonical_tables(sin, x, axes, idx),
+    for x, x4, o4, axes, c, s, k_job in jobs:
+        tables = (canonical_tables(c, x, axes, idx), canonical_tables(s, x, axes, idx),
                   *canonical_positions(x, axes, idx), *extra)
+        k4 = ko4 = None
+        k_tables = ()
+        if k_job is not None:
+            k4, ko4 = k_job[1], k_job[2]
+            if plan.k_tables is not None:  # (read with k's own views of them)
+                k_tables = (canonical_tables(ck, k, k_axes, idx), canonical_tables(sk, k, k_axes, idx))
         if backend == "triton":
-            TRITON.rotary_triton(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:])
+            TRITON.rotary_triton(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:], *k_tables)
         elif _canon.same_view(x4, o4) and (k4 is None or _canon.same_view(k4, ko4)):
-            COMPILED.ops.rotary_inplace(x4, k4, *tables[:2], interleaved, conj, *tables[2:])
+            COMPILED.ops.rotary_inplace(x4, k4, *tables[:2], interleaved, conj, *tables[2:], *k_tables)
         else:
-            COMPILED.ops.rotary(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:])
+            COMPILED.ops.rotary(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:], *k_tables)
 
 
 def launch_elementwise(backend, x1, x2, cos, sin, out1, out2, conj):

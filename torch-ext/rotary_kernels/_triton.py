@@ -198,19 +198,46 @@ def _load_cs(ptr, pair, j, m, a, s, p, ok, scx, sca, scs, scp, scr,
     return v
 
 
+@triton.jit
+def _pair_tables(cos_ptr, sin_ptr, pair, j, m, a, s, p, ok, scx, sca, scs, scp, scr, ssx, ssa, sss, ssp, ssr,
+                 HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr, CONJ: tl.constexpr,
+                 MROPE: tl.constexpr, SEC0: tl.constexpr, SEC1: tl.constexpr, SEC2: tl.constexpr,
+                 CACHED: tl.constexpr, ACC: tl.constexpr, EMU: tl.constexpr):
+    """c1, c2, s1, s2 ``[1, BLOCK_HALF]``: one token's pairs read from one cos/sin pair, CONJ applied."""
+    if INTERLEAVED:
+        c = _load_cs(cos_ptr, pair, j, m, a, s, p, ok, scx, sca, scs, scp, scr,
+                     MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
+        sn = _load_cs(sin_ptr, pair, j, m, a, s, p, ok, ssx, ssa, sss, ssp, ssr,
+                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
+        c1, c2 = tl.split(tl.reshape(c, (BLOCK_HALF, 2)))
+        s1, s2 = tl.split(tl.reshape(sn, (BLOCK_HALF, 2)))
+    else:
+        c1 = _load_cs(cos_ptr, pair, j, m, a, s, p, ok, scx, sca, scs, scp, scr,
+                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
+        c2 = _load_cs(cos_ptr, pair, j + HALF, m, a, s, p, ok, scx, sca, scs, scp, scr,
+                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
+        s1 = _load_cs(sin_ptr, pair, j, m, a, s, p, ok, ssx, ssa, sss, ssp, ssr,
+                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
+        s2 = _load_cs(sin_ptr, pair, j + HALF, m, a, s, p, ok, ssx, ssa, sss, ssp, ssr,
+                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
+    if CONJ:
+        s1, s2 = -s2, -s1
+    return c1[None, :], c2[None, :], s1[None, :], s2[None, :]
+
+
 _QK_NO_SPEC = ("S", "NPOS", "n_seqs", "offset", "spx", "spa", "sps", "soff")
 # The constexprs of _rotary_qk_kernel, passed as one tuple (CFG): Triton's launcher binds each
 # keyword constexpr separately (~0.3 us a piece per launch), a tuple once.
 _QK_CFG = ("HQ", "HK", "D", "HALF", "BLOCK_HQ", "BLOCK_HK", "BLOCK_HALF", "BLOCK_PASS", "INTERLEAVED", "CONJ",
-           "COPY_PASS", "ACC", "EMU", "CACHED", "CU_STEPS", "MROPE", "SEC0", "SEC1", "SEC2")
+           "COPY_PASS", "ACC", "EMU", "CACHED", "CU_STEPS", "MROPE", "SEC0", "SEC1", "SEC2", "K_TABLES")
 
 
 @triton.jit(do_not_specialize=_QK_NO_SPEC)
 def _rotary_qk_kernel(
-    q_ptr, qo_ptr, k_ptr, ko_ptr, cos_ptr, sin_ptr, pos_ptr, cu_ptr, off_ptr,
+    q_ptr, qo_ptr, k_ptr, ko_ptr, cos_ptr, sin_ptr, cosk_ptr, sink_ptr, pos_ptr, cu_ptr, off_ptr,
     S, NPOS, n_seqs, offset,
     sq, so, sk, sl,  # element strides (a, s, h, d) of q, q_out, k, k_out
-    sc, ss,  # (x, a, s, p, r) of cos, sin (_table_strides)
+    sc, ss, sck, ssk,  # (x, a, s, p, r) of cos, sin, cos_k, sin_k (_table_strides)
     spx, spa, sps, soff,  # strides of positions (x, a, s) and seqlen_offsets: separate, as
     # do_not_specialize does not reach into tuples (a stride of 1 would be a new variant)
     CFG: tl.constexpr,  # the values named by _QK_CFG
@@ -234,6 +261,7 @@ def _rotary_qk_kernel(
     SEC0: tl.constexpr = CFG[16]
     SEC1: tl.constexpr = CFG[17]
     SEC2: tl.constexpr = CFG[18]
+    K_TABLES: tl.constexpr = CFG[19]  # k reads its own tables (cos_k/sin_k), else cos/sin
     sqa, sqs, sqh, sqd = sq
     soa, sos, soh, sod = so
     ska, sks, skh, skd = sk
@@ -258,7 +286,7 @@ def _rotary_qk_kernel(
     # layout conversion waits for them): every q/k load is in flight before anything waits.
     tl.debug_barrier()
 
-    # 2. the token's cos/sin, once for q and k
+    # 2. the token's cos/sin, once for q and k (and k's own, with K_TABLES)
     if INTERLEAVED:
         j = tl.arange(0, 2 * BLOCK_HALF)
         pair = j // 2
@@ -284,34 +312,23 @@ def _rotary_qk_kernel(
             p = _position(pos_ptr, cu_ptr, off_ptr, a, s, 0, spx, spa, sps, n_seqs, soff, offset, CU_STEPS)
             ok = (p >= 0) & (p < NPOS)
         p = tl.where(ok, p.to(tl.int64), 0)
-    if INTERLEAVED:
-        c = _load_cs(cos_ptr, pair, j, m, a, s, p, ok, scx, sca, scs, scp, scr,
-                     MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
-        sn = _load_cs(sin_ptr, pair, j, m, a, s, p, ok, ssx, ssa, sss, ssp, ssr,
-                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
-        c1, c2 = tl.split(tl.reshape(c, (BLOCK_HALF, 2)))
-        s1, s2 = tl.split(tl.reshape(sn, (BLOCK_HALF, 2)))
+    c1, c2, s1, s2 = _pair_tables(cos_ptr, sin_ptr, pair, j, m, a, s, p, ok, scx, sca, scs, scp, scr,
+                                  ssx, ssa, sss, ssp, ssr, HALF, BLOCK_HALF, INTERLEAVED, CONJ,
+                                  MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
+    if K_TABLES:
+        kcx, kca, kcs, kcp, kcr = sck
+        ksx, ksa, kss, ksp, ksr = ssk
+        kc1, kc2, ks1, ks2 = _pair_tables(cosk_ptr, sink_ptr, pair, j, m, a, s, p, ok, kcx, kca, kcs, kcp, kcr,
+                                          ksx, ksa, kss, ksp, ksr, HALF, BLOCK_HALF, INTERLEAVED, CONJ,
+                                          MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
     else:
-        c1 = _load_cs(cos_ptr, pair, j, m, a, s, p, ok, scx, sca, scs, scp, scr,
-                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
-        c2 = _load_cs(cos_ptr, pair, j + HALF, m, a, s, p, ok, scx, sca, scs, scp, scr,
-                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
-        s1 = _load_cs(sin_ptr, pair, j, m, a, s, p, ok, ssx, ssa, sss, ssp, ssr,
-                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
-        s2 = _load_cs(sin_ptr, pair, j + HALF, m, a, s, p, ok, ssx, ssa, sss, ssp, ssr,
-                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
-    if CONJ:
-        s1, s2 = -s2, -s1
-    c1 = c1[None, :]
-    c2 = c2[None, :]
-    s1 = s1[None, :]
-    s2 = s2[None, :]
+        kc1, kc2, ks1, ks2 = c1, c2, s1, s2
 
     # 3. rotate and store
     _store_pairs(qo_ptr, a * soa + s * sos, hq0, HQ, soh, sod, q1 * c1 - q2 * s1, q2 * c2 + q1 * s2,
                  HALF, BLOCK_HQ, BLOCK_HALF, INTERLEAVED, EMU)
     if k_ptr is not None:
-        _store_pairs(ko_ptr, a * sla + s * sls, hk0, HK, slh, sld, k1 * c1 - k2 * s1, k2 * c2 + k1 * s2,
+        _store_pairs(ko_ptr, a * sla + s * sls, hk0, HK, slh, sld, k1 * kc1 - k2 * ks1, k2 * kc2 + k1 * ks2,
                      HALF, BLOCK_HK, BLOCK_HALF, INTERLEAVED, EMU)
     if COPY_PASS:
         _copy_pass(q_ptr, qo_ptr, tq, a * soa + s * sos, hq0, HQ, sqh, sqd, soh, sod, 2 * HALF, D,
@@ -406,16 +423,20 @@ _PLANS: dict = {}
 
 
 def rotary_triton(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, positions=None, cu_seqlens=None,
-              seqlen_offsets=None, offset: int = 0, mrope_section=(), mrope_interleaved: bool = False) -> None:
+              seqlen_offsets=None, offset: int = 0, mrope_section=(), mrope_interleaved: bool = False,
+              cos_k=None, sin_k=None) -> None:
     """Rotate canonical q ``[A, S, Hq, D]`` (and optional k ``[A, S, Hk, D]``) into
     ``q_out``/``k_out`` (which may be q/k themselves: in place). cos/sin: ``[A, S, R]``,
-    ``[3, A, S, R]`` (mrope) or ``[P, R]`` caches read at each token's position (``_index.py``)."""
+    ``[3, A, S, R]`` (mrope) or ``[P, R]`` caches read at each token's position (``_index.py``);
+    cos_k/sin_k (optional, in cos/sin's form): k's own tables."""
     A, S, HQ, D = q.shape
     HK = k.shape[2] if k is not None else 0
     if HK == 0:
-        k = k_out = None
+        k = k_out = cos_k = sin_k = None
     elif HQ == 0:  # only k heads: rotate k as "q"
         q, q_out, k, k_out, HQ, HK = k, k_out, None, None, HK, 0
+        if cos_k is not None:
+            cos, sin, cos_k, sin_k = cos_k, sin_k, None, None
     R = cos.shape[-1]
     if A * S == 0 or HQ * D == 0:
         return
@@ -427,6 +448,9 @@ def rotary_triton(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, p
     block_hq, block_hk, block_half, groups, warps = plan
     copy_pass = R < D and (q_out.data_ptr() != q.data_ptr() or (k is not None and k_out.data_ptr() != k.data_ptr()))
     cached = cos.dim() == 2
+    k_tables = cos_k is not None
+    if not k_tables:
+        cos_k, sin_k = cos, sin
     if positions is not None:
         pos_strides = positions.stride()
     else:
@@ -439,15 +463,16 @@ def rotary_triton(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, p
         kst = lst = (0, 0, 0, 0)
     _launch_on(
         q.device, _rotary_qk_kernel, (A * S, groups),
-        q, q_out, k, k_out, cos, sin, positions, cu_seqlens, seqlen_offsets,
-        S, min(cos.shape[0], sin.shape[0]) if cached else 0, n_seqs, offset,
+        q, q_out, k, k_out, cos, sin, cos_k, sin_k, positions, cu_seqlens, seqlen_offsets,
+        S, min(cos.shape[0], sin.shape[0], cos_k.shape[0], sin_k.shape[0]) if cached else 0, n_seqs, offset,
         q.stride(), q_out.stride(), kst, lst, _table_strides(cos), _table_strides(sin),
+        _table_strides(cos_k), _table_strides(sin_k),
         *pos_strides, seqlen_offsets.stride(0) if seqlen_offsets is not None else 0,
         (HQ, HK, D, half, block_hq, block_hk, block_half,
          min(triton.next_power_of_2(max(D - R, 1)), 128) if copy_pass else 1,
          interleaved, conj, copy_pass, _acc_dtype(q.dtype), _INTERPRET, cached,
          _cu_steps(n_seqs) if cu_seqlens is not None else 0,
-         (2 if mrope_interleaved else 1) if mrope_section else 0, *sec),
+         (2 if mrope_interleaved else 1) if mrope_section else 0, *sec, k_tables),
         num_warps=warps,
     )
 

@@ -21,6 +21,11 @@ Two options of the public functions map onto these conventions:
 * ``conj=True``: the transpose of the rotation, ``x * cos - rotate(x * sin)``: the backward
   of the rotation and, for RoPE tables (both elements of a pair share their angle), the
   rotation by ``-theta``, ``x * cos - rotate(x) * sin`` (nanochat's ``apply_rotary_pos_emb``).
+
+Separate tables for k (``cos_k``/``sin_k``, flash-attn's ``apply_rotary_emb_qkv_`` and
+TransformerEngine's fused QKV rope): q rotates with (cos, sin) and k with (cos_k, sin_k), each
+exactly as ``rotary_reference`` (or ``rotary_reference_indexed``) rotates it alone; every other
+option applies to both pairs of tables alike.
 """
 
 from __future__ import annotations
@@ -71,11 +76,14 @@ def rotary_reference(
     return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
 
-def apply_rotary_transformers_reference(q, k, cos, sin, unsqueeze_dim=1, interleaved=False):
-    """Reference for ``apply_rotary_transformers``: the same rotation applied to q and k."""
+def apply_rotary_transformers_reference(q, k, cos, sin, unsqueeze_dim=1, interleaved=False, cos_k=None, sin_k=None):
+    """Reference for ``apply_rotary_transformers``: q rotated with (cos, sin), k with
+    (cos_k, sin_k) when given, else with (cos, sin) too."""
+    if cos_k is None:
+        cos_k, sin_k = cos, sin
     return (
         rotary_reference(q, cos, sin, unsqueeze_dim, interleaved),
-        rotary_reference(k, cos, sin, unsqueeze_dim, interleaved),
+        rotary_reference(k, cos_k, sin_k, unsqueeze_dim, interleaved),
     )
 
 
