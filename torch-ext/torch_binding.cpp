@@ -143,6 +143,22 @@ void check_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const
   }
 }
 
+// The device's kernel launcher, for arguments already checked (check_rotary, or the one-call
+// entry's plan below, whose canonical views meet the same contract by construction).
+void launch(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos, const at::Tensor& sin,
+            const at::Tensor& q_out, const std::optional<at::Tensor>& k_out, bool interleaved, bool conj,
+            const rotary_kernels::TokenIndexArgs& ix, const std::optional<at::Tensor>& cos_k,
+            const std::optional<at::Tensor>& sin_k) {
+#ifdef RK_HAVE_CUDA
+  if (q.is_cuda()) {
+    rotary_cuda(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k);
+    return;
+  }
+#endif
+  TORCH_CHECK(q.is_cpu(), "rotary: unsupported device ", q.device());
+  rotary_cpu(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k);
+}
+
 void rotary_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                bool interleaved, bool conj, const std::optional<at::Tensor>& positions,
@@ -152,14 +168,7 @@ void rotary_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at
   const rotary_kernels::TokenIndexArgs ix{positions, cu_seqlens, seqlen_offsets, offset, mrope_section.vec(),
                                      mrope_interleaved};
   check_rotary(q, k, cos, sin, q_out, k_out, ix, cos_k, sin_k);
-#ifdef RK_HAVE_CUDA
-  if (q.is_cuda()) {
-    rotary_cuda(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k);
-    return;
-  }
-#endif
-  TORCH_CHECK(q.is_cpu(), "rotary: unsupported device ", q.device());
-  rotary_cpu(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k);
+  launch(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k);
 }
 
 void rotary_inplace_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
@@ -307,9 +316,9 @@ void launch_planned(const Plan& p, const at::Tensor& q, const std::optional<at::
     k4 = canonical_view(*k, p.kp);
     ko4 = canonical_view(*k_out, p.kp);
   }
-  rotary_op(canonical_view(q, p.qp), k4, canonical_cs(cos, q, unsqueeze_dim, p.qp),
-            canonical_cs(sin, q, unsqueeze_dim, p.qp), canonical_view(q_out, p.qp), ko4, interleaved, conj,
-            std::nullopt, std::nullopt, std::nullopt, 0, {}, false, std::nullopt, std::nullopt);
+  launch(canonical_view(q, p.qp), k4, canonical_cs(cos, q, unsqueeze_dim, p.qp),
+         canonical_cs(sin, q, unsqueeze_dim, p.qp), canonical_view(q_out, p.qp), ko4, interleaved, conj,
+         rotary_kernels::TokenIndexArgs{}, std::nullopt, std::nullopt);
 }
 
 std::vector<at::Tensor> rotary_transformers_op(const at::Tensor& q, const std::optional<at::Tensor>& k,
