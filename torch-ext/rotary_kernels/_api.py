@@ -56,16 +56,19 @@ def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict, k_tables=
     return idx, axes
 
 
-def _needs_graph(*tensors) -> bool:
-    """Go through the autograd Functions rather than launch directly? (Always while torch.compile
-    traces: dynamo records the Functions, whose compute is then the custom ops.)"""
-    if functional_transform() or torch.compiler.is_compiling():
-        return True
+def _records_grad(*tensors) -> bool:
+    """Autograd records this call: grad mode and an input that requires grad."""
     if torch.is_grad_enabled():
         for t in tensors:
             if t is not None and t.requires_grad:
                 return True
     return False
+
+
+def _needs_graph(*tensors) -> bool:
+    """Go through the autograd Functions rather than launch directly? (Always while torch.compile
+    traces: dynamo records the Functions, whose compute is then the custom ops.)"""
+    return torch.compiler.is_compiling() or functional_transform() or _records_grad(*tensors)
 
 
 _REFERENCE_TRANSFORMS = (torch._C._functorch.TransformType.Vmap, torch._C._functorch.TransformType.Jvp)
@@ -102,7 +105,7 @@ def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index
     if type(q) is not torch.Tensor or type(cos) is not torch.Tensor or type(sin) is not torch.Tensor or not (
             k is None or type(k) is torch.Tensor):
         return None
-    if functional_transform() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or functional_transform():
         return None
     try:
         be = select_backend(q.device, backend)
@@ -173,9 +176,12 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, k_
     tables ``k_tables`` when given."""
     be = None if k_tables is not None else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend,
                                                              index)
-    if be is not None:  # the common call: the C++ op validates, plans and launches in one dispatch
+    if be is not None:  # the common call (eager, no torch.func): the C++ op validates, plans, launches
+        plan = Plan(unsqueeze_dim, interleaved, conj, be)
         try:
-            return _run(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, conj, be))
+            if _records_grad(q, k, cos, sin):
+                return Rotary.apply(q, k, cos, sin, plan)
+            return tuple(rotate(q, k, cos, sin, plan))
         except Declined:  # (anything it does not take: validated here, then the Python plan)
             pass
     idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index, k_tables)
@@ -240,7 +246,7 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, back
     cos, sin = _tables(cos, sin, interleaved, pair_tables, conj)
     be = None if conj or k_tables is not None else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved,
                                                                      backend, index)
-    if be is not None and not _needs_graph(q, k):  # (with gradients: the full path's error)
+    if be is not None and not _records_grad(q, k):  # (with gradients: the full path)
         if COMPILED.ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved):
             torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
             return
