@@ -9,7 +9,8 @@
 // and on x86-64 Linux the per-token work is compiled for AVX-512, AVX2 and baseline x86-64,
 // picked at load time (GCC function multiversioning), so one binary runs everywhere.
 // On CPUs with AVX-512F, bf16 rotate-half rows take explicit 512-bit code (rotate_avx512, same
-// arithmetic and conversions, so the same bits).
+// arithmetic and conversions, so the same bits), narrowed by AVX512-BF16's vcvtne2ps2bf16 where
+// the CPU has it (rotate_bf16_avx512bf16, the same bits too).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
