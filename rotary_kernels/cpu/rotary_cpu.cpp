@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
-#include <memory>
 #include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -381,6 +380,18 @@ inline bool heads_outer(const Operand<scalar_t>& o) {
   return mag(o.sy.h) > mag(o.sy.s);
 }
 
+// This thread's table buffer, at least n values, kept between calls: a block allocated per
+// call (48 KB a token-major block of R = 128 in fp32, 384 KB a head-major one) may be freshly
+// mapped or trimmed memory whose pages fault in again (glibc's thresholds move with what else
+// the process allocates): measured 20-25% of a bf16 call at 512-2048 tokens here. Entries are
+// written before they are read.
+template <typename acc_t>
+acc_t* table_scratch(int64_t n) {
+  thread_local std::vector<acc_t> scratch;
+  if (static_cast<int64_t>(scratch.size()) < n) scratch.resize(n);
+  return scratch.data();
+}
+
 // Tokens [begin, end): per block, the cos/sin tables, then every row of q and k. Returns -1, or
 // the first token whose position lies outside the cos/sin cache (the tokens before it are
 // done, nothing is written for it).
@@ -398,16 +409,16 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
     prefetch = prefetch && o.sx.d == 1 && o.sy.d == 1;
   }
   const int64_t tb = std::min<int64_t>(all_token_major ? kTokBlock : kTokBlockHeadMajor, end - begin);
-  // Left uninitialised: every entry is written before it is read.
-  std::unique_ptr<acc_t[]> buf(new acc_t[tb * 4 * half]);
-  // A block whose c2/s2 runs equal c1/s1 bit for bit (checked per block) is compacted into
-  // cbuf (cos then sin per token) and rotated with `same` (see rotate_contig).
-  std::unique_ptr<acc_t[]> cbuf(new acc_t[tb * 2 * half]);
+  // The tables: buf, four runs per token; a block whose c2/s2 runs equal c1/s1 bit for bit
+  // (checked per block) is compacted into cbuf (cos then sin per token) and rotated with `same`
+  // (see rotate_contig).
+  acc_t* const buf = table_scratch<acc_t>(tb * 6 * half);
+  acc_t* const cbuf = buf + tb * 4 * half;
   std::vector<CSTable<acc_t>> tab(tb), ctab(tb);
   for (int64_t b = 0; b < tb; ++b) {
-    acc_t* r = buf.get() + b * 4 * half;
+    acc_t* r = buf + b * 4 * half;
     tab[b] = {r, r + half, r + 2 * half, r + 3 * half};
-    acc_t* cr = cbuf.get() + b * 2 * half;
+    acc_t* cr = cbuf + b * 2 * half;
     ctab[b] = {cr, cr, cr + half, cr + half};
   }
   // Per operand and token of the block: the offsets of its row (a, s, h = 0, d = 0) in x and y.
@@ -437,7 +448,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         xoff[k * tb + b] = offset4(p.ops[k].sx, a, s, 0, 0);
         yoff[k * tb + b] = offset4(p.ops[k].sy, a, s, 0, 0);
       }
-      acc_t* r = buf.get() + b * 4 * half;
+      acc_t* r = buf + b * 4 * half;
       if (plain_rows) {  // r = c1, c2 = cos[0, R); s1, s2 = sin[0, R), or with conj -sin[half, R), -sin[0, half)
         const cs_t* c = p.cp + cs_offset(p.sc, 0, a, s, pos[0], 0);
         const cs_t* sn = p.sp + cs_offset(p.ss, 0, a, s, pos[0], 0);
@@ -467,14 +478,14 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
 
     bool same = true;
     for (int64_t b = 0; b < n && same; ++b) {
-      const acc_t* r = buf.get() + b * 4 * half;
+      const acc_t* r = buf + b * 4 * half;
       same = std::memcmp(r, r + half, half * sizeof(acc_t)) == 0 &&
              std::memcmp(r + 2 * half, r + 3 * half, half * sizeof(acc_t)) == 0;
     }
     if (same) {
       for (int64_t b = 0; b < n; ++b) {
-        const acc_t* r = buf.get() + b * 4 * half;
-        acc_t* cr = cbuf.get() + b * 2 * half;
+        const acc_t* r = buf + b * 4 * half;
+        acc_t* cr = cbuf + b * 2 * half;
         std::memcpy(cr, r, half * sizeof(acc_t));
         std::memcpy(cr + half, r + 2 * half, half * sizeof(acc_t));
       }
