@@ -15,8 +15,12 @@ default; every shape), and on the llama3-8b shape also contiguous [B, H, S, D], 
 Timing: GPU: CUDA events around each call, with the L2 flushed (256 MB written) before it;
 median and interquartile range of the per-call times. CPU: wall clock per call (the machine's
 caches may hold the tensors: that is the CPU's real working condition for these sizes); out of
-place calls there include first-touch page faults of their freshly allocated outputs (glibc
-maps blocks over 32 MB afresh on every call), which eager and torch.compile pay as well.
+place calls there include first-touch page faults of their freshly allocated outputs, which
+eager and torch.compile pay as well (a plain clone() too): glibc maps a block of 32 MB or more
+afresh unless the top of its heap has room, which depends on what ran before, so one layout's
+row may pay ~8k faults a 32 MB output (10+ ms on a VM) and the next none. --keep-freed-memory
+makes glibc keep freed memory (no mmap, no trimming, like the caching allocators jemalloc and
+tcmalloc): outputs reuse touched pages and the rows time the kernels alone.
 
 Bytes (the minimum one call must move, each tensor read or written once):
     forward, in place, backward: 2 * (|q| + |k|) * itemsize + |cos| + |sin|   (|x| = bytes of x)
@@ -168,6 +172,16 @@ def peers(device):
     except Exception as e:
         out["kernels-community/rotary"] = f"not loadable offline ({type(e).__name__})"
     return out
+
+
+def keep_freed_memory():
+    """glibc: serve every block from the heap and never give freed memory back to the OS
+    (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 2 GB), so that reused outputs fault no pages."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    if libc.mallopt(-4, 0) != 1 or libc.mallopt(-1, 2**31 - 1) != 1:
+        raise RuntimeError("mallopt failed (not glibc?)")
 
 
 # "median" (default) or "min": the statistic of the per-call times each row reports (and the copy
@@ -460,7 +474,7 @@ def layout_summary(rows):
     return lines + [""]
 
 
-def write_report(rows, missing, copy_gbs, device, out: Path, features=()):
+def write_report(rows, missing, copy_gbs, device, out: Path, features=(), malloc=None):
     out.mkdir(parents=True, exist_ok=True)
     import importlib.metadata as md
 
@@ -473,6 +487,8 @@ def write_report(rows, missing, copy_gbs, device, out: Path, features=()):
     meta = dict(device=device_name(device), date=datetime.date.today().isoformat(), stat=STAT, torch=torch.__version__,
                 triton=ver("triton"), rotary_kernels=rk.__version__, transformers=ver("transformers"),
                 cuda=torch.version.cuda, copy_gbs=copy_gbs, python=platform.python_version())
+    if malloc:
+        meta["malloc"] = malloc
     (out / "results.json").write_text(json.dumps(dict(meta=meta, missing=missing, rows=rows, features=list(features)),
                                                   indent=1))
     lines = [f"# RoPE benchmark: {meta['device']}", "",
@@ -562,7 +578,12 @@ def main(argv=None):
     p.add_argument("--stat", choices=["median", "min"], default="median",
                    help="per-call statistic reported (min: best of the calls, for a shared machine)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU; default: torch's)")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="CPU: glibc keeps freed memory, so out-of-place rows pay no first-touch page faults "
+                        "(see Timing in this file's docstring)")
     args = p.parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     global STAT
     STAT = args.stat
     if args.threads:
@@ -582,7 +603,8 @@ def main(argv=None):
     features = [] if args.no_features else run_features(device, args.quick)
     out = args.out or Path(__file__).parent / "results" / ("cuda-" + torch.cuda.get_device_name(device).replace(" ", "_")
                                                           if device.type == "cuda" else "cpu")
-    print(f"wrote {write_report(rows, missing, copy_gbs, device, out, features)}")
+    malloc = "keeps freed memory (--keep-freed-memory)" if args.keep_freed_memory else None
+    print(f"wrote {write_report(rows, missing, copy_gbs, device, out, features, malloc)}")
 
 
 if __name__ == "__main__":

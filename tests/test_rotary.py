@@ -578,11 +578,12 @@ def _conj_sin(sin, interleaved):
 @pytest.mark.parametrize("R", [64, 32])
 def test_cpu_layouts_bit_exact(layout, dtype, interleaved, R):
     """Every layout, forward, in place and backward, bit for bit the reference's result on the
-    CPU kernel: enough tokens for several token blocks per thread, prefetch distances that cross
-    heads and operands, and both loop orders (head-major and token-major)."""
+    CPU kernel: enough tokens for several token blocks per thread (head-major blocks hold 256),
+    both loop orders (head-major and token-major). (Software prefetch, which starts at 16 MB of
+    q + k, changes no bits.)"""
     if "cpu" not in rk.available_backends("cpu"):
         pytest.skip("compiled CPU kernel not built")
-    B, S, Hq, Hk, D = 2, 75, 5, 3, 64
+    B, S, Hq, Hk, D = 2, 300, 5, 3, 64
     q, k, ud = _layout_qk(layout, B, S, Hq, Hk, D, dtype, seed=3)
     cos, sin = make_cs(B, S, R, dtype, "cpu")
     if layout == "thd":
@@ -601,6 +602,40 @@ def test_cpu_layouts_bit_exact(layout, dtype, interleaved, R):
     dq, dk = torch.autograd.grad(outs, (qq, kk), (gq, gk))
     wq, wk = apply_rotary_transformers_reference(gq, gk, cos, _conj_sin(sin, interleaved), ud, interleaved)
     assert torch.equal(dq, wq) and torch.equal(dk, wk)
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_cpu_bf16_special_values_bit_exact(layout):
+    """bf16 rows with NaNs of both signs, infinities, results in fp32's denormal range and
+    overflow, forward and backward: NaN where the reference has NaN (its payload differs: the
+    kernel writes 0x7FC0 like c10's scalar conversion, PyTorch's vectorised one 0xFFFF), every
+    other element bit for bit; 600 tokens, so head-major walks cross token blocks; head dim 128
+    (the AVX512-BF16 rows where the CPU has them)."""
+    if "cpu" not in rk.available_backends("cpu"):
+        pytest.skip("compiled CPU kernel not built")
+    B, S, Hq, Hk, D = 1, 300, 3, 2, 128
+    q, k, ud = _layout_qk(layout, 2 * B, S, Hq, Hk, D, torch.bfloat16, seed=5)
+    g = torch.Generator().manual_seed(6)
+    special = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 3e38, -3e38, 1e-38, -2e-39,
+                            1e-44, 0.0, -0.0], dtype=torch.bfloat16)
+    for x in (q, k):
+        flat = x.view(-1)
+        idx = torch.randint(0, flat.numel(), (flat.numel() // 50,), generator=g)
+        flat[idx] = special[torch.randint(0, len(special), idx.shape, generator=g)]
+    cos, sin = make_cs(2 * B, S, D, torch.bfloat16, "cpu")
+
+    def same(got, want):
+        for g_, w in zip(got, want):
+            assert torch.equal(g_.isnan(), w.isnan())
+            gb, wb = g_.contiguous().view(torch.int16), w.contiguous().view(torch.int16)
+            assert torch.equal(gb[~g_.isnan()], wb[~w.isnan()])
+
+    same(rk.apply_rotary_transformers(q, k, cos, sin, ud, backend="cpu"),
+         apply_rotary_transformers_reference(q, k, cos, sin, ud))
+    qq, kk = q.detach().requires_grad_(), k.detach().requires_grad_()
+    outs = rk.apply_rotary_transformers(qq, kk, cos, sin, ud, backend="cpu")
+    same(torch.autograd.grad(outs, (qq, kk), (q, k)),
+         apply_rotary_transformers_reference(q, k, cos, _conj_sin(sin, False), ud))
 
 
 def test_odd_head_dim_as_transformers_computes_it(dev_backend):

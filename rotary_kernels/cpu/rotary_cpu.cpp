@@ -9,7 +9,8 @@
 // and on x86-64 Linux the per-token work is compiled for AVX-512, AVX2 and baseline x86-64,
 // picked at load time (GCC function multiversioning), so one binary runs everywhere.
 // On CPUs with AVX-512F, bf16 rotate-half rows take explicit 512-bit code (rotate_avx512, same
-// arithmetic and conversions, so the same bits).
+// arithmetic and conversions, so the same bits), narrowed by AVX512-BF16's vcvtne2ps2bf16 where
+// the CPU has it (rotate_bf16_avx512bf16, the same bits too).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -203,14 +204,75 @@ __attribute__((target("avx512f"))) void rotate_avx512(const scalar_t* x, scalar_
     store_out<scalar_t, float>(y + half + i, yb);
   }
 }
+// bf16 rotate-half rows on CPUs with AVX512-BF16 (and DQ): as rotate_avx512, 32 pairs per step,
+// narrowed by vcvtne2ps2bf16 (one instruction per 32 values, round to nearest even). It equals
+// store_out on every fp32 input but NaNs and denormals (checked over all 2^32 bit patterns: it
+// flushes denormals and keeps a NaN's sign), so a step whose results hold either is narrowed by
+// bf16x16_store instead (vfpclassps finds them).
+template <bool same>
+__attribute__((target("avx512f,avx512dq,avx512bf16"))) void rotate_bf16_avx512bf16(
+    const c10::BFloat16* x, c10::BFloat16* y, int64_t half, const float* c1, const float* c2, const float* s1,
+    const float* s2) {
+  if (same) {
+    c2 = c1;
+    s2 = s1;
+  }
+  constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // vfpclassps: quiet NaN, denormal, signalling NaN
+  int64_t i = 0;
+  for (; i + 32 <= half; i += 32) {
+    __m512 ya[2], yb[2];
+    __mmask16 odd = 0;
+    for (int u = 0; u < 2; ++u) {
+      const int64_t j = i + 16 * u;
+      const __m512 a = bf16x16_load(x + j), b = bf16x16_load(x + half + j);
+      const __m512 vc1 = _mm512_loadu_ps(c1 + j), vs1 = _mm512_loadu_ps(s1 + j);
+      const __m512 vc2 = same ? vc1 : _mm512_loadu_ps(c2 + j), vs2 = same ? vs1 : _mm512_loadu_ps(s2 + j);
+      ya[u] = _mm512_sub_ps(_mm512_mul_ps(a, vc1), _mm512_mul_ps(b, vs1));
+      yb[u] = _mm512_add_ps(_mm512_mul_ps(b, vc2), _mm512_mul_ps(a, vs2));
+      odd |= _mm512_fpclass_ps_mask(ya[u], kNanOrDenormal) | _mm512_fpclass_ps_mask(yb[u], kNanOrDenormal);
+    }
+    if (__builtin_expect(odd == 0, 1)) {
+      _mm512_storeu_si512(y + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ya[1], ya[0])));
+      _mm512_storeu_si512(y + half + i, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb[1], yb[0])));
+    } else {
+      for (int u = 0; u < 2; ++u) {
+        bf16x16_store(y + i + 16 * u, ya[u]);
+        bf16x16_store(y + half + i + 16 * u, yb[u]);
+      }
+    }
+  }
+  for (; i < half; ++i) {
+    const float a = load_acc<c10::BFloat16, float>(x + i), b = load_acc<c10::BFloat16, float>(x + half + i);
+    float ya, yb;
+    rotate_pair(a, b, PairCS<float>{c1[i], c2[i], s1[i], s2[i]}, ya, yb);
+    store_out<c10::BFloat16, float>(y + i, ya);
+    store_out<c10::BFloat16, float>(y + half + i, yb);
+  }
+}
 #endif
+
+// The instruction sets the row paths use, as found on this CPU at load time.
+struct CpuIsa {
+  bool f16c;        // F16C (fp16 rows convert 8 elements per instruction)
+  bool avx512;      // AVX-512F (bf16 rows take rotate_avx512)
+  bool avx512bf16;  // and AVX512-BF16 and DQ (bf16 rows take rotate_bf16_avx512bf16)
+};
 
 template <typename scalar_t, typename acc_t, bool interleaved>
 inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd, int64_t D, int64_t half,
-                       bool copy_pass, const CSTable<acc_t>& cs, bool same, bool f16c, bool avx512) {
+                       bool copy_pass, const CSTable<acc_t>& cs, bool same, const CpuIsa& isa) {
 #ifdef RK_HAVE_AVX512_BF16_PATH
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && !interleaved) {
-    if (avx512 && sxd == 1 && syd == 1) {
+    if (isa.avx512bf16 && sxd == 1 && syd == 1 && half % 32 == 0) {
+      if (same) {
+        rotate_bf16_avx512bf16<true>(x, y, half, cs.c1, cs.c2, cs.s1, cs.s2);
+      } else {
+        rotate_bf16_avx512bf16<false>(x, y, half, cs.c1, cs.c2, cs.s1, cs.s2);
+      }
+      if (copy_pass) std::memcpy(y + 2 * half, x + 2 * half, (D - 2 * half) * sizeof(scalar_t));
+      return;
+    }
+    if (isa.avx512 && sxd == 1 && syd == 1) {
       if (same) {
         rotate_avx512<scalar_t, true>(x, y, half, cs.c1, cs.c2, cs.s1, cs.s2);
       } else {
@@ -221,10 +283,9 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd,
     }
   }
 #endif
-  (void)avx512;
 #ifdef RK_HAVE_F16C_PATH
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    if (f16c && sxd == 1 && syd == 1 && 2 * half <= kF16cRow) {
+    if (isa.f16c && sxd == 1 && syd == 1 && 2 * half <= kF16cRow) {
       float buf[kF16cRow];
       half_to_float_f16c(x, buf, 2 * half);
       if (same) {
@@ -238,7 +299,7 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd,
     }
   }
 #endif
-  (void)f16c;
+  (void)isa;
   if (sxd == 1 && syd == 1) {
     if (same) {
       rotate_contig<scalar_t, acc_t, interleaved, true>(x, y, half, cs);
@@ -274,8 +335,7 @@ struct CpuParams {
   TokenIndex ti;
   int64_t S, D, half;
   bool conj;
-  bool f16c;  // the CPU has F16C (fp16 rows convert 8 elements per instruction)
-  bool avx512;  // the CPU has AVX-512F (bf16 rows take rotate_bf16_avx512)
+  CpuIsa isa;
   bool prefetch;  // large enough to stream from memory (software prefetch pays off)
 };
 
@@ -285,27 +345,35 @@ struct CpuParams {
 #define RK_CPU_CLONES
 #endif
 
-// Loop order (issue 19). A thread's tokens [begin, end) are taken kTokBlock at a time: the
-// block's cos/sin tables are built once (kTokBlock * R accumulator values: 32 KB for R = 128 in
-// fp32, held in L1 while the block's rows read them), then the rows are walked in the order they
-// lie in memory, picked from the canonical strides:
+// Loop order (issue 19). A thread's tokens [begin, end) are taken a block at a time: the
+// block's cos/sin tables are built once, then the rows are walked in the order they lie in
+// memory, picked from the canonical strides:
 //   - token-major operands (|stride h| <= |stride s|: [B, S, H, D], packed tokens [T, H, D],
-//     slices of a packed qkv, transformers' transposed view of [B, S, H, D]): token outer, then
-//     q's heads, then k's, which is memory order for a packed qkv too;
-//   - head-major operands (contiguous [B, H, S, D]): head outer, tokens inner, so that a head's
-//     rows of the block are one contiguous run, whereas walking one token across all heads jumps
-//     S*D elements per head, one stream per head (40 for Llama-3's q + k), more than the hardware
-//     prefetchers follow (3-5x slower here).
-// Gaps in the walk (a qkv slice skips v; a head-major block's run of a head ends every kTokBlock
-// rows) stall the hardware prefetchers, so rows with a contiguous head dim are also prefetched
-// in software: token-major walks fetch each row one token ahead, head-major walks kPrefetchBytes
-// ahead, on into the next head's run (2-4x on a qkv slice and on [B, H, S, D] here, ~10% on
-// the dense layouts; 8 KB ahead rather than 4 KB: fp32 [B, H, S, D] at 2048 tokens ~15% faster).
+//     slices of a packed qkv, transformers' transposed view of [B, S, H, D]): blocks of kTokBlock
+//     tokens (tables of kTokBlock * R accumulator values: 32 KB for R = 128 in fp32, held in L1
+//     while the block's rows read them); token outer, then q's heads, then k's, which is memory
+//     order for a packed qkv too;
+//   - head-major operands (contiguous [B, H, S, D]): blocks of kTokBlockHeadMajor tokens, heads
+//     outer, tokens inner, so that a head's rows of the block are one contiguous run, whereas
+//     walking one token across all heads jumps S*D elements per head, one stream per head (40
+//     for Llama-3's q + k), more than the hardware prefetchers follow (3-5x slower here). Each
+//     row reads its own token's table row (for bf16 twice the row's bytes), so the tables are
+//     taken from L2 (256 tokens: 128-256 KB) and kHeadsAtOnce heads walk their runs side by
+//     side, each table row serving both: longer runs and half the table traffic, at 2048 tokens
+//     ~20-25% faster than 32-token blocks one head at a time (more heads at once: slower).
+// Gaps in the walk (a qkv slice skips v; a head-major block's run of a head ends every block)
+// stall the hardware prefetchers, so rows with a contiguous head dim are also prefetched in
+// software: token-major walks fetch each row one token ahead, head-major walks kPrefetchBytes
+// ahead in each head's run, on into the next heads' runs (2-4x on a qkv slice and on
+// [B, H, S, D] here, ~10% on the dense layouts; 8 KB ahead rather than 4 KB: fp32 [B, H, S, D]
+// at 2048 tokens ~15% faster).
 // Each row is read and written once whatever the order, with the same arithmetic: the order
 // changes the speed only, never a bit of the result.
 constexpr int64_t kTokBlock = 32;
+constexpr int64_t kTokBlockHeadMajor = 256;
+constexpr int64_t kHeadsAtOnce = 2;
 constexpr int64_t kPrefetchBytes = 8192;
-constexpr int64_t kPrefetchMin = int64_t{4} << 20;
+constexpr int64_t kPrefetchMin = int64_t{16} << 20;
 
 // Are x's heads its outer dimension (rather than the tokens)? The output's layout decides when
 // x's does not (a broadcast x with zero strides, or S == 1 or H == 1).
@@ -317,6 +385,18 @@ inline bool heads_outer(const Operand<scalar_t>& o) {
   return mag(o.sy.h) > mag(o.sy.s);
 }
 
+// This thread's table buffer, at least n values, kept between calls: a block allocated per
+// call (48 KB a token-major block of R = 128 in fp32, 384 KB a head-major one) may be freshly
+// mapped or trimmed memory whose pages fault in again (glibc's thresholds move with what else
+// the process allocates): measured 20-25% of a bf16 call at 512-2048 tokens here. Entries are
+// written before they are read.
+template <typename acc_t>
+acc_t* table_scratch(int64_t n) {
+  thread_local std::vector<acc_t> scratch;
+  if (static_cast<int64_t>(scratch.size()) < n) scratch.resize(n);
+  return scratch.data();
+}
+
 // Tokens [begin, end): per block, the cos/sin tables, then every row of q and k. Returns -1, or
 // the first token whose position lies outside the cos/sin cache (the tokens before it are
 // done, nothing is written for it).
@@ -325,22 +405,6 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t half = p.half;
   const int n_axes = p.ti.mrope ? 3 : 1;
-  const int64_t tb = std::min<int64_t>(kTokBlock, end - begin);
-  // Table set t of token b of the block is entry t * tb + b (set 1: k's own tables).
-  const int n_sets = p.k_tables ? 2 : 1;
-  std::vector<acc_t> buf(n_sets * tb * 4 * half);
-  // A block whose c2/s2 runs equal c1/s1 bit for bit (checked per block) is compacted into
-  // cbuf (cos then sin per token) and rotated with `same` (see rotate_contig).
-  std::vector<acc_t> cbuf(n_sets * tb * 2 * half);
-  std::vector<CSTable<acc_t>> tab(n_sets * tb), ctab(n_sets * tb);
-  for (int64_t b = 0; b < n_sets * tb; ++b) {
-    acc_t* r = buf.data() + b * 4 * half;
-    tab[b] = {r, r + half, r + 2 * half, r + 3 * half};
-    acc_t* cr = cbuf.data() + b * 2 * half;
-    ctab[b] = {cr, cr, cr + half, cr + half};
-  }
-  // Per operand and token of the block: the offsets of its row (a, s, h = 0, d = 0) in x and y.
-  std::vector<int64_t> xoff(2 * tb), yoff(2 * tb);
   bool outer[2] = {false, false}, all_token_major = true;
   bool prefetch = p.prefetch;
   for (int k = 0; k < p.n_ops; ++k) {
@@ -349,6 +413,27 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
     all_token_major = all_token_major && !outer[k];
     prefetch = prefetch && o.sx.d == 1 && o.sy.d == 1;
   }
+  const int64_t tb = std::min<int64_t>(all_token_major ? kTokBlock : kTokBlockHeadMajor, end - begin);
+  // The tables: buf, four runs per token; a block whose c2/s2 runs equal c1/s1 bit for bit
+  // (checked per block) is compacted into cbuf (cos then sin per token) and rotated with `same`
+  // (see rotate_contig).
+  // Table set t of token b of the block is entry t * tb + b (set 1: k's own tables).
+  const int n_sets = p.k_tables ? 2 : 1;
+  acc_t* const buf = table_scratch<acc_t>(n_sets * tb * 6 * half);
+  acc_t* const cbuf = buf + n_sets * tb * 4 * half;
+  std::vector<CSTable<acc_t>> tab(n_sets * tb), ctab(n_sets * tb);
+  for (int64_t b = 0; b < n_sets * tb; ++b) {
+    acc_t* r = buf + b * 4 * half;
+    tab[b] = {r, r + half, r + 2 * half, r + 3 * half};
+    acc_t* cr = cbuf + b * 2 * half;
+    ctab[b] = {cr, cr, cr + half, cr + half};
+  }
+  // Per operand and token of the block: the offsets of its row (a, s, h = 0, d = 0) in x and y.
+  std::vector<int64_t> xoff(2 * tb), yoff(2 * tb);
+  // Rotate-half pairs from one contiguous cos/sin row (no mrope): the table row is two
+  // contiguous runs of each, converted in loops the compiler vectorises (the general loop below
+  // costs ~90 ns more a token here, 16% of a 512-token bf16 call).
+  const bool plain_rows = !interleaved && !p.ti.mrope;  // (and the set's rows contiguous: below)
   const int64_t row_bytes = p.D * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t dist = prefetch ? (kPrefetchBytes + row_bytes - 1) / row_bytes : 0;  // rows ahead
 
@@ -370,10 +455,23 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         xoff[k * tb + b] = offset4(p.ops[k].sx, a, s, 0, 0);
         yoff[k * tb + b] = offset4(p.ops[k].sy, a, s, 0, 0);
       }
-      for (int t = 0; t < n_sets; ++t) {
+      for (int t = 0; t < n_sets; ++t) {  // set 1: k's own tables
         const cs_t *cp = t ? p.ckp : p.cp, *sp = t ? p.skp : p.sp;
         const CSStrides &sc = t ? p.sck : p.sc, &ss = t ? p.ssk : p.ss;
-        acc_t* r = buf.data() + (t * tb + b) * 4 * half;
+        acc_t* r = buf + (t * tb + b) * 4 * half;
+        if (plain_rows && sc.r == 1 && ss.r == 1) {
+          // r = c1, c2 = cos[0, R); s1, s2 = sin[0, R), or with conj -sin[half, R), -sin[0, half)
+          const cs_t* c = cp + cs_offset(sc, 0, a, s, pos[0], 0);
+          const cs_t* sn = sp + cs_offset(ss, 0, a, s, pos[0], 0);
+          for (int64_t i = 0; i < 2 * half; ++i) r[i] = load_acc<cs_t, acc_t>(c + i);
+          if (p.conj) {
+            for (int64_t i = 0; i < half; ++i) r[2 * half + i] = -load_acc<cs_t, acc_t>(sn + half + i);
+            for (int64_t i = 0; i < half; ++i) r[3 * half + i] = -load_acc<cs_t, acc_t>(sn + i);
+          } else {
+            for (int64_t i = 0; i < 2 * half; ++i) r[2 * half + i] = load_acc<cs_t, acc_t>(sn + i);
+          }
+          continue;
+        }
         for (int64_t i = 0; i < half; ++i) {
           const int64_t j1 = pair_first(i, interleaved), j2 = pair_second(i, half, interleaved);
           const int x = pair_axis(p.ti, i);
@@ -393,15 +491,15 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
     bool same = true;
     for (int64_t e = 0; e < n_sets * tb && same; ++e) {
       if (e % tb >= n) continue;
-      const acc_t* r = buf.data() + e * 4 * half;
+      const acc_t* r = buf + e * 4 * half;
       same = std::memcmp(r, r + half, half * sizeof(acc_t)) == 0 &&
              std::memcmp(r + 2 * half, r + 3 * half, half * sizeof(acc_t)) == 0;
     }
     if (same) {
       for (int64_t e = 0; e < n_sets * tb; ++e) {
         if (e % tb >= n) continue;
-        const acc_t* r = buf.data() + e * 4 * half;
-        acc_t* cr = cbuf.data() + e * 2 * half;
+        const acc_t* r = buf + e * 4 * half;
+        acc_t* cr = cbuf + e * 2 * half;
         std::memcpy(cr, r, half * sizeof(acc_t));
         std::memcpy(cr + half, r + 2 * half, half * sizeof(acc_t));
       }
@@ -427,8 +525,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           for (int64_t h = 0; h < o.H; ++h) {
             if (pf_next) prefetch_row(o, xn + h * o.sx.h, yn + h * o.sy.h);
             rotate_row<scalar_t, acc_t, interleaved>(o.x + xo + h * o.sx.h, o.y + yo + h * o.sy.h, o.sx.d, o.sy.d,
-                                                     p.D, half, o.copy_pass, tabs[p.tset[k] * tb + b], same, p.f16c,
-                                                     p.avx512);
+                                                     p.D, half, o.copy_pass, tabs[p.tset[k] * tb + b], same, p.isa);
           }
         }
       }
@@ -444,21 +541,27 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
             for (int64_t h = 0; h < o.H; ++h) {
               rotate_row<scalar_t, acc_t, interleaved>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
                                                        o.sy.d, p.D, half, o.copy_pass, tabs[p.tset[k] * tb + b], same,
-                                                       p.f16c, p.avx512);
+                                                       p.isa);
             }
           }
           continue;
         }
+        // kHeadsAtOnce heads side by side: token b's rows of heads h0, h0 + 1, ..., then b + 1's;
+        // each head's run prefetches `d` rows ahead, past the block's end into the run of the
+        // head kHeadsAtOnce further.
         const int64_t d = std::min(dist, n);  // rows ahead, within [0, n]
-        for (int64_t h = 0; h < o.H; ++h) {
+        for (int64_t h0 = 0; h0 < o.H; h0 += kHeadsAtOnce) {
+          const int64_t h1 = std::min(h0 + kHeadsAtOnce, o.H);
           for (int64_t b = 0; b < n; ++b) {
-            if (d > 0) {
-              const int64_t b2 = b + d < n ? b + d : b + d - n, h2 = b + d < n ? h : h + 1;
-              if (h2 < o.H) prefetch_row(o, xo[b2] + h2 * o.sx.h, yo[b2] + h2 * o.sy.h);
+            for (int64_t h = h0; h < h1; ++h) {
+              if (d > 0) {
+                const int64_t b2 = b + d < n ? b + d : b + d - n, h2 = b + d < n ? h : h + kHeadsAtOnce;
+                if (h2 < o.H) prefetch_row(o, xo[b2] + h2 * o.sx.h, yo[b2] + h2 * o.sy.h);
+              }
+              rotate_row<scalar_t, acc_t, interleaved>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
+                                                       o.sy.d, p.D, half, o.copy_pass, tabs[p.tset[k] * tb + b], same,
+                                                       p.isa);
             }
-            rotate_row<scalar_t, acc_t, interleaved>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
-                                                     o.sy.d, p.D, half, o.copy_pass, tabs[p.tset[k] * tb + b], same,
-                                                     p.f16c, p.avx512);
           }
         }
       }
@@ -479,10 +582,10 @@ void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, co
   p.half = cos.size(-1) / 2;
   p.conj = conj;
 #ifdef RK_HAVE_F16C_PATH
-  static const bool has_f16c = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  p.f16c = has_f16c;
   static const bool has_avx512 = __builtin_cpu_supports("avx512f");
-  p.avx512 = has_avx512;
+  static const CpuIsa isa{__builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"), has_avx512,
+                          has_avx512 && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bf16")};
+  p.isa = isa;
 #endif
   p.k_tables = !(same_view(cos_k, cos) && same_view(sin_k, sin));
   auto add = [&](const at::Tensor& x, const at::Tensor& y, int tset) {
@@ -507,8 +610,10 @@ void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, co
   const int64_t tokens = q.size(0) * p.S;
   if (tokens == 0 || row_elems == 0) return;
   const int64_t grain = std::max<int64_t>(1, 32768 / row_elems);
-  // Below kPrefetchMin bytes of q + k the rows come from the caches (decode batches): the
-  // prefetches would only cost instructions (~10% at 64 tokens).
+  // Below kPrefetchMin bytes of q + k the rows come from the caches (decode batches, and here,
+  // with a 32 MB L3, up to ~10 MB: 512 tokens): the prefetches would only cost instructions
+  // (~10% at 64 tokens, 5-20% at 512 in every layout; at 20 MB they pay, 1.4x on fp32
+  // [B, H, S, D] at 1024 tokens, 2x on bf16 qkv slices at 2048).
   p.prefetch = tokens * row_elems * static_cast<int64_t>(sizeof(scalar_t)) >= kPrefetchMin;
   std::atomic<int64_t> bad{-1};
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
