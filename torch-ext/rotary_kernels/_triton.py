@@ -21,6 +21,9 @@ Math per rotary pair ``(j1, j2)``, in fp32 (fp64 for fp64 inputs), rounded once 
     y1 = x1 * c1 - x2 * s1
     y2 = x2 * c2 + x1 * s2        with (s1, s2) := (-s2, -s1) when CONJ (the backward)
 
+Per-pair tables (``pair_tables``, last dim ``R/2``): pair ``i`` reads entry ``i`` once, for both
+of its elements (``c2 = c1``, ``s2 = s1``): half the table loads.
+
 Cache rows out of range: a token whose cos/sin row (``position``, see ``_index.py``) is
 outside ``[0, P)`` reads nothing out of bounds and its rotated dims are written as NaN
 (pass-through dims as usual): memory safe, no host sync (CUDA-graph safe) and visible.
