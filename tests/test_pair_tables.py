@@ -250,7 +250,7 @@ def test_errors():
     q = rand(1, 2, 4, 16)
     c = torch.ones(1, 4, 8)
     for be in rk.available_backends("cpu"):
-        with pytest.raises(ValueError, match="larger than"):  # R = 2 * 9 > D = 16
+        with pytest.raises(ValueError, match="rotary dim 18 .2 x cos.shape.-1., per-pair tables. is larger than x's"):
             rk.apply_rotary_emb(q, torch.ones(1, 4, 9), torch.ones(1, 4, 9), pair_tables=True, backend=be)
         with pytest.raises(ValueError, match="mrope_section"):  # sums to R/2 = 8
             rk.apply_rotary_emb(q, c, c, pair_tables=True, positions=torch.zeros(3, 1, 4, dtype=torch.long),

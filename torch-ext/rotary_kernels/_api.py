@@ -50,6 +50,11 @@ def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict, k_tables=
         raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
     if r % 2 and not pair_tables:  # (computed by the reference: the kernels rotate pairs)
         _canon.check_odd_rotary(r, interleaved, index, q, k)
+    if pair_tables:
+        for name, x in (("q" if k is not None else "x", q), ("k", k)):
+            if isinstance(x, torch.Tensor) and x.dim() and 2 * r > x.shape[-1]:
+                raise ValueError(f"rotary dim {2 * r} (2 x cos.shape[-1], per-pair tables) is larger than {name}'s "
+                                 f"head dim {x.shape[-1]}")
     shape = _full_shape(cos) if pair_tables else cos  # (the rules are stated for full-width tables)
     idx = make_index(q, shape, unsqueeze_dim, **index)
     axes = kernel_axes(q, k, shape, unsqueeze_dim, idx)
