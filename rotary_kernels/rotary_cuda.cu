@@ -75,7 +75,7 @@ bool cuda_image_ok(int64_t device) {
 void rotary_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                  bool interleaved, bool conj, const TokenIndexArgs& ix, const std::optional<at::Tensor>& cos_k,
-                 const std::optional<at::Tensor>& sin_k) {
+                 const std::optional<at::Tensor>& sin_k, bool pair_tables) {
   const c10::cuda::CUDAGuard guard(q.device());
   CudaLauncher launcher{c10::cuda::getCurrentCUDAStream()};
   dispatch_rotary_types(q, cos, sin, cos_k, sin_k,
@@ -83,7 +83,8 @@ void rotary_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
                             const at::Tensor& sk) {
                           const auto t = shared_table_strides(c, s, ck, sk);
                           rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, t[0], t[1], q_out, k_out, interleaved,
-                                                                         conj, ix, sm_count(), launcher, t[2], t[3]);
+                                                                         conj, ix, sm_count(), launcher, t[2], t[3],
+                                                                         pair_tables);
                         });
 }
 

@@ -5,7 +5,11 @@
 // alignment, bounds and that no element is written by two threads). Math: rotary_math.h.
 //
 // rotary: canonical q [A, S, Hq, D], k [A, S, Hk, D], cos/sin [A, S, R], any strides (or [P, R]
-//   caches read at each token's position, or mrope's [3, A, S, R]: rotary_math.h TokenIndex).
+//   caches read at each token's position, or mrope's [3, A, S, R]: rotary_math.h TokenIndex;
+//   per-pair tables [..., R/2] with pair_tables: a half-split chunk's two groups then read the
+//   same entries, one vector for both halves, so half the table bytes; interleaved per-pair
+//   tables are read element by element, each entry for both elements of its pair: a half-width
+//   vector spread in registers spilled the interleaved vector instances at 64 registers, sm_80).
 //   grid.x = token (a, s); grid.y = a slice of the Hq + Hk rows (more than one slice only when
 //   there are too few tokens to fill the GPU, e.g. decode).
 //   block = (TX, TY): thread x owns a chunk of VEC pairs of the head dim and walks the rows of
@@ -241,6 +245,7 @@ struct RotaryParams {
   int32_t hq;  // q.H as 32 bits: rows r < hq are q's
   int32_t k_row0;  // rows r >= k_row0 read cos_k/sin_k: hq with k's own tables, else rows (none)
   bool conj;
+  bool pair_tables;  // tables [..., R/2], one entry per pair (rotary_math.h table_index)
 };
 
 // A chunk is two VEC-element groups of the head dim, at element offsets oa and ob = oa +
@@ -298,23 +303,25 @@ __device__ __forceinline__ void conj_sin(Packed<C, VEC>& sa, Packed<C, VEC>& sb)
 }
 
 // VEC cos (or sin) values of head-dim elements j0 .. j0 + VEC - 1 of token (a, s)'s row: one
-// vector load (CS_VECTOR: contiguous, aligned, no mrope), else element by element, each from
-// its pair's mrope axis and position.
+// vector load (CS_VECTOR: contiguous, aligned, no mrope, not interleaved per-pair), else element
+// by element, each from its pair's mrope axis and position. pair_tables: per-pair tables
+// (table_index; a half-split group B reads group A's entries).
 template <bool CS_VECTOR, int VEC, typename cs_t>
 __device__ __forceinline__ void load_cs(const cs_t* t, const CSStrides& st, const TokenIndex& ti, int64_t a,
                                         int64_t s, const int64_t (&pos)[3], int32_t j0, int32_t half,
-                                        bool interleaved, Packed<cs_t, VEC>& regs) {
+                                        bool interleaved, bool pair_tables, Packed<cs_t, VEC>& regs) {
   if constexpr (CS_VECTOR) {
     // (CS_VECTOR: st.r == 1; j0 >= 0 zero-extended, the row's offset shared by both groups.)
-    load_n<true>(t + cs_offset(st, 0, a, s, pos[0], 0) + int64_t{static_cast<uint32_t>(j0)}, 1, regs);
+    const int32_t jt = pair_tables && j0 >= half ? j0 - half : j0;
+    load_n<true>(t + cs_offset(st, 0, a, s, pos[0], 0) + int64_t{static_cast<uint32_t>(jt)}, 1, regs);
   } else {
     Vec<cs_t, VEC> out;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const int64_t j = j0 + e;
-      const int x = pair_axis(ti, pair_of(j, half, interleaved));
+      const int64_t j = j0 + e, i = pair_of(j, half, interleaved);
+      const int x = pair_axis(ti, i);
       const int64_t px = x == 0 ? pos[0] : (x == 1 ? pos[1] : pos[2]);  // no dynamic indexing: registers
-      const cs_t* e_ptr = t + cs_offset(st, x, a, s, px, j);
+      const cs_t* e_ptr = t + cs_offset(st, x, a, s, px, pair_tables ? i : j);
       RK_SIM_READ(e_ptr, sizeof(cs_t));
       out.v[e] = *e_ptr;
     }
@@ -430,15 +437,15 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
       const cs_t* cos = k_seg ? p.cos_k : p.cos;
       const cs_t* sin = k_seg ? p.sin_k : p.sin;
       Packed<cs_t, VEC> ca, cb, sa, sb;
-      load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, oa, p.half, INTERLEAVED, ca);
-      load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, ob, p.half, INTERLEAVED, cb);
+      load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, oa, p.half, INTERLEAVED, p.pair_tables, ca);
+      load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, ob, p.half, INTERLEAVED, p.pair_tables, cb);
       // conj: (s1, s2) := (-s2, -s1). Half-split with vector x swaps sin's groups by address (no
       // register swap: what keeps 16-bit x / fp32 tables at 64 registers); interleaved and the
       // scalar path (VEC = 1, where by address costs ~20 registers more) swap in registers.
       constexpr bool kSwap = VECTOR && !INTERLEAVED;
       const bool swap = kSwap && p.conj;
-      load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? ob : oa, p.half, INTERLEAVED, sa);
-      load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? oa : ob, p.half, INTERLEAVED, sb);
+      load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? ob : oa, p.half, INTERLEAVED, p.pair_tables, sa);
+      load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? oa : ob, p.half, INTERLEAVED, p.pair_tables, sb);
       if (!CS_VECTOR && bad) {
         ca.fill_nan();
         cb.fill_nan();
@@ -592,12 +599,12 @@ template <typename scalar_t, typename cs_t, typename Launcher>
 void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                  bool interleaved, bool conj, const TokenIndexArgs& ix, int64_t sms, Launcher& launcher,
-                 const at::Tensor& cos_k, const at::Tensor& sin_k) {
+                 const at::Tensor& cos_k, const at::Tensor& sin_k, bool pair_tables) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   const bool k_tables = !(same_view(cos_k, cos) && same_view(sin_k, sin));
   TORCH_CHECK(!k_tables || (cos_k.strides() == cos.strides() && sin_k.strides() == sin.strides()),
               "rotary: internal: k's tables must have cos/sin's strides (shared_table_strides)");
-  const int64_t A = q.size(0), S = q.size(1), D = q.size(3), R = cos.size(-1), half = R / 2;
+  const int64_t A = q.size(0), S = q.size(1), D = q.size(3), R = cos.size(-1) * (pair_tables ? 2 : 1), half = R / 2;
   RotaryParams<scalar_t, cs_t> p{};
   p.q = make_operand<scalar_t>(q, q_out, R);
   if (k.has_value()) p.k = make_operand<scalar_t>(*k, *k_out, R);
@@ -609,13 +616,15 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   p.sin_k = sin_k.const_data_ptr<cs_t>();
   p.ti = make_token_index(cos, ix, cos_k);
   p.conj = conj;
+  p.pair_tables = pair_tables;
   const int64_t tokens = A * S, rows = p.q.H + p.k.H;
   if (tokens == 0 || rows == 0) return;
 
   bool vector = half % VEC == 0 && vector_ok(q, VEC) && vector_ok(q_out, VEC);
   if (k.has_value()) vector = vector && vector_ok(*k, VEC) && vector_ok(*k_out, VEC);
-  const bool cs_vector = vector && p.ti.mrope == 0 && cs_vector_ok(cos, VEC) && cs_vector_ok(sin, VEC) &&
-                         cs_vector_ok(cos_k, VEC) && cs_vector_ok(sin_k, VEC);
+  // (interleaved per-pair tables: each entry serves two neighbouring elements, element by element)
+  const bool cs_vector = vector && p.ti.mrope == 0 && !(pair_tables && interleaved) && cs_vector_ok(cos, VEC) &&
+                         cs_vector_ok(sin, VEC) && cs_vector_ok(cos_k, VEC) && cs_vector_ok(sin_k, VEC);
   const LaunchPlan plan = plan_launch(tokens, rows, vector ? half / VEC : half, sms);
   TORCH_CHECK(D <= std::numeric_limits<int32_t>::max(), "rotary: head dim too large (", D, ")");
   p.S = static_cast<int32_t>(S);

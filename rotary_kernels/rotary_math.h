@@ -12,6 +12,8 @@
 //   y2 = x2 c2 + x1 s2
 // The backward (conj) is the transpose of that map: the same formula with
 // (s1, s2) := (-s2, -s1).
+// Per-pair tables (pair_tables: cos/sin [..., R/2], gpt-oss / flash-attn / vLLM) hold pair i's
+// values at i, for both of its elements: c1 = c2 = cos[i], s1 = s2 = sin[i] (table_index).
 #pragma once
 
 #include <cstdint>
@@ -105,6 +107,13 @@ struct Operand {
   int64_t H;
   bool copy_pass;  // out of place with R < D: copy the tail [R, D) of each row
 };
+
+// The entry of a cos/sin table row that head-dim element j reads: j in a full-width table, its
+// pair in a per-pair one. (A per-launch flag rather than strides: element j of a half-split pair
+// reads entry j mod R/2 of a per-pair table, which no stride expresses.)
+RK_HD int64_t table_index(int64_t j, int64_t half, bool interleaved, bool pair_tables) {
+  return pair_tables ? pair_of(j, half, interleaved) : j;
+}
 
 // Head-dim indices of pair i.
 RK_HD int64_t pair_first(int64_t i, bool interleaved) { return interleaved ? 2 * i : i; }

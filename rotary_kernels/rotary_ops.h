@@ -127,10 +127,11 @@ void dispatch_elementwise(const at::Tensor& x1, const at::Tensor& x2, const at::
 // q [A, S, Hq, D], k [A, S, Hk, D] (optional), cos/sin [A, S, R] ([3, A, S, R] for mrope,
 // [P, R] caches with token positions), any strides. q_out/k_out have q/k's shapes and may be
 // q/k themselves (in place). cos_k/sin_k (optional, cos/sin's form): k's own tables.
+// pair_tables: every table's last dim is R/2, one entry per pair (rotary_math.h table_index).
 void rotary_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                 const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                 bool interleaved, bool conj, const rotary_kernels::TokenIndexArgs& ix,
-                const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k);
+                const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k, bool pair_tables);
 
 // x1, x2, out1, out2 of one shape; cos/sin already expanded to it.
 void apply_rotary_cpu(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
@@ -141,7 +142,7 @@ void apply_rotary_cpu(const at::Tensor& x1, const at::Tensor& x2, const at::Tens
 void rotary_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                  bool interleaved, bool conj, const rotary_kernels::TokenIndexArgs& ix,
-                 const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k);
+                 const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k, bool pair_tables);
 
 void apply_rotary_cuda(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
                        const at::Tensor& out1, const at::Tensor& out2, bool conj);

@@ -157,7 +157,7 @@ std::vector<int64_t> rotary_sim(const at::Tensor& q, const std::optional<at::Ten
                                 const std::optional<at::Tensor>& seqlen_offsets = std::nullopt, int64_t offset = 0,
                                 std::vector<int64_t> mrope_section = {}, bool mrope_interleaved = false,
                                 const std::optional<at::Tensor>& cos_k = std::nullopt,
-                                const std::optional<at::Tensor>& sin_k = std::nullopt) {
+                                const std::optional<at::Tensor>& sin_k = std::nullopt, bool pair_tables = false) {
   const TokenIndexArgs ix{positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved};
   SimLauncher plain;
   ForceVector forced;
@@ -169,10 +169,10 @@ std::vector<int64_t> rotary_sim(const at::Tensor& q, const std::optional<at::Ten
     set_ranges({q, k.value_or(at::Tensor()), t[0], t[1], t[2], t[3]}, {q_out, k_out.value_or(at::Tensor())});
     if (g_force_vector) {
       rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, t[0], t[1], q_out, k_out, interleaved, conj, ix, sms, forced,
-                                                     t[2], t[3]);
+                                                     t[2], t[3], pair_tables);
     } else {
       rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, t[0], t[1], q_out, k_out, interleaved, conj, ix, sms, plain,
-                                                     t[2], t[3]);
+                                                     t[2], t[3], pair_tables);
     }
   });
   return launcher.info;
@@ -210,7 +210,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("cu_seqlens") = pybind11::none(), pybind11::arg("seqlen_offsets") = pybind11::none(),
         pybind11::arg("offset") = 0, pybind11::arg("mrope_section") = std::vector<int64_t>{},
         pybind11::arg("mrope_interleaved") = false, pybind11::arg("cos_k") = pybind11::none(),
-        pybind11::arg("sin_k") = pybind11::none());
+        pybind11::arg("sin_k") = pybind11::none(), pybind11::arg("pair_tables") = false);
   m.def("apply_rotary_sim", &apply_rotary_sim);
   m.def("elementwise_tables", &elementwise_tables);
   m.def("plan", &plan);

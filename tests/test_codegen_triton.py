@@ -51,6 +51,10 @@ CASES = {
     "partial_r64": (False, "prefill, rotary dim 64 of 128, out of place (dims 64..127 copied)"),
     "elementwise": (False, "apply_rotary(x1, x2, cos[S,1,64], ...) in place, x [1,4096,32,128] bf16"),
     "prefill_bf16_k_tables": (True, "prefill_bf16 with k's own tables, cos_k/sin_k fp32 [1,4096,128]"),
+    "prefill_bf16_pair": (True, "gpt-oss: prefill_bf16 with per-pair cos/sin fp32 [1,4096,64] (pair_tables)"),
+    "interleaved_bf16_pair": (True, "interleaved_bf16 with per-pair cos/sin fp32 [1,4096,64]"),
+    "decode_b64_pair_cache": (True, "vLLM decode: q,k bf16 [64,32|8,1,128], per-pair cache [8192,64] fp32 "
+                              "+ positions [64,1]"),
 }
 
 
@@ -147,6 +151,17 @@ def _capture():
         c, s_ = cs(64, 1)
         rk.apply_rotary_transformers(q, k, c, s_, backend=T_)
 
+    def pair_prefill(**kw):
+        q, k = qk(B, S)
+        c, s_ = cs(1, S, r=D // 2)
+        rk.apply_rotary_transformers(q, k, c, s_, backend=T_, pair_tables=True, **kw)
+
+    def pair_decode():
+        q, k = qk(64, 1)
+        c, s_ = torch.empty(8192, D // 2), torch.empty(8192, D // 2)
+        rk.apply_rotary_transformers(q, k, c, s_, backend=T_, pair_tables=True,
+                                     positions=torch.zeros(64, 1, dtype=torch.int64))
+
     def decode_offsets():
         q, k = qk(1, 1)
         c, s_ = torch.empty(8192, D), torch.empty(8192, D)
@@ -173,7 +188,8 @@ def _capture():
         "prefill_bf16": lambda: prefill(bf), "prefill_fp32": lambda: prefill(f32), "prefill_bf16_bwd": bwd,
         "interleaved_bf16": lambda: prefill(bf, interleaved=True), "decode_b64": decode,
         "decode_b1_offsets": decode_offsets, "prefill_positions": positions, "partial_r64": partial,
-        "elementwise": elementwise, "prefill_bf16_k_tables": k_tables,
+        "elementwise": elementwise, "prefill_bf16_k_tables": k_tables, "prefill_bf16_pair": pair_prefill,
+        "interleaved_bf16_pair": lambda: pair_prefill(interleaved=True), "decode_b64_pair_cache": pair_decode,
     }
     for name in CASES:
         state["case"] = name
@@ -311,9 +327,9 @@ def _bytes(rec):
     q, qo, k, ko, cos, _, cos_k = a[:7]
     A_, S_, hq, d = q.shape
     hk = k.shape[2] if k is not None else 0
-    r = cos.shape[-1]
+    r = cos.shape[-1]  # table entries a token reads (R, or R/2 with per-pair tables)
     inplace = qo.data_ptr() == q.data_ptr()
-    width = r if inplace else d
+    width = (2 * r if a[-1][20] else r) if inplace else d  # (CFG[20]: PER_PAIR)
     x = A_ * S_ * (hq + hk) * width * q.element_size() * 2
     cs = A_ * S_ * 2 * r * (cos.element_size() + (cos_k.element_size() if cos_k.data_ptr() != cos.data_ptr() else 0))
     return x + cs, (x + cs) / programs

@@ -361,3 +361,45 @@ def test_no_cuda_image_falls_back_to_triton(monkeypatch):
     assert not ok and "no image" in why
     with pytest.raises(RuntimeError, match="no image"):
         _dispatch._select_backend(dev, "cuda")  # asked for explicitly: a clear error
+
+
+@pytest.mark.parametrize("layout", ["contig", "heads_outer", "strided_d", "misaligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("D,R", [(64, 64), (80, 48), (8, 2), (128, 64)])
+def test_sim_pair_tables(sim, layout, dtype, interleaved, D, R):
+    """Per-pair tables [..., R/2] (pair_tables): bit-equal to the same launch with the full-width
+    tables, for vector and element-by-element x and tables (fp32 and x's dtype, strided views
+    like Llama 4's freqs_cis.real), conj, decode splits, caches at positions, k's own tables,
+    mrope; every access checked for alignment, bounds and races as always."""
+    from rotary_kernels.reference import full_width_tables as fw
+
+    for A, S, Hq, Hk, sms in ((2, 3, 3, 2, 132), (8, 1, 6, 2, 132)):
+        q = canonical(A, S, Hq, D, dtype, "cpu", layout)
+        k = canonical(A, S, Hk, D, dtype, "cpu", layout, seed=2)
+        for cs_dtype in (torch.float32, dtype):
+            cos, sin = tables(A, S, R // 2, cs_dtype, "cpu")
+            strided = torch.polar(torch.ones(A, S, R // 2), torch.rand(A, S, R // 2) * 6.3)  # .real: stride 2
+            for c, s in ((cos, sin), (strided.real.to(cs_dtype), strided.imag.to(cs_dtype))
+                         if cs_dtype != torch.float32 else (strided.real, strided.imag)):
+                for conj in (False, True):
+                    qo, ko, info = run(sim, q, k, c, s, interleaved, conj, sms, pair_tables=True)
+                    qf, kf, info_f = run(sim, q, k, fw(c, interleaved), fw(s, interleaved), interleaved, conj, sms)
+                    assert torch.equal(qo, qf) and torch.equal(ko, kf)
+                    assert info[:6] == info_f[:6]  # the same launch and x path
+    # caches at positions, k's own per-pair tables, mrope (element by element)
+    A, S, Hq, Hk, P = 2, 5, 3, 2, 40
+    q = canonical(A, S, Hq, D, dtype, "cpu", layout)
+    k = canonical(A, S, Hk, D, dtype, "cpu", layout, seed=2)
+    c_cache, s_cache = (t[0] for t in tables(1, P, R // 2, torch.float32, "cpu"))
+    ck_cache, sk_cache = (t[0] for t in tables(1, P - 10, R // 2, torch.float32, "cpu", seed=6))
+    pos = torch.randint(0, P - 10, (1, A, S))
+    for ix in (dict(positions=pos), dict(positions=pos, cos_k=ck_cache, sin_k=sk_cache),
+               dict(positions=torch.randint(0, P, (3, A, S)), mrope_section=[R // 2 - 1, 1, 0]) if R >= 4 else {},
+               dict(seqlen_offsets=torch.tensor([3, 7]))):
+        if not ix:
+            continue
+        full = {n: fw(v, interleaved) if n in ("cos_k", "sin_k") else v for n, v in ix.items()}
+        qo, ko, _ = run_ix(sim, q, k, c_cache, s_cache, interleaved, False, pair_tables=True, **ix)
+        qf, kf, _ = run_ix(sim, q, k, fw(c_cache, interleaved), fw(s_cache, interleaved), interleaved, False, **full)
+        assert torch.equal(qo, qf) and torch.equal(ko, kf), ix

@@ -1,13 +1,15 @@
 // Registers the ops in the extension's namespace (TORCH_EXTENSION_NAME, set by the build),
 // with CPU and (when built with CUDA: RK_HAVE_CUDA, see torch_binding.h) CUDA implementations.
 //
-//   rotary(q, k?, cos, sin, q_out!, k_out?!, interleaved, conj, <index>, cos_k?, sin_k?)
+//   rotary(q, k?, cos, sin, q_out!, k_out?!, interleaved, conj, <index>, cos_k?, sin_k?, pair_tables)
 //       one launch for q and k; k reads cos_k/sin_k when given (its own tables)
-//   rotary_inplace(q!, k?!, cos, sin, interleaved, conj, <index>, cos_k?, sin_k?)   the same, out = in
+//   rotary_inplace(q!, k?!, cos, sin, interleaved, conj, <index>, cos_k?, sin_k?, pair_tables)   out = in
 //   apply_rotary(x1, x2, cos, sin, out1!, out2!, conj)              flash-attn elementwise API
-//   rotary_transformers(q, k?, cos, sin, unsqueeze_dim, interleaved, conj) -> [q_out, k_out?]
+//   rotary_transformers(q, k?, cos, sin, unsqueeze_dim, interleaved, conj, pair_tables) -> [q_out, k_out?]
 //       the public functions' common case in one call: any layout in, fresh outputs out
-//   rotary_transformers_(q!, k?!, cos, sin, unsqueeze_dim, interleaved) -> done   the same, in place
+//   rotary_transformers_(q!, k?!, cos, sin, unsqueeze_dim, interleaved, pair_tables) -> done   in place
+//
+// pair_tables: every table's last dim is R/2, one entry per rotary pair (rotary_math.h table_index).
 //
 // Fake (meta) implementations are registered from Python (rotary_kernels/_compiled.py).
 //
@@ -68,7 +70,7 @@ void check_index_tensor(const std::optional<at::Tensor>& t, const at::Tensor& q,
 void check_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                   const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                   const rotary_kernels::TokenIndexArgs& ix, const std::optional<at::Tensor>& cos_k,
-                  const std::optional<at::Tensor>& sin_k) {
+                  const std::optional<at::Tensor>& sin_k, bool pair_tables) {
   TORCH_CHECK(q.dim() == 4, "q must be 4-D [A, S, H, D], got ", q.sizes());
   TORCH_CHECK(cos.dim() >= 2 && cos.dim() <= 4, "cos must be [A, S, R], [3, A, S, R] or a [P, R] cache, got ",
               cos.sizes());
@@ -77,8 +79,10 @@ void check_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const
   TORCH_CHECK(cos.scalar_type() == sin.scalar_type(), "cos and sin must have the same dtype");
   check_float(q, "q");
   check_float(cos, "cos");
-  const int64_t R = cos.size(-1);
-  TORCH_CHECK(R > 0 && R % 2 == 0 && R <= q.size(3), "rotary dim (cos.size(-1)) must be even, positive and <= D=",
+  const int64_t R = pair_tables ? 2 * cos.size(-1) : cos.size(-1);  // the rotary dim
+  TORCH_CHECK(R > 0 && R % 2 == 0 && R <= q.size(3),
+              pair_tables ? "rotary dim (2 cos.size(-1), per-pair tables) must be positive and <= D="
+                          : "rotary dim (cos.size(-1)) must be even, positive and <= D=",
               q.size(3), ", got ", R);
   const bool cache = cos.dim() == 2, mrope = !ix.mrope_section.empty();
   TORCH_CHECK(!cache || cos.size(0) > 0, "the cos/sin cache is empty (0 rows)");
@@ -128,7 +132,7 @@ void check_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const
     check_float(ck, "cos_k");
     TORCH_CHECK(ck.device() == q.device() && sk.device() == q.device(), "cos_k/sin_k must be on q's device");
     // cos's form (the same dims: [A, S, R], [3, A, S, R] or a [P, R] cache) and rotary dim
-    TORCH_CHECK(ck.dim() == cos.dim() && ck.size(-1) == R && (cos.dim() == 2 || (ck.sizes().slice(0, ck.dim() - 1) ==
+    TORCH_CHECK(ck.dim() == cos.dim() && ck.size(-1) == cos.size(-1) && (cos.dim() == 2 || (ck.sizes().slice(0, ck.dim() - 1) ==
                                                                                 cos.sizes().slice(0, cos.dim() - 1))),
                 "cos_k must have cos's form and rotary dim: cos ", cos.sizes(), ", cos_k ", ck.sizes());
     TORCH_CHECK(ck.dim() != 2 || ck.size(0) > 0, "the cos_k/sin_k cache is empty (0 rows)");
@@ -148,15 +152,15 @@ void check_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const
 void launch(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos, const at::Tensor& sin,
             const at::Tensor& q_out, const std::optional<at::Tensor>& k_out, bool interleaved, bool conj,
             const rotary_kernels::TokenIndexArgs& ix, const std::optional<at::Tensor>& cos_k,
-            const std::optional<at::Tensor>& sin_k) {
+            const std::optional<at::Tensor>& sin_k, bool pair_tables) {
 #ifdef RK_HAVE_CUDA
   if (q.is_cuda()) {
-    rotary_cuda(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k);
+    rotary_cuda(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k, pair_tables);
     return;
   }
 #endif
   TORCH_CHECK(q.is_cpu(), "rotary: unsupported device ", q.device());
-  rotary_cpu(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k);
+  rotary_cpu(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k, pair_tables);
 }
 
 void rotary_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
@@ -164,20 +168,21 @@ void rotary_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at
                bool interleaved, bool conj, const std::optional<at::Tensor>& positions,
                const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>& seqlen_offsets,
                int64_t offset, at::IntArrayRef mrope_section, bool mrope_interleaved,
-               const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k) {
+               const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k, bool pair_tables) {
   const rotary_kernels::TokenIndexArgs ix{positions, cu_seqlens, seqlen_offsets, offset, mrope_section.vec(),
                                      mrope_interleaved};
-  check_rotary(q, k, cos, sin, q_out, k_out, ix, cos_k, sin_k);
-  launch(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k);
+  check_rotary(q, k, cos, sin, q_out, k_out, ix, cos_k, sin_k, pair_tables);
+  launch(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k, pair_tables);
 }
 
 void rotary_inplace_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                        const at::Tensor& sin, bool interleaved, bool conj, const std::optional<at::Tensor>& positions,
                        const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>& seqlen_offsets,
                        int64_t offset, at::IntArrayRef mrope_section, bool mrope_interleaved,
-                       const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k) {
+                       const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k,
+                       bool pair_tables) {
   rotary_op(q, k, cos, sin, q, k, interleaved, conj, positions, cu_seqlens, seqlen_offsets, offset, mrope_section,
-            mrope_interleaved, cos_k, sin_k);
+            mrope_interleaved, cos_k, sin_k, pair_tables);
 }
 
 void apply_rotary_op(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
@@ -220,10 +225,11 @@ void apply_rotary_op(const at::Tensor& x1, const at::Tensor& x2, const at::Tenso
 // with q, writes it cannot prove safe). tests/test_properties.py holds the two to one rule set.
 
 // The permutation taking x to [others..., head, D] (head: the axis unsqueeze_dim inserts into
-// cos), or an empty vector when cos [..., R] unsqueezed there does not broadcast to x.
-std::vector<int64_t> canonical_perm(const at::Tensor& x, const at::Tensor& cos, int64_t unsqueeze_dim) {
+// cos), or an empty vector when cos unsqueezed there does not broadcast to x or the rotary dim R
+// exceeds x's head dim.
+std::vector<int64_t> canonical_perm(const at::Tensor& x, const at::Tensor& cos, int64_t unsqueeze_dim, int64_t R) {
   const int64_t xd = x.dim(), nd = cos.dim() + 1;
-  if ((xd != 3 && xd != 4) || nd > xd || unsqueeze_dim < -nd || unsqueeze_dim >= nd || cos.size(-1) > x.size(-1)) {
+  if ((xd != 3 && xd != 4) || nd > xd || unsqueeze_dim < -nd || unsqueeze_dim >= nd || R > x.size(-1)) {
     return {};
   }
   const int64_t u = (unsqueeze_dim + nd) % nd, head = u + (xd - nd);
@@ -290,16 +296,16 @@ struct Plan {
 };
 
 std::optional<Plan> plan_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
-                                const at::Tensor& sin, int64_t unsqueeze_dim) {
-  const int64_t R = cos.dim() >= 1 ? cos.size(-1) : 0;
+                                const at::Tensor& sin, int64_t unsqueeze_dim, bool pair_tables) {
+  const int64_t R = cos.dim() >= 1 ? cos.size(-1) * (pair_tables ? 2 : 1) : 0;
   if (!is_float(q) || !is_float(cos) || cos.sizes() != sin.sizes() || cos.scalar_type() != sin.scalar_type() ||
       R <= 0 || R % 2 || cos.device() != q.device() || sin.device() != q.device()) {
     return std::nullopt;
   }
-  Plan p{canonical_perm(q, cos, unsqueeze_dim), {}};
+  Plan p{canonical_perm(q, cos, unsqueeze_dim, R), {}};
   if (p.qp.empty()) return std::nullopt;
   if (k.has_value()) {
-    p.kp = canonical_perm(*k, cos, unsqueeze_dim);
+    p.kp = canonical_perm(*k, cos, unsqueeze_dim, R);
     if (p.kp.empty() || k->scalar_type() != q.scalar_type() || k->device() != q.device()) return std::nullopt;
     // one launch for both: the same A, S and D in the canonical [A, S, H, D]
     const auto qs = canonical_sizes(q, p.qp), ks = canonical_sizes(*k, p.kp);
@@ -310,7 +316,7 @@ std::optional<Plan> plan_rotary(const at::Tensor& q, const std::optional<at::Ten
 
 void launch_planned(const Plan& p, const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                     const at::Tensor& sin, int64_t unsqueeze_dim, const at::Tensor& q_out,
-                    const std::optional<at::Tensor>& k_out, bool interleaved, bool conj) {
+                    const std::optional<at::Tensor>& k_out, bool interleaved, bool conj, bool pair_tables) {
   std::optional<at::Tensor> k4, ko4;
   if (k.has_value()) {
     k4 = canonical_view(*k, p.kp);
@@ -318,20 +324,20 @@ void launch_planned(const Plan& p, const at::Tensor& q, const std::optional<at::
   }
   launch(canonical_view(q, p.qp), k4, canonical_cs(cos, q, unsqueeze_dim, p.qp),
          canonical_cs(sin, q, unsqueeze_dim, p.qp), canonical_view(q_out, p.qp), ko4, interleaved, conj,
-         rotary_kernels::TokenIndexArgs{}, std::nullopt, std::nullopt);
+         rotary_kernels::TokenIndexArgs{}, std::nullopt, std::nullopt, pair_tables);
 }
 
 std::vector<at::Tensor> rotary_transformers_op(const at::Tensor& q, const std::optional<at::Tensor>& k,
                                                const at::Tensor& cos, const at::Tensor& sin, int64_t unsqueeze_dim,
-                                               bool interleaved, bool conj) {
+                                               bool interleaved, bool conj, bool pair_tables) {
   const at::AutoDispatchBelowADInplaceOrView guard;  // internal views and outputs: no autograd layers
-  const auto plan = plan_rotary(q, k, cos, sin, unsqueeze_dim);
+  const auto plan = plan_rotary(q, k, cos, sin, unsqueeze_dim, pair_tables);
   if (!plan) return {};
   std::vector<at::Tensor> outs{at::empty_like(q)};
   if (k.has_value()) outs.push_back(at::empty_like(*k));
   if (q.is_meta()) return outs;  // shapes only (FakeTensor / torch.compile tracing)
   launch_planned(*plan, q, k, cos, sin, unsqueeze_dim, outs[0],
-                 k.has_value() ? std::optional<at::Tensor>(outs[1]) : std::nullopt, interleaved, conj);
+                 k.has_value() ? std::optional<at::Tensor>(outs[1]) : std::nullopt, interleaved, conj, pair_tables);
   return outs;
 }
 
@@ -412,15 +418,15 @@ bool disjoint_slices(const at::Tensor& q, const at::Tensor& k) {
 // to write (the Python path then applies _canon.check_writes and reports). Eager only (it reads
 // data pointers): under torch.compile the public functions use the functionalizable rotary_ op.
 bool rotary_transformers_inplace_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
-                                    const at::Tensor& sin, int64_t unsqueeze_dim, bool interleaved) {
+                                    const at::Tensor& sin, int64_t unsqueeze_dim, bool interleaved, bool pair_tables) {
   const at::AutoDispatchBelowADInplaceOrView guard;
-  const auto plan = plan_rotary(q, k, cos, sin, unsqueeze_dim);
+  const auto plan = plan_rotary(q, k, cos, sin, unsqueeze_dim, pair_tables);
   if (!plan) return false;
   for (const at::Tensor* x : {&q, k.has_value() ? &*k : nullptr}) {
     if (x != nullptr && (!nested(*x) || may_overlap(*x, cos) || may_overlap(*x, sin))) return false;
   }
   if (k.has_value() && may_overlap(*k, q) && !disjoint_slices(q, *k)) return false;
-  launch_planned(*plan, q, k, cos, sin, unsqueeze_dim, q, k, interleaved, false);
+  launch_planned(*plan, q, k, cos, sin, unsqueeze_dim, q, k, interleaved, false, pair_tables);
   return true;
 }
 
@@ -431,8 +437,9 @@ bool rotary_transformers_inplace_op(const at::Tensor& q, const std::optional<at:
 #define RK_INDEX_ARGS                                                                            \
   "Tensor? positions=None, Tensor? cu_seqlens=None, Tensor? seqlen_offsets=None, int offset=0, " \
   "int[] mrope_section=[], bool mrope_interleaved=False"
-// k's own tables (cos/sin's form and rotary dim; None: k reads cos/sin).
-#define RK_K_TABLE_ARGS "Tensor? cos_k=None, Tensor? sin_k=None"
+// k's own tables (cos/sin's form and rotary dim; None: k reads cos/sin), and the tables' kind
+// (per-pair [..., R/2] with pair_tables, for all of them).
+#define RK_K_TABLE_ARGS "Tensor? cos_k=None, Tensor? sin_k=None, bool pair_tables=False"
 
 TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, m) {
   m.def(
@@ -442,10 +449,10 @@ TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, m) {
         RK_INDEX_ARGS ", " RK_K_TABLE_ARGS ") -> ()");
   m.def(
       "rotary_transformers(Tensor q, Tensor? k, Tensor cos, Tensor sin, int unsqueeze_dim, bool interleaved, "
-      "bool conj) -> Tensor[]");
+      "bool conj, bool pair_tables=False) -> Tensor[]");
   m.def(
       "rotary_transformers_(Tensor(a!) q, Tensor(b!)? k, Tensor cos, Tensor sin, int unsqueeze_dim, "
-      "bool interleaved) -> bool");
+      "bool interleaved, bool pair_tables=False) -> bool");
   m.def(
       "apply_rotary(Tensor x1, Tensor x2, Tensor cos, Tensor sin, Tensor(a!) out1, Tensor(b!) out2, "
       "bool conj) -> ()");

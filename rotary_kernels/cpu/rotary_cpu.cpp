@@ -332,6 +332,7 @@ struct CpuParams {
   CSStrides sck, ssk;
   bool k_tables;
   int tset[2];  // the table set (0: cos/sin, 1: cos_k/sin_k) each operand reads
+  bool pair_tables;  // tables [..., R/2]: one entry per pair (rotary_math.h table_index)
   TokenIndex ti;
   int64_t S, D, half;
   bool conj;
@@ -460,9 +461,17 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         const CSStrides &sc = t ? p.sck : p.sc, &ss = t ? p.ssk : p.ss;
         acc_t* r = buf + (t * tb + b) * 4 * half;
         if (plain_rows && sc.r == 1 && ss.r == 1) {
-          // r = c1, c2 = cos[0, R); s1, s2 = sin[0, R), or with conj -sin[half, R), -sin[0, half)
           const cs_t* c = cp + cs_offset(sc, 0, a, s, pos[0], 0);
           const cs_t* sn = sp + cs_offset(ss, 0, a, s, pos[0], 0);
+          if (p.pair_tables) {  // c1, c2 = cos[0, half) twice; s1, s2 = sin[0, half) twice (negated with conj)
+            for (int64_t i = 0; i < half; ++i) r[i] = r[half + i] = load_acc<cs_t, acc_t>(c + i);
+            for (int64_t i = 0; i < half; ++i) {
+              const acc_t v = load_acc<cs_t, acc_t>(sn + i);
+              r[2 * half + i] = r[3 * half + i] = p.conj ? -v : v;
+            }
+            continue;
+          }
+          // r = c1, c2 = cos[0, R); s1, s2 = sin[0, R), or with conj -sin[half, R), -sin[0, half)
           for (int64_t i = 0; i < 2 * half; ++i) r[i] = load_acc<cs_t, acc_t>(c + i);
           if (p.conj) {
             for (int64_t i = 0; i < half; ++i) r[2 * half + i] = -load_acc<cs_t, acc_t>(sn + half + i);
@@ -472,8 +481,9 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           }
           continue;
         }
-        for (int64_t i = 0; i < half; ++i) {
-          const int64_t j1 = pair_first(i, interleaved), j2 = pair_second(i, half, interleaved);
+        for (int64_t i = 0; i < half; ++i) {  // (j1, j2: the pair's two table entries)
+          const int64_t j1 = table_index(pair_first(i, interleaved), half, interleaved, p.pair_tables),
+                        j2 = table_index(pair_second(i, half, interleaved), half, interleaved, p.pair_tables);
           const int x = pair_axis(p.ti, i);
           const cs_t* c = cp + cs_offset(sc, x, a, s, pos[x], 0);
           const cs_t* sn = sp + cs_offset(ss, x, a, s, pos[x], 0);
@@ -575,11 +585,11 @@ template <typename scalar_t, typename cs_t>
 void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                      const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                      bool interleaved, bool conj, const TokenIndexArgs& ix, const at::Tensor& cos_k,
-                     const at::Tensor& sin_k) {
+                     const at::Tensor& sin_k, bool pair_tables) {
   CpuParams<scalar_t, cs_t> p{};
   p.S = q.size(1);
   p.D = q.size(3);
-  p.half = cos.size(-1) / 2;
+  p.half = pair_tables ? cos.size(-1) : cos.size(-1) / 2;
   p.conj = conj;
 #ifdef RK_HAVE_F16C_PATH
   static const bool has_avx512 = __builtin_cpu_supports("avx512f");
@@ -588,6 +598,7 @@ void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, co
   p.isa = isa;
 #endif
   p.k_tables = !(same_view(cos_k, cos) && same_view(sin_k, sin));
+  p.pair_tables = pair_tables;
   auto add = [&](const at::Tensor& x, const at::Tensor& y, int tset) {
     if (x.size(2) > 0) {
       p.tset[p.n_ops] = tset;
@@ -638,12 +649,12 @@ void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, co
 void rotary_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                 const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                 bool interleaved, bool conj, const TokenIndexArgs& ix, const std::optional<at::Tensor>& cos_k,
-                const std::optional<at::Tensor>& sin_k) {
+                const std::optional<at::Tensor>& sin_k, bool pair_tables) {
   dispatch_rotary_types(q, cos, sin, cos_k, sin_k,
                         [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s, const at::Tensor& ck,
                             const at::Tensor& sk) {
                           rotary_cpu_impl<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved,
-                                                                             conj, ix, ck, sk);
+                                                                             conj, ix, ck, sk, pair_tables);
                         });
 }
 

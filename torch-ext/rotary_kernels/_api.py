@@ -8,9 +8,9 @@ import torch.autograd.forward_ad as fwAD
 from . import _canon
 from ._autograd import Rotary, RotaryInplace, functional_transform
 from ._dispatch import (BACKENDS, COMPILED, Declined, Plan, backend_available, launch_elementwise, launch_rotary,
-                        rotate, rotate_inplace_op, select_backend)
+                        full_width, rotate, rotate_inplace_op, select_backend)
 from ._index import NO_INDEX, check_values, kernel_axes, make_index, reference_kwargs
-from .reference import full_width_tables, materialize_cos_sin, rotary_reference_indexed
+from .reference import materialize_cos_sin, rotary_reference_indexed
 
 _INDEX_DOC = """
     Token-position options (keyword-only; semantics in ``reference.py``, "Token positions"):
@@ -33,7 +33,13 @@ _INDEX_DOC = """
 INDEX_OPTIONS = ("positions", "cu_seqlens", "max_seqlen", "seqlen_offsets", "mrope_section", "mrope_interleaved")
 
 
-def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict, k_tables=None):
+def _full_shape(t: torch.Tensor) -> torch.Tensor:
+    """A per-pair table's full-width stand-in ``[..., R]`` for the shape rules (a broadcast view:
+    nothing copied, never read)."""
+    return t[..., :1].expand(*t.shape[:-1], 2 * t.shape[-1])
+
+
+def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict, k_tables=None, pair_tables=False):
     unknown = sorted(set(index) - set(INDEX_OPTIONS))
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {unknown}; the token-position options are {INDEX_OPTIONS}")
@@ -42,15 +48,22 @@ def _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index: dict, k_tables=
         raise TypeError(f"unsqueeze_dim must be an int, got {type(unsqueeze_dim).__name__}")
     if not isinstance(interleaved, bool):
         raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
-    if r % 2:  # (computed by the reference: the kernels rotate pairs)
+    if r % 2 and not pair_tables:  # (computed by the reference: the kernels rotate pairs)
         _canon.check_odd_rotary(r, interleaved, index, q, k)
-    idx = make_index(q, cos, unsqueeze_dim, **index)
-    axes = kernel_axes(q, k, cos, unsqueeze_dim, idx)
+    if pair_tables:
+        for name, x in (("q" if k is not None else "x", q), ("k", k)):
+            if isinstance(x, torch.Tensor) and x.dim() and 2 * r > x.shape[-1]:
+                raise ValueError(f"rotary dim {2 * r} (2 x cos.shape[-1], per-pair tables) is larger than {name}'s "
+                                 f"head dim {x.shape[-1]}")
+    shape = _full_shape(cos) if pair_tables else cos  # (the rules are stated for full-width tables)
+    idx = make_index(q, shape, unsqueeze_dim, **index)
+    axes = kernel_axes(q, k, shape, unsqueeze_dim, idx)
     cos_k, sin_k = k_tables or (None, None)
     _canon.check_same_device(q=q, k=k, cos=cos, sin=sin, cos_k=cos_k, sin_k=sin_k)
     if cos_k is not None:  # the same rules against k (the tables' own shapes may differ from cos's)
+        shape_k = _full_shape(cos_k) if pair_tables else cos_k
         try:
-            kernel_axes(k, None, cos_k, unsqueeze_dim, make_index(k, cos_k, unsqueeze_dim, **index))
+            kernel_axes(k, None, shape_k, unsqueeze_dim, make_index(k, shape_k, unsqueeze_dim, **index))
         except ValueError as e:
             raise ValueError(f"cos_k/sin_k: {e}") from None
     return idx, axes
@@ -85,14 +98,15 @@ def _reference_for_transform(*tables) -> bool:
     return any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tables if t is not None)
 
 
-def _backend(q, cos, sin, backend, k_tables=None) -> str:
+def _backend(q, cos, sin, backend, k_tables=None, pair_tables=False) -> str:
     """The backend of a validated call: the reference where only it computes the result (an odd
     rotary dim; torch.func transforms reaching cos/sin, vmap; gradients wrt any table when k has
     its own), else ``select_backend``'s choice."""
     be = select_backend(q.device, backend)  # (validates a requested backend either way)
     tables = (cos, sin, *(k_tables or ()))
     k_grads = k_tables is not None and torch.is_grad_enabled() and any(t.requires_grad for t in tables)
-    return "reference" if cos.shape[-1] % 2 or k_grads or _reference_for_transform(*tables) else be
+    odd = cos.shape[-1] % 2 and not pair_tables
+    return "reference" if odd or k_grads or _reference_for_transform(*tables) else be
 
 
 def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index):
@@ -132,10 +146,9 @@ def _plain_if_cos_grad(q, k, cos, sin, unsqueeze_dim, interleaved, idx, axes):
 
 
 def _tables(cos, sin, interleaved, pair_tables, conj, names=("cos", "sin")):
-    """Check the table options; per-pair tables become full-width ones (reference.py).
-
-    (The kernels read full-width tables: per-pair ones are expanded here, one small copy of
-    ``[..., R]``; with token positions, of the whole cache.)"""
+    """Check the table options and, with ``pair_tables``, the per-pair tables' shapes. (The
+    kernels read per-pair tables as they are; ``_dispatch.full_width`` expands them for the
+    reference's PyTorch ops.)"""
     for name, v in (("interleaved", interleaved), ("pair_tables", pair_tables), ("conj", conj)):
         if not isinstance(v, bool):
             raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
@@ -146,12 +159,12 @@ def _tables(cos, sin, interleaved, pair_tables, conj, names=("cos", "sin")):
     if cos.dim() < 1 or cos.shape[-1] == 0 or cos.shape != sin.shape:
         raise ValueError(f"with pair_tables, {names[0]} and {names[1]} must be [..., R/2] of one shape, got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}")
-    return full_width_tables(cos, interleaved), full_width_tables(sin, interleaved)
+    return cos, sin
 
 
 def _k_tables(k, cos, cos_k, sin_k, interleaved, pair_tables, conj):
     """k's own tables ``(cos_k, sin_k)``, checked (both or neither, k given, float, cos's rotary
-    dim) and expanded like cos/sin (``_tables``), or None; the rest is checked against k with
+    dim; per-pair like cos/sin with ``pair_tables``), or None; the rest is checked against k with
     cos/sin's rules (``_validate``)."""
     if cos_k is None and sin_k is None:
         return None
@@ -171,21 +184,29 @@ def _k_tables(k, cos, cos_k, sin_k, interleaved, pair_tables, conj):
     return cos_k, sin_k
 
 
-def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, k_tables=None) -> tuple:
+def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, k_tables=None,
+            pair_tables=False) -> tuple:
     """The out-of-place functions: q (and k, may be None) rotated into new tensors; k with its own
-    tables ``k_tables`` when given."""
+    tables ``k_tables`` when given; ``pair_tables``: every table per pair ``[..., R/2]``."""
+    if pair_tables and torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+        # gradients wrt the tables: Rotary differentiates full-width ones (expanded differentiably)
+        cos, sin, k_tables = full_width(cos, sin, k_tables, interleaved)
+        pair_tables = False
     be = None if k_tables is not None else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend,
                                                              index)
     if be is not None:  # the common call (eager, no torch.func): the C++ op validates, plans, launches
-        plan = Plan(unsqueeze_dim, interleaved, conj, be)
+        plan = Plan(unsqueeze_dim, interleaved, conj, be, pair_tables=pair_tables)
         try:
             if _records_grad(q, k, cos, sin):
                 return Rotary.apply(q, k, cos, sin, plan)
             return tuple(rotate(q, k, cos, sin, plan))
         except Declined:  # (anything it does not take: validated here, then the Python plan)
             pass
-    idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index, k_tables)
-    be = _backend(q, cos, sin, backend, k_tables)
+    idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index, k_tables, pair_tables)
+    be = _backend(q, cos, sin, backend, k_tables, pair_tables)
+    if pair_tables and be == "reference":  # (its PyTorch ops read full-width tables)
+        cos, sin, k_tables = full_width(cos, sin, k_tables, interleaved)
+        pair_tables = False
     if be == "reference":  # (PyTorch ops: autograd and transforms of their own)
         check_values(q, cos, unsqueeze_dim, idx)
         kw = reference_kwargs(idx)
@@ -193,7 +214,7 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, k_
         return tuple(rotary_reference_indexed(x, c, s, unsqueeze_dim, interleaved, conj, **kw)
                      for x, c, s in ((q, cos, sin), (k, ck, sk)) if x is not None)
     cos, sin, idx, axes = _plain_if_cos_grad(q, k, cos, sin, unsqueeze_dim, interleaved, idx, axes)
-    return _run(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, conj, be, idx, axes, True, k_tables))
+    return _run(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, conj, be, idx, axes, True, k_tables, pair_tables))
 
 
 def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, pair_tables=False, conj=False,
@@ -216,7 +237,7 @@ def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=Fa
         k_tables = _k_tables(k, cos, cos_k, sin_k, interleaved, pair_tables, conj)
     _canon.check_float("k", k)  # apply_rotary_emb rotates a single tensor
     cos, sin = _tables(cos, sin, interleaved, pair_tables, conj)
-    q_out, k_out = _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, k_tables)
+    q_out, k_out = _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, k_tables, pair_tables)
     return q_out, k_out
 
 
@@ -225,7 +246,7 @@ def apply_rotary_emb(x, cos, sin, unsqueeze_dim=1, interleaved=False, *, pair_ta
     """Rotate a single tensor (q-only layers such as Gemma3n/Gemma4 KV-shared layers); options
     as ``apply_rotary_transformers``."""
     cos, sin = _tables(cos, sin, interleaved, pair_tables, conj)
-    return _rotate(x, None, cos, sin, unsqueeze_dim, interleaved, conj, backend, index)[0]
+    return _rotate(x, None, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, None, pair_tables)[0]
 
 
 def check_mutable(**tensors) -> None:
@@ -247,10 +268,10 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, back
     be = None if conj or k_tables is not None else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved,
                                                                      backend, index)
     if be is not None and not _records_grad(q, k):  # (with gradients: the full path)
-        if COMPILED.ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved):
+        if COMPILED.ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables):
             torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
             return
-    idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index, k_tables)
+    idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index, k_tables, pair_tables)
     cos_k, sin_k = k_tables or (None, None)
     if functional_transform() or (torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (cos, sin, cos_k, sin_k))):
@@ -258,7 +279,8 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, back
             "in-place rotation takes no gradients wrt cos/sin (cos_k/sin_k), nor forward-mode AD / torch.func "
             "transforms; use apply_rotary_transformers / apply_rotary_emb"
         )
-    plan = Plan(unsqueeze_dim, interleaved, conj, _backend(q, cos, sin, backend), idx, axes, True, k_tables)
+    plan = Plan(unsqueeze_dim, interleaved, conj, _backend(q, cos, sin, backend, None, pair_tables), idx, axes, True,
+                k_tables, pair_tables)
     grad = _needs_graph(q, k)
     if torch.compiler.is_compiling():  # data pointers are not traceable: functional ops
         if grad:  # (copy_ records the in-place update for autograd)

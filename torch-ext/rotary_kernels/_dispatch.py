@@ -21,7 +21,7 @@ from . import _canon, _compiled
 from ._index import (NO_INDEX, TokenIndex, canonical_positions, canonical_tables, check_values, kernel_axes,
                      reference_kwargs)
 from ._ops import add_op_namespace_prefix
-from .reference import apply_rotary_reference, rotary_reference_indexed
+from .reference import apply_rotary_reference, full_width_tables, rotary_reference_indexed
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
@@ -133,7 +133,9 @@ class Plan(NamedTuple):
     the one-call path, where the C++ op plans (plain cos/sin, compiled backend, eager).
     ``check``: run the data checks of the token-position options (``_index.check_values``):
     once per call, so not again in the backward. ``k_tables``: k's own ``(cos_k, sin_k)``
-    (None: k reads cos/sin), a second table pair in the same launch."""
+    (None: k reads cos/sin), a second table pair in the same launch. ``pair_tables``: every
+    table holds one entry per rotary pair (last dim R/2), read so by the kernels (``full_width``
+    expands them for the reference)."""
 
     unsqueeze_dim: int
     interleaved: bool
@@ -143,22 +145,32 @@ class Plan(NamedTuple):
     axes: Optional[tuple] = None
     check: bool = True
     k_tables: Optional[tuple] = None
+    pair_tables: bool = False
 
     def flipped(self) -> "Plan":
         """The backward's plan: the transposed rotation, values already checked."""
         return Plan(self.unsqueeze_dim, self.interleaved, not self.conj, self.backend, self.idx, self.axes, False,
-                    self.k_tables)
+                    self.k_tables, self.pair_tables)
 
     def op_args(self) -> tuple:
         """The custom ops' trailing arguments (the axes are recomputed inside)."""
         return (self.unsqueeze_dim, self.interleaved, self.conj, self.backend, self.check, *self.idx.op_args(),
-                *(self.k_tables or (None, None)))
+                *(self.k_tables or (None, None)), self.pair_tables)
 
     @classmethod
     def from_op_args(cls, unsqueeze_dim, interleaved, conj, backend, check, *rest) -> "Plan":
-        *index, cos_k, sin_k = rest
+        *index, cos_k, sin_k, pair_tables = rest
         return cls(unsqueeze_dim, interleaved, conj, backend, TokenIndex.from_op_args(*index), None, check,
-                   None if cos_k is None else (cos_k, sin_k))
+                   None if cos_k is None else (cos_k, sin_k), pair_tables)
+
+
+def full_width(cos, sin, k_tables, interleaved: bool):
+    """Per-pair tables as full-width ones (``reference.full_width_tables``), k's own too:
+    ``(cos, sin, k_tables)``. Where per-pair tables are expanded: only for the code that gathers
+    or differentiates tables with PyTorch ops (the reference backend, gradients wrt the tables,
+    torch.func transforms reaching them); the kernels read them as they are (``Plan.pair_tables``)."""
+    k_tables = k_tables and tuple(full_width_tables(t, interleaved) for t in k_tables)
+    return full_width_tables(cos, interleaved), full_width_tables(sin, interleaved), k_tables
 
 
 class Declined(Exception):
@@ -177,7 +189,8 @@ def rotate(q, k, cos, sin, plan: Plan) -> list:
     if torch.compiler.is_compiling():
         return rotate_op(q, k, cos, sin, *plan.op_args())
     if plan.backend in ("cpu", "cuda") and plan.idx.plain and plan.k_tables is None:
-        outs = COMPILED.ops.rotary_transformers(q, k, cos, sin, plan.unsqueeze_dim, plan.interleaved, plan.conj)
+        outs = COMPILED.ops.rotary_transformers(q, k, cos, sin, plan.unsqueeze_dim, plan.interleaved, plan.conj,
+                                                plan.pair_tables)
         if outs:
             return outs
         if plan.axes is None:
@@ -193,11 +206,12 @@ def rotate_op(
     unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str, check: bool,
     positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
     offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
-    cos_k: Optional[Tensor], sin_k: Optional[Tensor],
+    cos_k: Optional[Tensor], sin_k: Optional[Tensor], pair_tables: bool,
 ) -> list[Tensor]:
     """``rotate`` as torch.compile records it (the autograd Functions call it while tracing)."""
     plan = Plan.from_op_args(unsqueeze_dim, interleaved, conj, backend, check, positions, cu_seqlens,
-                             seqlen_offsets, offset, mrope_section, mrope_interleaved, cached, cos_k, sin_k)
+                             seqlen_offsets, offset, mrope_section, mrope_interleaved, cached, cos_k, sin_k,
+                             pair_tables)
     outs = [torch.empty_like(q)] + ([torch.empty_like(k)] if k is not None else [])
     launch_rotary(q, k, cos, sin, outs[0], outs[1] if k is not None else None, plan)
     return outs
@@ -214,12 +228,13 @@ def rotate_inplace_op(
     unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str, check: bool,
     positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
     offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
-    cos_k: Optional[Tensor], sin_k: Optional[Tensor],
+    cos_k: Optional[Tensor], sin_k: Optional[Tensor], pair_tables: bool,
 ) -> None:
     """In-place rotation as torch.compile records it without autograd (data pointers are not
     traceable; with autograd the public functions ``copy_`` the functional result instead)."""
     plan = Plan.from_op_args(unsqueeze_dim, interleaved, conj, backend, check, positions, cu_seqlens,
-                             seqlen_offsets, offset, mrope_section, mrope_interleaved, cached, cos_k, sin_k)
+                             seqlen_offsets, offset, mrope_section, mrope_interleaved, cached, cos_k, sin_k,
+                             pair_tables)
     launch_rotary(q, k, cos, sin, q, k, plan)
 
 
@@ -240,6 +255,9 @@ def launch_rotary(q, k, cos, sin, q_out, k_out, plan: Plan):
     One launch for q and k, two when they cannot share one (different batch/sequence/head
     dim/dtype); with ``plan.k_tables`` the kernels read k's heads from the second table pair.
     """
+    if plan.backend == "reference" and plan.pair_tables:
+        cos, sin, k_tables = full_width(cos, sin, plan.k_tables, plan.interleaved)
+        plan = plan._replace(k_tables=k_tables, pair_tables=False)
     backend, unsqueeze_dim, interleaved, conj, idx = plan.backend, plan.unsqueeze_dim, plan.interleaved, plan.conj, plan.idx
     ck, sk = plan.k_tables or (cos, sin)  # k's tables
     if plan.check:
@@ -267,12 +285,16 @@ def launch_rotary(q, k, cos, sin, q_out, k_out, plan: Plan):
             k4, ko4 = k_job[1], k_job[2]
             if plan.k_tables is not None:  # (read with k's own views of them)
                 k_tables = (canonical_tables(ck, k, k_axes, idx), canonical_tables(sk, k, k_axes, idx))
+        k_tables = k_tables or (None, None)
         if backend == "triton":
-            TRITON.rotary_triton(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:], *k_tables)
+            TRITON.rotary_triton(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:], *k_tables,
+                                 plan.pair_tables)
         elif _canon.same_view(x4, o4) and (k4 is None or _canon.same_view(k4, ko4)):
-            COMPILED.ops.rotary_inplace(x4, k4, *tables[:2], interleaved, conj, *tables[2:], *k_tables)
+            COMPILED.ops.rotary_inplace(x4, k4, *tables[:2], interleaved, conj, *tables[2:], *k_tables,
+                                        plan.pair_tables)
         else:
-            COMPILED.ops.rotary(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:], *k_tables)
+            COMPILED.ops.rotary(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:], *k_tables,
+                                plan.pair_tables)
 
 
 def launch_elementwise(backend, x1, x2, cos, sin, out1, out2, conj):

@@ -21,6 +21,9 @@ Math per rotary pair ``(j1, j2)``, in fp32 (fp64 for fp64 inputs), rounded once 
     y1 = x1 * c1 - x2 * s1
     y2 = x2 * c2 + x1 * s2        with (s1, s2) := (-s2, -s1) when CONJ (the backward)
 
+Per-pair tables (``pair_tables``, last dim ``R/2``): pair ``i`` reads entry ``i`` once, for both
+of its elements (``c2 = c1``, ``s2 = s1``): half the table loads.
+
 Cache rows out of range: a token whose cos/sin row (``position``, see ``_index.py``) is
 outside ``[0, P)`` reads nothing out of bounds and its rotated dims are written as NaN
 (pass-through dims as usual): memory safe, no host sync (CUDA-graph safe) and visible.
@@ -202,9 +205,17 @@ def _load_cs(ptr, pair, j, m, a, s, p, ok, scx, sca, scs, scp, scr,
 def _pair_tables(cos_ptr, sin_ptr, pair, j, m, a, s, p, ok, scx, sca, scs, scp, scr, ssx, ssa, sss, ssp, ssr,
                  HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, INTERLEAVED: tl.constexpr, CONJ: tl.constexpr,
                  MROPE: tl.constexpr, SEC0: tl.constexpr, SEC1: tl.constexpr, SEC2: tl.constexpr,
-                 CACHED: tl.constexpr, ACC: tl.constexpr, EMU: tl.constexpr):
-    """c1, c2, s1, s2 ``[1, BLOCK_HALF]``: one token's pairs read from one cos/sin pair, CONJ applied."""
-    if INTERLEAVED:
+                 CACHED: tl.constexpr, ACC: tl.constexpr, EMU: tl.constexpr, PER_PAIR: tl.constexpr):
+    """c1, c2, s1, s2 ``[1, BLOCK_HALF]``: one token's pairs read from one cos/sin pair, CONJ applied.
+    ``PER_PAIR``: the tables hold one entry per pair (``j`` is the pair), for both its elements."""
+    if PER_PAIR:
+        c1 = _load_cs(cos_ptr, pair, j, m, a, s, p, ok, scx, sca, scs, scp, scr,
+                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
+        s1 = _load_cs(sin_ptr, pair, j, m, a, s, p, ok, ssx, ssa, sss, ssp, ssr,
+                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
+        c2 = c1
+        s2 = s1
+    elif INTERLEAVED:
         c = _load_cs(cos_ptr, pair, j, m, a, s, p, ok, scx, sca, scs, scp, scr,
                      MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
         sn = _load_cs(sin_ptr, pair, j, m, a, s, p, ok, ssx, ssa, sss, ssp, ssr,
@@ -229,7 +240,7 @@ _QK_NO_SPEC = ("S", "NPOS", "n_seqs", "offset", "spx", "spa", "sps", "soff")
 # The constexprs of _rotary_qk_kernel, passed as one tuple (CFG): Triton's launcher binds each
 # keyword constexpr separately (~0.3 us a piece per launch), a tuple once.
 _QK_CFG = ("HQ", "HK", "D", "HALF", "BLOCK_HQ", "BLOCK_HK", "BLOCK_HALF", "BLOCK_PASS", "INTERLEAVED", "CONJ",
-           "COPY_PASS", "ACC", "EMU", "CACHED", "CU_STEPS", "MROPE", "SEC0", "SEC1", "SEC2", "K_TABLES")
+           "COPY_PASS", "ACC", "EMU", "CACHED", "CU_STEPS", "MROPE", "SEC0", "SEC1", "SEC2", "K_TABLES", "PER_PAIR")
 
 
 @triton.jit(do_not_specialize=_QK_NO_SPEC)
@@ -262,6 +273,7 @@ def _rotary_qk_kernel(
     SEC1: tl.constexpr = CFG[17]
     SEC2: tl.constexpr = CFG[18]
     K_TABLES: tl.constexpr = CFG[19]  # k reads its own tables (cos_k/sin_k), else cos/sin
+    PER_PAIR: tl.constexpr = CFG[20]  # tables [..., HALF], one entry per pair (pair_tables)
     sqa, sqs, sqh, sqd = sq
     soa, sos, soh, sod = so
     ska, sks, skh, skd = sk
@@ -286,8 +298,9 @@ def _rotary_qk_kernel(
     # layout conversion waits for them): every q/k load is in flight before anything waits.
     tl.debug_barrier()
 
-    # 2. the token's cos/sin, once for q and k (and k's own, with K_TABLES)
-    if INTERLEAVED:
+    # 2. the token's cos/sin, once for q and k (and k's own, with K_TABLES): table entry j of pair
+    # `pair` (full-width interleaved tables: both elements' entries, split in registers)
+    if INTERLEAVED and not PER_PAIR:
         j = tl.arange(0, 2 * BLOCK_HALF)
         pair = j // 2
         m = j < 2 * HALF
@@ -314,13 +327,13 @@ def _rotary_qk_kernel(
         p = tl.where(ok, p.to(tl.int64), 0)
     c1, c2, s1, s2 = _pair_tables(cos_ptr, sin_ptr, pair, j, m, a, s, p, ok, scx, sca, scs, scp, scr,
                                   ssx, ssa, sss, ssp, ssr, HALF, BLOCK_HALF, INTERLEAVED, CONJ,
-                                  MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
+                                  MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU, PER_PAIR)
     if K_TABLES:
         kcx, kca, kcs, kcp, kcr = sck
         ksx, ksa, kss, ksp, ksr = ssk
         kc1, kc2, ks1, ks2 = _pair_tables(cosk_ptr, sink_ptr, pair, j, m, a, s, p, ok, kcx, kca, kcs, kcp, kcr,
                                           ksx, ksa, kss, ksp, ksr, HALF, BLOCK_HALF, INTERLEAVED, CONJ,
-                                          MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU)
+                                          MROPE, SEC0, SEC1, SEC2, CACHED, ACC, EMU, PER_PAIR)
     else:
         kc1, kc2, ks1, ks2 = c1, c2, s1, s2
 
@@ -424,11 +437,12 @@ _PLANS: dict = {}
 
 def rotary_triton(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, positions=None, cu_seqlens=None,
               seqlen_offsets=None, offset: int = 0, mrope_section=(), mrope_interleaved: bool = False,
-              cos_k=None, sin_k=None) -> None:
+              cos_k=None, sin_k=None, pair_tables: bool = False) -> None:
     """Rotate canonical q ``[A, S, Hq, D]`` (and optional k ``[A, S, Hk, D]``) into
     ``q_out``/``k_out`` (which may be q/k themselves: in place). cos/sin: ``[A, S, R]``,
     ``[3, A, S, R]`` (mrope) or ``[P, R]`` caches read at each token's position (``_index.py``);
-    cos_k/sin_k (optional, in cos/sin's form): k's own tables."""
+    cos_k/sin_k (optional, in cos/sin's form): k's own tables. ``pair_tables``: every table's
+    last dim is ``R/2``, one entry per pair."""
     A, S, HQ, D = q.shape
     HK = k.shape[2] if k is not None else 0
     if HK == 0:
@@ -437,7 +451,7 @@ def rotary_triton(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, p
         q, q_out, k, k_out, HQ, HK = k, k_out, None, None, HK, 0
         if cos_k is not None:
             cos, sin, cos_k, sin_k = cos_k, sin_k, None, None
-    R = cos.shape[-1]
+    R = cos.shape[-1] * (2 if pair_tables else 1)
     if A * S == 0 or HQ * D == 0:
         return
     half = R // 2
@@ -472,7 +486,7 @@ def rotary_triton(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, p
          min(triton.next_power_of_2(max(D - R, 1)), 128) if copy_pass else 1,
          interleaved, conj, copy_pass, _acc_dtype(q.dtype), _INTERPRET, cached,
          _cu_steps(n_seqs) if cu_seqlens is not None else 0,
-         (2 if mrope_interleaved else 1) if mrope_section else 0, *sec, k_tables),
+         (2 if mrope_interleaved else 1) if mrope_section else 0, *sec, k_tables, pair_tables),
         num_warps=warps,
     )
 
