@@ -39,9 +39,9 @@ def functional_transform() -> bool:
     """A forward-mode AD level or a torch.func transform is active: tangents and functorch
     wrappers do not show in ``requires_grad``, so the autograd paths must be taken anyway.
     (False while torch.compile traces.)"""
-    if torch.compiler.is_compiling():
+    if fwAD._current_level < 0 and torch._C._functorch.peek_interpreter_stack() is None:
         return False
-    return fwAD._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None
+    return not torch.compiler.is_compiling()
 
 
 def _cos_sin_grads(plan: Plan, xs, grads, cos, sin, need_cos, need_sin):

@@ -188,7 +188,7 @@ def rotate(q, k, cos, sin, plan: Plan) -> list:
     """
     if torch.compiler.is_compiling():
         return rotate_op(q, k, cos, sin, *plan.op_args())
-    if plan.backend in ("cpu", "cuda") and plan.idx.plain and plan.k_tables is None:
+    if plan.backend in ("cpu", "cuda") and (plan.idx is NO_INDEX or plan.idx.plain) and plan.k_tables is None:
         outs = COMPILED.ops.rotary_transformers(q, k, cos, sin, plan.unsqueeze_dim, plan.interleaved, plan.conj,
                                                 plan.pair_tables)
         if outs:
