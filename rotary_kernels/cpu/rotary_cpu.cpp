@@ -258,9 +258,45 @@ struct CpuIsa {
   bool avx512bf16;  // and AVX512-BF16 and DQ (bf16 rows take rotate_bf16_avx512bf16)
 };
 
+// swap_layout rows (MLA's rope, rotary_math.h): pair i read at its place in x's layout
+// (`interleaved`) and written at its place in the other one. Out of place (checked by the op), so
+// y never aliases x; a contiguous row is one loop the compiler vectorises with strided accesses.
 template <typename scalar_t, typename acc_t, bool interleaved>
+inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd, int64_t D, int64_t half,
+                               bool copy_pass, const CSTable<acc_t>& cs) {
+  if (sxd == 1 && syd == 1) {
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      acc_t y1, y2;
+      rotate_pair(load_acc<scalar_t, acc_t>(x + pair_first(i, interleaved)),
+                  load_acc<scalar_t, acc_t>(x + pair_second(i, half, interleaved)), cs.at(i), y1, y2);
+      store_out<scalar_t, acc_t>(y + pair_first(i, !interleaved), y1);
+      store_out<scalar_t, acc_t>(y + pair_second(i, half, !interleaved), y2);
+    }
+  } else {
+    for (int64_t i = 0; i < half; ++i) {
+      acc_t y1, y2;
+      rotate_pair(load_acc<scalar_t, acc_t>(x + pair_first(i, interleaved) * sxd),
+                  load_acc<scalar_t, acc_t>(x + pair_second(i, half, interleaved) * sxd), cs.at(i), y1, y2);
+      store_out<scalar_t, acc_t>(y + pair_first(i, !interleaved) * syd, y1);
+      store_out<scalar_t, acc_t>(y + pair_second(i, half, !interleaved) * syd, y2);
+    }
+  }
+  if (copy_pass) {
+    for (int64_t j = 2 * half; j < D; ++j) y[j * syd] = x[j * sxd];
+  }
+}
+
+// `swap`: swap_layout rows (rotate_row_swapped); the other instances are the row paths as they are.
+template <typename scalar_t, typename acc_t, bool interleaved, bool swap = false>
 inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd, int64_t D, int64_t half,
                        bool copy_pass, const CSTable<acc_t>& cs, bool same, const CpuIsa& isa) {
+  if constexpr (swap) {
+    (void)same;
+    (void)isa;
+    rotate_row_swapped<scalar_t, acc_t, interleaved>(x, y, sxd, syd, D, half, copy_pass, cs);
+    return;
+  }
 #ifdef RK_HAVE_AVX512_BF16_PATH
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && !interleaved) {
     if (isa.avx512bf16 && sxd == 1 && syd == 1 && half % 32 == 0) {
@@ -401,7 +437,7 @@ acc_t* table_scratch(int64_t n) {
 // Tokens [begin, end): per block, the cos/sin tables, then every row of q and k. Returns -1, or
 // the first token whose position lies outside the cos/sin cache (the tokens before it are
 // done, nothing is written for it).
-template <typename scalar_t, typename cs_t, bool interleaved>
+template <typename scalar_t, typename cs_t, bool interleaved, bool swap>
 RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t begin, int64_t end) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t half = p.half;
@@ -534,7 +570,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           const int64_t xn = xoff[k * tb + b + pf_next], yn = yoff[k * tb + b + pf_next];
           for (int64_t h = 0; h < o.H; ++h) {
             if (pf_next) prefetch_row(o, xn + h * o.sx.h, yn + h * o.sy.h);
-            rotate_row<scalar_t, acc_t, interleaved>(o.x + xo + h * o.sx.h, o.y + yo + h * o.sy.h, o.sx.d, o.sy.d,
+            rotate_row<scalar_t, acc_t, interleaved, swap>(o.x + xo + h * o.sx.h, o.y + yo + h * o.sy.h, o.sx.d, o.sy.d,
                                                      p.D, half, o.copy_pass, tabs[p.tset[k] * tb + b], same, p.isa);
           }
         }
@@ -549,7 +585,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         if (!outer[k]) {
           for (int64_t b = 0; b < n; ++b) {
             for (int64_t h = 0; h < o.H; ++h) {
-              rotate_row<scalar_t, acc_t, interleaved>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
+              rotate_row<scalar_t, acc_t, interleaved, swap>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
                                                        o.sy.d, p.D, half, o.copy_pass, tabs[p.tset[k] * tb + b], same,
                                                        p.isa);
             }
@@ -568,7 +604,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
                 const int64_t b2 = b + d < n ? b + d : b + d - n, h2 = b + d < n ? h : h + kHeadsAtOnce;
                 if (h2 < o.H) prefetch_row(o, xo[b2] + h2 * o.sx.h, yo[b2] + h2 * o.sy.h);
               }
-              rotate_row<scalar_t, acc_t, interleaved>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
+              rotate_row<scalar_t, acc_t, interleaved, swap>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
                                                        o.sy.d, p.D, half, o.copy_pass, tabs[p.tset[k] * tb + b], same,
                                                        p.isa);
             }
@@ -585,7 +621,7 @@ template <typename scalar_t, typename cs_t>
 void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                      const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                      bool interleaved, bool conj, const TokenIndexArgs& ix, const at::Tensor& cos_k,
-                     const at::Tensor& sin_k, bool pair_tables) {
+                     const at::Tensor& sin_k, bool pair_tables, bool swap_layout) {
   CpuParams<scalar_t, cs_t> p{};
   p.S = q.size(1);
   p.D = q.size(3);
@@ -628,8 +664,10 @@ void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, co
   p.prefetch = tokens * row_elems * static_cast<int64_t>(sizeof(scalar_t)) >= kPrefetchMin;
   std::atomic<int64_t> bad{-1};
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
-    const int64_t t = interleaved ? rotate_tokens<scalar_t, cs_t, true>(p, begin, end)
-                                  : rotate_tokens<scalar_t, cs_t, false>(p, begin, end);
+    const int64_t t = swap_layout ? (interleaved ? rotate_tokens<scalar_t, cs_t, true, true>(p, begin, end)
+                                                 : rotate_tokens<scalar_t, cs_t, false, true>(p, begin, end))
+                                  : (interleaved ? rotate_tokens<scalar_t, cs_t, true, false>(p, begin, end)
+                                                 : rotate_tokens<scalar_t, cs_t, false, false>(p, begin, end));
     if (t >= 0) bad.store(t);
   });
   const int64_t t = bad.load();
@@ -649,12 +687,13 @@ void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, co
 void rotary_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                 const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                 bool interleaved, bool conj, const TokenIndexArgs& ix, const std::optional<at::Tensor>& cos_k,
-                const std::optional<at::Tensor>& sin_k, bool pair_tables) {
+                const std::optional<at::Tensor>& sin_k, bool pair_tables, bool swap_layout) {
   dispatch_rotary_types(q, cos, sin, cos_k, sin_k,
                         [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s, const at::Tensor& ck,
                             const at::Tensor& sk) {
                           rotary_cpu_impl<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved,
-                                                                             conj, ix, ck, sk, pair_tables);
+                                                                             conj, ix, ck, sk, pair_tables,
+                                                                             swap_layout);
                         });
 }
 
