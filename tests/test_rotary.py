@@ -533,6 +533,54 @@ def test_deepseek_mla_is_swapped_rotation(dev_backend):
         assert torch.equal(a, swap_pair_layout(b, 64, True))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd_view", "strided_d", "partial"])
+def test_swap_layout_rows(dev_backend, dtype, layout):
+    """swap_layout (``Plan``; MLA's rope and its transpose, interleaved -> half-split and back, with
+    conj) on every row path: contiguous rows (the CPU's buffered shuffle), strided head dims (pair by
+    pair), partial rotary (the tail copied); bit-equal to the rotation without it, moved to the
+    other layout (reference.swap_pair_layout)."""
+    from rotary_kernels._api import _rotate
+    from rotary_kernels.reference import swap_pair_layout
+
+    device, backend = dev_backend
+    D, R = (80, 48) if layout == "partial" else (64, 64)
+    g = torch.Generator().manual_seed(15)
+    q = torch.randn(2, 3, 5, 2 * D if layout == "strided_d" else D, generator=g).to(dtype).to(device)
+    k = torch.randn(2, 1, 5, q.shape[-1], generator=g).to(dtype).to(device)
+    if layout == "strided_d":
+        q, k = q[..., ::2], k[..., ::2]
+    elif layout == "bshd_view":
+        q, k = (torch.randn(2, 5, t.shape[1], D, generator=g).to(dtype).to(device).transpose(1, 2) for t in (q, k))
+    cos, sin = (t[..., : R // 2] for t in make_cs(2, 5, R, torch.float32, device))
+    for interleaved in (True, False):
+        for conj in (False, True):
+            got = _rotate(q, k, cos, sin, 1, interleaved, conj, backend, {}, None, True, True)
+            plain = _rotate(q, k, cos, sin, 1, interleaved, conj, backend, {}, None, True)
+            for a, b in zip(got, plain):
+                assert torch.equal(a, swap_pair_layout(b, R, interleaved)), (interleaved, conj)
+
+
+def test_swap_layout_op_contract():
+    """The compiled ops take swap_layout out of place only, with per-pair tables and no cos_k/sin_k
+    (check_rotary): a pair's two places differ between the layouts."""
+    from rotary_kernels import _compiled
+
+    if not _compiled.HAS_EXT:
+        pytest.skip("the compiled extension is not built")
+    ops = _compiled.ops
+    q = torch.randn(1, 4, 2, 16)
+    c, s = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
+    with pytest.raises(RuntimeError, match="out of place only"):
+        ops.rotary_inplace(q, None, c, s, True, False, pair_tables=True, swap_layout=True)
+    with pytest.raises(RuntimeError, match="per-pair tables"):
+        ops.rotary(q, None, torch.randn(1, 4, 16), torch.randn(1, 4, 16), torch.empty_like(q), None, True, False,
+                   swap_layout=True)
+    with pytest.raises(RuntimeError, match="per-pair tables"):
+        ops.rotary(q, q.clone(), c, s, torch.empty_like(q), torch.empty_like(q), True, False, cos_k=c, sin_k=s,
+                   pair_tables=True, swap_layout=True)
+
+
 def test_deepseek_mla_one_launch(dev_backend, monkeypatch):
     """q and k of the MLA rope are one kernel launch, forward and backward."""
     from test_cos_k import _count_launches

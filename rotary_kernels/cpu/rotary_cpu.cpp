@@ -258,43 +258,16 @@ struct CpuIsa {
   bool avx512bf16;  // and AVX512-BF16 and DQ (bf16 rows take rotate_bf16_avx512bf16)
 };
 
-// swap_layout rows (MLA's rope, rotary_math.h): pair i read at its place in x's layout
-// (`interleaved`) and written at its place in the other one. Out of place (checked by the op), so
-// y never aliases x; a contiguous row is one loop the compiler vectorises with strided accesses.
 template <typename scalar_t, typename acc_t, bool interleaved>
 inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd, int64_t D, int64_t half,
-                               bool copy_pass, const CSTable<acc_t>& cs) {
-  if (sxd == 1 && syd == 1) {
-#pragma omp simd
-    for (int64_t i = 0; i < half; ++i) {
-      acc_t y1, y2;
-      rotate_pair(load_acc<scalar_t, acc_t>(x + pair_first(i, interleaved)),
-                  load_acc<scalar_t, acc_t>(x + pair_second(i, half, interleaved)), cs.at(i), y1, y2);
-      store_out<scalar_t, acc_t>(y + pair_first(i, !interleaved), y1);
-      store_out<scalar_t, acc_t>(y + pair_second(i, half, !interleaved), y2);
-    }
-  } else {
-    for (int64_t i = 0; i < half; ++i) {
-      acc_t y1, y2;
-      rotate_pair(load_acc<scalar_t, acc_t>(x + pair_first(i, interleaved) * sxd),
-                  load_acc<scalar_t, acc_t>(x + pair_second(i, half, interleaved) * sxd), cs.at(i), y1, y2);
-      store_out<scalar_t, acc_t>(y + pair_first(i, !interleaved) * syd, y1);
-      store_out<scalar_t, acc_t>(y + pair_second(i, half, !interleaved) * syd, y2);
-    }
-  }
-  if (copy_pass) {
-    for (int64_t j = 2 * half; j < D; ++j) y[j * syd] = x[j * sxd];
-  }
-}
+                               bool copy_pass, const CSTable<acc_t>& cs, bool same, const CpuIsa& isa);
 
 // `swap`: swap_layout rows (rotate_row_swapped); the other instances are the row paths as they are.
 template <typename scalar_t, typename acc_t, bool interleaved, bool swap = false>
 inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd, int64_t D, int64_t half,
                        bool copy_pass, const CSTable<acc_t>& cs, bool same, const CpuIsa& isa) {
   if constexpr (swap) {
-    (void)same;
-    (void)isa;
-    rotate_row_swapped<scalar_t, acc_t, interleaved>(x, y, sxd, syd, D, half, copy_pass, cs);
+    rotate_row_swapped<scalar_t, acc_t, interleaved>(x, y, sxd, syd, D, half, copy_pass, cs, same, isa);
     return;
   }
 #ifdef RK_HAVE_AVX512_BF16_PATH
@@ -349,6 +322,90 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd,
       rotate_pair(load_acc<scalar_t, acc_t>(x + j1 * sxd), load_acc<scalar_t, acc_t>(x + j2 * sxd), cs.at(i), y1, y2);
       store_out<scalar_t, acc_t>(y + j1 * syd, y1);
       store_out<scalar_t, acc_t>(y + j2 * syd, y2);
+    }
+  }
+  if (copy_pass) {
+    for (int64_t j = 2 * half; j < D; ++j) y[j * syd] = x[j * sxd];
+  }
+}
+
+// swap_layout rows (MLA's rope, rotary_math.h): pair i read at its place in x's layout
+// (`interleaved`) and written at its place in the other one. A row with a unit head-dim stride on
+// either side is moved between the layouts in a buffer, a shuffle of x's own values, and rotated
+// half-split by rotate_row (its vectorised paths, the same arithmetic per pair, so the same bits):
+// interleaved x is de-interleaved first, a half-split result is interleaved after. Other rows
+// take the pairs one by one. Out of place (checked by the op): y never aliases x.
+constexpr int64_t kSwapRow = 1024;  // longest rotary span (R) taken through the buffer
+
+// A pair (2i, 2i + 1) of 16- or 32-bit values as one word: the shuffles between the layouts are
+// then shifts and narrowing moves, which the compiler vectorises (element copies it does not).
+template <typename scalar_t>
+using PairWord = std::conditional_t<sizeof(scalar_t) == 2, uint32_t, uint64_t>;
+
+// out[i] = x[2 i], out[half + i] = x[2 i + 1].
+template <typename scalar_t>
+inline void deinterleave_row(const scalar_t* x, scalar_t* out, int64_t half) {
+  if constexpr (sizeof(scalar_t) <= 4) {
+    using W = PairWord<scalar_t>;
+    using E = std::conditional_t<sizeof(scalar_t) == 2, uint16_t, uint32_t>;
+    constexpr int kBits = 8 * sizeof(scalar_t);
+    E lo[kSwapRow / 2], hi[kSwapRow / 2];
+    for (int64_t i = 0; i < half; ++i) {
+      W w;
+      std::memcpy(&w, x + 2 * i, sizeof(W));
+      lo[i] = static_cast<E>(w);
+      hi[i] = static_cast<E>(w >> kBits);
+    }
+    std::memcpy(out, lo, half * sizeof(E));
+    std::memcpy(out + half, hi, half * sizeof(E));
+  } else {
+    for (int64_t i = 0; i < half; ++i) {
+      out[i] = x[2 * i];
+      out[half + i] = x[2 * i + 1];
+    }
+  }
+}
+
+// y[2 i] = in[i], y[2 i + 1] = in[half + i].
+template <typename scalar_t>
+inline void interleave_row(const scalar_t* in, scalar_t* y, int64_t half) {
+  if constexpr (sizeof(scalar_t) <= 4) {
+    using W = PairWord<scalar_t>;
+    using E = std::conditional_t<sizeof(scalar_t) == 2, uint16_t, uint32_t>;
+    constexpr int kBits = 8 * sizeof(scalar_t);
+    E lo[kSwapRow / 2], hi[kSwapRow / 2];
+    W w[kSwapRow / 2];
+    std::memcpy(lo, in, half * sizeof(E));
+    std::memcpy(hi, in + half, half * sizeof(E));
+    for (int64_t i = 0; i < half; ++i) w[i] = static_cast<W>(lo[i]) | (static_cast<W>(hi[i]) << kBits);
+    std::memcpy(y, w, half * sizeof(W));
+  } else {
+    for (int64_t i = 0; i < half; ++i) {
+      y[2 * i] = in[i];
+      y[2 * i + 1] = in[half + i];
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool interleaved>
+inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd, int64_t D, int64_t half,
+                               bool copy_pass, const CSTable<acc_t>& cs, bool same, const CpuIsa& isa) {
+  if (2 * half <= kSwapRow && (interleaved ? sxd == 1 : syd == 1)) {
+    scalar_t buf[kSwapRow];
+    if constexpr (interleaved) {  // de-interleave x, rotate half-split into y
+      deinterleave_row(x, buf, half);
+      rotate_row<scalar_t, acc_t, false>(buf, y, 1, syd, 2 * half, half, false, cs, same, isa);
+    } else {  // rotate half-split into the buffer, interleave it into y
+      rotate_row<scalar_t, acc_t, false>(x, buf, sxd, 1, 2 * half, half, false, cs, same, isa);
+      interleave_row(buf, y, half);
+    }
+  } else {
+    for (int64_t i = 0; i < half; ++i) {
+      acc_t y1, y2;
+      rotate_pair(load_acc<scalar_t, acc_t>(x + pair_first(i, interleaved) * sxd),
+                  load_acc<scalar_t, acc_t>(x + pair_second(i, half, interleaved) * sxd), cs.at(i), y1, y2);
+      store_out<scalar_t, acc_t>(y + pair_first(i, !interleaved) * syd, y1);
+      store_out<scalar_t, acc_t>(y + pair_second(i, half, !interleaved) * syd, y2);
     }
   }
   if (copy_pass) {
