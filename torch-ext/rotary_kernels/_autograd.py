@@ -12,7 +12,9 @@ functional custom op ``_dispatch.rotate_op``, one opaque graph node) and under t
   PyTorch ops first, so these gradients are only taken in the plain form.)
 * k's own tables (``cos_k``/``sin_k``, ``Plan.k_tables``) go wherever the plan goes: k's
   gradient rotates back with them. Gradients wrt any table are then taken by the reference (the
-  public functions send such calls there), so ``Rotary`` never differentiates them.
+  public functions send such calls there), so ``Rotary`` never differentiates them. Likewise with
+  ``Plan.swap_layout`` (MLA's rope): its backward is the flipped plan (read in the forward's output
+  layout, written in its input's), and gradients wrt its tables go through the reference.
 
 A Function rather than custom ops with registered autograd: recording one costs less than half
 as much host time in eager mode (one-token decode forward+backward on a 2-core CPU: ~44 us
