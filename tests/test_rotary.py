@@ -553,12 +553,14 @@ def test_swap_layout_rows(dev_backend, dtype, layout):
     elif layout == "bshd_view":
         q, k = (torch.randn(2, 5, t.shape[1], D, generator=g).to(dtype).to(device).transpose(1, 2) for t in (q, k))
     cos, sin = (t[..., : R // 2] for t in make_cs(2, 5, R, torch.float32, device))
+    q[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-40])  # (the same bits too)
+    bits = lambda t: t.contiguous().view(-1).view(torch.uint8)  # noqa: E731  (NaNs compared too)
     for interleaved in (True, False):
         for conj in (False, True):
             got = _rotate(q, k, cos, sin, 1, interleaved, conj, backend, {}, None, True, True)
             plain = _rotate(q, k, cos, sin, 1, interleaved, conj, backend, {}, None, True)
             for a, b in zip(got, plain):
-                assert torch.equal(a, swap_pair_layout(b, R, interleaved)), (interleaved, conj)
+                assert torch.equal(bits(a), bits(swap_pair_layout(b, R, interleaved))), (interleaved, conj)
 
 
 def test_swap_layout_op_contract():

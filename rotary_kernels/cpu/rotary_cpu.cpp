@@ -387,9 +387,55 @@ inline void interleave_row(const scalar_t* in, scalar_t* y, int64_t half) {
   }
 }
 
+// bf16 rows with unit strides: the pair (2i, 2i + 1) of the interleaved side is one 32-bit word,
+// whose halves shifted into place are the two values as fp32 (read) or which the two rounded
+// values make (written): no shuffle at all, one loop the compiler vectorises. Same arithmetic and
+// conversions as rotate_contig (load_acc / store_out), so the same bits.
+// store_out's rounding of v to bf16 (nearest even, NaN -> 0x7FC0), as the low 16 bits.
+inline uint32_t bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (v != v) ? 0x7FC0u : r;
+}
+
+template <bool interleaved>
+inline void rotate_bf16_swapped(const c10::BFloat16* x, c10::BFloat16* y, int64_t half, const CSTable<float>& cs) {
+  const float *c1 = cs.c1, *c2 = cs.c2, *s1 = cs.s1, *s2 = cs.s2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    float a, b, ya, yb;
+    if constexpr (interleaved) {
+      uint32_t w;
+      std::memcpy(&w, x + 2 * i, 4);
+      const uint32_t ua = w << 16, ub = w & 0xFFFF0000u;
+      std::memcpy(&a, &ua, 4);
+      std::memcpy(&b, &ub, 4);
+    } else {
+      a = load_acc<c10::BFloat16, float>(x + i);
+      b = load_acc<c10::BFloat16, float>(x + half + i);
+    }
+    rotate_pair(a, b, PairCS<float>{c1[i], c2[i], s1[i], s2[i]}, ya, yb);
+    if constexpr (interleaved) {
+      store_out<c10::BFloat16, float>(y + i, ya);
+      store_out<c10::BFloat16, float>(y + half + i, yb);
+    } else {
+      const uint32_t w = bf16_bits(ya) | (bf16_bits(yb) << 16);
+      std::memcpy(y + 2 * i, &w, 4);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t, bool interleaved>
 inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd, int64_t D, int64_t half,
                                bool copy_pass, const CSTable<acc_t>& cs, bool same, const CpuIsa& isa) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    if (sxd == 1 && syd == 1) {
+      rotate_bf16_swapped<interleaved>(x, y, half, cs);
+      if (copy_pass) std::memcpy(y + 2 * half, x + 2 * half, (D - 2 * half) * sizeof(scalar_t));
+      return;
+    }
+  }
   if (2 * half <= kSwapRow && (interleaved ? sxd == 1 : syd == 1)) {
     scalar_t buf[kSwapRow];
     if constexpr (interleaved) {  // de-interleave x, rotate half-split into y
