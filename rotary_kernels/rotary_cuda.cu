@@ -31,11 +31,12 @@ int64_t sm_count() {
 // Launches a kernel instance on the current stream.
 struct CudaLauncher {
   cudaStream_t stream;
-  template <int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES, typename Params>
+  template <int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES, bool SWAP = false,
+            typename Params>
   void run(const Params& p, LaunchShape grid, LaunchShape block) {
     using scalar_t = typename Params::scalar_type;
     using cs_t = typename Params::cs_type;
-    rotary_kernel<scalar_t, cs_t, VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES>
+    rotary_kernel<scalar_t, cs_t, VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES, SWAP>
         <<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y)),
            dim3(static_cast<unsigned>(block.x), static_cast<unsigned>(block.y)), 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -75,7 +76,7 @@ bool cuda_image_ok(int64_t device) {
 void rotary_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                  bool interleaved, bool conj, const TokenIndexArgs& ix, const std::optional<at::Tensor>& cos_k,
-                 const std::optional<at::Tensor>& sin_k, bool pair_tables) {
+                 const std::optional<at::Tensor>& sin_k, bool pair_tables, bool swap_layout) {
   const c10::cuda::CUDAGuard guard(q.device());
   CudaLauncher launcher{c10::cuda::getCurrentCUDAStream()};
   dispatch_rotary_types(q, cos, sin, cos_k, sin_k,
@@ -84,7 +85,7 @@ void rotary_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
                           const auto t = shared_table_strides(c, s, ck, sk);
                           rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, t[0], t[1], q_out, k_out, interleaved,
                                                                          conj, ix, sm_count(), launcher, t[2], t[3],
-                                                                         pair_tables);
+                                                                         pair_tables, swap_layout);
                         });
 }
 

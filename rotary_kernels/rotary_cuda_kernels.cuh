@@ -21,7 +21,9 @@
 //   its stores, so in place is safe. Registers are capped at 64 (__launch_bounds__(256, 4)) for
 //   >= 50% theoretical occupancy: that budget is why a step holds one row, not two.
 //   VEC pairs = two 16-byte vectors of x when the head dim is contiguous and aligned; otherwise
-//   VEC = 1 with strided scalar accesses. Every element of q and k is read once and written
+//   VEC = 1 with strided scalar accesses. swap_layout (MLA's rope: pairs written in the other
+//   layout, rotary_math.h) has its own instances (SWAP), VEC = 1 with per-pair tables: a chunk is
+//   one pair, loaded at its places in x's layout and stored at those of the other one. Every element of q and k is read once and written
 //   once; cos/sin are read once per (token, chunk, block).
 //   Index math is 32-bit where the planner bounds it (token, row, head-dim offsets < 2^31);
 //   element offsets into the tensors stay 64-bit.
@@ -370,10 +372,13 @@ __device__ __forceinline__ int64_t chunk_off(int32_t o) {
 }
 
 // K_TABLES: k's rows read cos_k/sin_k (rows >= p.k_row0); the instances without it are the kernel
-// as it is without that option (the segment loop below runs once).
-template <typename scalar_t, typename cs_t, int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES>
+// as it is without that option (the segment loop below runs once). SWAP: swap_layout, stores at
+// the pair's places in the other layout (VEC = 1); the instances without it store where they load.
+template <typename scalar_t, typename cs_t, int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES,
+          bool SWAP = false>
 __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR, INTERLEAVED, K_TABLES>())
     rotary_kernel(const RotaryParams<scalar_t, cs_t> p) {
+  static_assert(!SWAP || (VEC == 1 && !VECTOR && !CS_VECTOR), "swap_layout: one pair a chunk");
   using acc_t = typename AccType<scalar_t>::type;
   const int32_t token = static_cast<int32_t>(blockIdx.x);
   const int32_t a = token / p.S, s = token - a * p.S;  // row_ptr takes them as unsigned
@@ -394,6 +399,9 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
     if (r >= row_end) break;
     const int32_t oa = CS_VECTOR ? i : i * kStride;
     const int32_t ob = oa + group_gap<VEC, INTERLEAVED>(p.half);
+    // Where the chunk is stored: where it was loaded, or with SWAP pair i's places in the other layout.
+    const int32_t ya = SWAP ? (INTERLEAVED ? i : 2 * i) : oa;
+    const int32_t yb = SWAP ? (INTERLEAVED ? i + p.half : 2 * i + 1) : ob;
     // The thread's rows in segments that read one table pair: all of them, or, with k's own
     // tables (K_TABLES), q's rows and then k's.
 #pragma unroll 1
@@ -471,8 +479,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
         sb.opaque(zero);
         rotate_chunk<VEC, INTERLEAVED, acc_t>(xa, xb, ca, cb, sa, sb);
         scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, p.hq, a, s, r, dy);
-        store_n<VECTOR>(y + chunk_off<kSignedOff>(oa) * dy, dy, xa);
-        store_n<VECTOR>(y + chunk_off<kSignedOff>(ob) * dy, dy, xb);
+        store_n<VECTOR>(y + chunk_off<kSignedOff>(ya) * dy, dy, xa);
+        store_n<VECTOR>(y + chunk_off<kSignedOff>(yb) * dy, dy, xb);
         r += TY;
         if (r >= seg_end) break;
         x = row_ptr<false, VECTOR>(p.q, p.k, p.hq, a, s, r, dx);
@@ -592,14 +600,14 @@ inline std::array<at::Tensor, 4> shared_table_strides(const at::Tensor& cos, con
 // Host side: fill the parameters (cos_k/sin_k: k's tables, cos/sin themselves when k shares q's;
 // through shared_table_strides),
 // pick the memory path and the launch shape, then call
-// launcher.template run<VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES>(params, grid, block) — a real
+// launcher.template run<VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES[, SWAP]>(params, grid, block) — a real
 // <<<>>> launch in rotary_cuda.cu, a sequential walk over blocks and threads in the CPU
 // simulation the tests build (tests/cuda_sim.cpp).
 template <typename scalar_t, typename cs_t, typename Launcher>
 void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                  bool interleaved, bool conj, const TokenIndexArgs& ix, int64_t sms, Launcher& launcher,
-                 const at::Tensor& cos_k, const at::Tensor& sin_k, bool pair_tables) {
+                 const at::Tensor& cos_k, const at::Tensor& sin_k, bool pair_tables, bool swap_layout = false) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   const bool k_tables = !(same_view(cos_k, cos) && same_view(sin_k, sin));
   TORCH_CHECK(!k_tables || (cos_k.strides() == cos.strides() && sin_k.strides() == sin.strides()),
@@ -620,7 +628,8 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   const int64_t tokens = A * S, rows = p.q.H + p.k.H;
   if (tokens == 0 || rows == 0) return;
 
-  bool vector = half % VEC == 0 && vector_ok(q, VEC) && vector_ok(q_out, VEC);
+  // (swap_layout: one pair a chunk, element by element; the op checks per-pair tables, no cos_k)
+  bool vector = !swap_layout && half % VEC == 0 && vector_ok(q, VEC) && vector_ok(q_out, VEC);
   if (k.has_value()) vector = vector && vector_ok(*k, VEC) && vector_ok(*k_out, VEC);
   // (interleaved per-pair tables: each entry serves two neighbouring elements, element by element)
   const bool cs_vector = vector && p.ti.mrope == 0 && !(pair_tables && interleaved) && cs_vector_ok(cos, VEC) &&
@@ -634,7 +643,14 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   p.rows_per_slice = static_cast<int32_t>(plan.rows_per_slice);
   p.hq = static_cast<int32_t>(p.q.H);
   p.k_row0 = k_tables ? p.hq : p.rows;
-  if (!vector) {
+  if (swap_layout) {
+    TORCH_CHECK(pair_tables && !k_tables, "rotary: swap_layout takes per-pair tables without cos_k/sin_k");
+    if (interleaved) {
+      launcher.template run<1, false, false, true, false, true>(p, plan.grid, plan.block);
+    } else {
+      launcher.template run<1, false, false, false, false, true>(p, plan.grid, plan.block);
+    }
+  } else if (!vector) {
     dispatch_interleaved<1, false, false>(launcher, p, interleaved, k_tables, plan.grid, plan.block);
   } else if (cs_vector) {
     dispatch_interleaved<VEC, true, true>(launcher, p, interleaved, k_tables, plan.grid, plan.block);

@@ -14,6 +14,9 @@
 // (s1, s2) := (-s2, -s1).
 // Per-pair tables (pair_tables: cos/sin [..., R/2], gpt-oss / flash-attn / vLLM) hold pair i's
 // values at i, for both of its elements: c1 = c2 = cos[i], s1 = s2 = sin[i] (table_index).
+// swap_layout (DeepSeek-V3's MLA rope, out of place, per-pair tables only): pair i is read at
+// pair_first/pair_second(i, interleaved) of x and written at those of the other layout,
+// (i, i + R/2) for interleaved input; the backward reads half-split and writes interleaved (conj).
 #pragma once
 
 #include <cstdint>

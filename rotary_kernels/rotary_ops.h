@@ -128,10 +128,12 @@ void dispatch_elementwise(const at::Tensor& x1, const at::Tensor& x2, const at::
 // [P, R] caches with token positions), any strides. q_out/k_out have q/k's shapes and may be
 // q/k themselves (in place). cos_k/sin_k (optional, cos/sin's form): k's own tables.
 // pair_tables: every table's last dim is R/2, one entry per pair (rotary_math.h table_index).
+// swap_layout: pairs written in the other layout than read (rotary_math.h; out of place, pair_tables).
 void rotary_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                 const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                 bool interleaved, bool conj, const rotary_kernels::TokenIndexArgs& ix,
-                const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k, bool pair_tables);
+                const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k, bool pair_tables,
+                bool swap_layout = false);
 
 // x1, x2, out1, out2 of one shape; cos/sin already expanded to it.
 void apply_rotary_cpu(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
@@ -142,7 +144,8 @@ void apply_rotary_cpu(const at::Tensor& x1, const at::Tensor& x2, const at::Tens
 void rotary_cuda(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                  const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                  bool interleaved, bool conj, const rotary_kernels::TokenIndexArgs& ix,
-                 const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k, bool pair_tables);
+                 const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k, bool pair_tables,
+                 bool swap_layout = false);
 
 void apply_rotary_cuda(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
                        const at::Tensor& out1, const at::Tensor& out2, bool conj);

@@ -113,14 +113,15 @@ void walk(LaunchShape grid, LaunchShape block, F&& thread_fn) {
 
 struct SimLauncher {
   std::vector<int64_t> info;  // grid.x, grid.y, block.x, block.y, VEC, VECTOR, CS_VECTOR
-  template <int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES, typename Params>
+  template <int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES, bool SWAP = false,
+            typename Params>
   void run(const Params& p, LaunchShape grid, LaunchShape block) {
     using scalar_t = typename Params::scalar_type;
     using cs_t = typename Params::cs_type;
     TORCH_CHECK(block.x >= 1 && block.y >= 1 && block.x * block.y <= kThreads, "bad block ", block.x, "x", block.y);
     TORCH_CHECK(grid.x >= 1 && grid.x <= 2147483647 && grid.y >= 1 && grid.y <= 65535, "bad grid");
     info = {grid.x, grid.y, block.x, block.y, VEC, VECTOR, CS_VECTOR};
-    walk(grid, block, [&] { rotary_kernel<scalar_t, cs_t, VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES>(p); });
+    walk(grid, block, [&] { rotary_kernel<scalar_t, cs_t, VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES, SWAP>(p); });
   }
   template <int VEC, bool VECTOR, bool ROWS32, typename scalar_t, typename acc_t>
   void run_elementwise(const Elementwise<scalar_t, acc_t>& e, const ElementwisePlan& plan) {
@@ -133,9 +134,14 @@ struct SimLauncher {
 // Wraps the real launcher for tests of the alignment hook: a misaligned tensor would be
 // planned for the scalar path; this sends it to the vector instance anyway.
 struct ForceVector : SimLauncher {
-  template <int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES, typename Params>
+  template <int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES, bool SWAP = false,
+            typename Params>
   void run(const Params& p, LaunchShape grid, LaunchShape block) {
     constexpr int V = 16 / sizeof(typename Params::scalar_type);
+    if constexpr (SWAP) {  // (one pair a chunk: nothing to force)
+      SimLauncher::run<VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES, SWAP>(p, grid, block);
+      return;
+    }
     SimLauncher::run<V, true, false, INTERLEAVED, K_TABLES>(p, {grid.x, grid.y},
                                                              {std::max<int64_t>(1, block.x / V), block.y});
   }
@@ -157,7 +163,8 @@ std::vector<int64_t> rotary_sim(const at::Tensor& q, const std::optional<at::Ten
                                 const std::optional<at::Tensor>& seqlen_offsets = std::nullopt, int64_t offset = 0,
                                 std::vector<int64_t> mrope_section = {}, bool mrope_interleaved = false,
                                 const std::optional<at::Tensor>& cos_k = std::nullopt,
-                                const std::optional<at::Tensor>& sin_k = std::nullopt, bool pair_tables = false) {
+                                const std::optional<at::Tensor>& sin_k = std::nullopt, bool pair_tables = false,
+                                bool swap_layout = false) {
   const TokenIndexArgs ix{positions, cu_seqlens, seqlen_offsets, offset, mrope_section, mrope_interleaved};
   SimLauncher plain;
   ForceVector forced;
@@ -169,10 +176,10 @@ std::vector<int64_t> rotary_sim(const at::Tensor& q, const std::optional<at::Ten
     set_ranges({q, k.value_or(at::Tensor()), t[0], t[1], t[2], t[3]}, {q_out, k_out.value_or(at::Tensor())});
     if (g_force_vector) {
       rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, t[0], t[1], q_out, k_out, interleaved, conj, ix, sms, forced,
-                                                     t[2], t[3], pair_tables);
+                                                     t[2], t[3], pair_tables, swap_layout);
     } else {
       rotary_plan<decltype(x_tag), decltype(cs_tag)>(q, k, t[0], t[1], q_out, k_out, interleaved, conj, ix, sms, plain,
-                                                     t[2], t[3], pair_tables);
+                                                     t[2], t[3], pair_tables, swap_layout);
     }
   });
   return launcher.info;
@@ -210,7 +217,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("cu_seqlens") = pybind11::none(), pybind11::arg("seqlen_offsets") = pybind11::none(),
         pybind11::arg("offset") = 0, pybind11::arg("mrope_section") = std::vector<int64_t>{},
         pybind11::arg("mrope_interleaved") = false, pybind11::arg("cos_k") = pybind11::none(),
-        pybind11::arg("sin_k") = pybind11::none(), pybind11::arg("pair_tables") = false);
+        pybind11::arg("sin_k") = pybind11::none(), pybind11::arg("pair_tables") = false,
+        pybind11::arg("swap_layout") = false);
   m.def("apply_rotary_sim", &apply_rotary_sim);
   m.def("elementwise_tables", &elementwise_tables);
   m.def("plan", &plan);

@@ -37,7 +37,8 @@ S, HQ, HK, D = 4096, 32, 8, 128  # Llama-3-8B prefill, one sequence
 # conj swap moved into the sin addresses (rotary_cuda_kernels.cuh); 23% before that.
 # Interleaved per-pair tables are read element by element (rotary_cuda_kernels.cuh): that path's
 # budget of 128 registers, 25%.
-OCC_FLOOR = {"default": 0.5, ("bf16", "float", True, True): 0.25}
+# MLA's rope (swap_layout: pairs stored in the other layout) is element by element too, 25%.
+OCC_FLOOR = {"default": 0.5, ("bf16", "float", True, True): 0.25, ("bf16", "float", True, True, True): 0.25}
 
 
 def _tool(name):
@@ -190,7 +191,7 @@ def _sim():
 
 
 # Llama-3-8B prefill cases: (name, x dtype, cos/sin dtype, interleaved, conj[, k's own tables[,
-# per-pair tables [..., R/2] (pair_tables)]])
+# per-pair tables [..., R/2] (pair_tables)[, swap_layout (DeepSeek-V3's MLA rope)]]])
 CASES = [
     ("prefill bf16, cos fp32", torch.bfloat16, torch.float32, False, False),
     ("prefill bf16, cos bf16", torch.bfloat16, torch.bfloat16, False, False),
@@ -204,6 +205,9 @@ CASES = [
     ("prefill bf16, per-pair cos fp32 (gpt-oss)", torch.bfloat16, torch.float32, False, False, False, True),
     ("backward (conj) bf16, per-pair cos bf16", torch.bfloat16, torch.bfloat16, False, True, False, True),
     ("interleaved bf16, per-pair cos fp32", torch.bfloat16, torch.float32, True, False, False, True),
+    ("MLA rope (DeepSeek-V3) bf16, per-pair cos fp32", torch.bfloat16, torch.float32, True, False, False, True, True),
+    ("MLA rope backward (conj) bf16, per-pair cos fp32", torch.bfloat16, torch.float32, False, True, False, True,
+     True),
 ]
 TNAME = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "float", torch.float64: "double"}
 
@@ -219,21 +223,21 @@ def plans():
         pytest.skip(f"cannot build the CUDA-kernel simulation: {e}")
     out = []
     for name, dt, cdt, il, conj, *opt in CASES:
-        kt, pt = bool(opt and opt[0]), bool(len(opt) > 1 and opt[1])
+        kt, pt, sw = bool(opt and opt[0]), bool(len(opt) > 1 and opt[1]), bool(len(opt) > 2 and opt[2])
         q = canonical(1, 2, HQ, D, dt, "cpu", "heads_outer")
         k = canonical(1, 2, HK, D, dt, "cpu", "heads_outer", seed=2)
         width = D // 2 if pt else D
         cos, sin = tables(1, 2, width, cdt, "cpu")
         ck, sk = tables(1, 2, width, cdt, "cpu", seed=5) if kt else (None, None)
         info = sim.rotary_sim(q, k, cos, sin, torch.empty_like(q), torch.empty_like(k), il, conj, 132, cos_k=ck,
-                              sin_k=sk, pair_tables=pt)
+                              sin_k=sk, pair_tables=pt, swap_layout=sw)
         vec, vector, cs_vector = info[4:7]
         cs_t = TNAME[cdt] if cdt == dt else "float"
         b = lambda x: "true" if x else "false"  # noqa: E731
-        inst = f"rotary_kernel<{TNAME[dt]}, {cs_t}, {vec}, {b(vector)}, {b(cs_vector)}, {b(il)}, {b(kt)}>"
+        inst = f"rotary_kernel<{TNAME[dt]}, {cs_t}, {vec}, {b(vector)}, {b(cs_vector)}, {b(il)}, {b(kt)}, {b(sw)}>"
         gx, gy, bx, by, rps = sim.plan(S, HQ + HK, D // 2 // vec, SMS[90])
         out.append(dict(name=name, dt=dt, cdt=cdt, cs_t=cs_t, il=il, inst=inst, grid=(gx, gy), block=(bx, by),
-                        vec=vec, kt=kt, pt=pt))
+                        vec=vec, kt=kt, pt=pt, sw=sw))
     return out
 
 
@@ -250,11 +254,13 @@ def test_hot_instances(codegen, plans):
             r = codegen.get((pl["inst"], arch))
             assert r is not None, f"{pl['inst']} (used by {pl['name']}) not compiled for sm_{arch}"
             xw = {_width(op) for op, _, cls in r["sass"] if cls == "x" and op.split(".")[0] in ("LDG", "STG")}
-            assert xw == {128}, (pl["name"], arch, xw)
+            # (swap_layout: one pair a chunk, element by element: 16-bit bf16 accesses)
+            assert xw == ({16} if pl["sw"] else {128}), (pl["name"], arch, xw)
             assert _one_round_trip(r["sass"]), (pl["name"], arch, "cos/sin consumed before the first q/k load")
             if arch == 90:
                 _, occ = occupancy(r["regs"], pl["block"][0] * pl["block"][1])
-                floor = OCC_FLOOR.get((TNAME[pl["dt"]], pl["cs_t"], pl["il"], pl["pt"]), OCC_FLOOR["default"])
+                key = (TNAME[pl["dt"]], pl["cs_t"], pl["il"] or pl["sw"], pl["pt"]) + ((True,) if pl["sw"] else ())
+                floor = OCC_FLOOR.get(key, OCC_FLOOR["default"])
                 assert occ >= floor, (pl["name"], r["regs"], pl["block"], occ)
 
 

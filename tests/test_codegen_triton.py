@@ -55,6 +55,9 @@ CASES = {
     "interleaved_bf16_pair": (True, "interleaved_bf16 with per-pair cos/sin fp32 [1,4096,64]"),
     "decode_b64_pair_cache": (True, "vLLM decode: q,k bf16 [64,32|8,1,128], per-pair cache [8192,64] fp32 "
                               "+ positions [64,1]"),
+    "mla_bf16": (True, "DeepSeek-V3 MLA rope (apply_rotary_pos_emb_interleave): prefill_bf16's q,k read "
+                 "interleaved, written half-split (swap_layout), cos/sin fp32 [1,4096,128] read per pair"),
+    "mla_bf16_bwd": (True, "mla_bf16's backward through autograd: read half-split, written interleaved, conj"),
 }
 
 
@@ -162,6 +165,15 @@ def _capture():
         rk.apply_rotary_transformers(q, k, c, s_, backend=T_, pair_tables=True,
                                      positions=torch.zeros(64, 1, dtype=torch.int64))
 
+    def mla(backward=False):
+        q, k = qk(B, S)
+        q.requires_grad_(backward)
+        k.requires_grad_(backward)
+        c, s_ = cs(1, S)
+        outs = rk.apply_rotary_pos_emb_interleave(q, k, c, s_, backend=T_)
+        if backward:
+            torch.autograd.backward(outs, [torch.empty_like(o) for o in outs])
+
     def decode_offsets():
         q, k = qk(1, 1)
         c, s_ = torch.empty(8192, D), torch.empty(8192, D)
@@ -190,6 +202,7 @@ def _capture():
         "decode_b1_offsets": decode_offsets, "prefill_positions": positions, "partial_r64": partial,
         "elementwise": elementwise, "prefill_bf16_k_tables": k_tables, "prefill_bf16_pair": pair_prefill,
         "interleaved_bf16_pair": lambda: pair_prefill(interleaved=True), "decode_b64_pair_cache": pair_decode,
+        "mla_bf16": mla, "mla_bf16_bwd": lambda: mla(backward=True),
     }
     for name in CASES:
         state["case"] = name

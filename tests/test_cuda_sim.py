@@ -403,3 +403,39 @@ def test_sim_pair_tables(sim, layout, dtype, interleaved, D, R):
         qo, ko, _ = run_ix(sim, q, k, c_cache, s_cache, interleaved, False, pair_tables=True, **ix)
         qf, kf, _ = run_ix(sim, q, k, fw(c_cache, interleaved), fw(s_cache, interleaved), interleaved, False, **full)
         assert torch.equal(qo, qf) and torch.equal(ko, kf), ix
+
+
+@pytest.mark.parametrize("layout", ["contig", "heads_outer", "strided_d", "misaligned"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("D,R", [(64, 64), (80, 48), (8, 2)])
+def test_sim_swap_layout(sim, layout, dtype, interleaved, D, R):
+    """swap_layout (DeepSeek-V3's MLA rope: interleaved in, half-split out; its backward the other
+    way, conj): bit-equal to the same rotation without it, its pairs then moved to the other
+    layout (reference.swap_pair_layout); partial rotary's tail passes through; decode splits,
+    caches at positions and mrope (the element-by-element tables); every access checked."""
+    from rotary_kernels.reference import swap_pair_layout
+
+    for A, S, Hq, Hk, sms in ((2, 3, 3, 1, 132), (8, 1, 6, 2, 132), (1, 12, 40, 8, 1)):
+        q = canonical(A, S, Hq, D, dtype, "cpu", layout)
+        k = canonical(A, S, Hk, D, dtype, "cpu", layout, seed=2)
+        for cs_dtype in (torch.float32, dtype):
+            cos, sin = tables(A, S, R // 2, cs_dtype, "cpu")
+            for conj in (False, True):
+                qo, ko, info = run(sim, q, k, cos, sin, interleaved, conj, sms, pair_tables=True, swap_layout=True)
+                qp, kp, _ = run(sim, q, k, cos, sin, interleaved, conj, sms, pair_tables=True)
+                assert torch.equal(qo, swap_pair_layout(qp, R, interleaved))
+                assert torch.equal(ko, swap_pair_layout(kp, R, interleaved))
+                assert info[4:7] == [1, 0, 0]  # VEC 1, element by element
+    A, S, Hq, Hk, P = 2, 5, 3, 1, 40
+    q = canonical(A, S, Hq, D, dtype, "cpu", layout)
+    k = canonical(A, S, Hk, D, dtype, "cpu", layout, seed=2)
+    c_cache, s_cache = (t[0] for t in tables(1, P, R // 2, torch.float32, "cpu"))
+    for ix in (dict(positions=torch.randint(0, P, (1, A, S))), dict(seqlen_offsets=torch.tensor([3, 7])),
+               dict(positions=torch.randint(0, P, (3, A, S)), mrope_section=[R // 2 - 1, 1, 0]) if R >= 4 else {}):
+        if not ix:
+            continue
+        qo, ko, _ = run_ix(sim, q, k, c_cache, s_cache, interleaved, False, pair_tables=True, swap_layout=True, **ix)
+        qp, kp, _ = run_ix(sim, q, k, c_cache, s_cache, interleaved, False, pair_tables=True, **ix)
+        assert torch.equal(qo, swap_pair_layout(qp, R, interleaved)), ix
+        assert torch.equal(ko, swap_pair_layout(kp, R, interleaved)), ix

@@ -440,7 +440,9 @@ def test_five_dim_packed_qkv_and_kv(dev_backend):
 
 def test_deepseek_mla_interleave(dev_backend):
     """rk.apply_rotary_pos_emb_interleave against transformers' DeepSeek-V3 function: values
-    (bf16: one rounding vs its three, within an ulp), gradients, torch.compile."""
+    (fp32 bit-equal; bf16: one rounding vs its three, within an ulp), gradients, torch.compile,
+    on MLA's slice layout (q = the rope part of a [.., nope + rope] head, non-contiguous) with
+    GQA/MQA (k with 1 head)."""
     device, backend = dev_backend
     pytest.importorskip("transformers")
     from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
@@ -454,16 +456,153 @@ def test_deepseek_mla_interleave(dev_backend):
         want = apply_rotary_pos_emb_interleave(q, k, cos.to(dtype), sin.to(dtype))
         got = rk.apply_rotary_pos_emb_interleave(q, k, cos.to(dtype), sin.to(dtype), backend=backend)
         for a, b in zip(got, want):
-            torch.testing.assert_close(a, b, **TOL[dtype])
+            if dtype == torch.float32:  # (x1 c - x2 s in fp32 either way: the same bits)
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, **TOL[dtype])
+            assert a.shape == b.shape and a.dtype == b.dtype
     q64, k64 = q.double().requires_grad_(), k.double().requires_grad_()
     w = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(device) for t in (q64, k64)]
     d_got = torch.autograd.grad(rk.apply_rotary_pos_emb_interleave(q64, k64, cos, sin, backend=backend), (q64, k64), w)
     d_want = torch.autograd.grad(apply_rotary_pos_emb_interleave(q64, k64, cos, sin), (q64, k64), w)
     for a, b in zip(d_got, d_want):
         torch.testing.assert_close(a, b)
+    # gradients wrt cos/sin too (taken by the reference's PyTorch ops)
+    c64, s64 = cos.double().requires_grad_(), sin.double().requires_grad_()
+    d_got = torch.autograd.grad(rk.apply_rotary_pos_emb_interleave(q64, k64, c64, s64, backend=backend), (c64, s64), w)
+    d_want = torch.autograd.grad(apply_rotary_pos_emb_interleave(q64, k64, c64, s64), (c64, s64), w)
+    for a, b in zip(d_got, d_want):
+        torch.testing.assert_close(a, b)
     f = torch.compile(lambda q, k: rk.apply_rotary_pos_emb_interleave(q, k, cos, sin, backend=backend), fullgraph=True)
     for a, b in zip(f(q.float(), k.float()), apply_rotary_pos_emb_interleave(q.float(), k.float(), cos, sin)):
         assert_close(a, b)
+    # compiled forward + backward (the transposed map: a custom-op node each way)
+    qf, kf = q.float().requires_grad_(), k.float().requires_grad_()
+    fg = torch.compile(lambda q, k: [t * 2 for t in rk.apply_rotary_pos_emb_interleave(q, k, cos, sin,
+                                                                                           backend=backend)],
+                       fullgraph=True)
+    w32 = [t.float() for t in w]
+    d_got = torch.autograd.grad(fg(qf, kf), (qf, kf), w32)
+    d_want = torch.autograd.grad([t * 2 for t in apply_rotary_pos_emb_interleave(qf, kf, cos, sin)], (qf, kf), w32)
+    for a, b in zip(d_got, d_want):
+        assert_close(a, b)
+
+
+def test_deepseek_mla_interleave_transforms(dev_backend):
+    """torch.func.grad through the MLA rope (the kernel, its backward the transposed map), and
+    the [B, S, H, D] layout (unsqueeze_dim=2) with per-token batched tables."""
+    device, backend = dev_backend
+    pytest.importorskip("transformers")
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import apply_rotary_pos_emb_interleave
+
+    g = torch.Generator().manual_seed(13)
+    cos, sin = make_cs(2, 6, 64, torch.float64, device)
+    q = torch.randn(2, 3, 6, 64, generator=g, dtype=torch.float64).to(device)
+    k = torch.randn(2, 1, 6, 64, generator=g, dtype=torch.float64).to(device)
+
+    def loss(fn):
+        return lambda q, k: sum((o * o.detach().sign()).sum() for o in fn(q, k, cos, sin))
+
+    ours = lambda q, k, c, s: rk.apply_rotary_pos_emb_interleave(q, k, c, s, backend=backend)  # noqa: E731
+    got = torch.func.grad(loss(ours), argnums=(0, 1))(q, k)
+    want = torch.func.grad(loss(apply_rotary_pos_emb_interleave), argnums=(0, 1))(q, k)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    qs, ks = q.transpose(1, 2), k.transpose(1, 2)  # [B, S, H, D] views
+    got = rk.apply_rotary_pos_emb_interleave(qs, ks, cos, sin, unsqueeze_dim=2, backend=backend)
+    want = apply_rotary_pos_emb_interleave(q, k, cos, sin)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b.transpose(1, 2))
+
+
+def test_deepseek_mla_is_swapped_rotation(dev_backend):
+    """The MLA rope is the interleaved rotation with per-pair tables, its pairs moved to the
+    half-split layout (reference.swap_pair_layout): bit-equal on every backend (the same
+    arithmetic per pair), bf16 with fp32 tables, MLA's rope dim 64."""
+    from rotary_kernels.reference import swap_pair_layout
+
+    device, backend = dev_backend
+    cos, sin = make_cs(1, 7, 64, torch.float32, device)
+    g = torch.Generator().manual_seed(14)
+    q = torch.randn(1, 16, 7, 192, generator=g).to(torch.bfloat16).to(device)[..., 128:]
+    k = torch.randn(1, 1, 7, 64, generator=g).to(torch.bfloat16).to(device)
+    got = rk.apply_rotary_pos_emb_interleave(q, k, cos, sin, backend=backend)
+    plain = rk.apply_rotary_transformers(q, k, cos[..., :32], sin[..., :32], interleaved=True, pair_tables=True,
+                                         backend=backend)
+    for a, b in zip(got, plain):
+        assert torch.equal(a, swap_pair_layout(b, 64, True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("layout", ["bhsd", "bshd_view", "strided_d", "partial"])
+def test_swap_layout_rows(dev_backend, dtype, layout):
+    """swap_layout (``Plan``; MLA's rope and its transpose, interleaved -> half-split and back, with
+    conj) on every row path: contiguous rows (the CPU's buffered shuffle), strided head dims (pair by
+    pair), partial rotary (the tail copied); bit-equal to the rotation without it, moved to the
+    other layout (reference.swap_pair_layout)."""
+    from rotary_kernels._api import _rotate
+    from rotary_kernels.reference import swap_pair_layout
+
+    device, backend = dev_backend
+    D, R = (80, 48) if layout == "partial" else (64, 64)
+    g = torch.Generator().manual_seed(15)
+    q = torch.randn(2, 3, 5, 2 * D if layout == "strided_d" else D, generator=g).to(dtype).to(device)
+    k = torch.randn(2, 1, 5, q.shape[-1], generator=g).to(dtype).to(device)
+    if layout == "strided_d":
+        q, k = q[..., ::2], k[..., ::2]
+    elif layout == "bshd_view":
+        q, k = (torch.randn(2, 5, t.shape[1], D, generator=g).to(dtype).to(device).transpose(1, 2) for t in (q, k))
+    cos, sin = (t[..., : R // 2] for t in make_cs(2, 5, R, torch.float32, device))
+    q[0, 0, 0, :4] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-40])  # (the same bits too)
+    bits = lambda t: t.contiguous().view(-1).view(torch.uint8)  # noqa: E731  (NaNs compared too)
+    for interleaved in (True, False):
+        for conj in (False, True):
+            got = _rotate(q, k, cos, sin, 1, interleaved, conj, backend, {}, None, True, True)
+            plain = _rotate(q, k, cos, sin, 1, interleaved, conj, backend, {}, None, True)
+            for a, b in zip(got, plain):
+                assert torch.equal(bits(a), bits(swap_pair_layout(b, R, interleaved))), (interleaved, conj)
+
+
+def test_swap_layout_op_contract():
+    """The compiled ops take swap_layout out of place only, with per-pair tables and no cos_k/sin_k
+    (check_rotary): a pair's two places differ between the layouts."""
+    from rotary_kernels import _compiled
+
+    if not _compiled.HAS_EXT:
+        pytest.skip("the compiled extension is not built")
+    ops = _compiled.ops
+    q = torch.randn(1, 4, 2, 16)
+    c, s = torch.randn(1, 4, 8), torch.randn(1, 4, 8)
+    with pytest.raises(RuntimeError, match="out of place only"):
+        ops.rotary_inplace(q, None, c, s, True, False, pair_tables=True, swap_layout=True)
+    with pytest.raises(RuntimeError, match="per-pair tables"):
+        ops.rotary(q, None, torch.randn(1, 4, 16), torch.randn(1, 4, 16), torch.empty_like(q), None, True, False,
+                   swap_layout=True)
+    with pytest.raises(RuntimeError, match="per-pair tables"):
+        ops.rotary(q, q.clone(), c, s, torch.empty_like(q), torch.empty_like(q), True, False, cos_k=c, sin_k=s,
+                   pair_tables=True, swap_layout=True)
+
+
+def test_deepseek_mla_one_launch(dev_backend, monkeypatch):
+    """q and k of the MLA rope are one kernel launch, forward and backward."""
+    from test_cos_k import _count_launches
+
+    device, backend = dev_backend
+    if backend == "reference":
+        pytest.skip("the reference launches no kernel")
+    cos, sin = make_cs(2, 5, 16, torch.float32, device)
+    q = torch.randn(2, 4, 5, 24, device=device)[..., 8:]
+    k = torch.randn(2, 1, 5, 16, device=device)
+    counter = _count_launches(monkeypatch, backend)
+    with counter:
+        rk.apply_rotary_pos_emb_interleave(q, k, cos, sin, backend=backend)
+    assert counter.calls == 1, counter.calls
+    a, b = q.clone().requires_grad_(), k.clone().requires_grad_()
+    outs = rk.apply_rotary_pos_emb_interleave(a, b, cos, sin, backend=backend)
+    counter = _count_launches(monkeypatch, backend)  # (a fresh count)
+    with counter:
+        torch.autograd.grad(outs, (a, b), (torch.ones_like(q), torch.ones_like(k)))
+    assert counter.calls == 1, counter.calls
 
 
 def _te_formula(t, freqs, fmt, start, interleaved, cu, cp_size, cp_rank):

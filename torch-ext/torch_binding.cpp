@@ -1,15 +1,19 @@
 // Registers the ops in the extension's namespace (TORCH_EXTENSION_NAME, set by the build),
 // with CPU and (when built with CUDA: RK_HAVE_CUDA, see torch_binding.h) CUDA implementations.
 //
-//   rotary(q, k?, cos, sin, q_out!, k_out?!, interleaved, conj, <index>, cos_k?, sin_k?, pair_tables)
+//   rotary(q, k?, cos, sin, q_out!, k_out?!, interleaved, conj, <index>, cos_k?, sin_k?, pair_tables,
+//          swap_layout)
 //       one launch for q and k; k reads cos_k/sin_k when given (its own tables)
-//   rotary_inplace(q!, k?!, cos, sin, interleaved, conj, <index>, cos_k?, sin_k?, pair_tables)   out = in
+//   rotary_inplace(q!, k?!, cos, sin, interleaved, conj, <index>, cos_k?, sin_k?, pair_tables,
+//                  swap_layout)   out = in
 //   apply_rotary(x1, x2, cos, sin, out1!, out2!, conj)              flash-attn elementwise API
 //   rotary_transformers(q, k?, cos, sin, unsqueeze_dim, interleaved, conj, pair_tables) -> [q_out, k_out?]
 //       the public functions' common case in one call: any layout in, fresh outputs out
 //   rotary_transformers_(q!, k?!, cos, sin, unsqueeze_dim, interleaved, pair_tables) -> done   in place
 //
 // pair_tables: every table's last dim is R/2, one entry per rotary pair (rotary_math.h table_index).
+// swap_layout: pairs are written in the other layout than `interleaved` reads them (DeepSeek-V3's
+// MLA rope, rotary_math.h): out of place, per-pair tables, no cos_k/sin_k.
 //
 // Fake (meta) implementations are registered from Python (rotary_kernels/_compiled.py).
 //
@@ -70,7 +74,7 @@ void check_index_tensor(const std::optional<at::Tensor>& t, const at::Tensor& q,
 void check_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                   const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                   const rotary_kernels::TokenIndexArgs& ix, const std::optional<at::Tensor>& cos_k,
-                  const std::optional<at::Tensor>& sin_k, bool pair_tables) {
+                  const std::optional<at::Tensor>& sin_k, bool pair_tables, bool swap_layout) {
   TORCH_CHECK(q.dim() == 4, "q must be 4-D [A, S, H, D], got ", q.sizes());
   TORCH_CHECK(cos.dim() >= 2 && cos.dim() <= 4, "cos must be [A, S, R], [3, A, S, R] or a [P, R] cache, got ",
               cos.sizes());
@@ -145,6 +149,11 @@ void check_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const
     TORCH_CHECK(kk.device() == q.device(), "k must be on q's device");
     check_like(*k_out, kk, "k_out");
   }
+  if (swap_layout) {  // (a pair's two places differ between the layouts: in place would need a scratch)
+    TORCH_CHECK(pair_tables && !cos_k.has_value(), "swap_layout takes per-pair tables (pair_tables) without cos_k/sin_k");
+    TORCH_CHECK(q_out.data_ptr() != q.data_ptr() && (!k.has_value() || k_out->data_ptr() != k->data_ptr()),
+                "swap_layout rotates out of place only");
+  }
 }
 
 // The device's kernel launcher, for arguments already checked (check_rotary, or the one-call
@@ -152,15 +161,15 @@ void check_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const
 void launch(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos, const at::Tensor& sin,
             const at::Tensor& q_out, const std::optional<at::Tensor>& k_out, bool interleaved, bool conj,
             const rotary_kernels::TokenIndexArgs& ix, const std::optional<at::Tensor>& cos_k,
-            const std::optional<at::Tensor>& sin_k, bool pair_tables) {
+            const std::optional<at::Tensor>& sin_k, bool pair_tables, bool swap_layout = false) {
 #ifdef RK_HAVE_CUDA
   if (q.is_cuda()) {
-    rotary_cuda(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k, pair_tables);
+    rotary_cuda(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k, pair_tables, swap_layout);
     return;
   }
 #endif
   TORCH_CHECK(q.is_cpu(), "rotary: unsupported device ", q.device());
-  rotary_cpu(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k, pair_tables);
+  rotary_cpu(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k, pair_tables, swap_layout);
 }
 
 void rotary_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
@@ -168,11 +177,12 @@ void rotary_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at
                bool interleaved, bool conj, const std::optional<at::Tensor>& positions,
                const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>& seqlen_offsets,
                int64_t offset, at::IntArrayRef mrope_section, bool mrope_interleaved,
-               const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k, bool pair_tables) {
+               const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k, bool pair_tables,
+               bool swap_layout) {
   const rotary_kernels::TokenIndexArgs ix{positions, cu_seqlens, seqlen_offsets, offset, mrope_section.vec(),
                                      mrope_interleaved};
-  check_rotary(q, k, cos, sin, q_out, k_out, ix, cos_k, sin_k, pair_tables);
-  launch(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k, pair_tables);
+  check_rotary(q, k, cos, sin, q_out, k_out, ix, cos_k, sin_k, pair_tables, swap_layout);
+  launch(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k, pair_tables, swap_layout);
 }
 
 void rotary_inplace_op(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
@@ -180,9 +190,9 @@ void rotary_inplace_op(const at::Tensor& q, const std::optional<at::Tensor>& k, 
                        const std::optional<at::Tensor>& cu_seqlens, const std::optional<at::Tensor>& seqlen_offsets,
                        int64_t offset, at::IntArrayRef mrope_section, bool mrope_interleaved,
                        const std::optional<at::Tensor>& cos_k, const std::optional<at::Tensor>& sin_k,
-                       bool pair_tables) {
+                       bool pair_tables, bool swap_layout) {
   rotary_op(q, k, cos, sin, q, k, interleaved, conj, positions, cu_seqlens, seqlen_offsets, offset, mrope_section,
-            mrope_interleaved, cos_k, sin_k, pair_tables);
+            mrope_interleaved, cos_k, sin_k, pair_tables, swap_layout);
 }
 
 void apply_rotary_op(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
@@ -438,8 +448,9 @@ bool rotary_transformers_inplace_op(const at::Tensor& q, const std::optional<at:
   "Tensor? positions=None, Tensor? cu_seqlens=None, Tensor? seqlen_offsets=None, int offset=0, " \
   "int[] mrope_section=[], bool mrope_interleaved=False"
 // k's own tables (cos/sin's form and rotary dim; None: k reads cos/sin), and the tables' kind
-// (per-pair [..., R/2] with pair_tables, for all of them).
-#define RK_K_TABLE_ARGS "Tensor? cos_k=None, Tensor? sin_k=None, bool pair_tables=False"
+// (per-pair [..., R/2] with pair_tables, for all of them), and swap_layout (pairs written in the
+// other layout).
+#define RK_K_TABLE_ARGS "Tensor? cos_k=None, Tensor? sin_k=None, bool pair_tables=False, bool swap_layout=False"
 
 TORCH_LIBRARY_EXPAND(TORCH_EXTENSION_NAME, m) {
   m.def(

@@ -259,8 +259,17 @@ struct CpuIsa {
 };
 
 template <typename scalar_t, typename acc_t, bool interleaved>
+inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd, int64_t D, int64_t half,
+                               bool copy_pass, const CSTable<acc_t>& cs, bool same, const CpuIsa& isa);
+
+// `swap`: swap_layout rows (rotate_row_swapped); the other instances are the row paths as they are.
+template <typename scalar_t, typename acc_t, bool interleaved, bool swap = false>
 inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd, int64_t D, int64_t half,
                        bool copy_pass, const CSTable<acc_t>& cs, bool same, const CpuIsa& isa) {
+  if constexpr (swap) {
+    rotate_row_swapped<scalar_t, acc_t, interleaved>(x, y, sxd, syd, D, half, copy_pass, cs, same, isa);
+    return;
+  }
 #ifdef RK_HAVE_AVX512_BF16_PATH
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && !interleaved) {
     if (isa.avx512bf16 && sxd == 1 && syd == 1 && half % 32 == 0) {
@@ -313,6 +322,136 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd,
       rotate_pair(load_acc<scalar_t, acc_t>(x + j1 * sxd), load_acc<scalar_t, acc_t>(x + j2 * sxd), cs.at(i), y1, y2);
       store_out<scalar_t, acc_t>(y + j1 * syd, y1);
       store_out<scalar_t, acc_t>(y + j2 * syd, y2);
+    }
+  }
+  if (copy_pass) {
+    for (int64_t j = 2 * half; j < D; ++j) y[j * syd] = x[j * sxd];
+  }
+}
+
+// swap_layout rows (MLA's rope, rotary_math.h): pair i read at its place in x's layout
+// (`interleaved`) and written at its place in the other one. A row with a unit head-dim stride on
+// either side is moved between the layouts in a buffer, a shuffle of x's own values, and rotated
+// half-split by rotate_row (its vectorised paths, the same arithmetic per pair, so the same bits):
+// interleaved x is de-interleaved first, a half-split result is interleaved after. Other rows
+// take the pairs one by one. Out of place (checked by the op): y never aliases x.
+constexpr int64_t kSwapRow = 1024;  // longest rotary span (R) taken through the buffer
+
+// A pair (2i, 2i + 1) of 16- or 32-bit values as one word: the shuffles between the layouts are
+// then shifts and narrowing moves, which the compiler vectorises (element copies it does not).
+template <typename scalar_t>
+using PairWord = std::conditional_t<sizeof(scalar_t) == 2, uint32_t, uint64_t>;
+
+// out[i] = x[2 i], out[half + i] = x[2 i + 1].
+template <typename scalar_t>
+inline void deinterleave_row(const scalar_t* x, scalar_t* out, int64_t half) {
+  if constexpr (sizeof(scalar_t) <= 4) {
+    using W = PairWord<scalar_t>;
+    using E = std::conditional_t<sizeof(scalar_t) == 2, uint16_t, uint32_t>;
+    constexpr int kBits = 8 * sizeof(scalar_t);
+    E lo[kSwapRow / 2], hi[kSwapRow / 2];
+    for (int64_t i = 0; i < half; ++i) {
+      W w;
+      std::memcpy(&w, x + 2 * i, sizeof(W));
+      lo[i] = static_cast<E>(w);
+      hi[i] = static_cast<E>(w >> kBits);
+    }
+    std::memcpy(out, lo, half * sizeof(E));
+    std::memcpy(out + half, hi, half * sizeof(E));
+  } else {
+    for (int64_t i = 0; i < half; ++i) {
+      out[i] = x[2 * i];
+      out[half + i] = x[2 * i + 1];
+    }
+  }
+}
+
+// y[2 i] = in[i], y[2 i + 1] = in[half + i].
+template <typename scalar_t>
+inline void interleave_row(const scalar_t* in, scalar_t* y, int64_t half) {
+  if constexpr (sizeof(scalar_t) <= 4) {
+    using W = PairWord<scalar_t>;
+    using E = std::conditional_t<sizeof(scalar_t) == 2, uint16_t, uint32_t>;
+    constexpr int kBits = 8 * sizeof(scalar_t);
+    E lo[kSwapRow / 2], hi[kSwapRow / 2];
+    W w[kSwapRow / 2];
+    std::memcpy(lo, in, half * sizeof(E));
+    std::memcpy(hi, in + half, half * sizeof(E));
+    for (int64_t i = 0; i < half; ++i) w[i] = static_cast<W>(lo[i]) | (static_cast<W>(hi[i]) << kBits);
+    std::memcpy(y, w, half * sizeof(W));
+  } else {
+    for (int64_t i = 0; i < half; ++i) {
+      y[2 * i] = in[i];
+      y[2 * i + 1] = in[half + i];
+    }
+  }
+}
+
+// bf16 rows with unit strides: the pair (2i, 2i + 1) of the interleaved side is one 32-bit word,
+// whose halves shifted into place are the two values as fp32 (read) or which the two rounded
+// values make (written): no shuffle at all, one loop the compiler vectorises. Same arithmetic and
+// conversions as rotate_contig (load_acc / store_out), so the same bits.
+// store_out's rounding of v to bf16 (nearest even, NaN -> 0x7FC0), as the low 16 bits.
+inline uint32_t bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (v != v) ? 0x7FC0u : r;
+}
+
+template <bool interleaved>
+inline void rotate_bf16_swapped(const c10::BFloat16* x, c10::BFloat16* y, int64_t half, const CSTable<float>& cs) {
+  const float *c1 = cs.c1, *c2 = cs.c2, *s1 = cs.s1, *s2 = cs.s2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    float a, b, ya, yb;
+    if constexpr (interleaved) {
+      uint32_t w;
+      std::memcpy(&w, x + 2 * i, 4);
+      const uint32_t ua = w << 16, ub = w & 0xFFFF0000u;
+      std::memcpy(&a, &ua, 4);
+      std::memcpy(&b, &ub, 4);
+    } else {
+      a = load_acc<c10::BFloat16, float>(x + i);
+      b = load_acc<c10::BFloat16, float>(x + half + i);
+    }
+    rotate_pair(a, b, PairCS<float>{c1[i], c2[i], s1[i], s2[i]}, ya, yb);
+    if constexpr (interleaved) {
+      store_out<c10::BFloat16, float>(y + i, ya);
+      store_out<c10::BFloat16, float>(y + half + i, yb);
+    } else {
+      const uint32_t w = bf16_bits(ya) | (bf16_bits(yb) << 16);
+      std::memcpy(y + 2 * i, &w, 4);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool interleaved>
+inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd, int64_t D, int64_t half,
+                               bool copy_pass, const CSTable<acc_t>& cs, bool same, const CpuIsa& isa) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    if (sxd == 1 && syd == 1) {
+      rotate_bf16_swapped<interleaved>(x, y, half, cs);
+      if (copy_pass) std::memcpy(y + 2 * half, x + 2 * half, (D - 2 * half) * sizeof(scalar_t));
+      return;
+    }
+  }
+  if (2 * half <= kSwapRow && (interleaved ? sxd == 1 : syd == 1)) {
+    scalar_t buf[kSwapRow];
+    if constexpr (interleaved) {  // de-interleave x, rotate half-split into y
+      deinterleave_row(x, buf, half);
+      rotate_row<scalar_t, acc_t, false>(buf, y, 1, syd, 2 * half, half, false, cs, same, isa);
+    } else {  // rotate half-split into the buffer, interleave it into y
+      rotate_row<scalar_t, acc_t, false>(x, buf, sxd, 1, 2 * half, half, false, cs, same, isa);
+      interleave_row(buf, y, half);
+    }
+  } else {
+    for (int64_t i = 0; i < half; ++i) {
+      acc_t y1, y2;
+      rotate_pair(load_acc<scalar_t, acc_t>(x + pair_first(i, interleaved) * sxd),
+                  load_acc<scalar_t, acc_t>(x + pair_second(i, half, interleaved) * sxd), cs.at(i), y1, y2);
+      store_out<scalar_t, acc_t>(y + pair_first(i, !interleaved) * syd, y1);
+      store_out<scalar_t, acc_t>(y + pair_second(i, half, !interleaved) * syd, y2);
     }
   }
   if (copy_pass) {
@@ -401,7 +540,7 @@ acc_t* table_scratch(int64_t n) {
 // Tokens [begin, end): per block, the cos/sin tables, then every row of q and k. Returns -1, or
 // the first token whose position lies outside the cos/sin cache (the tokens before it are
 // done, nothing is written for it).
-template <typename scalar_t, typename cs_t, bool interleaved>
+template <typename scalar_t, typename cs_t, bool interleaved, bool swap>
 RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t begin, int64_t end) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t half = p.half;
@@ -534,7 +673,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           const int64_t xn = xoff[k * tb + b + pf_next], yn = yoff[k * tb + b + pf_next];
           for (int64_t h = 0; h < o.H; ++h) {
             if (pf_next) prefetch_row(o, xn + h * o.sx.h, yn + h * o.sy.h);
-            rotate_row<scalar_t, acc_t, interleaved>(o.x + xo + h * o.sx.h, o.y + yo + h * o.sy.h, o.sx.d, o.sy.d,
+            rotate_row<scalar_t, acc_t, interleaved, swap>(o.x + xo + h * o.sx.h, o.y + yo + h * o.sy.h, o.sx.d, o.sy.d,
                                                      p.D, half, o.copy_pass, tabs[p.tset[k] * tb + b], same, p.isa);
           }
         }
@@ -549,7 +688,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         if (!outer[k]) {
           for (int64_t b = 0; b < n; ++b) {
             for (int64_t h = 0; h < o.H; ++h) {
-              rotate_row<scalar_t, acc_t, interleaved>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
+              rotate_row<scalar_t, acc_t, interleaved, swap>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
                                                        o.sy.d, p.D, half, o.copy_pass, tabs[p.tset[k] * tb + b], same,
                                                        p.isa);
             }
@@ -568,7 +707,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
                 const int64_t b2 = b + d < n ? b + d : b + d - n, h2 = b + d < n ? h : h + kHeadsAtOnce;
                 if (h2 < o.H) prefetch_row(o, xo[b2] + h2 * o.sx.h, yo[b2] + h2 * o.sy.h);
               }
-              rotate_row<scalar_t, acc_t, interleaved>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
+              rotate_row<scalar_t, acc_t, interleaved, swap>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
                                                        o.sy.d, p.D, half, o.copy_pass, tabs[p.tset[k] * tb + b], same,
                                                        p.isa);
             }
@@ -585,7 +724,7 @@ template <typename scalar_t, typename cs_t>
 void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                      const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                      bool interleaved, bool conj, const TokenIndexArgs& ix, const at::Tensor& cos_k,
-                     const at::Tensor& sin_k, bool pair_tables) {
+                     const at::Tensor& sin_k, bool pair_tables, bool swap_layout) {
   CpuParams<scalar_t, cs_t> p{};
   p.S = q.size(1);
   p.D = q.size(3);
@@ -628,8 +767,10 @@ void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, co
   p.prefetch = tokens * row_elems * static_cast<int64_t>(sizeof(scalar_t)) >= kPrefetchMin;
   std::atomic<int64_t> bad{-1};
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
-    const int64_t t = interleaved ? rotate_tokens<scalar_t, cs_t, true>(p, begin, end)
-                                  : rotate_tokens<scalar_t, cs_t, false>(p, begin, end);
+    const int64_t t = swap_layout ? (interleaved ? rotate_tokens<scalar_t, cs_t, true, true>(p, begin, end)
+                                                 : rotate_tokens<scalar_t, cs_t, false, true>(p, begin, end))
+                                  : (interleaved ? rotate_tokens<scalar_t, cs_t, true, false>(p, begin, end)
+                                                 : rotate_tokens<scalar_t, cs_t, false, false>(p, begin, end));
     if (t >= 0) bad.store(t);
   });
   const int64_t t = bad.load();
@@ -649,12 +790,13 @@ void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, co
 void rotary_cpu(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                 const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                 bool interleaved, bool conj, const TokenIndexArgs& ix, const std::optional<at::Tensor>& cos_k,
-                const std::optional<at::Tensor>& sin_k, bool pair_tables) {
+                const std::optional<at::Tensor>& sin_k, bool pair_tables, bool swap_layout) {
   dispatch_rotary_types(q, cos, sin, cos_k, sin_k,
                         [&](auto x_tag, auto cs_tag, const at::Tensor& c, const at::Tensor& s, const at::Tensor& ck,
                             const at::Tensor& sk) {
                           rotary_cpu_impl<decltype(x_tag), decltype(cs_tag)>(q, k, c, s, q_out, k_out, interleaved,
-                                                                             conj, ix, ck, sk, pair_tables);
+                                                                             conj, ix, ck, sk, pair_tables,
+                                                                             swap_layout);
                         });
 }
 

@@ -185,14 +185,17 @@ def _k_tables(k, cos, cos_k, sin_k, interleaved, pair_tables, conj):
 
 
 def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, k_tables=None,
-            pair_tables=False) -> tuple:
+            pair_tables=False, swap_layout=False) -> tuple:
     """The out-of-place functions: q (and k, may be None) rotated into new tensors; k with its own
-    tables ``k_tables`` when given; ``pair_tables``: every table per pair ``[..., R/2]``."""
-    if pair_tables and torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
+    tables ``k_tables`` when given; ``pair_tables``: every table per pair ``[..., R/2]``;
+    ``swap_layout`` (with per-pair tables, no ``k_tables``): outputs in the other pair layout
+    (``Plan``), gradients wrt the tables then by the reference."""
+    table_grads = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
+    if pair_tables and table_grads and not swap_layout:
         # gradients wrt the tables: Rotary differentiates full-width ones (expanded differentiably)
         cos, sin, k_tables = full_width(cos, sin, k_tables, interleaved)
         pair_tables = False
-    be = None if k_tables is not None else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend,
+    be = None if k_tables is not None or swap_layout else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend,
                                                              index)
     if be is not None:  # the common call (eager, no torch.func): the C++ op validates, plans, launches
         plan = Plan(unsqueeze_dim, interleaved, conj, be, pair_tables=pair_tables)
@@ -203,7 +206,7 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, k_
         except Declined:  # (anything it does not take: validated here, then the Python plan)
             pass
     idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index, k_tables, pair_tables)
-    be = _backend(q, cos, sin, backend, k_tables, pair_tables)
+    be = "reference" if swap_layout and table_grads else _backend(q, cos, sin, backend, k_tables, pair_tables)
     if pair_tables and be == "reference":  # (its PyTorch ops read full-width tables)
         cos, sin, k_tables = full_width(cos, sin, k_tables, interleaved)
         pair_tables = False
@@ -211,10 +214,11 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, k_
         check_values(q, cos, unsqueeze_dim, idx)
         kw = reference_kwargs(idx)
         ck, sk = k_tables or (cos, sin)
-        return tuple(rotary_reference_indexed(x, c, s, unsqueeze_dim, interleaved, conj, **kw)
+        return tuple(rotary_reference_indexed(x, c, s, unsqueeze_dim, interleaved, conj, swap_layout, **kw)
                      for x, c, s in ((q, cos, sin), (k, ck, sk)) if x is not None)
     cos, sin, idx, axes = _plain_if_cos_grad(q, k, cos, sin, unsqueeze_dim, interleaved, idx, axes)
-    return _run(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, conj, be, idx, axes, True, k_tables, pair_tables))
+    return _run(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, conj, be, idx, axes, True, k_tables, pair_tables,
+                                     swap_layout))
 
 
 def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, pair_tables=False, conj=False,

@@ -12,7 +12,9 @@ functional custom op ``_dispatch.rotate_op``, one opaque graph node) and under t
   PyTorch ops first, so these gradients are only taken in the plain form.)
 * k's own tables (``cos_k``/``sin_k``, ``Plan.k_tables``) go wherever the plan goes: k's
   gradient rotates back with them. Gradients wrt any table are then taken by the reference (the
-  public functions send such calls there), so ``Rotary`` never differentiates them.
+  public functions send such calls there), so ``Rotary`` never differentiates them. Likewise with
+  ``Plan.swap_layout`` (MLA's rope): its backward is the flipped plan (read in the forward's output
+  layout, written in its input's), and gradients wrt its tables go through the reference.
 
 A Function rather than custom ops with registered autograd: recording one costs less than half
 as much host time in eager mode (one-token decode forward+backward on a 2-core CPU: ~44 us
@@ -20,8 +22,7 @@ against ~100 us). Forward-mode AD (``torch.func.jvp``, ``forward_ad``) and vmap 
 reference's PyTorch ops (``_api._reference_for_transform``): dynamo cannot trace a Function
 with a custom ``jvp``.
 
-``RotaryInplace`` records the in-place rotation of one tensor; ``RotaryDeinterleave`` is
-DeepSeek-V3's MLA rope.
+``RotaryInplace`` records the in-place rotation of one tensor.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import inspect
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ._dispatch import Plan, launch_elementwise, launch_rotary, rotate
+from ._dispatch import Plan, launch_rotary, rotate
 from .reference import compute_dtype, rotate_every_two, rotate_half
 
 
@@ -131,28 +132,3 @@ class RotaryInplace(torch.autograd.Function):
     def backward(ctx, g):
         cos, sin = ctx.saved_tensors
         return rotate(g, None, cos, sin, ctx.plan.flipped())[0], None, None, None
-
-
-class RotaryDeinterleave(torch.autograd.Function):
-    """DeepSeek-V3 / MLA rope (transformers' ``apply_rotary_pos_emb_interleave``): pairs are read
-    at ``(2i, 2i + 1)`` and written at ``(i, i + R/2)``, one elementwise launch (strided views of
-    x and out); backward reads the gradient's ``(i, i + R/2)`` and writes ``(2i, 2i + 1)``, conj.
-    ``cos``/``sin``: per-pair tables broadcast to ``x[..., ::2]``."""
-
-    @staticmethod
-    def forward(ctx, x, cos, sin, backend):
-        out = torch.empty_like(x)
-        h = x.shape[-1] // 2
-        launch_elementwise(backend, x[..., 0::2], x[..., 1::2], cos, sin, out[..., :h], out[..., h:], False)
-        ctx.save_for_backward(cos, sin)
-        ctx.backend = backend
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        cos, sin = ctx.saved_tensors
-        dx = torch.empty_like(g)
-        h = g.shape[-1] // 2
-        launch_elementwise(ctx.backend, g[..., :h], g[..., h:], cos, sin, dx[..., 0::2], dx[..., 1::2], True)
-        return dx, None, None, None

@@ -135,7 +135,9 @@ class Plan(NamedTuple):
     once per call, so not again in the backward. ``k_tables``: k's own ``(cos_k, sin_k)``
     (None: k reads cos/sin), a second table pair in the same launch. ``pair_tables``: every
     table holds one entry per rotary pair (last dim R/2), read so by the kernels (``full_width``
-    expands them for the reference)."""
+    expands them for the reference). ``swap_layout``: the outputs' pairs are in the other layout
+    than ``interleaved`` (x's) says (``reference.py``; DeepSeek-V3's MLA rope): out of place, with
+    per-pair tables and no ``k_tables``."""
 
     unsqueeze_dim: int
     interleaved: bool
@@ -146,22 +148,24 @@ class Plan(NamedTuple):
     check: bool = True
     k_tables: Optional[tuple] = None
     pair_tables: bool = False
+    swap_layout: bool = False
 
     def flipped(self) -> "Plan":
-        """The backward's plan: the transposed rotation, values already checked."""
-        return Plan(self.unsqueeze_dim, self.interleaved, not self.conj, self.backend, self.idx, self.axes, False,
-                    self.k_tables, self.pair_tables)
+        """The backward's plan: the transposed rotation, values already checked (with
+        ``swap_layout``, read in the forward's output layout and written in its input's)."""
+        return Plan(self.unsqueeze_dim, self.interleaved != self.swap_layout, not self.conj, self.backend, self.idx,
+                    self.axes, False, self.k_tables, self.pair_tables, self.swap_layout)
 
     def op_args(self) -> tuple:
         """The custom ops' trailing arguments (the axes are recomputed inside)."""
         return (self.unsqueeze_dim, self.interleaved, self.conj, self.backend, self.check, *self.idx.op_args(),
-                *(self.k_tables or (None, None)), self.pair_tables)
+                *(self.k_tables or (None, None)), self.pair_tables, self.swap_layout)
 
     @classmethod
     def from_op_args(cls, unsqueeze_dim, interleaved, conj, backend, check, *rest) -> "Plan":
-        *index, cos_k, sin_k, pair_tables = rest
+        *index, cos_k, sin_k, pair_tables, swap_layout = rest
         return cls(unsqueeze_dim, interleaved, conj, backend, TokenIndex.from_op_args(*index), None, check,
-                   None if cos_k is None else (cos_k, sin_k), pair_tables)
+                   None if cos_k is None else (cos_k, sin_k), pair_tables, swap_layout)
 
 
 def full_width(cos, sin, k_tables, interleaved: bool):
@@ -188,7 +192,8 @@ def rotate(q, k, cos, sin, plan: Plan) -> list:
     """
     if torch.compiler.is_compiling():
         return rotate_op(q, k, cos, sin, *plan.op_args())
-    if plan.backend in ("cpu", "cuda") and (plan.idx is NO_INDEX or plan.idx.plain) and plan.k_tables is None:
+    if (plan.backend in ("cpu", "cuda") and (plan.idx is NO_INDEX or plan.idx.plain) and plan.k_tables is None
+            and not plan.swap_layout):
         outs = COMPILED.ops.rotary_transformers(q, k, cos, sin, plan.unsqueeze_dim, plan.interleaved, plan.conj,
                                                 plan.pair_tables)
         if outs:
@@ -206,12 +211,12 @@ def rotate_op(
     unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str, check: bool,
     positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
     offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
-    cos_k: Optional[Tensor], sin_k: Optional[Tensor], pair_tables: bool,
+    cos_k: Optional[Tensor], sin_k: Optional[Tensor], pair_tables: bool, swap_layout: bool,
 ) -> list[Tensor]:
     """``rotate`` as torch.compile records it (the autograd Functions call it while tracing)."""
     plan = Plan.from_op_args(unsqueeze_dim, interleaved, conj, backend, check, positions, cu_seqlens,
                              seqlen_offsets, offset, mrope_section, mrope_interleaved, cached, cos_k, sin_k,
-                             pair_tables)
+                             pair_tables, swap_layout)
     outs = [torch.empty_like(q)] + ([torch.empty_like(k)] if k is not None else [])
     launch_rotary(q, k, cos, sin, outs[0], outs[1] if k is not None else None, plan)
     return outs
@@ -228,13 +233,13 @@ def rotate_inplace_op(
     unsqueeze_dim: int, interleaved: bool, conj: bool, backend: str, check: bool,
     positions: Optional[Tensor], cu_seqlens: Optional[Tensor], seqlen_offsets: Optional[Tensor],
     offset: int, mrope_section: list[int], mrope_interleaved: bool, cached: bool,
-    cos_k: Optional[Tensor], sin_k: Optional[Tensor], pair_tables: bool,
+    cos_k: Optional[Tensor], sin_k: Optional[Tensor], pair_tables: bool, swap_layout: bool,
 ) -> None:
     """In-place rotation as torch.compile records it without autograd (data pointers are not
     traceable; with autograd the public functions ``copy_`` the functional result instead)."""
     plan = Plan.from_op_args(unsqueeze_dim, interleaved, conj, backend, check, positions, cu_seqlens,
                              seqlen_offsets, offset, mrope_section, mrope_interleaved, cached, cos_k, sin_k,
-                             pair_tables)
+                             pair_tables, swap_layout)
     launch_rotary(q, k, cos, sin, q, k, plan)
 
 
@@ -253,7 +258,8 @@ def launch_rotary(q, k, cos, sin, q_out, k_out, plan: Plan):
     Arguments are validated (``plan``); the kernel views of q, k and the outputs are one
     ``as_strided`` each from ``plan.axes`` (recomputed, from a cache, when the plan has none).
     One launch for q and k, two when they cannot share one (different batch/sequence/head
-    dim/dtype); with ``plan.k_tables`` the kernels read k's heads from the second table pair.
+    dim/dtype); with ``plan.k_tables`` the kernels read k's heads from the second table pair;
+    with ``plan.swap_layout`` the outputs' pairs are in the other layout (not in place).
     """
     if plan.backend == "reference" and plan.pair_tables:
         cos, sin, k_tables = full_width(cos, sin, plan.k_tables, plan.interleaved)
@@ -267,7 +273,8 @@ def launch_rotary(q, k, cos, sin, q_out, k_out, plan: Plan):
     if backend == "reference":
         for x, out, c, s in ((q, q_out, cos, sin), (k, k_out, ck, sk)):
             if x is not None:
-                out.copy_(rotary_reference_indexed(x, c, s, unsqueeze_dim, interleaved, conj, **reference_kwargs(idx)))
+                out.copy_(rotary_reference_indexed(x, c, s, unsqueeze_dim, interleaved, conj, plan.swap_layout,
+                                                   **reference_kwargs(idx)))
         return
     q_axes, k_axes = plan.axes if plan.axes is not None else kernel_axes(q, k, cos, unsqueeze_dim, idx)
     q4, qo4 = _canon.canonical_view(q, q_axes), _canon.canonical_view(q_out, q_axes)
@@ -288,13 +295,13 @@ def launch_rotary(q, k, cos, sin, q_out, k_out, plan: Plan):
         k_tables = k_tables or (None, None)
         if backend == "triton":
             TRITON.rotary_triton(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:], *k_tables,
-                                 plan.pair_tables)
+                                 plan.pair_tables, plan.swap_layout)
         elif _canon.same_view(x4, o4) and (k4 is None or _canon.same_view(k4, ko4)):
             COMPILED.ops.rotary_inplace(x4, k4, *tables[:2], interleaved, conj, *tables[2:], *k_tables,
-                                        plan.pair_tables)
+                                        plan.pair_tables, plan.swap_layout)
         else:
             COMPILED.ops.rotary(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:], *k_tables,
-                                plan.pair_tables)
+                                plan.pair_tables, plan.swap_layout)
 
 
 def launch_elementwise(backend, x1, x2, cos, sin, out1, out2, conj):

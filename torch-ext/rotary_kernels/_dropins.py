@@ -7,11 +7,8 @@ from __future__ import annotations
 import torch
 
 from . import _canon
-from ._api import apply_rotary_emb, apply_rotary_transformers
-from ._autograd import RotaryDeinterleave, functional_transform
-from ._dispatch import select_backend
+from ._api import _rotate, apply_rotary_emb, apply_rotary_transformers
 from .freqs import context_parallel_positions, cos_sin_from_angles
-from .reference import compute_dtype
 
 
 def apply_multimodal_rotary_pos_emb(q, k, cos, sin, mrope_section, unsqueeze_dim=1, *, backend=None):
@@ -38,8 +35,9 @@ def apply_rotary_pos_emb_interleave(q, k, cos, sin, position_ids=None, unsqueeze
     """Drop-in for DeepSeek-V3's ``apply_rotary_pos_emb_interleave`` (transformers; MLA's rope
     part): rotation pairs are read at ``(2i, 2i + 1)`` and written at ``(i, i + R/2)``. cos/sin:
     transformers' ``cat(freqs, freqs)`` tables ``[B, S, R]`` with ``R`` = q's and k's last dim
-    (``position_ids`` is accepted and unused, as there). One elementwise launch per tensor;
-    differentiable wrt q and k."""
+    (``position_ids`` is accepted and unused, as there); their first halves are read as per-pair
+    tables. The main rotary kernel with ``swap_layout`` (``reference.py``): q and k in one launch,
+    differentiable (the backward is the transposed map, one launch too)."""
     del position_ids
     if _canon.check_cos_sin(cos, sin) % 2:
         raise ValueError(f"the rotary dim (cos.shape[-1]) must be even, got {cos.shape[-1]}")
@@ -49,12 +47,7 @@ def apply_rotary_pos_emb_interleave(q, k, cos, sin, position_ids=None, unsqueeze
             raise ValueError(f"{name}'s last dim must be the rotary dim {cos.shape[-1]} (cos.shape[-1]), got "
                              f"shape {tuple(x.shape)}")
     h = cos.shape[-1] // 2
-    c, s = cos[..., :h].unsqueeze(unsqueeze_dim), sin[..., :h].unsqueeze(unsqueeze_dim)
-    be = "reference" if torch.compiler.is_compiling() or functional_transform() else select_backend(q.device, backend)
-    if be == "reference":  # PyTorch ops: traced by torch.compile, transformed by torch.func
-        return tuple(torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), -1).to(x.dtype) for x in (q, k)
-                     for x1, x2 in [(x[..., 0::2].to(compute_dtype(x.dtype)), x[..., 1::2].to(compute_dtype(x.dtype)))])
-    return RotaryDeinterleave.apply(q, c, s, be), RotaryDeinterleave.apply(k, c, s, be)
+    return _rotate(q, k, cos[..., :h], sin[..., :h], unsqueeze_dim, True, False, backend, {}, None, True, True)
 
 
 TE_FORMATS = ("sbhd", "bshd", "thd")

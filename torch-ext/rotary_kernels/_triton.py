@@ -24,6 +24,9 @@ Math per rotary pair ``(j1, j2)``, in fp32 (fp64 for fp64 inputs), rounded once 
 Per-pair tables (``pair_tables``, last dim ``R/2``): pair ``i`` reads entry ``i`` once, for both
 of its elements (``c2 = c1``, ``s2 = s1``): half the table loads.
 
+``swap_layout`` (DeepSeek-V3's MLA rope, ``reference.py``): pairs are loaded in x's layout and
+stored in the other one (``OUT_INTERLEAVED``), each access still a whole row; per-pair tables.
+
 Cache rows out of range: a token whose cos/sin row (``position``, see ``_index.py``) is
 outside ``[0, P)`` reads nothing out of bounds and its rotated dims are written as NaN
 (pass-through dims as usual): memory safe, no host sync (CUDA-graph safe) and visible.
@@ -240,7 +243,8 @@ _QK_NO_SPEC = ("S", "NPOS", "n_seqs", "offset", "spx", "spa", "sps", "soff")
 # The constexprs of _rotary_qk_kernel, passed as one tuple (CFG): Triton's launcher binds each
 # keyword constexpr separately (~0.3 us a piece per launch), a tuple once.
 _QK_CFG = ("HQ", "HK", "D", "HALF", "BLOCK_HQ", "BLOCK_HK", "BLOCK_HALF", "BLOCK_PASS", "INTERLEAVED", "CONJ",
-           "COPY_PASS", "ACC", "EMU", "CACHED", "CU_STEPS", "MROPE", "SEC0", "SEC1", "SEC2", "K_TABLES", "PER_PAIR")
+           "COPY_PASS", "ACC", "EMU", "CACHED", "CU_STEPS", "MROPE", "SEC0", "SEC1", "SEC2", "K_TABLES", "PER_PAIR",
+           "SWAP_LAYOUT")
 
 
 @triton.jit(do_not_specialize=_QK_NO_SPEC)
@@ -261,7 +265,7 @@ def _rotary_qk_kernel(
     BLOCK_HK: tl.constexpr = CFG[5]
     BLOCK_HALF: tl.constexpr = CFG[6]
     BLOCK_PASS: tl.constexpr = CFG[7]
-    INTERLEAVED: tl.constexpr = CFG[8]
+    INTERLEAVED: tl.constexpr = CFG[8]  # x's pair layout
     CONJ: tl.constexpr = CFG[9]
     COPY_PASS: tl.constexpr = CFG[10]
     ACC: tl.constexpr = CFG[11]
@@ -274,6 +278,8 @@ def _rotary_qk_kernel(
     SEC2: tl.constexpr = CFG[18]
     K_TABLES: tl.constexpr = CFG[19]  # k reads its own tables (cos_k/sin_k), else cos/sin
     PER_PAIR: tl.constexpr = CFG[20]  # tables [..., HALF], one entry per pair (pair_tables)
+    # the outputs' pair layout: x's, or with swap_layout the other one (MLA, PER_PAIR)
+    OUT_INTERLEAVED: tl.constexpr = INTERLEAVED != CFG[21]
     sqa, sqs, sqh, sqd = sq
     soa, sos, soh, sod = so
     ska, sks, skh, skd = sk
@@ -339,10 +345,10 @@ def _rotary_qk_kernel(
 
     # 3. rotate and store
     _store_pairs(qo_ptr, a * soa + s * sos, hq0, HQ, soh, sod, q1 * c1 - q2 * s1, q2 * c2 + q1 * s2,
-                 HALF, BLOCK_HQ, BLOCK_HALF, INTERLEAVED, EMU)
+                 HALF, BLOCK_HQ, BLOCK_HALF, OUT_INTERLEAVED, EMU)
     if k_ptr is not None:
         _store_pairs(ko_ptr, a * sla + s * sls, hk0, HK, slh, sld, k1 * kc1 - k2 * ks1, k2 * kc2 + k1 * ks2,
-                     HALF, BLOCK_HK, BLOCK_HALF, INTERLEAVED, EMU)
+                     HALF, BLOCK_HK, BLOCK_HALF, OUT_INTERLEAVED, EMU)
     if COPY_PASS:
         _copy_pass(q_ptr, qo_ptr, tq, a * soa + s * sos, hq0, HQ, sqh, sqd, soh, sod, 2 * HALF, D,
                    BLOCK_HQ, BLOCK_PASS)
@@ -437,12 +443,13 @@ _PLANS: dict = {}
 
 def rotary_triton(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, positions=None, cu_seqlens=None,
               seqlen_offsets=None, offset: int = 0, mrope_section=(), mrope_interleaved: bool = False,
-              cos_k=None, sin_k=None, pair_tables: bool = False) -> None:
+              cos_k=None, sin_k=None, pair_tables: bool = False, swap_layout: bool = False) -> None:
     """Rotate canonical q ``[A, S, Hq, D]`` (and optional k ``[A, S, Hk, D]``) into
     ``q_out``/``k_out`` (which may be q/k themselves: in place). cos/sin: ``[A, S, R]``,
     ``[3, A, S, R]`` (mrope) or ``[P, R]`` caches read at each token's position (``_index.py``);
     cos_k/sin_k (optional, in cos/sin's form): k's own tables. ``pair_tables``: every table's
-    last dim is ``R/2``, one entry per pair."""
+    last dim is ``R/2``, one entry per pair. ``swap_layout``: outputs in the other pair layout
+    (out of place, per-pair tables)."""
     A, S, HQ, D = q.shape
     HK = k.shape[2] if k is not None else 0
     if HK == 0:
@@ -455,10 +462,11 @@ def rotary_triton(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, p
     if A * S == 0 or HQ * D == 0:
         return
     half = R // 2
-    key = (HQ, HK, half, q.dtype, interleaved, k is not None)
+    rows_whole = interleaved and not swap_layout  # (every access a whole row: else half rows decide the width)
+    key = (HQ, HK, half, q.dtype, rows_whole, k is not None)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS[key] = _plan(HQ, HK, half, q.element_size(), interleaved, k is not None)
+        plan = _PLANS[key] = _plan(HQ, HK, half, q.element_size(), rows_whole, k is not None)
     block_hq, block_hk, block_half, groups, warps = plan
     copy_pass = R < D and (q_out.data_ptr() != q.data_ptr() or (k is not None and k_out.data_ptr() != k.data_ptr()))
     cached = cos.dim() == 2
@@ -486,7 +494,7 @@ def rotary_triton(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, p
          min(triton.next_power_of_2(max(D - R, 1)), 128) if copy_pass else 1,
          interleaved, conj, copy_pass, _acc_dtype(q.dtype), _INTERPRET, cached,
          _cu_steps(n_seqs) if cu_seqlens is not None else 0,
-         (2 if mrope_interleaved else 1) if mrope_section else 0, *sec, k_tables, pair_tables),
+         (2 if mrope_interleaved else 1) if mrope_section else 0, *sec, k_tables, pair_tables, swap_layout),
         num_warps=warps,
     )
 

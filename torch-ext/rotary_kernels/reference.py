@@ -21,6 +21,14 @@ Two options of the public functions map onto these conventions:
 * ``conj=True``: the transpose of the rotation, ``x * cos - rotate(x * sin)``: the backward
   of the rotation and, for RoPE tables (both elements of a pair share their angle), the
   rotation by ``-theta``, ``x * cos - rotate(x) * sin`` (nanochat's ``apply_rotary_pos_emb``).
+* ``swap_layout`` (internal: ``Plan``, the ops' trailing bool): the pairs are read in one layout
+  and written in the other (``interleaved`` names the read one): x is rotated as above, then its
+  first R dims are moved to the other layout (``swap_pair_layout``). DeepSeek-V3's MLA rope
+  (transformers' ``apply_rotary_pos_emb_interleave``) is ``interleaved`` + ``swap_layout``: pairs
+  read at ``(2i, 2i + 1)``, written at ``(i, i + R/2)``; its transpose (the backward) reads
+  half-split and writes interleaved, with ``conj``. The kernels take it with per-pair tables only
+  (pair ``i`` reads entry ``i`` whatever the layout; here, the full-width expansion in the read
+  layout). Out of place only.
 
 Separate tables for k (``cos_k``/``sin_k``, flash-attn's ``apply_rotary_emb_qkv_`` and
 TransformerEngine's fused QKV rope): q rotates with (cos, sin) and k with (cos_k, sin_k), each
@@ -52,6 +60,17 @@ def full_width_tables(t: torch.Tensor, interleaved: bool = False) -> torch.Tenso
     return t.repeat_interleave(2, dim=-1) if interleaved else torch.cat((t, t), dim=-1)
 
 
+def swap_pair_layout(x: torch.Tensor, r: int, interleaved: bool) -> torch.Tensor:
+    """x's first ``r`` dims moved from one pair layout to the other: interleaved ``(2i, 2i + 1)``
+    to half-split ``(i, i + r/2)`` when ``interleaved``, else back."""
+    x_rot, x_pass = x[..., :r], x[..., r:]
+    if interleaved:
+        y = torch.cat((x_rot[..., 0::2], x_rot[..., 1::2]), dim=-1)
+    else:
+        y = torch.stack((x_rot[..., : r // 2], x_rot[..., r // 2 :]), dim=-1).flatten(-2)
+    return torch.cat((y, x_pass), dim=-1) if x_pass.shape[-1] else y
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -63,9 +82,11 @@ def rotary_reference(
     unsqueeze_dim: int = 1,
     interleaved: bool = False,
     conj: bool = False,
+    swap_layout: bool = False,
 ) -> torch.Tensor:
     """Rotate one tensor: ``x * cos + rotate(x) * sin`` on the first R dims; with ``conj`` the
-    transpose of that rotation, ``x * cos - rotate(x * sin)`` (``rotate`` is antisymmetric)."""
+    transpose of that rotation, ``x * cos - rotate(x * sin)`` (``rotate`` is antisymmetric);
+    with ``swap_layout`` the result's pairs moved to the other layout (``swap_pair_layout``)."""
     r = cos.shape[-1]
     acc = compute_dtype(x.dtype)
     cos = cos.unsqueeze(unsqueeze_dim).to(acc)
@@ -73,6 +94,8 @@ def rotary_reference(
     x_rot, x_pass = x[..., :r].to(acc), x[..., r:]
     rotate = rotate_every_two if interleaved else rotate_half
     out = (x_rot * cos - rotate(x_rot * sin) if conj else x_rot * cos + rotate(x_rot) * sin).to(x.dtype)
+    if swap_layout:
+        out = swap_pair_layout(out, r, interleaved)
     return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
 
 
@@ -202,10 +225,11 @@ def materialize_cos_sin(x, cos, sin, unsqueeze_dim=1, interleaved=False, positio
     return (select_mrope([c for c, _ in cs], axes, interleaved), select_mrope([s for _, s in cs], axes, interleaved))
 
 
-def rotary_reference_indexed(x, cos, sin, unsqueeze_dim=1, interleaved=False, conj=False, **index):
+def rotary_reference_indexed(x, cos, sin, unsqueeze_dim=1, interleaved=False, conj=False, swap_layout=False,
+                             **index):
     """``rotary_reference`` with the token-position options above (``index``: positions,
     cu_seqlens, seqlen_offsets, mrope_section, mrope_interleaved)."""
     if not any(v is not None and v is not False for v in index.values()):
-        return rotary_reference(x, cos, sin, unsqueeze_dim, interleaved, conj)
+        return rotary_reference(x, cos, sin, unsqueeze_dim, interleaved, conj, swap_layout)
     c, s = materialize_cos_sin(x, cos, sin, unsqueeze_dim, interleaved, **index)
-    return rotary_reference(x, c, s, unsqueeze_dim, interleaved, conj)
+    return rotary_reference(x, c, s, unsqueeze_dim, interleaved, conj, swap_layout)
