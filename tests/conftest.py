@@ -39,3 +39,15 @@ TOL = {
 @pytest.fixture(params=KERNEL_CASES)
 def dev_backend(request):
     return request.param
+
+
+@pytest.fixture(params=[pytest.param(("cpu", "reference"), id="cpu-reference")] + KERNEL_CASES)
+def backend(request):
+    """(device, backend): the reference and every kernel backend that runs here (test files
+    that parametrize ``backend`` themselves override it)."""
+    return request.param
+
+
+def rand(*shape, dtype=torch.float32, seed=0, device="cpu"):
+    """A seeded normal tensor (made on CPU, then moved: the same values on every device)."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)

@@ -12,18 +12,8 @@ from rotary_kernels import _dispatch
 from rotary_kernels.reference import (apply_rotary_transformers_reference, full_width_tables, rotary_reference,
                                       rotary_reference_indexed)
 
-from conftest import KERNEL_CASES, TOL
+from conftest import TOL, rand
 from zoo import CountOps, namespace
-
-
-@pytest.fixture(params=[pytest.param(("cpu", "reference"), id="cpu-reference")] + KERNEL_CASES)
-def backend(request):
-    """(device, backend): the reference and every kernel backend that runs here."""
-    return request.param
-
-
-def rand(*shape, dtype=torch.float32, seed=0, device="cpu"):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
 
 
 def tables(*lead, R, seed, dtype=torch.float32, device="cpu"):

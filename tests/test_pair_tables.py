@@ -10,17 +10,7 @@ import rotary_kernels as rk
 from rotary_kernels import _dispatch, reference
 from rotary_kernels.reference import full_width_tables, rotary_reference_indexed
 
-from conftest import KERNEL_CASES, TOL
-
-
-@pytest.fixture(params=[pytest.param(("cpu", "reference"), id="cpu-reference")] + KERNEL_CASES)
-def backend(request):
-    """(device, backend): the reference and every kernel backend that runs here."""
-    return request.param
-
-
-def rand(*shape, dtype=torch.float32, seed=0, device="cpu"):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype).to(device)
+from conftest import TOL, rand
 
 
 def pair_tables(*lead, half, seed, dtype=torch.float32, device="cpu"):

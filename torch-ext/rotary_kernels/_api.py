@@ -195,8 +195,8 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, k_
         # gradients wrt the tables: Rotary differentiates full-width ones (expanded differentiably)
         cos, sin, k_tables = full_width(cos, sin, k_tables, interleaved)
         pair_tables = False
-    be = None if k_tables is not None or swap_layout else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend,
-                                                             index)
+    one_call = k_tables is None and not swap_layout  # (the C++ one-call entry takes neither)
+    be = _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index) if one_call else None
     if be is not None:  # the common call (eager, no torch.func): the C++ op validates, plans, launches
         plan = Plan(unsqueeze_dim, interleaved, conj, be, pair_tables=pair_tables)
         try:

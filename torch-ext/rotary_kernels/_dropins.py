@@ -47,7 +47,8 @@ def apply_rotary_pos_emb_interleave(q, k, cos, sin, position_ids=None, unsqueeze
             raise ValueError(f"{name}'s last dim must be the rotary dim {cos.shape[-1]} (cos.shape[-1]), got "
                              f"shape {tuple(x.shape)}")
     h = cos.shape[-1] // 2
-    return _rotate(q, k, cos[..., :h], sin[..., :h], unsqueeze_dim, True, False, backend, {}, None, True, True)
+    return _rotate(q, k, cos[..., :h], sin[..., :h], unsqueeze_dim, True, False, backend, {}, pair_tables=True,
+                   swap_layout=True)
 
 
 TE_FORMATS = ("sbhd", "bshd", "thd")
