@@ -153,8 +153,9 @@ class Plan(NamedTuple):
     def flipped(self) -> "Plan":
         """The backward's plan: the transposed rotation, values already checked (with
         ``swap_layout``, read in the forward's output layout and written in its input's)."""
-        return Plan(self.unsqueeze_dim, self.interleaved != self.swap_layout, not self.conj, self.backend, self.idx,
-                    self.axes, False, self.k_tables, self.pair_tables, self.swap_layout)
+        return tuple.__new__(Plan, (self.unsqueeze_dim, self.interleaved != self.swap_layout, not self.conj,
+                                    self.backend, self.idx, self.axes, False, self.k_tables, self.pair_tables,
+                                    self.swap_layout))  # (tuple.__new__: no Python frame, on every backward)
 
     def op_args(self) -> tuple:
         """The custom ops' trailing arguments (the axes are recomputed inside)."""
@@ -190,7 +191,7 @@ def rotate(q, k, cos, sin, plan: Plan) -> list:
     (``rotary_transformers``, torch_binding.cpp: views, allocation and launch in one dispatch);
     anything else is allocated here and launched by ``launch_rotary``.
     """
-    if torch.compiler.is_compiling():
+    if plan.axes is not None and torch.compiler.is_compiling():  # (a plan without axes is eager: _api._rotate)
         return rotate_op(q, k, cos, sin, *plan.op_args())
     if (plan.backend in ("cpu", "cuda") and (plan.idx is NO_INDEX or plan.idx.plain) and plan.k_tables is None
             and not plan.swap_layout):
