@@ -105,19 +105,21 @@ struct CSTable {
   PairCS<acc_t> at(int64_t i) const { return {c1[i], c2[i], s1[i], s2[i]}; }
 };
 
-// Software prefetch of rows while other rows are rotated: for row r < rows of a call, the row
-// dx elements past x's row r (and dy past y's) is fetched, `bytes` of each.
+// Software prefetch of a row of x and y (y only when it is not x), `bytes` of each.
+template <typename T>
+inline void prefetch_row(const T* x, const T* y, int64_t bytes) {
+  const char* px = reinterpret_cast<const char*>(x);
+  const char* py = reinterpret_cast<const char*>(y);
+  for (int64_t off = 0; off < bytes; off += 64) {
+    __builtin_prefetch(px + off, 0, 3);
+    if (py != px) __builtin_prefetch(py + off, 1, 3);
+  }
+}
+
+// The prefetches of a call that rotates several rows (rotate_bf16_rows_avx512bf16): row r < rows
+// fetches the row dx elements past x's row r (and dy past y's), `bytes` of each.
 struct RowPrefetch {
   int64_t rows = 0, dx = 0, dy = 0, bytes = 0;
-  template <typename T>
-  void fetch(const T* xr, const T* yr) const {
-    const char* px = reinterpret_cast<const char*>(xr + dx);
-    const char* py = reinterpret_cast<const char*>(yr + dy);
-    for (int64_t off = 0; off < bytes; off += 64) {
-      __builtin_prefetch(px + off, 0, 3);
-      if (py != px) __builtin_prefetch(py + off, 1, 3);
-    }
-  }
 };
 
 // All pairs of a row with a contiguous head dim. Iteration i reads and writes only its own
@@ -250,7 +252,7 @@ __attribute__((target("avx512f,avx512dq,avx512bf16"))) void rotate_bf16_rows_avx
     for (int64_t r = 0; r < n; ++r) {
       const c10::BFloat16* xr = x + r * sx + i;
       c10::BFloat16* yr = y + r * sy + i;
-      if (i == 0 && r < pf.rows) pf.fetch(x + r * sx, y + r * sy);
+      if (i == 0 && r < pf.rows) prefetch_row(x + r * sx + pf.dx, y + r * sy + pf.dy, pf.bytes);
       __m512 ya[2], yb[2];
       __mmask16 odd = 0;
       for (int u = 0; u < 2; ++u) {
@@ -493,32 +495,39 @@ inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int6
   }
 }
 
-// Rows x + r * sxh, r in [0, n): heads of one token, all rotated with its table row cs; row
-// r < pf.rows first prefetches its row pf.dx (pf.dy) elements ahead. bf16 rows on CPUs with
-// AVX512-BF16 take one call for all n rows (rotate_bf16_rows_avx512bf16), the others one each.
-template <typename scalar_t, typename acc_t, bool interleaved, bool swap>
-inline void rotate_rows(const scalar_t* x, scalar_t* y, int64_t n, int64_t sxh, int64_t syh, int64_t sxd, int64_t syd,
-                        int64_t D, int64_t half, bool copy_pass, const CSTable<acc_t>& cs, bool same,
-                        const CpuIsa& isa, const RowPrefetch& pf) {
+// Do o's rows have a kernel that rotates all heads of a token in one call (rotate_rows)? bf16
+// rotate-half rows on CPUs with AVX512-BF16; the other rows are taken one by one (rotate_row).
+template <typename scalar_t, bool interleaved, bool swap>
+inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa& isa) {
 #ifdef RK_HAVE_AVX512_BF16_PATH
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && !interleaved && !swap) {
-    if (isa.avx512bf16 && sxd == 1 && syd == 1 && half % 32 == 0) {
-      if (same) {
-        rotate_bf16_rows_avx512bf16<true>(x, y, n, sxh, syh, half, cs.c1, cs.c2, cs.s1, cs.s2, pf);
-      } else {
-        rotate_bf16_rows_avx512bf16<false>(x, y, n, sxh, syh, half, cs.c1, cs.c2, cs.s1, cs.s2, pf);
-      }
-      for (int64_t r = 0; r < n && copy_pass; ++r) {
-        std::memcpy(y + r * syh + 2 * half, x + r * sxh + 2 * half, (D - 2 * half) * sizeof(scalar_t));
-      }
-      return;
-    }
+    return isa.avx512bf16 && o.sx.d == 1 && o.sy.d == 1 && half % 32 == 0;
   }
 #endif
-  for (int64_t r = 0; r < n; ++r) {
-    if (r < pf.rows) pf.fetch(x + r * sxh, y + r * syh);
-    rotate_row<scalar_t, acc_t, interleaved, swap>(x + r * sxh, y + r * syh, sxd, syd, D, half, copy_pass, cs, same, isa);
+  (void)o, (void)half, (void)isa;
+  return false;
+}
+
+// Rows x + r * o.sx.h (y + r * o.sy.h), r in [0, n): heads of one token, all rotated with its
+// table row cs in one call; only for operands that rows_at_once accepts.
+template <typename scalar_t, typename acc_t, bool interleaved, bool swap>
+inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t* y, int64_t n, int64_t D,
+                        int64_t half, const CSTable<acc_t>& cs, bool same, const RowPrefetch& pf) {
+#ifdef RK_HAVE_AVX512_BF16_PATH
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && !interleaved && !swap) {
+    if (same) {
+      rotate_bf16_rows_avx512bf16<true>(x, y, n, o.sx.h, o.sy.h, half, cs.c1, cs.c2, cs.s1, cs.s2, pf);
+    } else {
+      rotate_bf16_rows_avx512bf16<false>(x, y, n, o.sx.h, o.sy.h, half, cs.c1, cs.c2, cs.s1, cs.s2, pf);
+    }
+    for (int64_t r = 0; r < n && o.copy_pass; ++r) {
+      std::memcpy(y + r * o.sy.h + 2 * half, x + r * o.sx.h + 2 * half, (D - 2 * half) * sizeof(scalar_t));
+    }
+    return;
   }
+#endif
+  (void)o, (void)x, (void)y, (void)n, (void)D, (void)half, (void)cs, (void)same, (void)pf;
+  TORCH_INTERNAL_ASSERT(false, "rotary: rotate_rows on rows without a rows kernel");
 }
 
 template <typename scalar_t, typename cs_t>
@@ -560,21 +569,28 @@ struct CpuParams {
 //     walking one token across all heads jumps S*D elements per head, one stream per head (40
 //     for Llama-3's q + k), more than the hardware prefetchers follow (3-5x slower here). Each
 //     row reads its own token's table row (for bf16 twice the row's bytes), so the tables are
-//     taken from L2 (256 tokens: 128-256 KB) and kHeadsAtOnce heads walk their runs side by
-//     side, each table row serving both: longer runs and half the table traffic, at 2048 tokens
-//     ~20-25% faster than 32-token blocks one head at a time (more heads at once: slower).
+//     taken from L2 (256 tokens: 128-256 KB) and a few heads walk their runs side by side, each
+//     table row serving all of them: longer runs and a fraction of the table traffic.
+//     kHeadsAtOnce for rows taken one by one (at 2048 tokens ~20-25% faster than 32-token
+//     blocks one head at a time; more heads: slower), kHeadsAtOnceRows for rows taken a token's
+//     heads at a time (rotate_rows: the table chunk in registers serves them all, one call for
+//     all: bf16 2 heads rather than 4 1.3x slower in place, 1.1-1.25x out of place, 1 and 2
+//     threads).
 // Gaps in the walk (a qkv slice skips v; a head-major block's run of a head ends every block)
 // stall the hardware prefetchers, so rows with a contiguous head dim are also prefetched in
 // software: token-major walks fetch each row one token ahead, head-major walks kPrefetchBytes
-// ahead in each head's run, on into the next heads' runs (2-4x on a qkv slice and on
-// [B, H, S, D] here, ~10% on the dense layouts; 8 KB ahead rather than 4 KB: fp32 [B, H, S, D]
-// at 2048 tokens ~15% faster).
+// (kPrefetchBytesRows) ahead in each head's run, on into the next heads' runs (2-4x on a qkv
+// slice and on [B, H, S, D] here, ~10% on the dense layouts; fp32 rows 8 KB ahead rather than
+// 4 KB: [B, H, S, D] at 2048 tokens ~15% faster; 4 bf16 heads 8 KB ahead overflow L1: out of
+// place 1.25-1.45x slower than 2 KB).
 // Each row is read and written once whatever the order, with the same arithmetic: the order
 // changes the speed only, never a bit of the result.
 constexpr int64_t kTokBlock = 32;
 constexpr int64_t kTokBlockHeadMajor = 256;
-constexpr int64_t kHeadsAtOnce = 2;
-constexpr int64_t kPrefetchBytes = 8192;
+constexpr int64_t kHeadsAtOnce = 2;          // rows taken one by one (rotate_row)
+constexpr int64_t kPrefetchBytes = 8192;     // ahead in each of their runs
+constexpr int64_t kHeadsAtOnceRows = 4;      // rows taken together (rotate_rows)
+constexpr int64_t kPrefetchBytesRows = 2048;
 constexpr int64_t kPrefetchMin = int64_t{16} << 20;
 
 // Are x's heads its outer dimension (rather than the tokens)? The output's layout decides when
@@ -607,11 +623,12 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t half = p.half;
   const int n_axes = p.ti.mrope ? 3 : 1;
-  bool outer[2] = {false, false}, all_token_major = true;
+  bool outer[2] = {false, false}, at_once[2] = {false, false}, all_token_major = true;
   bool prefetch = p.prefetch;
   for (int k = 0; k < p.n_ops; ++k) {
     const Operand<scalar_t>& o = p.ops[k];
     outer[k] = heads_outer(o);
+    at_once[k] = rows_at_once<scalar_t, interleaved, swap>(o, half, p.isa);
     all_token_major = all_token_major && !outer[k];
     prefetch = prefetch && o.sx.d == 1 && o.sy.d == 1;
   }
@@ -637,7 +654,6 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   // costs ~90 ns more a token here, 16% of a 512-token bf16 call).
   const bool plain_rows = !interleaved && !p.ti.mrope;  // (and the set's rows contiguous: below)
   const int64_t row_bytes = p.D * static_cast<int64_t>(sizeof(scalar_t));
-  const int64_t dist = prefetch ? (kPrefetchBytes + row_bytes - 1) / row_bytes : 0;  // rows ahead
 
   int64_t a = begin / p.S, s = begin % p.S;  // the next token to set up, stepped (no divisions)
   for (int64_t t0 = begin; t0 < end; t0 += tb) {
@@ -720,47 +736,70 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
     if (all_token_major) {
       // Token outer, then each operand's heads; each row prefetches the same row one token ahead.
       for (int64_t b = 0; b < n; ++b) {
-        const bool pf_next = dist > 0 && b + 1 < n;
+        const bool pf_next = prefetch && b + 1 < n;
         for (int k = 0; k < p.n_ops; ++k) {
           const Operand<scalar_t>& o = p.ops[k];
           const int64_t xo = xoff[k * tb + b], yo = yoff[k * tb + b];
           const int64_t xn = xoff[k * tb + b + pf_next], yn = yoff[k * tb + b + pf_next];
-          const RowPrefetch pf{pf_next ? o.H : 0, xn - xo, yn - yo, row_bytes};
-          rotate_rows<scalar_t, acc_t, interleaved, swap>(o.x + xo, o.y + yo, o.H, o.sx.h, o.sy.h, o.sx.d, o.sy.d, p.D,
-                                                          half, o.copy_pass, tabs[p.tset[k] * tb + b], same, p.isa, pf);
+          const CSTable<acc_t>& cs = tabs[p.tset[k] * tb + b];
+          if (at_once[k]) {
+            const RowPrefetch pf{pf_next ? o.H : 0, xn - xo, yn - yo, row_bytes};
+            rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x + xo, o.y + yo, o.H, p.D, half, cs, same, pf);
+            continue;
+          }
+          for (int64_t h = 0; h < o.H; ++h) {
+            if (pf_next) prefetch_row(o.x + xn + h * o.sx.h, o.y + yn + h * o.sy.h, row_bytes);
+            rotate_row<scalar_t, acc_t, interleaved, swap>(o.x + xo + h * o.sx.h, o.y + yo + h * o.sy.h, o.sx.d, o.sy.d,
+                                                           p.D, half, o.copy_pass, cs, same, p.isa);
+          }
         }
       }
     } else {
-      // Per operand, in its own order; a head-major one prefetches `dist` rows ahead within its
-      // walk, across into the next head's run.
+      // Per operand, in its own order.
       for (int k = 0; k < p.n_ops; ++k) {
         const Operand<scalar_t>& o = p.ops[k];
         const int64_t* xo = xoff.data() + k * tb;
         const int64_t* yo = yoff.data() + k * tb;
         if (!outer[k]) {
           for (int64_t b = 0; b < n; ++b) {
-            rotate_rows<scalar_t, acc_t, interleaved, swap>(o.x + xo[b], o.y + yo[b], o.H, o.sx.h, o.sy.h, o.sx.d, o.sy.d,
-                                                            p.D, half, o.copy_pass, tabs[p.tset[k] * tb + b], same,
-                                                            p.isa, RowPrefetch{});
+            const CSTable<acc_t>& cs = tabs[p.tset[k] * tb + b];
+            if (at_once[k]) {
+              rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x + xo[b], o.y + yo[b], o.H, p.D, half, cs, same,
+                                                              RowPrefetch{});
+              continue;
+            }
+            for (int64_t h = 0; h < o.H; ++h) {
+              rotate_row<scalar_t, acc_t, interleaved, swap>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
+                                                             o.sy.d, p.D, half, o.copy_pass, cs, same, p.isa);
+            }
           }
           continue;
         }
-        // kHeadsAtOnce heads side by side: token b's rows of heads h0, h0 + 1, ..., then b + 1's;
-        // each head's run prefetches `d` rows ahead, past the block's end into the run of the
-        // head kHeadsAtOnce further.
-        const int64_t d = std::min(dist, n);  // rows ahead, within [0, n]
-        for (int64_t h0 = 0; h0 < o.H; h0 += kHeadsAtOnce) {
-          const int64_t h1 = std::min(h0 + kHeadsAtOnce, o.H);
+        // `heads` heads side by side: token b's rows of heads h0, h0 + 1, ..., then b + 1's; each
+        // head's run prefetches `d` rows ahead, past the block's end into the run of the head
+        // `heads` further.
+        const int64_t heads = at_once[k] ? kHeadsAtOnceRows : kHeadsAtOnce;
+        const int64_t ahead = at_once[k] ? kPrefetchBytesRows : kPrefetchBytes;
+        const int64_t d = prefetch ? std::min((ahead + row_bytes - 1) / row_bytes, n) : 0;  // rows ahead, in [0, n]
+        for (int64_t h0 = 0; h0 < o.H; h0 += heads) {
+          const int64_t h1 = std::min(h0 + heads, o.H);
           for (int64_t b = 0; b < n; ++b) {
-            RowPrefetch pf{};
-            if (d > 0) {
-              const int64_t b2 = b + d < n ? b + d : b + d - n, dh = b + d < n ? 0 : kHeadsAtOnce;
-              pf = {std::max<int64_t>(0, std::min(h1, o.H - dh) - h0), xo[b2] - xo[b] + dh * o.sx.h,
-                    yo[b2] - yo[b] + dh * o.sy.h, row_bytes};
+            const CSTable<acc_t>& cs = tabs[p.tset[k] * tb + b];
+            const int64_t b2 = b + d < n ? b + d : b + d - n, dh = b + d < n ? 0 : heads;  // (b2, h + dh): prefetched
+            if (at_once[k]) {
+              const RowPrefetch pf{d > 0 ? std::max<int64_t>(0, std::min(h1, o.H - dh) - h0) : 0,
+                                   xo[b2] - xo[b] + dh * o.sx.h, yo[b2] - yo[b] + dh * o.sy.h, row_bytes};
+              rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x + xo[b] + h0 * o.sx.h, o.y + yo[b] + h0 * o.sy.h,
+                                                              h1 - h0, p.D, half, cs, same, pf);
+              continue;
             }
-            rotate_rows<scalar_t, acc_t, interleaved, swap>(o.x + xo[b] + h0 * o.sx.h, o.y + yo[b] + h0 * o.sy.h, h1 - h0,
-                                                            o.sx.h, o.sy.h, o.sx.d, o.sy.d, p.D, half, o.copy_pass,
-                                                            tabs[p.tset[k] * tb + b], same, p.isa, pf);
+            for (int64_t h = h0; h < h1; ++h) {
+              if (d > 0 && h + dh < o.H) {
+                prefetch_row(o.x + xo[b2] + (h + dh) * o.sx.h, o.y + yo[b2] + (h + dh) * o.sy.h, row_bytes);
+              }
+              rotate_row<scalar_t, acc_t, interleaved, swap>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
+                                                             o.sy.d, p.D, half, o.copy_pass, cs, same, p.isa);
+            }
           }
         }
       }
