@@ -780,7 +780,11 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         // `heads` further.
         const int64_t heads = at_once[k] ? kHeadsAtOnceRows : kHeadsAtOnce;
         const int64_t ahead = at_once[k] ? kPrefetchBytesRows : kPrefetchBytes;
-        const int64_t d = prefetch ? std::min((ahead + row_bytes - 1) / row_bytes, n) : 0;  // rows ahead, in [0, n]
+        // Out of place, 4 heads' runs of x and y are more streams than the hardware prefetchers
+        // follow: rows taken together prefetch whatever the size (512 tokens: 1.15-1.2x faster;
+        // in place it costs 5-8% there).
+        const bool fetch = prefetch || (at_once[k] && o.x != o.y);
+        const int64_t d = fetch ? std::min((ahead + row_bytes - 1) / row_bytes, n) : 0;  // rows ahead, in [0, n]
         for (int64_t h0 = 0; h0 < o.H; h0 += heads) {
           const int64_t h1 = std::min(h0 + heads, o.H);
           for (int64_t b = 0; b < n; ++b) {
