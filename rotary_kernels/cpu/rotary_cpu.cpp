@@ -10,7 +10,7 @@
 // picked at load time (GCC function multiversioning), so one binary runs everywhere.
 // On CPUs with AVX-512F, bf16 rotate-half rows take explicit 512-bit code (rotate_avx512, same
 // arithmetic and conversions, so the same bits), narrowed by AVX512-BF16's vcvtne2ps2bf16 where
-// the CPU has it (rotate_bf16_rows_avx512bf16, the same bits too), all heads of a token in one call.
+// the CPU has it (rotate_bf16_tokens_avx512bf16, the same bits too), many rows a call.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -116,10 +116,17 @@ inline void prefetch_row(const T* x, const T* y, int64_t bytes) {
   }
 }
 
-// The prefetches of a call that rotates several rows (rotate_bf16_rows_avx512bf16): row r < rows
-// fetches the row dx elements past x's row r (and dy past y's), `bytes` of each.
+// The prefetches of the rows of one token (bf16_rows_avx512bf16): row r < rows fetches the row
+// dx elements past x's row r (and dy past y's), `bytes` of each.
 struct RowPrefetch {
   int64_t rows = 0, dx = 0, dy = 0, bytes = 0;
+};
+
+// The prefetches of a walk over the rows of tokens b (offsets xo[b], yo[b] of n) and heads r:
+// each row fetches the same head's row d tokens ahead, or past the n-th token, token b + d - n's
+// row of head r + dh, for r < wrap_rows (the next heads' runs, where they exist). d = 0: none.
+struct WalkPrefetch {
+  int64_t d = 0, n = 0, dh = 0, wrap_rows = 0, bytes = 0;
 };
 
 // All pairs of a row with a contiguous head dim. Iteration i reads and writes only its own
@@ -227,12 +234,12 @@ __attribute__((target("avx512f"))) void rotate_avx512(const scalar_t* x, scalar_
 // flushes denormals and keeps a NaN's sign), so a step whose results hold either is narrowed by
 // bf16x16_store instead (vfpclassps finds them).
 // n rows at once, x + r * sx for r in [0, n) (the heads of a token, which share its table row):
-// per 32 pairs the table values are loaded into registers once and applied to every row, and
-// the call, its prologue and the loop set-up are paid once per token, not once per row (1.3-1.8x
-// on bf16 rows here, every layout). Row r < pf.rows also prefetches its row pf.dx (pf.dy)
-// elements ahead while the first pairs are rotated, spreading the prefetches over the rows.
+// per 32 pairs the table values are loaded into registers once and applied to every row (1.3-1.8x
+// on bf16 rows here, every layout, against one call per row). Row r < pf.rows also prefetches
+// its row pf.dx (pf.dy) elements ahead while the first pairs are rotated, spreading the
+// prefetches over the rows.
 template <bool same>
-__attribute__((target("avx512f,avx512dq,avx512bf16"))) void rotate_bf16_rows_avx512bf16(
+__attribute__((target("avx512f,avx512dq,avx512bf16"), always_inline)) inline void bf16_rows_avx512bf16(
     const c10::BFloat16* x, c10::BFloat16* y, int64_t n, int64_t sx, int64_t sy, int64_t half, const float* c1,
     const float* c2, const float* s1, const float* s2, const RowPrefetch& pf) {
   if (same) {
@@ -285,13 +292,32 @@ __attribute__((target("avx512f,avx512dq,avx512bf16"))) void rotate_bf16_rows_avx
     }
   }
 }
+
+// bf16_rows_avx512bf16 over tokens b in [0, n_tok): rows x + xo[b] + r * sx, r in [0, nh), with
+// table row cs[b]. One call per block of a head-major walk, not one per token: the call and its
+// set-up cost ~10 ns, 20% of a 512-token call here at 4 heads a call.
+template <bool same>
+__attribute__((target("avx512f,avx512dq,avx512bf16"))) void rotate_bf16_tokens_avx512bf16(
+    const c10::BFloat16* x, c10::BFloat16* y, const int64_t* xo, const int64_t* yo, int64_t n_tok, int64_t nh,
+    int64_t sx, int64_t sy, int64_t half, const CSTable<float>* cs, const WalkPrefetch& pf) {
+  for (int64_t b = 0; b < n_tok; ++b) {
+    RowPrefetch rp{};
+    if (pf.d > 0 && b + pf.d < pf.n) {
+      rp = {nh, xo[b + pf.d] - xo[b], yo[b + pf.d] - yo[b], pf.bytes};
+    } else if (pf.d > 0) {
+      const int64_t b2 = b + pf.d - pf.n;
+      rp = {pf.wrap_rows, xo[b2] - xo[b] + pf.dh * sx, yo[b2] - yo[b] + pf.dh * sy, pf.bytes};
+    }
+    bf16_rows_avx512bf16<same>(x + xo[b], y + yo[b], nh, sx, sy, half, cs[b].c1, cs[b].c2, cs[b].s1, cs[b].s2, rp);
+  }
+}
 #endif
 
 // The instruction sets the row paths use, as found on this CPU at load time.
 struct CpuIsa {
   bool f16c;        // F16C (fp16 rows convert 8 elements per instruction)
   bool avx512;      // AVX-512F (bf16 rows take rotate_avx512)
-  bool avx512bf16;  // and AVX512-BF16 and DQ (bf16 rows take rotate_bf16_rows_avx512bf16)
+  bool avx512bf16;  // and AVX512-BF16 and DQ (bf16 rows take rotate_bf16_tokens_avx512bf16)
 };
 
 template <typename scalar_t, typename acc_t, bool interleaved>
@@ -309,10 +335,11 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd,
 #ifdef RK_HAVE_AVX512_BF16_PATH
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && !interleaved) {
     if (isa.avx512bf16 && sxd == 1 && syd == 1 && half % 32 == 0) {
+      const int64_t zero = 0;
       if (same) {
-        rotate_bf16_rows_avx512bf16<true>(x, y, 1, 0, 0, half, cs.c1, cs.c2, cs.s1, cs.s2, RowPrefetch{});
+        rotate_bf16_tokens_avx512bf16<true>(x, y, &zero, &zero, 1, 1, 0, 0, half, &cs, WalkPrefetch{});
       } else {
-        rotate_bf16_rows_avx512bf16<false>(x, y, 1, 0, 0, half, cs.c1, cs.c2, cs.s1, cs.s2, RowPrefetch{});
+        rotate_bf16_tokens_avx512bf16<false>(x, y, &zero, &zero, 1, 1, 0, 0, half, &cs, WalkPrefetch{});
       }
       if (copy_pass) std::memcpy(y + 2 * half, x + 2 * half, (D - 2 * half) * sizeof(scalar_t));
       return;
@@ -508,25 +535,31 @@ inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa&
   return false;
 }
 
-// Rows x + r * o.sx.h (y + r * o.sy.h), r in [0, n): heads of one token, all rotated with its
-// table row cs in one call; only for operands that rows_at_once accepts.
+// Rows x + xo[b] + r * o.sx.h (y + yo[b] + r * o.sy.h) of tokens b in [0, n_tok) and heads r in
+// [0, nh), token b's rotated with table row cs[b], in one call; only for operands that
+// rows_at_once accepts.
 template <typename scalar_t, typename acc_t, bool interleaved, bool swap>
-inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t* y, int64_t n, int64_t D,
-                        int64_t half, const CSTable<acc_t>& cs, bool same, const RowPrefetch& pf) {
+inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t* y, const int64_t* xo,
+                        const int64_t* yo, int64_t n_tok, int64_t nh, int64_t D, int64_t half,
+                        const CSTable<acc_t>* cs, bool same, const WalkPrefetch& pf) {
 #ifdef RK_HAVE_AVX512_BF16_PATH
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && !interleaved && !swap) {
     if (same) {
-      rotate_bf16_rows_avx512bf16<true>(x, y, n, o.sx.h, o.sy.h, half, cs.c1, cs.c2, cs.s1, cs.s2, pf);
+      rotate_bf16_tokens_avx512bf16<true>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, half, cs, pf);
     } else {
-      rotate_bf16_rows_avx512bf16<false>(x, y, n, o.sx.h, o.sy.h, half, cs.c1, cs.c2, cs.s1, cs.s2, pf);
+      rotate_bf16_tokens_avx512bf16<false>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, half, cs, pf);
     }
-    for (int64_t r = 0; r < n && o.copy_pass; ++r) {
-      std::memcpy(y + r * o.sy.h + 2 * half, x + r * o.sx.h + 2 * half, (D - 2 * half) * sizeof(scalar_t));
+    for (int64_t b = 0; b < n_tok && o.copy_pass; ++b) {
+      for (int64_t r = 0; r < nh; ++r) {
+        std::memcpy(y + yo[b] + r * o.sy.h + 2 * half, x + xo[b] + r * o.sx.h + 2 * half,
+                    (D - 2 * half) * sizeof(scalar_t));
+      }
     }
     return;
   }
 #endif
-  (void)o, (void)x, (void)y, (void)n, (void)D, (void)half, (void)cs, (void)same, (void)pf;
+  (void)o, (void)x, (void)y, (void)xo, (void)yo, (void)n_tok, (void)nh, (void)D, (void)half, (void)cs, (void)same,
+      (void)pf;
   TORCH_INTERNAL_ASSERT(false, "rotary: rotate_rows on rows without a rows kernel");
 }
 
@@ -743,8 +776,9 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           const int64_t xn = xoff[k * tb + b + pf_next], yn = yoff[k * tb + b + pf_next];
           const CSTable<acc_t>& cs = tabs[p.tset[k] * tb + b];
           if (at_once[k]) {
-            const RowPrefetch pf{pf_next ? o.H : 0, xn - xo, yn - yo, row_bytes};
-            rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x + xo, o.y + yo, o.H, p.D, half, cs, same, pf);
+            rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x, o.y, &xoff[k * tb + b], &yoff[k * tb + b], 1, o.H,
+                                                            p.D, half, &cs, same,
+                                                            WalkPrefetch{pf_next ? 1 : 0, n - b, 0, 0, row_bytes});
             continue;
           }
           for (int64_t h = 0; h < o.H; ++h) {
@@ -761,13 +795,13 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         const int64_t* xo = xoff.data() + k * tb;
         const int64_t* yo = yoff.data() + k * tb;
         if (!outer[k]) {
+          if (at_once[k]) {
+            rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x, o.y, xo, yo, n, o.H, p.D, half,
+                                                            &tabs[p.tset[k] * tb], same, WalkPrefetch{});
+            continue;
+          }
           for (int64_t b = 0; b < n; ++b) {
             const CSTable<acc_t>& cs = tabs[p.tset[k] * tb + b];
-            if (at_once[k]) {
-              rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x + xo[b], o.y + yo[b], o.H, p.D, half, cs, same,
-                                                              RowPrefetch{});
-              continue;
-            }
             for (int64_t h = 0; h < o.H; ++h) {
               rotate_row<scalar_t, acc_t, interleaved, swap>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
                                                              o.sy.d, p.D, half, o.copy_pass, cs, same, p.isa);
@@ -780,23 +814,22 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         // `heads` further.
         const int64_t heads = at_once[k] ? kHeadsAtOnceRows : kHeadsAtOnce;
         const int64_t ahead = at_once[k] ? kPrefetchBytesRows : kPrefetchBytes;
-        // Out of place, 4 heads' runs of x and y are more streams than the hardware prefetchers
-        // follow: rows taken together prefetch whatever the size (512 tokens: 1.15-1.2x faster;
-        // in place it costs 5-8% there).
-        const bool fetch = prefetch || (at_once[k] && o.x != o.y);
+        // 4 heads' runs (of x and y) are more streams than the hardware prefetchers follow: rows
+        // taken together prefetch whatever the size (512 tokens: out of place 1.15-1.2x faster,
+        // in place ~5%).
+        const bool fetch = prefetch || at_once[k];
         const int64_t d = fetch ? std::min((ahead + row_bytes - 1) / row_bytes, n) : 0;  // rows ahead, in [0, n]
         for (int64_t h0 = 0; h0 < o.H; h0 += heads) {
           const int64_t h1 = std::min(h0 + heads, o.H);
+          if (at_once[k]) {
+            const WalkPrefetch pf{d, n, heads, std::max<int64_t>(0, std::min(h1, o.H - heads) - h0), row_bytes};
+            rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x + h0 * o.sx.h, o.y + h0 * o.sy.h, xo, yo, n, h1 - h0,
+                                                            p.D, half, &tabs[p.tset[k] * tb], same, pf);
+            continue;
+          }
           for (int64_t b = 0; b < n; ++b) {
             const CSTable<acc_t>& cs = tabs[p.tset[k] * tb + b];
             const int64_t b2 = b + d < n ? b + d : b + d - n, dh = b + d < n ? 0 : heads;  // (b2, h + dh): prefetched
-            if (at_once[k]) {
-              const RowPrefetch pf{d > 0 ? std::max<int64_t>(0, std::min(h1, o.H - dh) - h0) : 0,
-                                   xo[b2] - xo[b] + dh * o.sx.h, yo[b2] - yo[b] + dh * o.sy.h, row_bytes};
-              rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x + xo[b] + h0 * o.sx.h, o.y + yo[b] + h0 * o.sy.h,
-                                                              h1 - h0, p.D, half, cs, same, pf);
-              continue;
-            }
             for (int64_t h = h0; h < h1; ++h) {
               if (d > 0 && h + dh < o.H) {
                 prefetch_row(o.x + xo[b2] + (h + dh) * o.sx.h, o.y + yo[b2] + (h + dh) * o.sy.h, row_bytes);
