@@ -1,0 +1,79 @@
+"""The CPU kernel's instruction-set paths give the same bits: every case run with the row
+kernels capped by ROTARY_KERNELS_CPU_ISA (avx512: no AVX512-BF16 kernel; avx2: no AVX-512 one;
+default: none) equals the run with all of this CPU's paths, bit for bit, and the reference."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rotary_kernels import _compiled
+
+pytestmark = pytest.mark.skipif(not _compiled.HAS_EXT, reason=f"extension not built: {_compiled.IMPORT_ERROR}")
+
+# Run in a fresh process per cap (the instruction sets are read once per process): q/k in every
+# layout walk (token-major, head-major, qkv slices), rows the row kernels take (R = 64, 128) and
+# rows they do not (R = 96, partial R = 64 of D = 128), several blocks of tokens (S = 300), same
+# and different cos/sin halves, NaN / denormal / overflowing results, out of place and in place.
+_SCRIPT = r"""
+import sys, torch
+from rotary_kernels import _compiled
+torch.manual_seed(0)
+outs = []
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for layout in ("bshd", "bhsd", "qkv"):
+        for D, R in ((128, 128), (64, 64), (128, 64), (96, 96)):
+            S, Hq, Hk = 300, 5, 3
+            if layout == "bhsd":
+                q = torch.randn(2, Hq, S, D).to(dtype).transpose(1, 2)
+                k = torch.randn(2, Hk, S, D).to(dtype).transpose(1, 2)
+            elif layout == "qkv":
+                qkv = torch.randn(2, S, Hq + 2 * Hk, D).to(dtype)
+                q, k = qkv[:, :, :Hq], qkv[:, :, Hq:Hq + Hk]
+            else:
+                q, k = torch.randn(2, S, Hq, D).to(dtype), torch.randn(2, S, Hk, D).to(dtype)
+            q[0, 0, 0, :8] = torch.tensor([float("nan"), 1e-39, -1e-40, float("inf"), 0.0, -0.0, 3e38, -3e38])
+            for same in (True, False):
+                ang = torch.rand(S, R // 2) * 6.3
+                ang = torch.cat([ang, ang if same else 1.3 * ang], -1)
+                cos, sin = ang.cos()[None].expand(2, S, R), ang.sin()[None].expand(2, S, R)
+                qo, ko = torch.empty_like(q), torch.empty_like(k)
+                _compiled.ops.rotary(q, k, cos, sin, qo, ko, False, False)
+                qi, ki = q.clone(), k.clone()
+                _compiled.ops.rotary_inplace(qi, ki, cos, sin, False, True)
+                outs += [qo, ko, qi, ki]
+torch.save(outs, sys.argv[1])
+"""
+
+
+def _run(tmp_path, cap):
+    env = {k: v for k, v in os.environ.items() if k != "ROTARY_KERNELS_CPU_ISA"}
+    if cap:
+        env["ROTARY_KERNELS_CPU_ISA"] = cap
+    out = tmp_path / f"{cap or 'all'}.pt"
+    p = subprocess.run([sys.executable, "-c", _SCRIPT, str(out)], env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return torch.load(out)
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    return _run(tmp_path_factory.mktemp("isa"), None)
+
+
+@pytest.mark.parametrize("cap", ["avx512", "avx2", "default"])
+def test_capped_paths_give_the_same_bits(full, cap, tmp_path):
+    capped = _run(tmp_path, cap)
+    assert len(capped) == len(full)
+    for i, (a, b) in enumerate(zip(capped, full)):
+        bits = {2: torch.int16, 4: torch.int32}[a.element_size()]
+        assert torch.equal(a.contiguous().view(bits), b.contiguous().view(bits)), f"output {i} differs under {cap}"
+
+
+def test_unknown_cap_is_an_error(tmp_path):
+    env = dict(os.environ, ROTARY_KERNELS_CPU_ISA="avx9000")
+    code = "import torch, rotary_kernels as rk; x = torch.randn(1, 2, 1, 8); c = torch.randn(1, 1, 8); rk.apply_rotary_transformers(x, x, c, c)"
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert p.returncode != 0 and "ROTARY_KERNELS_CPU_ISA must be one of" in p.stderr
