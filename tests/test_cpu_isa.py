@@ -16,7 +16,8 @@ pytestmark = pytest.mark.skipif(not _compiled.HAS_EXT, reason=f"extension not bu
 # Run in a fresh process per cap (the instruction sets are read once per process): q/k in every
 # layout walk (token-major, head-major, qkv slices), rows the row kernels take (R = 64, 128) and
 # rows they do not (R = 96, partial R = 64 of D = 128), several blocks of tokens (S = 300), same
-# and different cos/sin halves, NaN / denormal / overflowing results, out of place and in place.
+# and different cos/sin halves, NaN / denormal / overflowing results, out of place and in place,
+# and one Llama-3-8B [B, H, S, D] prefill.
 _SCRIPT = r"""
 import sys, torch
 from rotary_kernels import _compiled
@@ -44,6 +45,15 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 qi, ki = q.clone(), k.clone()
                 _compiled.ops.rotary_inplace(qi, ki, cos, sin, False, True)
                 outs += [qo, ko, qi, ki]
+# Large enough (q + k >= 16 MB) for the prefetching walks and, head-major out of place, y's
+# non-temporal stores (AVX512-BF16 only): against every cap's plain stores.
+q = torch.randn(1, 32, 2048, 128).to(torch.bfloat16).transpose(1, 2)
+k = torch.randn(1, 8, 2048, 128).to(torch.bfloat16).transpose(1, 2)
+ang = torch.rand(2048, 64) * 6.3
+cos, sin = torch.cat([ang, ang], -1).cos()[None], torch.cat([ang, ang], -1).sin()[None]
+qo, ko = torch.empty_like(q), torch.empty_like(k)
+_compiled.ops.rotary(q, k, cos, sin, qo, ko, False, False)
+outs += [qo, ko]
 torch.save(outs, sys.argv[1])
 """
 
