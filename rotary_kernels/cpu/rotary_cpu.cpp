@@ -381,8 +381,8 @@ __attribute__((target("avx512f,avx512dq,avx512bf16"), always_inline)) inline voi
 }
 
 // bf16_rows_avx512bf16 over tokens b in [0, n_tok): rows x + xo[b] + r * sx, r in [0, nh), with
-// table row cs[b]. One call per block of a head-major walk, not one per token: the call and its
-// set-up cost ~10 ns, 20% of a 512-token call here at 4 heads a call.
+// table row cs[b]. One call per block of a head-major walk, not one per token (at 4 heads a call:
+// out of place 5-12% faster, in place up to 7%).
 template <bool same>
 __attribute__((target("avx512f,avx512dq,avx512bf16"))) void rotate_bf16_tokens_avx512bf16(
     const c10::BFloat16* x, c10::BFloat16* y, const int64_t* xo, const int64_t* yo, int64_t n_tok, int64_t nh,
