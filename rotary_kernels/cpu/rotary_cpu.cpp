@@ -699,7 +699,6 @@ struct CpuParams {
   bool conj;
   CpuIsa isa;
   bool prefetch;  // large enough to stream from memory (software prefetch pays off)
-  bool cache_resident;  // q + k under kHeadMajorMin (they and the outputs stay in L3 here)
 };
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
@@ -735,6 +734,9 @@ struct CpuParams {
 // slice and on [B, H, S, D] here, ~10% on the dense layouts; fp32 rows 8 KB ahead rather than
 // 4 KB: [B, H, S, D] at 2048 tokens ~15% faster; 4 bf16 heads 8 KB ahead overflow L1: out of
 // place 1.25-1.45x slower than 2 KB).
+// Tried and dropped: walking [B, H, S, D] token-major while it sits in L3 (under 8 MB): 7-12%
+// faster at 512 tokens on prepared outputs, but forward+backward through the API 1.6x slower
+// (a head stride of S * D * 2 = 128 KB puts every head's row of a token in the same cache sets).
 // Each row is read and written once whatever the order, with the same arithmetic: the order
 // changes the speed only, never a bit of the result.
 constexpr int64_t kTokBlock = 32;
@@ -744,7 +746,6 @@ constexpr int64_t kPrefetchBytes = 8192;     // ahead in each of their runs
 constexpr int64_t kHeadsAtOnceRows = 4;      // rows taken together (rotate_rows)
 constexpr int64_t kPrefetchBytesRows = 2048;
 constexpr int64_t kPrefetchMin = int64_t{16} << 20;
-constexpr int64_t kHeadMajorMin = int64_t{8} << 20;
 
 // Do all of y's rows, and their 32-pair pieces, start on a 64-byte boundary (bf16 rows of R a
 // multiple of 64 with unit head-dim stride: what non-temporal 512-bit stores need)?
@@ -788,12 +789,8 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   bool prefetch = p.prefetch;
   for (int k = 0; k < p.n_ops; ++k) {
     const Operand<scalar_t>& o = p.ops[k];
+    outer[k] = heads_outer(o);
     at_once[k] = rows_at_once<scalar_t, interleaved, swap>(o, half, p.isa);
-    // Rows taken a token's heads at a time walk token-major below kHeadMajorMin even when their
-    // heads are outer: from L3 the heads' streams cost less than 4-row groups re-reading each
-    // token's table row (512 tokens bf16 [B, H, S, D]: 7-12% faster; from 10 MB out of place
-    // 1.7-2.3x slower, and fp32 rows, taken one by one, 1.2-1.4x slower out of place at 512).
-    outer[k] = heads_outer(o) && !(at_once[k] && p.cache_resident);
     all_token_major = all_token_major && !outer[k];
     prefetch = prefetch && o.sx.d == 1 && o.sy.d == 1;
   }
@@ -1027,7 +1024,6 @@ void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, co
   // (~10% at 64 tokens, 5-20% at 512 in every layout; at 20 MB they pay, 1.4x on fp32
   // [B, H, S, D] at 1024 tokens, 2x on bf16 qkv slices at 2048).
   p.prefetch = tokens * row_elems * static_cast<int64_t>(sizeof(scalar_t)) >= kPrefetchMin;
-  p.cache_resident = tokens * row_elems * static_cast<int64_t>(sizeof(scalar_t)) < kHeadMajorMin;
   std::atomic<int64_t> bad{-1};
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
     const int64_t t = swap_layout ? (interleaved ? rotate_tokens<scalar_t, cs_t, true, true>(p, begin, end)
