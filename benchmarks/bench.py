@@ -4,6 +4,7 @@ bandwidth, speedup vs eager, peak memory. Writes a Markdown report, JSON and PNG
 
     python benchmarks/bench.py [--device cuda|cpu] [--quick] [--out benchmarks/results/<device>]
                                [--layouts ...] [--shapes ...] [--dtypes ...] [--impls ...] [--no-features]
+                               [--stat min] [--threads N] [--rounds N] [--keep-freed-memory]
 
 Layouts (the q/k memory layouts the API accepts; the same bytes in each, so a layout that is
 slower than the others shows as such): transformers' transposed view of [B, S, H, D] (the
