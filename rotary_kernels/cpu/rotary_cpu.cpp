@@ -121,10 +121,9 @@ inline void prefetch_row(const T* x, const T* y, int64_t bytes, bool fetch_y = t
 }
 
 // The prefetches of the rows of one token (bf16_rows_avx512bf16): row r < rows fetches the row
-// dx elements past x's row r (and dy past y's), `bytes` of each.
+// dx elements past x's row r (and dy past y's, unless y is streamed), `bytes` of each.
 struct RowPrefetch {
   int64_t rows = 0, dx = 0, dy = 0, bytes = 0;
-  bool fetch_y = true;  // (false: y is streamed, see WalkPrefetch)
 };
 
 // The prefetches of a walk over the rows of tokens b (offsets xo[b], yo[b] of n) and heads r:
@@ -141,9 +140,9 @@ struct WalkPrefetch {
 inline RowPrefetch token_prefetch(const WalkPrefetch& pf, const int64_t* xo, const int64_t* yo, int64_t b, int64_t nh,
                                   int64_t sx, int64_t sy) {
   if (pf.d <= 0) return {};
-  if (b + pf.d < pf.n) return {nh, xo[b + pf.d] - xo[b], yo[b + pf.d] - yo[b], pf.bytes, !pf.stream};
+  if (b + pf.d < pf.n) return {nh, xo[b + pf.d] - xo[b], yo[b + pf.d] - yo[b], pf.bytes};
   const int64_t b2 = b + pf.d - pf.n;
-  return {pf.wrap_rows, xo[b2] - xo[b] + pf.dh * sx, yo[b2] - yo[b] + pf.dh * sy, pf.bytes, !pf.stream};
+  return {pf.wrap_rows, xo[b2] - xo[b] + pf.dh * sx, yo[b2] - yo[b] + pf.dh * sy, pf.bytes};
 }
 
 // All pairs of a row with a contiguous head dim. Iteration i reads and writes only its own
@@ -245,6 +244,20 @@ __attribute__((target("avx512f"))) void rotate_avx512(const scalar_t* x, scalar_
     store_out<scalar_t, float>(y + half + i, yb);
   }
 }
+// n runs of 16 pairs' table values from c1, c2, s1, s2 into registers (c2, s2: c1, s1's with
+// `same` tables, see rotate_contig).
+template <bool same>
+__attribute__((target("avx512f"), always_inline)) inline void table_regs(int n, const float* c1, const float* c2,
+                                                                        const float* s1, const float* s2, __m512* vc1,
+                                                                        __m512* vs1, __m512* vc2, __m512* vs2) {
+  for (int u = 0; u < n; ++u) {
+    vc1[u] = _mm512_loadu_ps(c1 + 16 * u);
+    vs1[u] = _mm512_loadu_ps(s1 + 16 * u);
+    vc2[u] = same ? vc1[u] : _mm512_loadu_ps(c2 + 16 * u);
+    vs2[u] = same ? vs1[u] : _mm512_loadu_ps(s2 + 16 * u);
+  }
+}
+
 // bf16 rows on CPUs without AVX512-BF16, of R = 32 * kChunks (64 or 128): over tokens b in
 // [0, n_tok), rows x + xo[b] + r * sx, r in [0, nh), with table row cs[b] held in registers,
 // rows walked one after the other in memory order (rotate_avx512's arithmetic and conversions,
@@ -262,12 +275,7 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const c10::BFloat16
     const RowPrefetch rp = token_prefetch(pf, xo, yo, b, nh, sx, sy);
     const CSTable<float>& t = cs[b];
     __m512 vc1[kChunks], vs1[kChunks], vc2[kChunks], vs2[kChunks];
-    for (int c = 0; c < kChunks; ++c) {
-      vc1[c] = _mm512_loadu_ps(t.c1 + 16 * c);
-      vs1[c] = _mm512_loadu_ps(t.s1 + 16 * c);
-      vc2[c] = same ? vc1[c] : _mm512_loadu_ps(t.c2 + 16 * c);
-      vs2[c] = same ? vs1[c] : _mm512_loadu_ps(t.s2 + 16 * c);
-    }
+    table_regs<same>(kChunks, t.c1, t.c2, t.s1, t.s2, vc1, vs1, vc2, vs2);
     for (int64_t r = 0; r < nh; ++r) {
       const scalar_t* xr = x + xo[b] + r * sx;
       scalar_t* yr = y + yo[b] + r * sy;
@@ -286,11 +294,6 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const c10::BFloat16
 // store_out on every fp32 input but NaNs and denormals (checked over all 2^32 bit patterns: it
 // flushes denormals and keeps a NaN's sign), so a step whose results hold either is narrowed by
 // bf16x16_store instead (vfpclassps finds them).
-// n rows at once, x + r * sx for r in [0, n) (the heads of a token, which share its table row):
-// per 32 pairs the table values are loaded into registers once and applied to every row (1.3-1.8x
-// on bf16 rows here, every layout, against one call per row). Row r < pf.rows also prefetches
-// its row pf.dx (pf.dy) elements ahead while the first pairs are rotated, spreading the
-// prefetches over the rows.
 // 32 pairs of one row: x[0, 32) with x[half, half + 32) into y, with the table values in vc*/vs*.
 template <bool same>
 __attribute__((target("avx512f,avx512dq,avx512bf16"), always_inline)) inline void bf16_step32(
@@ -338,14 +341,9 @@ __attribute__((target("avx512f,avx512dq,avx512bf16"), always_inline)) inline voi
     const float* c2, const float* s1, const float* s2, const RowPrefetch& pf, bool stream) {
   if constexpr (kChunks > 0) {  // half == 32 * kChunks
     __m512 vc1[2 * kChunks], vs1[2 * kChunks], vc2[2 * kChunks], vs2[2 * kChunks];
-    for (int u = 0; u < 2 * kChunks; ++u) {
-      vc1[u] = _mm512_loadu_ps(c1 + 16 * u);
-      vs1[u] = _mm512_loadu_ps(s1 + 16 * u);
-      vc2[u] = same ? vc1[u] : _mm512_loadu_ps(c2 + 16 * u);
-      vs2[u] = same ? vs1[u] : _mm512_loadu_ps(s2 + 16 * u);
-    }
+    table_regs<same>(2 * kChunks, c1, c2, s1, s2, vc1, vs1, vc2, vs2);
     for (int64_t r = 0; r < n; ++r) {
-      if (r < pf.rows) prefetch_row(x + r * sx + pf.dx, y + r * sy + pf.dy, pf.bytes, pf.fetch_y);
+      if (r < pf.rows) prefetch_row(x + r * sx + pf.dx, y + r * sy + pf.dy, pf.bytes, !stream);
       for (int c = 0; c < kChunks; ++c) {
         bf16_step32<same>(x + r * sx + 32 * c, y + r * sy + 32 * c, half, vc1 + 2 * c, vs1 + 2 * c, vc2 + 2 * c,
                           vs2 + 2 * c, stream);
@@ -356,21 +354,16 @@ __attribute__((target("avx512f,avx512dq,avx512bf16"), always_inline)) inline voi
   int64_t i = 0;
   for (; i + 32 <= half; i += 32) {
     __m512 vc1[2], vs1[2], vc2[2], vs2[2];
-    for (int u = 0; u < 2; ++u) {
-      vc1[u] = _mm512_loadu_ps(c1 + i + 16 * u);
-      vs1[u] = _mm512_loadu_ps(s1 + i + 16 * u);
-      vc2[u] = same ? vc1[u] : _mm512_loadu_ps(c2 + i + 16 * u);
-      vs2[u] = same ? vs1[u] : _mm512_loadu_ps(s2 + i + 16 * u);
-    }
+    table_regs<same>(2, c1 + i, c2 + i, s1 + i, s2 + i, vc1, vs1, vc2, vs2);
     for (int64_t r = 0; r < n; ++r) {
-      if (i == 0 && r < pf.rows) prefetch_row(x + r * sx + pf.dx, y + r * sy + pf.dy, pf.bytes, pf.fetch_y);
+      if (i == 0 && r < pf.rows) prefetch_row(x + r * sx + pf.dx, y + r * sy + pf.dy, pf.bytes, !stream);
       bf16_step32<same>(x + r * sx + i, y + r * sy + i, half, vc1, vs1, vc2, vs2, stream);
     }
   }
   for (int64_t r = 0; r < n && i < half; ++r) {
+    const c10::BFloat16* xr = x + r * sx;
+    c10::BFloat16* yr = y + r * sy;
     for (int64_t j = i; j < half; ++j) {
-      const c10::BFloat16* xr = x + r * sx;
-      c10::BFloat16* yr = y + r * sy;
       const float a = load_acc<c10::BFloat16, float>(xr + j), b = load_acc<c10::BFloat16, float>(xr + half + j);
       float ya, yb;
       rotate_pair(a, b, PairCS<float>{c1[j], c2[j], s1[j], s2[j]}, ya, yb);
