@@ -141,18 +141,38 @@ RK_HD PairCS<acc_t> make_pair_cs(acc_t c1, acc_t c2, acc_t s1, acc_t s2, bool co
   return p;
 }
 
+// A product rounded on its own. nvcc contracts x1 * c - x2 * s into an FMA by default (one rounding
+// fewer), and where it does depends on the instance: in place and out of place, or the MLA layout
+// and the plain one, would differ in the last bit, and the GPU from the CPU kernel (built with
+// -ffp-contract=off), PyTorch's ops and the reference. __fmul_rn / __dmul_rn are never contracted,
+// so every kernel rounds each product, then the sum: the same bits on every device and path.
+RK_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+RK_HD double mul_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 template <typename acc_t>
 RK_HD void rotate_pair(acc_t x1, acc_t x2, const PairCS<acc_t>& p, acc_t& y1, acc_t& y2) {
-  y1 = x1 * p.c1 - x2 * p.s1;
-  y2 = x2 * p.c2 + x1 * p.s2;
+  y1 = mul_rn(x1, p.c1) - mul_rn(x2, p.s1);
+  y2 = mul_rn(x2, p.c2) + mul_rn(x1, p.s2);
 }
 
 // flash-attn's elementwise apply_rotary: out1 = x1 c - x2 s, out2 = x1 s + x2 c (s -> -s if conj).
 template <typename acc_t>
 RK_HD void rotate_elementwise(acc_t x1, acc_t x2, acc_t c, acc_t s, bool conj, acc_t& y1, acc_t& y2) {
   if (conj) s = -s;
-  y1 = x1 * c - x2 * s;
-  y2 = x1 * s + x2 * c;
+  y1 = mul_rn(x1, c) - mul_rn(x2, s);
+  y2 = mul_rn(x1, s) + mul_rn(x2, c);
 }
 
 // Math type: float for 16-bit and float inputs, double for double.

@@ -287,6 +287,8 @@ def _worker(out_json):
     from triton.compiler import ASTSource, make_backend
 
     specs, launches = _capture()
+    from rotary_kernels import _triton as T  # (importable once _capture has set the path)
+
     with open(SRC) as f:
         src_lines = f.read().splitlines()
     work = tempfile.mkdtemp(prefix="codegen_triton_")
@@ -294,7 +296,8 @@ def _worker(out_json):
     for i, (skey, sp) in enumerate(specs.items()):
         for arch in ARCHS:
             tgt = GPUTarget("cuda", arch, 32)
-            opts = make_backend(tgt).parse_options(dict(num_warps=sp["num_warps"], num_stages=sp["num_stages"]))
+            opts = make_backend(tgt).parse_options(dict(num_warps=sp["num_warps"], num_stages=sp["num_stages"],
+                                                        **T.COMPILE_OPTIONS))
             ck = triton.compile(ASTSource(sp["fn"], sp["signature"], sp["constexprs"], sp["attrs"]), target=tgt,
                                 options=opts.__dict__)
             cubin = os.path.join(work, f"{i}_{arch}.cubin")
@@ -307,7 +310,7 @@ def _worker(out_json):
             compiled[(i, arch)] = dict(
                 ldg_before_bar=sum(1 for ln in instrs[:first_bar] if re.search(r"\bLDG\b", ln)),
                 res=_res_usage(cubin, sp["name"]), lmem=len(re.findall(r"\b(?:LDL|STL)\b", sass)),
-                acc=acc, mul32=_offsets32(ck.asm["ttir"]))
+                acc=acc, mul32=_offsets32(ck.asm["ttir"]), fma=len(re.findall(r"\bfma\.rn\.f(?:32|64)", ck.asm["ptx"])))
     ids = {skey: i for i, skey in enumerate(specs)}
     out = []
     for rec in launches:
@@ -317,7 +320,7 @@ def _worker(out_json):
             c = compiled[(i, arch)]
             per_arch[arch] = dict(regs=c["res"].get("REG"), local=c["res"].get("LOCAL", 0),
                                   stack=c["res"].get("STACK", 0), lmem=c["lmem"], mul32=c["mul32"], acc=c["acc"],
-                                  ldg_before_bar=c["ldg_before_bar"])
+                                  ldg_before_bar=c["ldg_before_bar"], fma=c["fma"])
         out.append(dict(case=rec["case"], kernel=rec["kernel"], spec=i, grid=rec["grid"],
                         num_warps=specs[rec["spec"]]["num_warps"], bytes=_bytes(rec), arch=per_arch,
                         constexprs={str(sp_k): str(v) for sp_k, v in rec["kwargs"].items()}))
@@ -424,6 +427,8 @@ def test_codegen_triton(tmp_path):
             if r["local"] or r["stack"] or r["lmem"]:
                 failures.append(f"{where}: local memory / spills (LOCAL {r['local']}, STACK {r['stack']}, "
                                 f"LDL/STL {r['lmem']})")
+            if r["fma"]:  # products rounded on their own: the same bits as the CPU kernel and PyTorch's ops
+                failures.append(f"{where}: {r['fma']} fused multiply-adds in the PTX (launch options: no fp fusion)")
             if r["mul32"]:
                 failures.append(f"{where}: 32-bit offset arithmetic (offsets must be 64-bit): {r['mul32'][:3]}")
             if hot:

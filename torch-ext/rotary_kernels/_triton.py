@@ -21,6 +21,10 @@ Math per rotary pair ``(j1, j2)``, in fp32 (fp64 for fp64 inputs), rounded once 
     y1 = x1 * c1 - x2 * s1
     y2 = x2 * c2 + x1 * s2        with (s1, s2) := (-s2, -s1) when CONJ (the backward)
 
+each product rounded on its own (launched with ``enable_fp_fusion=False``: no FMA contraction, as
+in the CUDA kernel's ``mul_rn`` and the CPU kernel's ``-ffp-contract=off``), so every backend gives
+the same bits, equal to PyTorch's fp32 ops.
+
 Per-pair tables (``pair_tables``, last dim ``R/2``): pair ``i`` reads entry ``i`` once, for both
 of its elements (``c2 = c1``, ``s2 = s1``): half the table loads.
 
@@ -385,12 +389,17 @@ def _device_context(device: torch.device):
     return torch.get_device_module(device.type).device(device.index)
 
 
+# Compile options of every launch (the codegen test compiles with them too): no FMA contraction
+# (the module docstring's "Math").
+COMPILE_OPTIONS = dict(enable_fp_fusion=False)
+
+
 def _launch(kernel, grid, *args, **kwargs):
     if _INTERPRET:
         with _INTERPRETER_LOCK:
-            kernel[grid](*args, **kwargs)
+            kernel[grid](*args, **kwargs, **COMPILE_OPTIONS)
     else:
-        kernel[grid](*args, **kwargs)
+        kernel[grid](*args, **kwargs, **COMPILE_OPTIONS)
 
 
 def _launch_on(device, kernel, grid, *args, **kwargs):
