@@ -120,7 +120,8 @@ def test_table_gradients_through_reference(backend):
     """Gradients wrt cos, sin, cos_k, sin_k: taken by the reference's PyTorch ops (fp64: exact)."""
     device, be = backend
     q, k, ud = qk("bshd", 2, 3, 3, 1, 16, torch.float64, device)
-    tabs = [t.double().requires_grad_() for t in (*tables(2, 3, R=16, seed=9), *tables(1, 3, R=16, seed=10))]
+    tabs = [t.double().requires_grad_() for t in (*tables(2, 3, R=16, seed=9, device=device),
+                                                   *tables(1, 3, R=16, seed=10, device=device))]
     got = torch.autograd.grad(rk.apply_rotary_transformers(q, k, tabs[0], tabs[1], ud, cos_k=tabs[2], sin_k=tabs[3],
                                                            backend=be), tabs, (q, k))
     want = torch.autograd.grad(apply_rotary_transformers_reference(q, k, *tabs[:2], ud, False, *tabs[2:]), tabs, (q, k))
@@ -334,7 +335,7 @@ def test_errors_name_the_argument(backend):
     with pytest.raises(ValueError, match="cos_k/sin_k rotate k, but k is None"):
         rk.apply_rotary_transformers(q, None, cos, sin, ud, cos_k=cos, sin_k=sin, backend=be)
     with pytest.raises(ValueError, match="cos_k/sin_k: .*caches"):  # cos_k must be a cache like cos
-        f(q, k, cos[0], sin[0], ud, cos_k=cos, sin_k=sin, positions=torch.zeros(2, 3, dtype=torch.long), backend=be)
+        f(q, k, cos[0], sin[0], ud, cos_k=cos, sin_k=sin, positions=torch.zeros(2, 3, dtype=torch.long, device=device), backend=be)
 
 
 def test_functorch_transforms(backend):

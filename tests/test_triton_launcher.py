@@ -322,31 +322,31 @@ def test_specialisations_varlen_and_decode(monkeypatch):
     keys = _key_counter(monkeypatch)
     bf = torch.bfloat16
     Hq, Hk, D, P = 32, 8, 128, 8192
-    cos_c, sin_c = torch.empty(P, D), torch.empty(P, D)
+    cos_c, sin_c = torch.empty(P, D, device=DEV), torch.empty(P, D, device=DEV)
     g = torch.Generator().manual_seed(0)
     # varlen prefill batches of 1..64 sequences of random lengths (cu_seqlens into a cache)
     for n in range(1, 65):
         lens = torch.randint(1, 64, (n,), generator=g)
-        cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+        cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(DEV, torch.int32)
         t = int(cu[-1])
-        q, k = torch.empty(t, Hq, D, dtype=bf), torch.empty(t, Hk, D, dtype=bf)
+        q, k = torch.empty(t, Hq, D, dtype=bf, device=DEV), torch.empty(t, Hk, D, dtype=bf, device=DEV)
         rk.apply_rotary_transformers(q, k, cos_c, sin_c, backend="triton", cu_seqlens=cu, max_seqlen=int(lens.max()))
     varlen = keys()
     assert len(varlen) <= 2, f"{len(varlen)} specialisations for varlen batches of 1..64 sequences"
     # decode: batch 1, offsets 0..N as an int, then as a tensor; batch sizes 1..64 with per-sequence offsets
-    q, k = torch.empty(1, Hq, 1, D, dtype=bf), torch.empty(1, Hk, 1, D, dtype=bf)
+    q, k = torch.empty(1, Hq, 1, D, dtype=bf, device=DEV), torch.empty(1, Hk, 1, D, dtype=bf, device=DEV)
     for off in range(0, 300, 7):
         rk.apply_rotary_transformers(q, k, cos_c, sin_c, backend="triton", seqlen_offsets=off)
     assert len(keys()) == 1
     for b in (1, 2, 3, 8, 16, 17, 33, 64):
-        q, k = torch.empty(b, Hq, 1, D, dtype=bf), torch.empty(b, Hk, 1, D, dtype=bf)
-        offs = torch.randint(0, P - 1, (b,), generator=g)
+        q, k = torch.empty(b, Hq, 1, D, dtype=bf, device=DEV), torch.empty(b, Hk, 1, D, dtype=bf, device=DEV)
+        offs = torch.randint(0, P - 1, (b,), generator=g).to(DEV)
         rk.apply_rotary_transformers(q, k, cos_c, sin_c, backend="triton", seqlen_offsets=offs)
     assert len(keys()) == 1
     # prefill with positions, prompt lengths that are and are not multiples of 16
     for s in (1, 7, 16, 100, 128, 513, 1024):
-        q, k = torch.empty(1, Hq, s, D, dtype=bf), torch.empty(1, Hk, s, D, dtype=bf)
-        pos = torch.arange(s)[None]
+        q, k = torch.empty(1, Hq, s, D, dtype=bf, device=DEV), torch.empty(1, Hk, s, D, dtype=bf, device=DEV)
+        pos = torch.arange(s, device=DEV)[None]
         rk.apply_rotary_transformers(q, k, cos_c, sin_c, backend="triton", positions=pos)
     assert len(keys()) == 1
 
