@@ -118,6 +118,17 @@ def as_bhsd(q, k, cos, sin, unsqueeze_dim):
     return q, k, cos, sin
 
 
+def in_layout(fn):
+    """A peer that takes transformers' [B, H, S, D] only (fn on as_bhsd's views), called on any
+    layout: its outputs viewed back in the caller's layout, which the benchmark's gradients have."""
+    def call(q, k, cos, sin, unsqueeze_dim):
+        ud = unsqueeze_dim + (q.dim() == 3)
+        outs = fn(*as_bhsd(q, k, cos, sin, unsqueeze_dim))
+        outs = [o.transpose(1, 2) if ud == 2 else o for o in outs]
+        return tuple(o[0] if q.dim() == 3 else o for o in outs)
+    return call
+
+
 def eager(q, k, cos, sin, unsqueeze_dim=1):
     """transformers' apply_rotary_pos_emb (with the caller-side split partial-rotary models do)."""
     r = cos.shape[-1]
@@ -153,19 +164,18 @@ def peers(device):
     try:
         from liger_kernel.ops.rope import LigerRopeFunction
 
-        out["liger rope"] = lambda q, k, c, s, ud: LigerRopeFunction.apply(*as_bhsd(q, k, c, s, ud))
+        out["liger rope"] = in_layout(LigerRopeFunction.apply)
     except Exception as e:
         out["liger rope"] = f"not installed ({type(e).__name__})"
     try:
         from flash_attn.layers.rotary import apply_rotary_emb as fa_rotary
 
-        def fa(q, k, c, s, ud):  # [B, S, H, D] layout, cos/sin [S, R/2] (one position row per token)
-            q, k, c, s = as_bhsd(q, k, c, s, ud)
+        def fa(q, k, c, s):  # [B, S, H, D] layout, cos/sin [S, R/2] (one position row per token)
             r = c.shape[-1] // 2
             return (fa_rotary(q.transpose(1, 2), c[0, :, :r], s[0, :, :r]).transpose(1, 2),
                     fa_rotary(k.transpose(1, 2), c[0, :, :r], s[0, :, :r]).transpose(1, 2))
 
-        out["flash-attn triton rotary"] = fa
+        out["flash-attn triton rotary"] = in_layout(fa)
     except Exception as e:
         out["flash-attn triton rotary"] = f"not installed ({type(e).__name__})"
     try:

@@ -1,9 +1,11 @@
-"""benchmarks/bench.py's --rounds merge: each row's best time, derived columns recomputed."""
+"""benchmarks/bench.py: the --rounds merge (each row's best time, derived columns recomputed) and
+the layout adapter of the [B, H, S, D]-only peers."""
 
 import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 _spec = importlib.util.spec_from_file_location("bench", Path(__file__).parents[1] / "benchmarks" / "bench.py")
 bench = importlib.util.module_from_spec(_spec)
@@ -33,3 +35,14 @@ def test_best_of_rounds_keeps_layouts_apart():
     rows = bench.best_of_rounds([[_row("ours", "fwd", 1.0, 10.0, layout="bhsd"),
                                   _row("ours", "fwd", 2.0, 10.0, layout="bshd")]])
     assert sorted(r["ms"] for r in rows) == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("layout", list(bench.LAYOUTS))
+def test_peer_outputs_come_back_in_the_callers_layout(layout):
+    """Liger and flash-attn take [B, H, S, D] only: through in_layout their outputs have q/k's own
+    layout (the backward rows feed gradients shaped like q and k), and the values of eager's."""
+    q, k, cos, sin, ud = bench.make_layout(2, 5, 4, 2, 16, 16, torch.float32, torch.float32, torch.device("cpu"),
+                                           layout)
+    got = bench.in_layout(lambda *a: bench.eager(*a, 1))(q, k, cos, sin, ud)
+    for g, w in zip(got, bench.eager(q, k, cos, sin, ud)):
+        assert g.shape == w.shape and torch.equal(g, w)
