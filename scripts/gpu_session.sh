@@ -6,8 +6,10 @@
 # (a device call brings back at most 8 files).
 #   tests     the suite minus the CPU-only files, on 8 workers (TEST_ARGS overrides the selection)
 #   demo      python -m rotary_kernels.demo
-#   bench     benchmarks/bench.py (BENCH_ARGS, default: the quick report on llama3-8b bf16)
+#   bench     benchmarks/bench.py (BENCH_ARGS, default: the quick report on llama3-8b bf16, both table dtypes)
 #   numerics  benchmarks/numerics.py
+#   errors    whether an error raised in C++ (PyTorch's own, then the compiled ops') reaches Python or
+#             kills the process (it did on the first GPU session), with cuda-gdb's backtrace if it dies
 #
 # Wheels the machine lacks travel in .whl/ (git-ignored), fetched here beforehand with
 #   bash scripts/gpu_session.sh --fetch-wheels
@@ -46,16 +48,32 @@ python3 -c "from rotary_kernels import _compiled as c; import rotary_kernels as 
 c.HAS_CUDA_EXT, c.IMPORT_ERROR, 'backends', rk.available_backends('cuda'))" 2>&1 | tee -a "$RES/env.txt"
 cpu_only="--ignore=tests/test_cuda_sim.py --ignore=tests/test_codegen_cuda.py --ignore=tests/test_codegen_triton.py \
   --ignore=tests/test_cpu_isa.py --ignore=tests/test_distributed.py --ignore=tests/test_zoo.py --ignore=tests/test_bench.py"
-for step in ${STEPS:-tests demo bench numerics}; do
+for step in ${STEPS:-errors tests demo bench numerics}; do
   SECONDS_STEP=$SECONDS
   case $step in
-    tests) timeout "$(left 220)" python3 -m pytest -p no:cacheprovider -q -rfEs --tb=short -n 8 --timeout 200 \
+    tests) timeout -s INT -k 20 "$(left 220)" python3 -m pytest -p no:cacheprovider -q -rfEs --tb=short -n ${WORKERS:-8} --timeout 200 \
              ${TEST_ARGS:-$cpu_only tests} > "$RES/tests.txt" 2>&1 ;;
     demo) timeout "$(left 40)" python3 -m rotary_kernels.demo > "$RES/demo.txt" 2>&1 ;;
     bench) timeout "$(left 200)" python3 benchmarks/bench.py --out "$RES/bench" \
-             ${BENCH_ARGS:---quick --shapes llama3-8b --dtypes bfloat16 --cos same} > "$RES/bench.txt" 2>&1 ;;
+             ${BENCH_ARGS:---quick --shapes llama3-8b --dtypes bfloat16 --cos same,fp32} > "$RES/bench.txt" 2>&1 ;;
     numerics) timeout "$(left 60)" python3 benchmarks/numerics.py --out "$RES/numerics-cuda" > "$RES/numerics.txt" 2>&1 ;;
-    *) echo "unknown step $step (tests, demo, bench, numerics)"; false ;;
+    errors) for dev in cpu cuda; do
+              for who in torch ops; do
+                if [ $who = torch ]; then call="torch.ones(2, device='$dev') @ torch.ones(3, device='$dev')"
+                else call="rotary_kernels._compiled.ops.rotary(torch.ones(3, 4, 16, device='$dev'), None, \
+                  *[torch.ones(1, 3, 16, device='$dev')] * 2, torch.ones(3, 4, 16, device='$dev'), None, False, False)"; fi
+                prog="import torch, rotary_kernels._compiled
+try:
+    $call
+except RuntimeError as e:
+    print('raised:', str(e).splitlines()[0][:100])"
+                timeout "$(left 30)" python3 -X faulthandler -c "$prog" > "$RES/err.txt" 2>&1
+                echo "$who error on $dev: rc $? $(head -c 300 "$RES/err.txt")"
+                grep -q "^raised" "$RES/err.txt" || ! command -v cuda-gdb > /dev/null \
+                  || timeout "$(left 90)" cuda-gdb -batch -ex run -ex bt --args python3 -c "$prog" 2>&1 | tail -40
+              done
+            done > "$RES/errors.txt" 2>&1 ;;
+    *) echo "unknown step $step (tests, demo, bench, numerics, errors)"; false ;;
   esac
   rc=$?
   tail -${TAIL:-12} "$RES/$step.txt" 2>/dev/null
