@@ -69,7 +69,12 @@ except RuntimeError as e:
     print('raised:', str(e).splitlines()[0][:100])"
                 timeout "$(left 30)" python3 -X faulthandler -c "$prog" > "$RES/err.txt" 2>&1
                 echo "$who error on $dev: rc $? $(head -c 300 "$RES/err.txt")"
-                grep -q "^raised" "$RES/err.txt" || ! command -v cuda-gdb > /dev/null \
+                grep -q "^raised" "$RES/err.txt" && continue
+                # Which copy of the unwinder each library binds to (one with its own copy of libgcc's
+                # unwinder exported would explain a crash in our library's throws alone), and where it dies.
+                LD_DEBUG=bindings timeout "$(left 30)" python3 -c "$prog" 2>&1 \
+                  | grep -E "_Unwind_(RaiseException|Find_FDE|Backtrace)|__register_frame_info" | grep -v "to /.*libgcc_s" | head -20
+                ! command -v cuda-gdb > /dev/null \
                   || timeout "$(left 90)" cuda-gdb -batch -ex run -ex bt --args python3 -c "$prog" 2>&1 | tail -40
               done
             done > "$RES/errors.txt" 2>&1 ;;
