@@ -8,6 +8,8 @@
 #   demo      python -m rotary_kernels.demo
 #   bench     benchmarks/bench.py (BENCH_ARGS, default: the quick report on llama3-8b bf16, both table dtypes)
 #   numerics  benchmarks/numerics.py
+#   host      host time a call (back-to-back decode calls, wall clock) per backend, forward and
+#             backward, and benchmarks/triton_host_time.py: the first run's Triton rows looked host-bound
 #   errors    whether an error raised in C++ (PyTorch's own, then the compiled ops') reaches Python or
 #             kills the process (it did on the first GPU session), with cuda-gdb's backtrace if it dies
 #
@@ -48,7 +50,7 @@ python3 -c "from rotary_kernels import _compiled as c; import rotary_kernels as 
 c.HAS_CUDA_EXT, c.IMPORT_ERROR, 'backends', rk.available_backends('cuda'))" 2>&1 | tee -a "$RES/env.txt"
 cpu_only="--ignore=tests/test_cuda_sim.py --ignore=tests/test_codegen_cuda.py --ignore=tests/test_codegen_triton.py \
   --ignore=tests/test_cpu_isa.py --ignore=tests/test_distributed.py --ignore=tests/test_zoo.py --ignore=tests/test_bench.py"
-for step in ${STEPS:-errors tests demo bench numerics}; do
+for step in ${STEPS:-errors host tests demo bench numerics}; do
   SECONDS_STEP=$SECONDS
   case $step in
     tests) timeout -s INT -k 20 "$(left 220)" python3 -m pytest -p no:cacheprovider -q -rfEs --tb=short -n ${WORKERS:-8} --timeout 200 \
@@ -78,7 +80,29 @@ except RuntimeError as e:
                   || timeout "$(left 90)" cuda-gdb -batch -ex run -ex bt --args python3 -c "$prog" 2>&1 | tail -40
               done
             done > "$RES/errors.txt" 2>&1 ;;
-    *) echo "unknown step $step (tests, demo, bench, numerics, errors)"; false ;;
+    host) { timeout "$(left 60)" python3 - <<'PY'
+import time, torch, rotary_kernels as rk
+from rotary_kernels.demo import make_inputs
+q, k, c, s = make_inputs(1, torch.bfloat16, torch.device("cuda"))
+qq, kk = q.detach().requires_grad_(), k.detach().requires_grad_()
+for be in [b for b in rk.available_backends("cuda") if b != "reference"]:
+    outs = rk.apply_rotary_transformers(qq, kk, c, s, backend=be)
+    calls = {"fwd": lambda: rk.apply_rotary_transformers(q, k, c, s, backend=be),
+             "bwd": lambda: torch.autograd.grad(outs, (qq, kk), outs, retain_graph=True)}
+    for name, f in calls.items():
+        for _ in range(100):
+            f()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(2000):
+            f()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        print(f"{be} decode-1 {name}: {(t1 - t0) / 2 * 1e3:.1f} us a call on the host, "
+              f"{(time.perf_counter() - t0) / 2 * 1e3:.1f} us with the GPU", flush=True)
+PY
+            timeout "$(left 60)" python3 benchmarks/triton_host_time.py; } > "$RES/host.txt" 2>&1 ;;
+    *) echo "unknown step $step (tests, demo, bench, numerics, errors, host)"; false ;;
   esac
   rc=$?
   tail -${TAIL:-12} "$RES/$step.txt" 2>/dev/null
