@@ -22,9 +22,11 @@
 //   >= 50% theoretical occupancy: that budget is why a step holds one row, not two.
 //   VEC pairs = two 16-byte vectors of x when the head dim is contiguous and aligned; otherwise
 //   VEC = 1 with strided scalar accesses. swap_layout (MLA's rope: pairs written in the other
-//   layout, rotary_math.h) has its own instances (SWAP), VEC = 1 with per-pair tables: a chunk is
-//   one pair, loaded at its places in x's layout and stored at those of the other one. Every element of q and k is read once and written
-//   once; cos/sin are read once per (token, chunk, block).
+//   layout, rotary_math.h) has its own instances (SWAP), per-pair tables: a chunk of VEC pairs
+//   (two 16-byte vectors of x in x's layout, one vector of cos and one of sin, two vectors out in
+//   the other layout: rotate_swap_chunk) where x and the tables allow vectors, else one pair,
+//   loaded at its places in x's layout and stored at those of the other one. Every element of q
+//   and k is read once and written once; cos/sin are read once per (token, chunk, block).
 //   Index math is 32-bit where the planner bounds it (token, row, head-dim offsets < 2^31);
 //   element offsets into the tensors stay 64-bit.
 //   A token whose cache row lies outside [0, P) reads no cos/sin (nothing out of bounds) and
@@ -288,6 +290,36 @@ __device__ __forceinline__ void rotate_chunk(Packed<T, VEC>& xa, Packed<T, VEC>&
   }
 }
 
+// swap_layout on a chunk of VEC pairs (VEC > 1): pair j reads per-pair cos/sin entry j and is
+// stored at place j of ya (its first element) and yb (its second) in the other layout.
+// Interleaved x: pairs 0 .. VEC/2 - 1 are neighbours in xa, the rest in xb; ya and yb then land
+// at pair index i and i + R/2 (half-split). Half-split x: pair j is xa[j], xb[j]; ya and yb are
+// the chunk's first and second VEC elements in the interleaved layout. sa carries the conj rule.
+template <int VEC, bool INTERLEAVED, typename acc_t, typename T, typename C>
+__device__ __forceinline__ void rotate_swap_chunk(const Packed<T, VEC>& xa, const Packed<T, VEC>& xb,
+                                                  const Packed<C, VEC>& ca, const Packed<C, VEC>& sa,
+                                                  Packed<T, VEC>& ya, Packed<T, VEC>& yb) {
+  constexpr int kHalf = VEC / 2;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    const Packed<T, VEC>& src = j < kHalf ? xa : xb;
+    const int e = 2 * (j % kHalf);
+    const acc_t x1 = static_cast<acc_t>(INTERLEAVED ? src.at(e) : xa.at(j));
+    const acc_t x2 = static_cast<acc_t>(INTERLEAVED ? src.at(e + 1) : xb.at(j));
+    const acc_t c = static_cast<acc_t>(ca.at(j)), sn = static_cast<acc_t>(sa.at(j));
+    acc_t y1, y2;
+    rotate_pair(x1, x2, make_pair_cs(c, c, sn, sn, false), y1, y2);
+    if constexpr (INTERLEAVED) {
+      ya.set_at(j, static_cast<T>(y1));
+      yb.set_at(j, static_cast<T>(y2));
+    } else {
+      Packed<T, VEC>& dst = j < kHalf ? ya : yb;
+      dst.set_at(e, static_cast<T>(y1));
+      dst.set_at(e + 1, static_cast<T>(y2));
+    }
+  }
+}
+
 // The conj (backward) rule on a chunk's sin values, once per chunk: (s1, s2) := (-s2, -s1)
 // within each pair (rotary_math.h make_pair_cs).
 template <int VEC, bool INTERLEAVED, typename C>
@@ -382,7 +414,9 @@ template <typename scalar_t, typename cs_t, int VEC, bool VECTOR, bool CS_VECTOR
           bool SWAP = false>
 __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR, INTERLEAVED, K_TABLES>())
     rotary_kernel(const RotaryParams<scalar_t, cs_t> p) {
-  static_assert(!SWAP || (VEC == 1 && !VECTOR && !CS_VECTOR), "swap_layout: one pair a chunk");
+  static_assert(!SWAP || (VEC == 1 && !VECTOR && !CS_VECTOR) || (VECTOR && CS_VECTOR && !K_TABLES),
+                "swap_layout: one pair a chunk, or VEC pairs with vector x and per-pair tables");
+  constexpr bool kSwapVec = SWAP && VEC > 1;
   using acc_t = typename AccType<scalar_t>::type;
   const int32_t token = static_cast<int32_t>(blockIdx.x);
   const int32_t a = token / p.S, s = token - a * p.S;  // row_ptr takes them as unsigned
@@ -403,9 +437,12 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
     if (r >= row_end) break;
     const int32_t oa = CS_VECTOR ? i : i * kStride;
     const int32_t ob = oa + group_gap<VEC, INTERLEAVED>(p.half);
-    // Where the chunk is stored: where it was loaded, or with SWAP pair i's places in the other layout.
-    const int32_t ya = SWAP ? (INTERLEAVED ? i : 2 * i) : oa;
-    const int32_t yb = SWAP ? (INTERLEAVED ? i + p.half : 2 * i + 1) : ob;
+    // Where the chunk is stored: where it was loaded, or with SWAP its pairs' places in the other
+    // layout (pi: its first pair; half-split output at pi and pi + R/2, interleaved at 2 pi and
+    // 2 pi + VEC, the second half of its pairs).
+    const int32_t pi = SWAP && INTERLEAVED ? oa / 2 : oa;
+    const int32_t ya = SWAP ? (INTERLEAVED ? pi : 2 * pi) : oa;
+    const int32_t yb = SWAP ? (INTERLEAVED ? pi + p.half : 2 * pi + VEC) : ob;
     // The thread's rows in segments that read one table pair: all of them, or, with k's own
     // tables (K_TABLES), q's rows and then k's.
 #pragma unroll 1
@@ -436,8 +473,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
           nan.fill_nan();
           for (; r < row_end; r += TY) {
             scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, p.hq, a, s, r, dy);
-            store_n<VECTOR>(y + chunk_off<kSignedOff>(oa) * dy, dy, nan);
-            store_n<VECTOR>(y + chunk_off<kSignedOff>(ob) * dy, dy, nan);
+            store_n<VECTOR>(y + chunk_off<kSignedOff>(ya) * dy, dy, nan);
+            store_n<VECTOR>(y + chunk_off<kSignedOff>(yb) * dy, dy, nan);
           }
           break;  // (every row left: a bad position is bad for both tables)
         }
@@ -449,22 +486,29 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
       const cs_t* cos = k_seg ? p.cos_k : p.cos;
       const cs_t* sin = k_seg ? p.sin_k : p.sin;
       Packed<cs_t, VEC> ca, cb, sa, sb;
-      load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, oa, p.half, INTERLEAVED, p.pair_tables, ca);
-      load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, ob, p.half, INTERLEAVED, p.pair_tables, cb);
+      if constexpr (kSwapVec) {  // per-pair entries pi .. pi + VEC - 1, both elements of each pair
+        load_cs<true>(cos, p.sc, p.ti, a, s, pos, pi, p.half, false, true, ca);
+        load_cs<true>(sin, p.ss, p.ti, a, s, pos, pi, p.half, false, true, sa);
+        if (p.conj) sa.negate();  // (s1, s2) := (-s2, -s1), s1 = s2
+      }
+      if constexpr (!kSwapVec) load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, oa, p.half, INTERLEAVED, p.pair_tables, ca);
+      if constexpr (!kSwapVec) load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, ob, p.half, INTERLEAVED, p.pair_tables, cb);
       // conj: (s1, s2) := (-s2, -s1). Half-split with vector x swaps sin's groups by address (no
       // register swap: what keeps 16-bit x / fp32 tables at 64 registers); interleaved and the
       // scalar path (VEC = 1, where by address costs ~20 registers more) swap in registers.
       constexpr bool kSwap = VECTOR && !INTERLEAVED;
       const bool swap = kSwap && p.conj;
-      load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? ob : oa, p.half, INTERLEAVED, p.pair_tables, sa);
-      load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? oa : ob, p.half, INTERLEAVED, p.pair_tables, sb);
+      if constexpr (!kSwapVec) {
+        load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? ob : oa, p.half, INTERLEAVED, p.pair_tables, sa);
+        load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? oa : ob, p.half, INTERLEAVED, p.pair_tables, sb);
+      }
       if (!CS_VECTOR && bad) {
         ca.fill_nan();
         cb.fill_nan();
         sa.fill_nan();
         sb.fill_nan();
       }
-      if (p.conj) {
+      if (!kSwapVec && p.conj) {
         if constexpr (!kSwap) {
           conj_sin<VEC, INTERLEAVED>(sa, sb);
         } else {  // already swapped: the signs
@@ -478,10 +522,17 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
       for (;;) {
         const uint32_t zero = static_cast<uint32_t>(r) >> 31;  // 0: r >= 0
         ca.opaque(zero);
-        cb.opaque(zero);
         sa.opaque(zero);
-        sb.opaque(zero);
-        rotate_chunk<VEC, INTERLEAVED, acc_t>(xa, xb, ca, cb, sa, sb);
+        if constexpr (kSwapVec) {
+          Packed<scalar_t, VEC> outa, outb;
+          rotate_swap_chunk<VEC, INTERLEAVED, acc_t>(xa, xb, ca, sa, outa, outb);
+          xa = outa;
+          xb = outb;
+        } else {
+          cb.opaque(zero);
+          sb.opaque(zero);
+          rotate_chunk<VEC, INTERLEAVED, acc_t>(xa, xb, ca, cb, sa, sb);
+        }
         scalar_t* y = row_ptr<true, VECTOR>(p.q, p.k, p.hq, a, s, r, dy);
         store_n<VECTOR>(y + chunk_off<kSignedOff>(ya) * dy, dy, xa);
         store_n<VECTOR>(y + chunk_off<kSignedOff>(yb) * dy, dy, xb);
@@ -632,12 +683,15 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   const int64_t tokens = A * S, rows = p.q.H + p.k.H;
   if (tokens == 0 || rows == 0) return;
 
-  // (swap_layout: one pair a chunk, element by element; the op checks per-pair tables, no cos_k)
-  bool vector = !swap_layout && half % VEC == 0 && vector_ok(q, VEC) && vector_ok(q_out, VEC);
+  // (swap_layout: VEC pairs a chunk with vector x and per-pair tables, else one pair a chunk,
+  // element by element; the op checks per-pair tables, no cos_k)
+  bool vector = half % VEC == 0 && vector_ok(q, VEC) && vector_ok(q_out, VEC);
   if (k.has_value()) vector = vector && vector_ok(*k, VEC) && vector_ok(*k_out, VEC);
   // (interleaved per-pair tables: each entry serves two neighbouring elements, element by element)
-  const bool cs_vector = vector && p.ti.mrope == 0 && !(pair_tables && interleaved) && cs_vector_ok(cos, VEC) &&
-                         cs_vector_ok(sin, VEC) && cs_vector_ok(cos_k, VEC) && cs_vector_ok(sin_k, VEC);
+  const bool cs_vector = vector && p.ti.mrope == 0 && !(pair_tables && interleaved && !swap_layout) &&
+                         cs_vector_ok(cos, VEC) && cs_vector_ok(sin, VEC) && cs_vector_ok(cos_k, VEC) &&
+                         cs_vector_ok(sin_k, VEC);
+  if (swap_layout) vector = cs_vector;  // (the vector swap needs both)
   const LaunchPlan plan = plan_launch(tokens, rows, vector ? half / VEC : half, sms);
   TORCH_CHECK(D <= std::numeric_limits<int32_t>::max(), "rotary: head dim too large (", D, ")");
   p.S = static_cast<int32_t>(S);
@@ -649,7 +703,11 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   p.k_row0 = k_tables ? p.hq : p.rows;
   if (swap_layout) {
     TORCH_CHECK(pair_tables && !k_tables, "rotary: swap_layout takes per-pair tables without cos_k/sin_k");
-    if (interleaved) {
+    if (vector && interleaved) {
+      launcher.template run<VEC, true, true, true, false, true>(p, plan.grid, plan.block);
+    } else if (vector) {
+      launcher.template run<VEC, true, true, false, false, true>(p, plan.grid, plan.block);
+    } else if (interleaved) {
       launcher.template run<1, false, false, true, false, true>(p, plan.grid, plan.block);
     } else {
       launcher.template run<1, false, false, false, false, true>(p, plan.grid, plan.block);

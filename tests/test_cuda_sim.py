@@ -412,7 +412,8 @@ def test_sim_pair_tables(sim, layout, dtype, interleaved, D, R):
 def test_sim_swap_layout(sim, layout, dtype, interleaved, D, R):
     """swap_layout (DeepSeek-V3's MLA rope: interleaved in, half-split out; its backward the other
     way, conj): bit-equal to the same rotation without it, its pairs then moved to the other
-    layout (reference.swap_pair_layout); partial rotary's tail passes through; decode splits,
+    layout (reference.swap_pair_layout), with VEC pairs a chunk (16-byte x accesses) where x is
+    contiguous and aligned, else one; partial rotary's tail passes through; decode splits,
     caches at positions and mrope (the element-by-element tables); every access checked."""
     from rotary_kernels.reference import swap_pair_layout
 
@@ -426,16 +427,22 @@ def test_sim_swap_layout(sim, layout, dtype, interleaved, D, R):
                 qp, kp, _ = run(sim, q, k, cos, sin, interleaved, conj, sms, pair_tables=True)
                 assert torch.equal(qo, swap_pair_layout(qp, R, interleaved))
                 assert torch.equal(ko, swap_pair_layout(kp, R, interleaved))
-                assert info[4:7] == [1, 0, 0]  # VEC 1, element by element
+                vec = 16 // q.element_size()
+                vector = layout in ("contig", "heads_outer") and (R // 2) % vec == 0
+                assert info[4:7] == ([vec, 1, 1] if vector else [1, 0, 0])  # VEC pairs a chunk, or one
     A, S, Hq, Hk, P = 2, 5, 3, 1, 40
     q = canonical(A, S, Hq, D, dtype, "cpu", layout)
     k = canonical(A, S, Hk, D, dtype, "cpu", layout, seed=2)
     c_cache, s_cache = (t[0] for t in tables(1, P, R // 2, torch.float32, "cpu"))
+    bad = torch.randint(0, P, (1, A, S))
+    bad[0, 1, 2] = P  # a row outside the cache: the token's rotated dims NaN (the vector path's own stores)
+    bits = lambda t: t.contiguous().view(-1).view(torch.uint8)  # noqa: E731  (NaNs compared too)
     for ix in (dict(positions=torch.randint(0, P, (1, A, S))), dict(seqlen_offsets=torch.tensor([3, 7])),
+               dict(positions=bad),
                dict(positions=torch.randint(0, P, (3, A, S)), mrope_section=[R // 2 - 1, 1, 0]) if R >= 4 else {}):
         if not ix:
             continue
         qo, ko, _ = run_ix(sim, q, k, c_cache, s_cache, interleaved, False, pair_tables=True, swap_layout=True, **ix)
         qp, kp, _ = run_ix(sim, q, k, c_cache, s_cache, interleaved, False, pair_tables=True, **ix)
-        assert torch.equal(qo, swap_pair_layout(qp, R, interleaved)), ix
-        assert torch.equal(ko, swap_pair_layout(kp, R, interleaved)), ix
+        assert torch.equal(bits(qo), bits(swap_pair_layout(qp, R, interleaved))), ix
+        assert torch.equal(bits(ko), bits(swap_pair_layout(kp, R, interleaved))), ix
