@@ -337,17 +337,18 @@ __device__ __forceinline__ void conj_sin(Packed<C, VEC>& sa, Packed<C, VEC>& sb)
 }
 
 // VEC cos (or sin) values of head-dim elements j0 .. j0 + VEC - 1 of token (a, s)'s row: one
-// vector load (CS_VECTOR: contiguous, aligned, no mrope, not interleaved per-pair), else element
-// by element, each from its pair's mrope axis and position. pair_tables: per-pair tables
-// (table_index; a half-split group B reads group A's entries).
+// vector load (CS_VECTOR: contiguous, aligned, mrope only sectioned in whole chunks, not
+// interleaved per-pair), else element by element, each from its pair's mrope axis and position.
+// pair_tables: per-pair tables (table_index; a half-split group B reads group A's entries).
 template <bool CS_VECTOR, int VEC, typename cs_t>
 __device__ __forceinline__ void load_cs(const cs_t* t, const CSStrides& st, const TokenIndex& ti, int64_t a,
                                         int64_t s, const int64_t (&pos)[3], int32_t j0, int32_t half,
-                                        bool interleaved, bool pair_tables, Packed<cs_t, VEC>& regs) {
+                                        bool interleaved, bool pair_tables, Packed<cs_t, VEC>& regs, int x0 = 0) {
   if constexpr (CS_VECTOR) {
-    // (CS_VECTOR: st.r == 1; j0 >= 0 zero-extended, the row's offset shared by both groups.)
+    // (CS_VECTOR: st.r == 1; j0 >= 0 zero-extended, the row's offset shared by both groups; one
+    // mrope axis x0 for the whole chunk, at position pos[0].)
     const int32_t jt = pair_tables && j0 >= half ? j0 - half : j0;
-    load_n<true>(t + cs_offset(st, 0, a, s, pos[0], 0) + int64_t{static_cast<uint32_t>(jt)}, 1, regs);
+    load_n<true>(t + cs_offset(st, x0, a, s, pos[0], 0) + int64_t{static_cast<uint32_t>(jt)}, 1, regs);
   } else {
     Vec<cs_t, VEC> out;
 #pragma unroll
@@ -441,6 +442,8 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
     // layout (pi: its first pair; half-split output at pi and pi + R/2, interleaved at 2 pi and
     // 2 pi + VEC, the second half of its pairs).
     const int32_t pi = SWAP && INTERLEAVED ? oa / 2 : oa;
+    // The chunk's mrope axis (CS_VECTOR: one for all its pairs), 0 without mrope.
+    const int cx = CS_VECTOR && p.ti.mrope ? pair_axis(p.ti, pair_of(oa, p.half, INTERLEAVED)) : 0;
     const int32_t ya = SWAP ? (INTERLEAVED ? pi : 2 * pi) : oa;
     const int32_t yb = SWAP ? (INTERLEAVED ? pi + p.half : 2 * pi + VEC) : ob;
     // The thread's rows in segments that read one table pair: all of them, or, with k's own
@@ -453,14 +456,20 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
       load_n<VECTOR>(x + chunk_off<kSignedOff>(oa) * dx, dx, xa);
       load_n<VECTOR>(x + chunk_off<kSignedOff>(ob) * dx, dx, xb);
       // Then the chunk's cos/sin: the token's cache row on each mrope axis (caches), else the
-      // per-token tables. A row outside the cache: NaN, nothing read. (CS_VECTOR excludes mrope.)
+      // per-token tables. A row outside the cache on any axis: NaN, nothing read. CS_VECTOR
+      // reads one axis, the chunk's (sectioned mrope whose sections are whole chunks), at pos[0].
       int64_t pos[3] = {0, 0, 0};
       bool bad = false;
 #pragma unroll
-      for (int ax = 0; ax < (CS_VECTOR ? 1 : 3); ++ax) {
+      for (int ax = 0; ax < 3; ++ax) {
         if (ax == 0 || p.ti.mrope) {
-          pos[ax] = token_position(p.ti, a, s, ax);
-          bad = bad || !position_ok(p.ti, pos[ax]);
+          const int64_t px = token_position(p.ti, a, s, ax);
+          bad = bad || !position_ok(p.ti, px);
+          if (!CS_VECTOR) {
+            pos[ax] = px;
+          } else if (ax == cx) {
+            pos[0] = px;
+          }
         }
       }
       // A position outside the cache: nothing read, the rotated dims written as NaN. Vector
@@ -487,20 +496,22 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
       const cs_t* sin = k_seg ? p.sin_k : p.sin;
       Packed<cs_t, VEC> ca, cb, sa, sb;
       if constexpr (kSwapVec) {  // per-pair entries pi .. pi + VEC - 1, both elements of each pair
-        load_cs<true>(cos, p.sc, p.ti, a, s, pos, pi, p.half, false, true, ca);
-        load_cs<true>(sin, p.ss, p.ti, a, s, pos, pi, p.half, false, true, sa);
+        load_cs<true>(cos, p.sc, p.ti, a, s, pos, pi, p.half, false, true, ca, cx);
+        load_cs<true>(sin, p.ss, p.ti, a, s, pos, pi, p.half, false, true, sa, cx);
         if (p.conj) sa.negate();  // (s1, s2) := (-s2, -s1), s1 = s2
       }
-      if constexpr (!kSwapVec) load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, oa, p.half, INTERLEAVED, p.pair_tables, ca);
-      if constexpr (!kSwapVec) load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, ob, p.half, INTERLEAVED, p.pair_tables, cb);
+      if constexpr (!kSwapVec) {
+        load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, oa, p.half, INTERLEAVED, p.pair_tables, ca, cx);
+        load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, ob, p.half, INTERLEAVED, p.pair_tables, cb, cx);
+      }
       // conj: (s1, s2) := (-s2, -s1). Half-split with vector x swaps sin's groups by address (no
       // register swap: what keeps 16-bit x / fp32 tables at 64 registers); interleaved and the
       // scalar path (VEC = 1, where by address costs ~20 registers more) swap in registers.
       constexpr bool kSwap = VECTOR && !INTERLEAVED;
       const bool swap = kSwap && p.conj;
       if constexpr (!kSwapVec) {
-        load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? ob : oa, p.half, INTERLEAVED, p.pair_tables, sa);
-        load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? oa : ob, p.half, INTERLEAVED, p.pair_tables, sb);
+        load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? ob : oa, p.half, INTERLEAVED, p.pair_tables, sa, cx);
+        load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? oa : ob, p.half, INTERLEAVED, p.pair_tables, sb, cx);
       }
       if (!CS_VECTOR && bad) {
         ca.fill_nan();
@@ -688,7 +699,9 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   bool vector = half % VEC == 0 && vector_ok(q, VEC) && vector_ok(q_out, VEC);
   if (k.has_value()) vector = vector && vector_ok(*k, VEC) && vector_ok(*k_out, VEC);
   // (interleaved per-pair tables: each entry serves two neighbouring elements, element by element)
-  const bool cs_vector = vector && p.ti.mrope == 0 && !(pair_tables && interleaved && !swap_layout) &&
+  // (sectioned mrope: when every section is whole chunks, a chunk reads one axis)
+  const bool mrope_ok = p.ti.mrope == 0 || (p.ti.mrope == 1 && p.ti.sec0 % VEC == 0 && p.ti.sec1 % VEC == 0);
+  const bool cs_vector = vector && mrope_ok && !(pair_tables && interleaved && !swap_layout) &&
                          cs_vector_ok(cos, VEC) && cs_vector_ok(sin, VEC) && cs_vector_ok(cos_k, VEC) &&
                          cs_vector_ok(sin_k, VEC);
   if (swap_layout) vector = cs_vector;  // (the vector swap needs both)

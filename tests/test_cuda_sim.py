@@ -140,10 +140,11 @@ def test_sim_token_positions(sim, interleaved, layout):
     close(ko[0], ref_ix(kp[0], cos, sin, 1, interleaved, cu_seqlens=cu, seqlen_offsets=offs))
     # mrope: 3-axis positions into the cache, and per-axis tables [3, A, S, R]
     pos3 = torch.randint(0, P, (3, A, S))
-    for mi, sec in ((False, [8, 12, 12]), (True, [12, 10, 10])):
+    for mi, sec in ((False, [8, 12, 12]), (True, [12, 10, 10]), (False, [8, 16, 8])):
         qo, _, info = run_ix(sim, q, k, cos, sin, interleaved, False, positions=pos3, mrope_section=sec,
                              mrope_interleaved=mi)
-        assert info[6] == 0  # mrope reads cos/sin element by element
+        # mrope reads cos/sin element by element, or a vector a chunk where sections are whole chunks
+        assert info[6] == (sec == [8, 16, 8] and layout == "heads_outer")
         close(qo, ref_ix(q, cos, sin, 2, interleaved, positions=pos3, mrope_section=sec, mrope_interleaved=mi))
         c3, s3 = cos[pos3], sin[pos3]
         qo, _, _ = run_ix(sim, q, k, c3, s3, interleaved, False, mrope_section=sec, mrope_interleaved=mi)
@@ -162,11 +163,12 @@ def test_sim_position_out_of_range_nan(sim, layout, interleaved):
     cos, sin = tables(1, P, R, torch.float32, "cpu")
     cos, sin = cos[0], sin[0]
     pos = torch.tensor([[[0, 4, 1, -1]]])  # tokens 1 and 3 out of range
-    for mrope in (None, [2, 3, 3]):
+    for mrope in (None, [2, 3, 3], [4, 4, 0]):  # ([4, 4, 0]: whole chunks, vector tables on heads_outer)
         ix = dict(positions=pos.expand(3, 1, 4)) if mrope else dict(positions=pos)
         if mrope:
             ix.update(mrope_section=mrope)
-        qo, ko, _ = run_ix(sim, q, k, cos, sin, interleaved, False, **ix)
+        qo, ko, info = run_ix(sim, q, k, cos, sin, interleaved, False, **ix)
+        assert info[6] == (mrope != [2, 3, 3] and layout == "heads_outer")
         for x, out in ((q, qo), (k, ko)):
             good = [0, 2]
             c, s_ = cos[pos[0, 0, good]][None], sin[pos[0, 0, good]][None]
