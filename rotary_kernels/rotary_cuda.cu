@@ -31,12 +31,12 @@ int64_t sm_count() {
 // Launches a kernel instance on the current stream.
 struct CudaLauncher {
   cudaStream_t stream;
-  template <int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES, bool SWAP = false,
+  template <int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES, bool PAIRS = false,
             typename Params>
   void run(const Params& p, LaunchShape grid, LaunchShape block) {
     using scalar_t = typename Params::scalar_type;
     using cs_t = typename Params::cs_type;
-    rotary_kernel<scalar_t, cs_t, VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES, SWAP>
+    rotary_kernel<scalar_t, cs_t, VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES, PAIRS>
         <<<dim3(static_cast<unsigned>(grid.x), static_cast<unsigned>(grid.y)),
            dim3(static_cast<unsigned>(block.x), static_cast<unsigned>(block.y)), 0, stream>>>(p);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -21,12 +21,13 @@
 //   its stores, so in place is safe. Registers are capped at 64 (__launch_bounds__(256, 4)) for
 //   >= 50% theoretical occupancy: that budget is why a step holds one row, not two.
 //   VEC pairs = two 16-byte vectors of x when the head dim is contiguous and aligned; otherwise
-//   VEC = 1 with strided scalar accesses. swap_layout (MLA's rope: pairs written in the other
-//   layout, rotary_math.h) has its own instances (SWAP), per-pair tables: a chunk of VEC pairs
-//   (two 16-byte vectors of x in x's layout, one vector of cos and one of sin, two vectors out in
-//   the other layout: rotate_swap_chunk) where x and the tables allow vectors, else one pair,
-//   loaded at its places in x's layout and stored at those of the other one. Every element of q
-//   and k is read once and written once; cos/sin are read once per (token, chunk, block).
+//   VEC = 1 with strided scalar accesses. Chunks of whole pairs with per-pair tables have their
+//   own instances (PAIRS): swap_layout (MLA's rope: pairs written in the other layout,
+//   rotary_math.h) and interleaved per-pair tables: a chunk of VEC pairs (two 16-byte vectors of
+//   x, one vector of cos and one of sin, two vectors out, in x's layout or with swap_layout in the
+//   other: rotate_pair_chunk) where x and the tables allow vectors; else swap_layout takes one
+//   pair a chunk, loaded at its places in x's layout and stored at those of the other one. Every
+//   element of q and k is read once and written once; cos/sin are read once per (token, chunk, block).
 //   Index math is 32-bit where the planner bounds it (token, row, head-dim offsets < 2^31);
 //   element offsets into the tensors stay 64-bit.
 //   A token whose cache row lies outside [0, P) reads no cos/sin (nothing out of bounds) and
@@ -250,6 +251,7 @@ struct RotaryParams {
   int32_t k_row0;  // rows r >= k_row0 read cos_k/sin_k: hq with k's own tables, else rows (none)
   bool conj;
   bool pair_tables;  // tables [..., R/2], one entry per pair (rotary_math.h table_index)
+  bool swap;  // swap_layout: pairs stored in the other layout (PAIRS instances with VEC > 1)
 };
 
 // A chunk is two VEC-element groups of the head dim, at element offsets oa and ob = oa +
@@ -290,15 +292,15 @@ __device__ __forceinline__ void rotate_chunk(Packed<T, VEC>& xa, Packed<T, VEC>&
   }
 }
 
-// swap_layout on a chunk of VEC pairs (VEC > 1): pair j reads per-pair cos/sin entry j and is
-// stored at place j of ya (its first element) and yb (its second) in the other layout.
-// Interleaved x: pairs 0 .. VEC/2 - 1 are neighbours in xa, the rest in xb; ya and yb then land
-// at pair index i and i + R/2 (half-split). Half-split x: pair j is xa[j], xb[j]; ya and yb are
-// the chunk's first and second VEC elements in the interleaved layout. sa carries the conj rule.
+// A chunk of VEC pairs (VEC > 1) with per-pair tables: pair j reads cos/sin entry j. In x and
+// out, interleaved: pairs 0 .. VEC/2 - 1 are neighbours in the first vector, the rest in the
+// second (the chunk's 2 VEC elements); half-split: pair j is element j of the first vector
+// (group A) and of the second (group B, R/2 on). out_interleaved differs from INTERLEAVED with
+// swap_layout. sa carries the conj rule.
 template <int VEC, bool INTERLEAVED, typename acc_t, typename T, typename C>
-__device__ __forceinline__ void rotate_swap_chunk(const Packed<T, VEC>& xa, const Packed<T, VEC>& xb,
+__device__ __forceinline__ void rotate_pair_chunk(const Packed<T, VEC>& xa, const Packed<T, VEC>& xb,
                                                   const Packed<C, VEC>& ca, const Packed<C, VEC>& sa,
-                                                  Packed<T, VEC>& ya, Packed<T, VEC>& yb) {
+                                                  Packed<T, VEC>& ya, Packed<T, VEC>& yb, bool out_interleaved) {
   constexpr int kHalf = VEC / 2;
 #pragma unroll
   for (int j = 0; j < VEC; ++j) {
@@ -309,7 +311,7 @@ __device__ __forceinline__ void rotate_swap_chunk(const Packed<T, VEC>& xa, cons
     const acc_t c = static_cast<acc_t>(ca.at(j)), sn = static_cast<acc_t>(sa.at(j));
     acc_t y1, y2;
     rotate_pair(x1, x2, make_pair_cs(c, c, sn, sn, false), y1, y2);
-    if constexpr (INTERLEAVED) {
+    if (!out_interleaved) {
       ya.set_at(j, static_cast<T>(y1));
       yb.set_at(j, static_cast<T>(y2));
     } else {
@@ -409,15 +411,16 @@ __device__ __forceinline__ int64_t chunk_off(int32_t o) {
 }
 
 // K_TABLES: k's rows read cos_k/sin_k (rows >= p.k_row0); the instances without it are the kernel
-// as it is without that option (the segment loop below runs once). SWAP: swap_layout, stores at
-// the pair's places in the other layout (VEC = 1); the instances without it store where they load.
+// as it is without that option (the segment loop below runs once). PAIRS: chunks of whole pairs with
+// per-pair tables (VEC > 1: p.swap says whether they are stored in the other layout; VEC = 1:
+// swap_layout always); the instances without it store where they load.
 template <typename scalar_t, typename cs_t, int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES,
-          bool SWAP = false>
+          bool PAIRS = false>
 __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR, INTERLEAVED, K_TABLES>())
     rotary_kernel(const RotaryParams<scalar_t, cs_t> p) {
-  static_assert(!SWAP || (VEC == 1 && !VECTOR && !CS_VECTOR) || (VECTOR && CS_VECTOR && !K_TABLES),
-                "swap_layout: one pair a chunk, or VEC pairs with vector x and per-pair tables");
-  constexpr bool kSwapVec = SWAP && VEC > 1;
+  static_assert(!PAIRS || (VEC == 1 && !VECTOR && !CS_VECTOR) || (VECTOR && CS_VECTOR && !K_TABLES),
+                "chunks of pairs: one pair (swap_layout), or VEC pairs with vector x and per-pair tables");
+  constexpr bool kPairVec = PAIRS && VEC > 1;
   using acc_t = typename AccType<scalar_t>::type;
   const int32_t token = static_cast<int32_t>(blockIdx.x);
   const int32_t a = token / p.S, s = token - a * p.S;  // row_ptr takes them as unsigned
@@ -438,14 +441,17 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
     if (r >= row_end) break;
     const int32_t oa = CS_VECTOR ? i : i * kStride;
     const int32_t ob = oa + group_gap<VEC, INTERLEAVED>(p.half);
-    // Where the chunk is stored: where it was loaded, or with SWAP its pairs' places in the other
-    // layout (pi: its first pair; half-split output at pi and pi + R/2, interleaved at 2 pi and
-    // 2 pi + VEC, the second half of its pairs).
-    const int32_t pi = SWAP && INTERLEAVED ? oa / 2 : oa;
+    // Where the chunk is stored: where it was loaded, or with swap_layout its pairs' places in the
+    // other layout (pi: its first pair; half-split output at pi and pi + R/2, interleaved at 2 pi
+    // and 2 pi + VEC, the second half of its pairs).
+    const int32_t pi = PAIRS && INTERLEAVED ? oa / 2 : oa;
+    // (half-split PAIRS instances run for swap_layout alone: half-split per-pair tables without it
+    // take the plain vector path)
+    const bool out_swap = PAIRS && (VEC == 1 || !INTERLEAVED || p.swap);
     // The chunk's mrope axis (CS_VECTOR: one for all its pairs), 0 without mrope.
     const int cx = CS_VECTOR && p.ti.mrope ? pair_axis(p.ti, pair_of(oa, p.half, INTERLEAVED)) : 0;
-    const int32_t ya = SWAP ? (INTERLEAVED ? pi : 2 * pi) : oa;
-    const int32_t yb = SWAP ? (INTERLEAVED ? pi + p.half : 2 * pi + VEC) : ob;
+    const int32_t ya = out_swap ? (INTERLEAVED ? pi : 2 * pi) : oa;
+    const int32_t yb = out_swap ? (INTERLEAVED ? pi + p.half : 2 * pi + VEC) : ob;
     // The thread's rows in segments that read one table pair: all of them, or, with k's own
     // tables (K_TABLES), q's rows and then k's.
 #pragma unroll 1
@@ -495,12 +501,12 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
       const cs_t* cos = k_seg ? p.cos_k : p.cos;
       const cs_t* sin = k_seg ? p.sin_k : p.sin;
       Packed<cs_t, VEC> ca, cb, sa, sb;
-      if constexpr (kSwapVec) {  // per-pair entries pi .. pi + VEC - 1, both elements of each pair
+      if constexpr (kPairVec) {  // per-pair entries pi .. pi + VEC - 1, both elements of each pair
         load_cs<true>(cos, p.sc, p.ti, a, s, pos, pi, p.half, false, true, ca, cx);
         load_cs<true>(sin, p.ss, p.ti, a, s, pos, pi, p.half, false, true, sa, cx);
         if (p.conj) sa.negate();  // (s1, s2) := (-s2, -s1), s1 = s2
       }
-      if constexpr (!kSwapVec) {
+      if constexpr (!kPairVec) {
         load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, oa, p.half, INTERLEAVED, p.pair_tables, ca, cx);
         load_cs<CS_VECTOR>(cos, p.sc, p.ti, a, s, pos, ob, p.half, INTERLEAVED, p.pair_tables, cb, cx);
       }
@@ -509,7 +515,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
       // scalar path (VEC = 1, where by address costs ~20 registers more) swap in registers.
       constexpr bool kSwap = VECTOR && !INTERLEAVED;
       const bool swap = kSwap && p.conj;
-      if constexpr (!kSwapVec) {
+      if constexpr (!kPairVec) {
         load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? ob : oa, p.half, INTERLEAVED, p.pair_tables, sa, cx);
         load_cs<CS_VECTOR>(sin, p.ss, p.ti, a, s, pos, swap ? oa : ob, p.half, INTERLEAVED, p.pair_tables, sb, cx);
       }
@@ -519,7 +525,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
         sa.fill_nan();
         sb.fill_nan();
       }
-      if (!kSwapVec && p.conj) {
+      if (!kPairVec && p.conj) {
         if constexpr (!kSwap) {
           conj_sin<VEC, INTERLEAVED>(sa, sb);
         } else {  // already swapped: the signs
@@ -534,9 +540,9 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
         const uint32_t zero = static_cast<uint32_t>(r) >> 31;  // 0: r >= 0
         ca.opaque(zero);
         sa.opaque(zero);
-        if constexpr (kSwapVec) {
+        if constexpr (kPairVec) {
           Packed<scalar_t, VEC> outa, outb;
-          rotate_swap_chunk<VEC, INTERLEAVED, acc_t>(xa, xb, ca, sa, outa, outb);
+          rotate_pair_chunk<VEC, INTERLEAVED, acc_t>(xa, xb, ca, sa, outa, outb, INTERLEAVED != out_swap);
           xa = outa;
           xb = outb;
         } else {
@@ -666,7 +672,7 @@ inline std::array<at::Tensor, 4> shared_table_strides(const at::Tensor& cos, con
 // Host side: fill the parameters (cos_k/sin_k: k's tables, cos/sin themselves when k shares q's;
 // through shared_table_strides),
 // pick the memory path and the launch shape, then call
-// launcher.template run<VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES[, SWAP]>(params, grid, block) — a real
+// launcher.template run<VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES[, PAIRS]>(params, grid, block) — a real
 // <<<>>> launch in rotary_cuda.cu, a sequential walk over blocks and threads in the CPU
 // simulation the tests build (tests/cuda_sim.cpp).
 template <typename scalar_t, typename cs_t, typename Launcher>
@@ -694,14 +700,16 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   const int64_t tokens = A * S, rows = p.q.H + p.k.H;
   if (tokens == 0 || rows == 0) return;
 
-  // (swap_layout: VEC pairs a chunk with vector x and per-pair tables, else one pair a chunk,
-  // element by element; the op checks per-pair tables, no cos_k)
+  // Chunks of whole pairs (PAIRS instances, VEC pairs with vector x and tables): swap_layout (the
+  // op checks per-pair tables, no cos_k; else one pair a chunk, element by element) and
+  // interleaved per-pair tables, each entry serving two neighbouring elements (with cos_k:
+  // element by element).
+  const bool pairs = swap_layout || (pair_tables && interleaved && !k_tables);
   bool vector = half % VEC == 0 && vector_ok(q, VEC) && vector_ok(q_out, VEC);
   if (k.has_value()) vector = vector && vector_ok(*k, VEC) && vector_ok(*k_out, VEC);
-  // (interleaved per-pair tables: each entry serves two neighbouring elements, element by element)
   // (sectioned mrope: when every section is whole chunks, a chunk reads one axis)
   const bool mrope_ok = p.ti.mrope == 0 || (p.ti.mrope == 1 && p.ti.sec0 % VEC == 0 && p.ti.sec1 % VEC == 0);
-  const bool cs_vector = vector && mrope_ok && !(pair_tables && interleaved && !swap_layout) &&
+  const bool cs_vector = vector && mrope_ok && !(pair_tables && interleaved && !pairs) &&
                          cs_vector_ok(cos, VEC) && cs_vector_ok(sin, VEC) && cs_vector_ok(cos_k, VEC) &&
                          cs_vector_ok(sin_k, VEC);
   if (swap_layout) vector = cs_vector;  // (the vector swap needs both)
@@ -714,13 +722,17 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   p.rows_per_slice = static_cast<int32_t>(plan.rows_per_slice);
   p.hq = static_cast<int32_t>(p.q.H);
   p.k_row0 = k_tables ? p.hq : p.rows;
-  if (swap_layout) {
-    TORCH_CHECK(pair_tables && !k_tables, "rotary: swap_layout takes per-pair tables without cos_k/sin_k");
-    if (vector && interleaved) {
+  p.swap = swap_layout;
+  TORCH_CHECK(!swap_layout || (pair_tables && !k_tables),
+              "rotary: swap_layout takes per-pair tables without cos_k/sin_k");
+  if (pairs && cs_vector) {
+    if (interleaved) {
       launcher.template run<VEC, true, true, true, false, true>(p, plan.grid, plan.block);
-    } else if (vector) {
+    } else {
       launcher.template run<VEC, true, true, false, false, true>(p, plan.grid, plan.block);
-    } else if (interleaved) {
+    }
+  } else if (swap_layout) {
+    if (interleaved) {
       launcher.template run<1, false, false, true, false, true>(p, plan.grid, plan.block);
     } else {
       launcher.template run<1, false, false, false, false, true>(p, plan.grid, plan.block);

@@ -112,21 +112,21 @@ void walk(LaunchShape grid, LaunchShape block, F&& thread_fn) {
 }
 
 struct SimLauncher {
-  std::vector<int64_t> info;  // grid.x, grid.y, block.x, block.y, VEC, VECTOR, CS_VECTOR
-  template <int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES, bool SWAP = false,
+  std::vector<int64_t> info;  // grid.x, grid.y, block.x, block.y, VEC, VECTOR, CS_VECTOR, PAIRS
+  template <int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES, bool PAIRS = false,
             typename Params>
   void run(const Params& p, LaunchShape grid, LaunchShape block) {
     using scalar_t = typename Params::scalar_type;
     using cs_t = typename Params::cs_type;
     TORCH_CHECK(block.x >= 1 && block.y >= 1 && block.x * block.y <= kThreads, "bad block ", block.x, "x", block.y);
     TORCH_CHECK(grid.x >= 1 && grid.x <= 2147483647 && grid.y >= 1 && grid.y <= 65535, "bad grid");
-    info = {grid.x, grid.y, block.x, block.y, VEC, VECTOR, CS_VECTOR};
-    walk(grid, block, [&] { rotary_kernel<scalar_t, cs_t, VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES, SWAP>(p); });
+    info = {grid.x, grid.y, block.x, block.y, VEC, VECTOR, CS_VECTOR, PAIRS};
+    walk(grid, block, [&] { rotary_kernel<scalar_t, cs_t, VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES, PAIRS>(p); });
   }
   template <int VEC, bool VECTOR, bool ROWS32, typename scalar_t, typename acc_t>
   void run_elementwise(const Elementwise<scalar_t, acc_t>& e, const ElementwisePlan& plan) {
     TORCH_CHECK(plan.block.x * plan.block.y <= kThreads && plan.grid.x >= 1 && plan.grid.x <= 2147483647, "bad plan");
-    info = {plan.grid.x, plan.grid.y, plan.block.x, plan.block.y, VEC, VECTOR, 0};
+    info = {plan.grid.x, plan.grid.y, plan.block.x, plan.block.y, VEC, VECTOR, 0, 0};
     walk(plan.grid, plan.block, [&] { apply_rotary_kernel<scalar_t, acc_t, VEC, VECTOR, ROWS32>(e, plan.rows); });
   }
 };
@@ -134,12 +134,12 @@ struct SimLauncher {
 // Wraps the real launcher for tests of the alignment hook: a misaligned tensor would be
 // planned for the scalar path; this sends it to the vector instance anyway.
 struct ForceVector : SimLauncher {
-  template <int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES, bool SWAP = false,
+  template <int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES, bool PAIRS = false,
             typename Params>
   void run(const Params& p, LaunchShape grid, LaunchShape block) {
     constexpr int V = 16 / sizeof(typename Params::scalar_type);
-    if constexpr (SWAP) {  // (one pair a chunk: nothing to force)
-      SimLauncher::run<VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES, SWAP>(p, grid, block);
+    if constexpr (PAIRS) {  // (chunks of pairs: nothing to force)
+      SimLauncher::run<VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES, PAIRS>(p, grid, block);
       return;
     }
     SimLauncher::run<V, true, false, INTERLEAVED, K_TABLES>(p, {grid.x, grid.y},

@@ -39,8 +39,7 @@ S, HQ, HK, D = 4096, 32, 8, 128  # Llama-3-8B prefill, one sequence
 # budget of 128 registers, 25%.
 # MLA's rope (swap_layout: pairs stored in the other layout) is element by element too, 25%.
 # (16-bit x with fp32 tables, half-split: 3 blocks, see min_blocks in rotary_cuda_kernels.cuh)
-OCC_FLOOR = {"default": 0.5, ("bf16", "float", True, True): 0.25,
-             ("bf16", "float", False, False): 0.375, ("bf16", "float", False, True): 0.375}
+OCC_FLOOR = {"default": 0.5, ("bf16", "float", False, False): 0.375, ("bf16", "float", False, True): 0.375}
 
 
 def _tool(name):
@@ -233,10 +232,10 @@ def plans():
         ck, sk = tables(1, 2, width, cdt, "cpu", seed=5) if kt else (None, None)
         info = sim.rotary_sim(q, k, cos, sin, torch.empty_like(q), torch.empty_like(k), il, conj, 132, cos_k=ck,
                               sin_k=sk, pair_tables=pt, swap_layout=sw)
-        vec, vector, cs_vector = info[4:7]
+        vec, vector, cs_vector, pairs = info[4:8]
         cs_t = TNAME[cdt] if cdt == dt else "float"
         b = lambda x: "true" if x else "false"  # noqa: E731
-        inst = f"rotary_kernel<{TNAME[dt]}, {cs_t}, {vec}, {b(vector)}, {b(cs_vector)}, {b(il)}, {b(kt)}, {b(sw)}>"
+        inst = f"rotary_kernel<{TNAME[dt]}, {cs_t}, {vec}, {b(vector)}, {b(cs_vector)}, {b(il)}, {b(kt)}, {b(pairs)}>"
         gx, gy, bx, by, rps = sim.plan(S, HQ + HK, D // 2 // vec, SMS[90])
         out.append(dict(name=name, dt=dt, cdt=cdt, cs_t=cs_t, il=il, inst=inst, grid=(gx, gy), block=(bx, by),
                         vec=vec, kt=kt, pt=pt, sw=sw))

@@ -372,8 +372,9 @@ def test_no_cuda_image_falls_back_to_triton(monkeypatch):
 def test_sim_pair_tables(sim, layout, dtype, interleaved, D, R):
     """Per-pair tables [..., R/2] (pair_tables): bit-equal to the same launch with the full-width
     tables, for vector and element-by-element x and tables (fp32 and x's dtype, strided views
-    like Llama 4's freqs_cis.real), conj, decode splits, caches at positions, k's own tables,
-    mrope; every access checked for alignment, bounds and races as always."""
+    like Llama 4's freqs_cis.real; interleaved with vector x: a vector of VEC pair entries a
+    chunk), conj, decode splits, caches at positions, k's own tables, mrope; every access
+    checked for alignment, bounds and races as always."""
     from rotary_kernels.reference import full_width_tables as fw
 
     for A, S, Hq, Hk, sms in ((2, 3, 3, 2, 132), (8, 1, 6, 2, 132)):
@@ -389,6 +390,8 @@ def test_sim_pair_tables(sim, layout, dtype, interleaved, D, R):
                     qf, kf, info_f = run(sim, q, k, fw(c, interleaved), fw(s, interleaved), interleaved, conj, sms)
                     assert torch.equal(qo, qf) and torch.equal(ko, kf)
                     assert info[:6] == info_f[:6]  # the same launch and x path
+                    if interleaved and c is cos and info[5]:  # vector x: one vector of pair entries a chunk
+                        assert info[6] == 1, info
     # caches at positions, k's own per-pair tables, mrope (element by element)
     A, S, Hq, Hk, P = 2, 5, 3, 2, 40
     q = canonical(A, S, Hq, D, dtype, "cpu", layout)
