@@ -146,16 +146,14 @@ RK_HD PairCS<acc_t> make_pair_cs(acc_t c1, acc_t c2, acc_t s1, acc_t s2, bool co
 // and the plain one, would differ in the last bit, and the GPU from the CPU kernel (built with
 // -ffp-contract=off), PyTorch's ops and the reference. __fmul_rn / __dmul_rn are never contracted,
 // so every kernel rounds each product, then the sum: the same bits on every device and path.
-RK_HD float mul_rn(float a, float b) {
+template <typename acc_t>
+RK_HD acc_t mul_rn(acc_t a, acc_t b) {
 #ifdef __CUDA_ARCH__
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-RK_HD double mul_rn(double a, double b) {
-#ifdef __CUDA_ARCH__
-  return __dmul_rn(a, b);
+  if constexpr (sizeof(acc_t) == 8) {
+    return __dmul_rn(a, b);
+  } else {
+    return __fmul_rn(a, b);
+  }
 #else
   return a * b;
 #endif
