@@ -252,6 +252,10 @@ struct RotaryParams {
   bool conj;
   bool pair_tables;  // tables [..., R/2], one entry per pair (rotary_math.h table_index)
   bool swap;  // swap_layout: pairs stored in the other layout (PAIRS instances with VEC > 1)
+  // cos/sin are the real and imaginary parts of one complex table (Llama 4's freqs_cis: sin one
+  // element after cos, both of last stride 2): PAIRS instances with VEC > 1 read a chunk's
+  // VEC (cos, sin) pairs as one vector of 2 VEC values
+  bool complex_tables;
 };
 
 // A chunk is two VEC-element groups of the head dim, at element offsets oa and ob = oa +
@@ -502,8 +506,18 @@ __global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR
       const cs_t* sin = k_seg ? p.sin_k : p.sin;
       Packed<cs_t, VEC> ca, cb, sa, sb;
       if constexpr (kPairVec) {  // per-pair entries pi .. pi + VEC - 1, both elements of each pair
-        load_cs<true>(cos, p.sc, p.ti, a, s, pos, pi, p.half, false, true, ca, cx);
-        load_cs<true>(sin, p.ss, p.ti, a, s, pos, pi, p.half, false, true, sa, cx);
+        if (p.complex_tables) {
+          Packed<cs_t, 2 * VEC> cis;  // (cos, sin) of pair pi, of pi + 1, ...
+          load_n<true>(cos + cs_offset(p.sc, cx, a, s, pos[0], 0) + 2 * int64_t{static_cast<uint32_t>(pi)}, 1, cis);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) {
+            ca.set_at(j, cis.at(2 * j));
+            sa.set_at(j, cis.at(2 * j + 1));
+          }
+        } else {
+          load_cs<true>(cos, p.sc, p.ti, a, s, pos, pi, p.half, false, true, ca, cx);
+          load_cs<true>(sin, p.ss, p.ti, a, s, pos, pi, p.half, false, true, sa, cx);
+        }
         if (p.conj) sa.negate();  // (s1, s2) := (-s2, -s1), s1 = s2
       }
       if constexpr (!kPairVec) {
@@ -600,6 +614,19 @@ inline bool vector_ok(const at::Tensor& t, int64_t vec) {
     if (t.size(d) > 1 && t.stride(d) % vec != 0) return false;
   }
   return aligned(t.data_ptr(), vec * t.element_size());
+}
+
+// cos and sin are the real and imaginary parts of one complex tensor (sin one element after cos,
+// equal strides, last 2), whose rows of vec pairs (2 vec values) are aligned vectors.
+inline bool complex_parts_ok(const at::Tensor& cos, const at::Tensor& sin, int64_t vec) {
+  if (cos.stride(-1) != 2 || cos.strides() != sin.strides() || cos.scalar_type() != sin.scalar_type() ||
+      static_cast<const char*>(sin.data_ptr()) != static_cast<const char*>(cos.data_ptr()) + cos.element_size()) {
+    return false;
+  }
+  for (int d = 0; d < cos.dim() - 1; ++d) {
+    if (cos.size(d) > 1 && cos.stride(d) % (2 * vec) != 0) return false;
+  }
+  return aligned(cos.data_ptr(), 2 * vec * cos.element_size());
 }
 
 inline bool cs_vector_ok(const at::Tensor& t, int64_t vec) {
@@ -709,9 +736,11 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   if (k.has_value()) vector = vector && vector_ok(*k, VEC) && vector_ok(*k_out, VEC);
   // (sectioned mrope: when every section is whole chunks, a chunk reads one axis)
   const bool mrope_ok = p.ti.mrope == 0 || (p.ti.mrope == 1 && p.ti.sec0 % VEC == 0 && p.ti.sec1 % VEC == 0);
+  // (a complex table's real and imaginary parts, read as one, in chunks of pairs)
+  const bool complex_tables = pairs && !k_tables && sizeof(cs_t) >= 4 && complex_parts_ok(cos, sin, VEC);
   const bool cs_vector = vector && mrope_ok && !(pair_tables && interleaved && !pairs) &&
-                         cs_vector_ok(cos, VEC) && cs_vector_ok(sin, VEC) && cs_vector_ok(cos_k, VEC) &&
-                         cs_vector_ok(sin_k, VEC);
+                         (complex_tables || (cs_vector_ok(cos, VEC) && cs_vector_ok(sin, VEC) &&
+                                             cs_vector_ok(cos_k, VEC) && cs_vector_ok(sin_k, VEC)));
   if (swap_layout) vector = cs_vector;  // (the vector swap needs both)
   const LaunchPlan plan = plan_launch(tokens, rows, vector ? half / VEC : half, sms);
   TORCH_CHECK(D <= std::numeric_limits<int32_t>::max(), "rotary: head dim too large (", D, ")");
@@ -723,6 +752,7 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   p.hq = static_cast<int32_t>(p.q.H);
   p.k_row0 = k_tables ? p.hq : p.rows;
   p.swap = swap_layout;
+  p.complex_tables = complex_tables && cs_vector;
   TORCH_CHECK(!swap_layout || (pair_tables && !k_tables),
               "rotary: swap_layout takes per-pair tables without cos_k/sin_k");
   if (pairs && cs_vector) {

@@ -390,7 +390,9 @@ def test_sim_pair_tables(sim, layout, dtype, interleaved, D, R):
                     qf, kf, info_f = run(sim, q, k, fw(c, interleaved), fw(s, interleaved), interleaved, conj, sms)
                     assert torch.equal(qo, qf) and torch.equal(ko, kf)
                     assert info[:6] == info_f[:6]  # the same launch and x path
-                    if interleaved and c is cos and info[5]:  # vector x: one vector of pair entries a chunk
+                    # vector x, interleaved: one vector of pair entries a chunk, also from a complex
+                    # table's real and imaginary parts (read as one vector, as Llama 4 passes them)
+                    if interleaved and info[5] and (c is cos or cs_dtype == torch.float32):
                         assert info[6] == 1, info
     # caches at positions, k's own per-pair tables, mrope (element by element)
     A, S, Hq, Hk, P = 2, 5, 3, 2, 40
@@ -408,6 +410,12 @@ def test_sim_pair_tables(sim, layout, dtype, interleaved, D, R):
         qo, ko, _ = run_ix(sim, q, k, c_cache, s_cache, interleaved, False, pair_tables=True, **ix)
         qf, kf, _ = run_ix(sim, q, k, fw(c_cache, interleaved), fw(s_cache, interleaved), interleaved, False, **full)
         assert torch.equal(qo, qf) and torch.equal(ko, kf), ix
+    # a complex cache's real and imaginary parts at positions (Llama 4's layout, one vector read)
+    cis = torch.polar(torch.ones(P, R // 2), torch.rand(P, R // 2) * 6.3)
+    qo, ko, _ = run_ix(sim, q, k, cis.real, cis.imag, interleaved, False, pair_tables=True, positions=pos)
+    qf, kf, _ = run_ix(sim, q, k, fw(cis.real.contiguous(), interleaved), fw(cis.imag.contiguous(), interleaved),
+                       interleaved, False, positions=pos)
+    assert torch.equal(qo, qf) and torch.equal(ko, kf)
 
 
 @pytest.mark.parametrize("layout", ["contig", "heads_outer", "strided_d", "misaligned"])
