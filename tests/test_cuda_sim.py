@@ -394,6 +394,9 @@ def test_sim_pair_tables(sim, layout, dtype, interleaved, D, R):
                     # table's real and imaginary parts (read as one vector, as Llama 4 passes them)
                     if interleaved and info[5] and (c is cos or cs_dtype == torch.float32):
                         assert info[6] == 1, info
+                    qi, ki = q.clone(), k.clone()  # in place: the same bits
+                    sim.rotary_sim(qi, ki, c, s, qi, ki, interleaved, conj, sms, pair_tables=True)
+                    assert torch.equal(qi, qo) and torch.equal(ki, ko)
     # caches at positions, k's own per-pair tables, mrope (element by element)
     A, S, Hq, Hk, P = 2, 5, 3, 2, 40
     q = canonical(A, S, Hq, D, dtype, "cpu", layout)
