@@ -349,7 +349,7 @@ __device__ __forceinline__ void conj_sin(Packed<C, VEC>& sa, Packed<C, VEC>& sb)
 template <bool CS_VECTOR, int VEC, typename cs_t>
 __device__ __forceinline__ void load_cs(const cs_t* t, const CSStrides& st, const TokenIndex& ti, int64_t a,
                                         int64_t s, const int64_t (&pos)[3], int32_t j0, int32_t half,
-                                        bool interleaved, bool pair_tables, Packed<cs_t, VEC>& regs, int x0 = 0) {
+                                        bool interleaved, bool pair_tables, Packed<cs_t, VEC>& regs, int x0) {
   if constexpr (CS_VECTOR) {
     // (CS_VECTOR: st.r == 1; j0 >= 0 zero-extended, the row's offset shared by both groups; one
     // mrope axis x0 for the whole chunk, at position pos[0].)

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One GPU session on a lent device machine (README, "Benchmarks"), in one call: build against
-# that machine's torch, then the steps in STEPS (default: tests demo bench numerics), each cut
+# that machine's torch, then the steps in STEPS (default: errors host tests demo bench numerics), each cut
 # off so that the whole call ends within BUDGET seconds (default 560; a device call may run 600).
 # Everything lands in $OUT (default ./gpu-out) as gpu-results.tgz, refreshed after each step
 # (a device call brings back at most 8 files).
-#   tests     the suite minus the CPU-only files, on 8 workers (TEST_ARGS overrides the selection)
+#   tests     the suite minus the CPU-only files, on WORKERS (8) processes (TEST_ARGS overrides the selection)
 #   demo      python -m rotary_kernels.demo
 #   bench     benchmarks/bench.py (BENCH_ARGS, default: the quick report on llama3-8b bf16, both table dtypes)
 #   numerics  benchmarks/numerics.py

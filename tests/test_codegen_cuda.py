@@ -32,13 +32,11 @@ SMS = {80: 108, 90: 132}
 HBM = 3.35e12  # H100 SXM spec bandwidth, bytes/s
 S, HQ, HK, D = 4096, 32, 8, 128  # Llama-3-8B prefill, one sequence
 # Theoretical occupancy floors on sm_90 (fraction of 64 warps): every case 50% (4 blocks of 256
-# at 64 registers). bf16 x with fp32 cos/sin, half-split, was 37.5% (80 registers) until the
-# row loop kept its token and offsets in 32 bits, bad tokens stopped holding cos/sin and the
-# conj swap moved into the sin addresses (rotary_cuda_kernels.cuh); 23% before that.
-# Interleaved per-pair tables are read element by element (rotary_cuda_kernels.cuh): that path's
-# budget of 128 registers, 25%.
-# MLA's rope (swap_layout: pairs stored in the other layout) is element by element too, 25%.
-# (16-bit x with fp32 tables, half-split: 3 blocks, see min_blocks in rotary_cuda_kernels.cuh)
+# at 64 registers), interleaved per-pair tables and MLA's rope (chunks of pairs) included. bf16 x
+# with fp32 cos/sin, half-split: 37.5% (3 blocks, min_blocks in rotary_cuda_kernels.cuh), since
+# products are rounded on their own (no FMA; 64 registers spilled); it had reached 50% with FMAs
+# once the row loop kept its token and offsets in 32 bits, bad tokens stopped holding cos/sin and
+# the conj swap moved into the sin addresses; 23% before that.
 OCC_FLOOR = {"default": 0.5, ("bf16", "float", False, False): 0.375, ("bf16", "float", False, True): 0.375}
 
 
