@@ -45,15 +45,24 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 qi, ki = q.clone(), k.clone()
                 _compiled.ops.rotary_inplace(qi, ki, cos, sin, False, True)
                 outs += [qo, ko, qi, ki]
-# Large enough (q + k >= 16 MB) for the prefetching walks and, head-major out of place, y's
-# non-temporal stores (AVX512-BF16 only): against every cap's plain stores.
-q = torch.randn(1, 32, 2048, 128).to(torch.bfloat16).transpose(1, 2)
-k = torch.randn(1, 8, 2048, 128).to(torch.bfloat16).transpose(1, 2)
-ang = torch.rand(2048, 64) * 6.3
-cos, sin = torch.cat([ang, ang], -1).cos()[None], torch.cat([ang, ang], -1).sin()[None]
-qo, ko = torch.empty_like(q), torch.empty_like(k)
-_compiled.ops.rotary(q, k, cos, sin, qo, ko, False, False)
-outs += [qo, ko]
+# Large enough (q + k >= 16 MB) for the prefetching walks and, out of place, y's non-temporal
+# stores (bf16 and fp32 rows taken at once): in every walk, against every cap's plain stores.
+for dtype, S in ((torch.bfloat16, 2048), (torch.float32, 1024)):
+    ang = torch.rand(S, 64) * 6.3
+    cos, sin = torch.cat([ang, ang], -1).cos()[None], torch.cat([ang, ang], -1).sin()[None]
+    for layout in ("bshd", "bhsd", "qkv"):
+        if layout == "bhsd":
+            q = torch.randn(1, 32, S, 128).to(dtype).transpose(1, 2)
+            k = torch.randn(1, 8, S, 128).to(dtype).transpose(1, 2)
+        elif layout == "qkv":
+            qkv = torch.randn(1, S, 48, 128).to(dtype)
+            q, k = qkv[:, :, :32], qkv[:, :, 32:40]
+        else:
+            q, k = torch.randn(1, S, 32, 128).to(dtype), torch.randn(1, S, 8, 128).to(dtype)
+        q[0, 5, 3, :4] = torch.tensor([float("nan"), 1e-39, float("inf"), 3e38])
+        qo, ko = torch.empty_like(q), torch.empty_like(k)
+        _compiled.ops.rotary(q, k, cos, sin, qo, ko, False, False)
+        outs += [qo, ko]
 torch.save(outs, sys.argv[1])
 """
 

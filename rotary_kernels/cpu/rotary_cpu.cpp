@@ -130,7 +130,8 @@ struct RowPrefetch {
 // each row fetches the same head's row d tokens ahead, or past the n-th token, token b + d - n's
 // row of head r + dh, for r < wrap_rows (the next heads' runs, where they exist). d = 0: none.
 // stream: y is written with non-temporal stores (its lines not read first nor kept in the
-// caches) and not prefetched; needs 64-byte aligned 32-pair pieces of y.
+// caches) and not prefetched; needs y's rows 64-byte aligned (aligned64), and a stream_fence
+// after the walk.
 struct WalkPrefetch {
   int64_t d = 0, n = 0, dh = 0, wrap_rows = 0, bytes = 0;
   bool stream = false;
@@ -201,20 +202,34 @@ __attribute__((target("avx512f"))) inline __m512 bf16x16_load(const c10::BFloat1
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
-__attribute__((target("avx512f"))) inline void bf16x16_store(c10::BFloat16* p, __m512 v) {
+__attribute__((target("avx512f"))) inline void bf16x16_store(c10::BFloat16* p, __m512 v, bool stream = false) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  if (stream) {  // non-temporal: p 32-byte aligned
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
 }
 
 __attribute__((target("avx512f"))) inline __m512 f32x16_load(const float* p) { return _mm512_loadu_ps(p); }
-__attribute__((target("avx512f"))) inline void f32x16_store(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+__attribute__((target("avx512f"))) inline void f32x16_store(float* p, __m512 v, bool stream = false) {
+  if (stream) {  // non-temporal: p 64-byte aligned
+    _mm512_stream_ps(p, v);
+  } else {
+    _mm512_storeu_ps(p, v);
+  }
+}
 __attribute__((target("avx512f"))) inline __m512 x16_load(const c10::BFloat16* p) { return bf16x16_load(p); }
-__attribute__((target("avx512f"))) inline void x16_store(c10::BFloat16* p, __m512 v) { bf16x16_store(p, v); }
+__attribute__((target("avx512f"))) inline void x16_store(c10::BFloat16* p, __m512 v, bool stream = false) {
+  bf16x16_store(p, v, stream);
+}
 __attribute__((target("avx512f"))) inline __m512 x16_load(const float* p) { return f32x16_load(p); }
-__attribute__((target("avx512f"))) inline void x16_store(float* p, __m512 v) { f32x16_store(p, v); }
+__attribute__((target("avx512f"))) inline void x16_store(float* p, __m512 v, bool stream = false) {
+  f32x16_store(p, v, stream);
+}
 
 // bf16 rotate-half rows, 16 pairs per step (templated on the row type; fp32 rows measured 10-25%
 // slower this way than through the compiler's inlined loop here, so rotate_row sends only bf16).
@@ -258,18 +273,19 @@ __attribute__((target("avx512f"), always_inline)) inline void table_regs(int n, 
   }
 }
 
-// bf16 rows on CPUs without AVX512-BF16, of R = 32 * kChunks (64 or 128): over tokens b in
-// [0, n_tok), rows x + xo[b] + r * sx, r in [0, nh), with table row cs[b] held in registers,
-// rows walked one after the other in memory order (rotate_avx512's arithmetic and conversions,
-// so the same bits). Measured here with AVX512-BF16 turned off: 1.15-1.45x faster than a call
-// per row, every layout. fp32 rows this way: 20% faster in place at 512 tokens, up to 1.2x
-// slower out of place; they stay on the compiler's loop (rotate_contig).
-template <bool same, int kChunks>
-__attribute__((target("avx512f"))) void rotate_tokens_avx512(const c10::BFloat16* x, c10::BFloat16* y, const int64_t* xo,
+// bf16 rows on CPUs without AVX512-BF16, and fp32 rows written with non-temporal stores, of
+// R = 32 * kChunks (64 or 128): over tokens b in [0, n_tok), rows x + xo[b] + r * sx, r in
+// [0, nh), with table row cs[b] held in registers, rows walked one after the other in memory
+// order (rotate_avx512's arithmetic and conversions, so the same bits). Measured here with
+// AVX512-BF16 turned off: 1.15-1.45x faster than a call per row, every layout. fp32 rows with
+// ordinary stores: 20% faster in place at 512 tokens, up to 1.2x slower out of place and 1.2x
+// in place at 2048 tokens token-major; they stay on the compiler's loop (rotate_contig) unless
+// streamed (rows_at_once).
+template <typename scalar_t, bool same, int kChunks>
+__attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, scalar_t* y, const int64_t* xo,
                                                              const int64_t* yo, int64_t n_tok, int64_t nh, int64_t sx,
                                                              int64_t sy, const CSTable<float>* cs,
                                                              const WalkPrefetch& pf) {
-  using scalar_t = c10::BFloat16;
   constexpr int64_t half = 16 * kChunks;
   for (int64_t b = 0; b < n_tok; ++b) {
     const RowPrefetch rp = token_prefetch(pf, xo, yo, b, nh, sx, sy);
@@ -279,11 +295,11 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const c10::BFloat16
     for (int64_t r = 0; r < nh; ++r) {
       const scalar_t* xr = x + xo[b] + r * sx;
       scalar_t* yr = y + yo[b] + r * sy;
-      if (r < rp.rows) prefetch_row(xr + rp.dx, yr + rp.dy, rp.bytes);
+      if (r < rp.rows) prefetch_row(xr + rp.dx, yr + rp.dy, rp.bytes, !pf.stream);
       for (int c = 0; c < kChunks; ++c) {
         const __m512 a = x16_load(xr + 16 * c), bb = x16_load(xr + half + 16 * c);
-        x16_store(yr + 16 * c, _mm512_sub_ps(_mm512_mul_ps(a, vc1[c]), _mm512_mul_ps(bb, vs1[c])));
-        x16_store(yr + half + 16 * c, _mm512_add_ps(_mm512_mul_ps(bb, vc2[c]), _mm512_mul_ps(a, vs2[c])));
+        x16_store(yr + 16 * c, _mm512_sub_ps(_mm512_mul_ps(a, vc1[c]), _mm512_mul_ps(bb, vs1[c])), pf.stream);
+        x16_store(yr + half + 16 * c, _mm512_add_ps(_mm512_mul_ps(bb, vc2[c]), _mm512_mul_ps(a, vs2[c])), pf.stream);
       }
     }
   }
@@ -391,9 +407,17 @@ __attribute__((target("avx512f,avx512dq,avx512bf16"))) void rotate_bf16_tokens_a
       bf16_rows_avx512bf16<same, 0>(x + xo[b], y + yo[b], nh, sx, sy, half, t.c1, t.c2, t.s1, t.s2, rp, pf.stream);
     }
   }
-  if (pf.stream) _mm_sfence();  // the streamed stores ordered before whatever reads y next
 }
 #endif
+
+// Orders this thread's non-temporal stores (WalkPrefetch::stream) before whatever reads y next:
+// once, at the end of a walk (rotate_tokens). A fence after each token's rows, as a call that
+// streams one token would need, waits for its stores to drain: token-major walks 1.6x slower.
+inline void stream_fence() {
+#ifdef RK_HAVE_AVX512_BF16_PATH
+  _mm_sfence();
+#endif
+}
 
 // The instruction sets the row paths use, as found on this CPU at load time.
 struct CpuIsa {
@@ -620,19 +644,26 @@ inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int6
   }
 }
 
-// Do o's rows have a kernel that rotates many rows a call (rotate_rows)? bf16 rotate-half rows
-// with a contiguous head dim on CPUs with AVX-512F: with AVX512-BF16 R a multiple of 64
-// (rotate_bf16_tokens_avx512bf16), without it R = 64 or 128 (rotate_tokens_avx512); the other
-// rows are taken one by one (rotate_row).
+// Do o's rows have a kernel that rotates many rows a call (rotate_rows)? Rotate-half rows with a
+// contiguous head dim on CPUs with AVX-512F: bf16 with AVX512-BF16 R a multiple of 64
+// (rotate_bf16_tokens_avx512bf16), without it R = 64 or 128 (rotate_tokens_avx512); fp32 of
+// R = 64 or 128 when `streamed` (rotate_tokens_avx512: out of place with non-temporal stores,
+// 2048 tokens 1.4-1.8x faster than the compiler's loop here; with ordinary stores slower, see
+// there). The other rows are taken one by one (rotate_row).
 template <typename scalar_t, bool interleaved, bool swap>
-inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa& isa) {
+inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa& isa, bool streamed) {
 #ifdef RK_HAVE_AVX512_BF16_PATH
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && !interleaved && !swap) {
+  if constexpr (!interleaved && !swap) {
     if (o.sx.d != 1 || o.sy.d != 1) return false;
-    return isa.avx512bf16 ? half % 32 == 0 : isa.avx512 && (half == 32 || half == 64);
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      return isa.avx512bf16 ? half % 32 == 0 : isa.avx512 && (half == 32 || half == 64);
+    }
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return streamed && isa.avx512 && (half == 32 || half == 64);
+    }
   }
 #endif
-  (void)o, (void)half, (void)isa;
+  (void)o, (void)half, (void)isa, (void)streamed;
   return false;
 }
 
@@ -644,15 +675,20 @@ inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t*
                         const int64_t* yo, int64_t n_tok, int64_t nh, int64_t D, int64_t half,
                         const CSTable<acc_t>* cs, bool same, const CpuIsa& isa, const WalkPrefetch& pf) {
 #ifdef RK_HAVE_AVX512_BF16_PATH
-  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && !interleaved && !swap) {
+  if constexpr ((std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, float>) && !interleaved &&
+                !swap) {
     auto run = [&](auto same_tag) {
       constexpr bool kSame = decltype(same_tag)::value;
-      if (isa.avx512bf16) {
-        rotate_bf16_tokens_avx512bf16<kSame>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, half, cs, pf);
-      } else if (half == 64) {
-        rotate_tokens_avx512<kSame, 4>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf);
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (isa.avx512bf16) {
+          rotate_bf16_tokens_avx512bf16<kSame>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, half, cs, pf);
+          return;
+        }
+      }
+      if (half == 64) {
+        rotate_tokens_avx512<scalar_t, kSame, 4>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf);
       } else {
-        rotate_tokens_avx512<kSame, 2>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf);
+        rotate_tokens_avx512<scalar_t, kSame, 2>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf);
       }
     };
     if (same) {
@@ -778,12 +814,19 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t half = p.half;
   const int n_axes = p.ti.mrope ? 3 : 1;
-  bool outer[2] = {false, false}, at_once[2] = {false, false}, all_token_major = true;
+  bool outer[2] = {false, false}, at_once[2] = {false, false}, stream[2] = {false, false}, all_token_major = true;
   bool prefetch = p.prefetch;
   for (int k = 0; k < p.n_ops; ++k) {
     const Operand<scalar_t>& o = p.ops[k];
     outer[k] = heads_outer(o);
-    at_once[k] = rows_at_once<scalar_t, interleaved, swap>(o, half, p.isa);
+    // Out of place from kPrefetchMin bytes (y does not stay in the caches), rows taken at once
+    // write y with non-temporal stores: no read of each y line before it is written, no
+    // eviction of x's lines to make room (2048 tokens, outputs fresh from the allocator as in
+    // use, 1-2 threads here: bf16 1.2-1.5x faster, fp32 1.4-1.8x; below kPrefetchMin, where y
+    // stays in L3 for whatever reads it next, 1.6x slower at 2 threads).
+    const bool streamable = p.prefetch && o.x != o.y && aligned64(o.y, o.sy);
+    at_once[k] = rows_at_once<scalar_t, interleaved, swap>(o, half, p.isa, streamable);
+    stream[k] = streamable && at_once[k];
     all_token_major = all_token_major && !outer[k];
     prefetch = prefetch && o.sx.d == 1 && o.sy.d == 1;
   }
@@ -811,9 +854,9 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   const int64_t row_bytes = p.D * static_cast<int64_t>(sizeof(scalar_t));
 
   int64_t a = begin / p.S, s = begin % p.S;  // the next token to set up, stepped (no divisions)
-  for (int64_t t0 = begin; t0 < end; t0 += tb) {
+  int64_t bad = -1;
+  for (int64_t t0 = begin; t0 < end && bad < 0; t0 += tb) {
     int64_t n = std::min<int64_t>(tb, end - t0);
-    int64_t bad = -1;
     for (int64_t b = 0; b < n; ++b, s = (s + 1 == p.S) ? (++a, 0) : s + 1) {
       int64_t pos[3] = {0, 0, 0};
       for (int x = 0; x < n_axes && bad < 0; ++x) {
@@ -900,7 +943,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           if (at_once[k]) {
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x, o.y, &xoff[k * tb + b], &yoff[k * tb + b], 1, o.H,
                                                             p.D, half, &cs, same, p.isa,
-                                                            WalkPrefetch{pf_next ? 1 : 0, n - b, 0, 0, row_bytes});
+                                                            WalkPrefetch{pf_next ? 1 : 0, n - b, 0, 0, row_bytes, stream[k]});
             continue;
           }
           for (int64_t h = 0; h < o.H; ++h) {
@@ -941,16 +984,11 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         // in place ~5%).
         const bool fetch = prefetch || at_once[k];
         const int64_t d = fetch ? std::min((ahead + row_bytes - 1) / row_bytes, n) : 0;  // rows ahead, in [0, n]
-        // Out of place from kPrefetchMin bytes (y does not stay in the caches), bf16 rows on
-        // AVX512-BF16 write y with non-temporal stores: no read of each y line before it is
-        // written, no eviction of x's lines to make room (2048 tokens, outputs fresh from the
-        // allocator as in use: 1.3-1.5x faster at 1-2 threads here; below kPrefetchMin, where y
-        // stays in L3, 1.6x slower at 2 threads; token-major walks: 1.2x slower, not taken).
-        const bool stream = prefetch && at_once[k] && o.x != o.y && p.isa.avx512bf16 && aligned64(o.y, o.sy);
         for (int64_t h0 = 0; h0 < o.H; h0 += heads) {
           const int64_t h1 = std::min(h0 + heads, o.H);
           if (at_once[k]) {
-            const WalkPrefetch pf{d, n, heads, std::max<int64_t>(0, std::min(h1, o.H - heads) - h0), row_bytes, stream};
+            const WalkPrefetch pf{d, n, heads, std::max<int64_t>(0, std::min(h1, o.H - heads) - h0), row_bytes,
+                                  stream[k]};
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x + h0 * o.sx.h, o.y + h0 * o.sy.h, xo, yo, n, h1 - h0,
                                                             p.D, half, &tabs[p.tset[k] * tb], same, p.isa, pf);
             continue;
@@ -969,9 +1007,9 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         }
       }
     }
-    if (bad >= 0) return bad;
   }
-  return -1;
+  if (stream[0] || stream[1]) stream_fence();
+  return bad;
 }
 
 template <typename scalar_t, typename cs_t>
