@@ -12,7 +12,8 @@
 // arithmetic and conversions, so the same bits: many rows a call, a token's table row in
 // registers (rotate_tokens_avx512; with AVX512-BF16's vcvtne2ps2bf16 narrowing,
 // rotate_bf16_tokens_avx512bf16), or a row a call (rotate_avx512) for the rows those do not take;
-// fp32 rows written with non-temporal stores (outputs of 16 MB and more) take rotate_tokens_avx512.
+// fp32 rotate-half rows of R = 64 or 128 take rotate_tokens_avx512 (many rows a call) too. Large
+// outputs (16 MB and more) are written with non-temporal stores.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -274,20 +275,20 @@ __attribute__((target("avx512f"), always_inline)) inline void table_regs(int n, 
   }
 }
 
-// bf16 rows on CPUs without AVX512-BF16, and fp32 rows written with non-temporal stores, of
-// R = 32 * kChunks (64 or 128): over tokens b in [0, n_tok), rows x + xo[b] + r * sx, r in
-// [0, nh), with table row cs[b] held in registers, rows walked one after the other in memory
-// order (rotate_avx512's arithmetic and conversions, so the same bits). Measured here with
-// AVX512-BF16 turned off: 1.15-1.45x faster than a call per row, every layout. fp32 rows with
-// ordinary stores: 20% faster in place at 512 tokens, up to 1.2x slower out of place and 1.2x
-// in place at 2048 tokens token-major; they stay on the compiler's loop (rotate_contig) unless
-// streamed (rows_at_once).
+// bf16 rows on CPUs without AVX512-BF16, and fp32 rows, of R = 32 * kChunks (64 or 128): over
+// tokens b in [0, n_tok), rows x + xo[b] + r * sx, r in [0, nh), with table row cs[b] held in
+// registers, rows walked one after the other in memory order (rotate_avx512's arithmetic and
+// conversions, so the same bits). Against a call per row, here: bf16 with AVX512-BF16 turned
+// off 1.15-1.45x faster, every layout; fp32 at 512 tokens 1.12-1.15x out of place and
+// 1.2-1.4x in place, at 2048 tokens out of place (streamed) 1.4-1.8x, in place 1.14x on qkv
+// slices but 4-6% slower on the dense layouts.
 template <typename scalar_t, bool same, int kChunks>
 __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, scalar_t* y, const int64_t* xo,
                                                              const int64_t* yo, int64_t n_tok, int64_t nh, int64_t sx,
                                                              int64_t sy, const CSTable<float>* cs,
                                                              const WalkPrefetch& pf) {
   constexpr int64_t half = 16 * kChunks;
+  const bool stream = pf.stream;  // (a local: pf could alias y for all the compiler knows)
   for (int64_t b = 0; b < n_tok; ++b) {
     const RowPrefetch rp = token_prefetch(pf, xo, yo, b, nh, sx, sy);
     const CSTable<float>& t = cs[b];
@@ -296,11 +297,11 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, 
     for (int64_t r = 0; r < nh; ++r) {
       const scalar_t* xr = x + xo[b] + r * sx;
       scalar_t* yr = y + yo[b] + r * sy;
-      if (r < rp.rows) prefetch_row(xr + rp.dx, yr + rp.dy, rp.bytes, !pf.stream);
+      if (r < rp.rows) prefetch_row(xr + rp.dx, yr + rp.dy, rp.bytes, !stream);
       for (int c = 0; c < kChunks; ++c) {
         const __m512 a = x16_load(xr + 16 * c), bb = x16_load(xr + half + 16 * c);
-        x16_store(yr + 16 * c, _mm512_sub_ps(_mm512_mul_ps(a, vc1[c]), _mm512_mul_ps(bb, vs1[c])), pf.stream);
-        x16_store(yr + half + 16 * c, _mm512_add_ps(_mm512_mul_ps(bb, vc2[c]), _mm512_mul_ps(a, vs2[c])), pf.stream);
+        x16_store(yr + 16 * c, _mm512_sub_ps(_mm512_mul_ps(a, vc1[c]), _mm512_mul_ps(bb, vs1[c])), stream);
+        x16_store(yr + half + 16 * c, _mm512_add_ps(_mm512_mul_ps(bb, vc2[c]), _mm512_mul_ps(a, vs2[c])), stream);
       }
     }
   }
@@ -660,11 +661,9 @@ inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int6
 // Do o's rows have a kernel that rotates many rows a call (rotate_rows)? Rotate-half rows with a
 // contiguous head dim on CPUs with AVX-512F: bf16 with AVX512-BF16 R a multiple of 64
 // (rotate_bf16_tokens_avx512bf16), without it R = 64 or 128 (rotate_tokens_avx512); fp32 of
-// R = 64 or 128 when `streamed` (rotate_tokens_avx512: out of place with non-temporal stores,
-// 2048 tokens 1.4-1.8x faster than the compiler's loop here; with ordinary stores slower, see
-// there). The other rows are taken one by one (rotate_row).
+// R = 64 or 128 (rotate_tokens_avx512). The other rows are taken one by one (rotate_row).
 template <typename scalar_t, bool interleaved, bool swap>
-inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa& isa, bool streamed) {
+inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa& isa) {
 #ifdef RK_HAVE_AVX512_BF16_PATH
   if constexpr (!interleaved && !swap) {
     if (o.sx.d != 1 || o.sy.d != 1) return false;
@@ -672,11 +671,11 @@ inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa&
       return isa.avx512bf16 ? half % 32 == 0 : isa.avx512 && (half == 32 || half == 64);
     }
     if constexpr (std::is_same_v<scalar_t, float>) {
-      return streamed && isa.avx512 && (half == 32 || half == 64);
+      return isa.avx512 && (half == 32 || half == 64);
     }
   }
 #endif
-  (void)o, (void)half, (void)isa, (void)streamed;
+  (void)o, (void)half, (void)isa;
   return false;
 }
 
@@ -837,9 +836,8 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
     // eviction of x's lines to make room (2048 tokens, outputs fresh from the allocator as in
     // use, 1-2 threads here: bf16 1.2-1.5x faster, fp32 1.4-1.8x; below kPrefetchMin, where y
     // stays in L3 for whatever reads it next, 1.6x slower at 2 threads).
-    const bool streamable = p.prefetch && o.x != o.y && aligned64(o.y, o.sy);
-    at_once[k] = rows_at_once<scalar_t, interleaved, swap>(o, half, p.isa, streamable);
-    stream[k] = streamable && at_once[k];
+    at_once[k] = rows_at_once<scalar_t, interleaved, swap>(o, half, p.isa);
+    stream[k] = at_once[k] && p.prefetch && o.x != o.y && aligned64(o.y, o.sy);
     all_token_major = all_token_major && !outer[k];
     prefetch = prefetch && o.sx.d == 1 && o.sy.d == 1;
   }
