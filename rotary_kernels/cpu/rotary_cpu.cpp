@@ -788,8 +788,8 @@ constexpr int64_t kHeadsAtOnceRows = 4;      // rows taken together (rotate_rows
 constexpr int64_t kPrefetchBytesRows = 2048;
 constexpr int64_t kPrefetchMin = int64_t{16} << 20;
 
-// Do all of y's rows, and their 32-pair pieces, start on a 64-byte boundary (bf16 rows of R a
-// multiple of 64 with unit head-dim stride: what non-temporal 512-bit stores need)?
+// Do all of y's rows start on a 64-byte boundary? Then so does every piece the row kernels store
+// (their rows have unit head-dim stride and R a multiple of 64): what non-temporal stores need.
 template <typename scalar_t>
 inline bool aligned64(const scalar_t* y, const Strides4& sy) {
   constexpr int64_t kElems = 64 / static_cast<int64_t>(sizeof(scalar_t));
