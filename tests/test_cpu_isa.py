@@ -46,8 +46,8 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 _compiled.ops.rotary_inplace(qi, ki, cos, sin, False, True)
                 outs += [qo, ko, qi, ki]
 # Large enough (q + k >= 16 MB) for the prefetching walks and, out of place, y's non-temporal
-# stores (bf16 and fp32 rows taken at once): in every walk, against every cap's plain stores.
-for dtype, S in ((torch.bfloat16, 2048), (torch.float32, 1024)):
+# stores (rows taken at once): in every walk, against every cap's plain stores.
+for dtype, S in ((torch.bfloat16, 2048), (torch.float16, 2048), (torch.float32, 1024)):
     ang = torch.rand(S, 64) * 6.3
     cos, sin = torch.cat([ang, ang], -1).cos()[None], torch.cat([ang, ang], -1).sin()[None]
     for layout in ("bshd", "bhsd", "qkv"):
