@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not _compiled.HAS_EXT, reason=f"extension not bu
 # layout walk (token-major, head-major, qkv slices), rows the row kernels take (R = 64, 128) and
 # rows they do not (R = 96, partial R = 64 of D = 128), several blocks of tokens (S = 300), same
 # and different cos/sin halves, NaN / denormal / overflowing results, out of place and in place,
-# and one Llama-3-8B [B, H, S, D] prefill.
+# large (streamed) prefills in every walk, and 16-bit tables.
 _SCRIPT = r"""
 import sys, torch
 from rotary_kernels import _compiled
@@ -62,6 +62,17 @@ for dtype, S in ((torch.bfloat16, 2048), (torch.float16, 2048), (torch.float32, 
         q[0, 5, 3, :4] = torch.tensor([float("nan"), 1e-39, float("inf"), 3e38])
         qo, ko = torch.empty_like(q), torch.empty_like(k)
         _compiled.ops.rotary(q, k, cos, sin, qo, ko, False, False)
+        outs += [qo, ko]
+# Tables in the input's 16-bit dtype (converted per token: fp16 through F16C where the CPU has it),
+# with and without conj.
+for dtype in (torch.float16, torch.bfloat16):
+    q, k = torch.randn(2, 300, 5, 128).to(dtype), torch.randn(2, 300, 3, 128).to(dtype)
+    ang = torch.rand(300, 64) * 6.3
+    cos = torch.cat([ang, ang], -1).cos()[None].expand(2, 300, 128).to(dtype)
+    sin = torch.cat([ang, ang], -1).sin()[None].expand(2, 300, 128).to(dtype)
+    for conj in (False, True):
+        qo, ko = torch.empty_like(q), torch.empty_like(k)
+        _compiled.ops.rotary(q, k, cos, sin, qo, ko, False, conj)
         outs += [qo, ko]
 torch.save(outs, sys.argv[1])
 """
