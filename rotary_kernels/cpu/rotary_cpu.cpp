@@ -204,16 +204,20 @@ __attribute__((target("avx512f"))) inline __m512 bf16x16_load(const c10::BFloat1
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
+// 32 bytes at p, non-temporal with `stream` (then p is 32-byte aligned).
+__attribute__((target("avx512f"))) inline void store256(void* p, __m256i v, bool stream) {
+  if (stream) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+  }
+}
 __attribute__((target("avx512f"))) inline void bf16x16_store(c10::BFloat16* p, __m512 v, bool stream = false) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  if (stream) {  // non-temporal: p 32-byte aligned
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-  } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-  }
+  store256(p, _mm512_cvtepi32_epi16(r), stream);
 }
 
 __attribute__((target("avx512f"))) inline __m512 f32x16_load(const float* p) { return _mm512_loadu_ps(p); }
@@ -237,12 +241,7 @@ __attribute__((target("avx512f"))) inline __m512 x16_load(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 __attribute__((target("avx512f"))) inline void x16_store(c10::Half* p, __m512 v, bool stream = false) {
-  const __m256i h = _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  if (stream) {  // non-temporal: p 32-byte aligned
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), h);
-  } else {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
-  }
+  store256(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), stream);
 }
 
 // bf16 rotate-half rows, 16 pairs per step (templated on the row type; fp32 rows measured 10-25%
@@ -447,7 +446,7 @@ inline void stream_fence() {
 // The instruction sets the row paths use, as found on this CPU at load time.
 struct CpuIsa {
   bool f16c;        // F16C (fp16 rows convert 8 elements per instruction)
-  bool avx512;      // AVX-512F (bf16 rows take rotate_avx512)
+  bool avx512;      // AVX-512F (row kernels rotate_tokens_avx512 and rotate_avx512)
   bool avx512bf16;  // and AVX512-BF16, BW and DQ (bf16 rows take rotate_bf16_tokens_avx512bf16)
 };
 
@@ -922,20 +921,18 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         if (plain_rows && sc.r == 1 && ss.r == 1) {
           const cs_t* c = cp + cs_offset(sc, 0, a, s, pos[0], 0);
           const cs_t* sn = sp + cs_offset(ss, 0, a, s, pos[0], 0);
-          if (p.pair_tables) {  // c1, c2 = cos[0, half) twice; s1, s2 = sin[0, half) twice (negated with conj)
-            for (int64_t i = 0; i < half; ++i) r[i] = r[half + i] = load_acc<cs_t, acc_t>(c + i);
-            for (int64_t i = 0; i < half; ++i) {
-              const acc_t v = load_acc<cs_t, acc_t>(sn + i);
-              r[2 * half + i] = r[3 * half + i] = p.conj ? -v : v;
-            }
-            continue;
+          if (p.pair_tables) {  // c1, c2 = cos[0, half) twice; s1, s2 = sin[0, half) twice
+            load_run(c, r, half, p.isa);
+            std::memcpy(r + half, r, half * sizeof(acc_t));
+            load_run(sn, r + 2 * half, half, p.isa);
+            std::memcpy(r + 3 * half, r + 2 * half, half * sizeof(acc_t));
+          } else {  // c1, c2 = cos[0, R); s1, s2 = sin[0, R), or with conj sin[half, R), sin[0, half)
+            load_run(c, r, 2 * half, p.isa);
+            load_run(sn + (p.conj ? half : 0), r + 2 * half, half, p.isa);
+            load_run(sn + (p.conj ? 0 : half), r + 3 * half, half, p.isa);
           }
-          // r = c1, c2 = cos[0, R); s1, s2 = sin[0, R), or with conj -sin[half, R), -sin[0, half)
-          load_run(c, r, 2 * half, p.isa);
-          load_run(sn, r + 2 * half, 2 * half, p.isa);
-          if (p.conj) {
-            for (int64_t i = 0; i < half; ++i) std::swap(r[2 * half + i], r[3 * half + i]);
-            for (int64_t i = 0; i < 2 * half; ++i) r[2 * half + i] = -r[2 * half + i];
+          if (p.conj) {  // and the sin runs negated
+            for (int64_t i = 2 * half; i < 4 * half; ++i) r[i] = -r[i];
           }
           continue;
         }
