@@ -17,7 +17,8 @@ pytestmark = pytest.mark.skipif(not _compiled.HAS_EXT, reason=f"extension not bu
 # layout walk (token-major, head-major, qkv slices), rows the row kernels take (R = 64, 128) and
 # rows they do not (R = 96, partial R = 64 of D = 128), several blocks of tokens (S = 300), same
 # and different cos/sin halves, NaN / denormal / overflowing results, out of place and in place,
-# large (streamed) prefills in every walk, and 16-bit tables.
+# large (streamed) prefills in every walk, 16-bit tables, and bf16 rows through vdpbf16ps (AVX512-BF16)
+# on hostile values.
 _SCRIPT = r"""
 import sys, torch
 from rotary_kernels import _compiled
@@ -74,6 +75,35 @@ for dtype in (torch.float16, torch.bfloat16):
         qo, ko = torch.empty_like(q), torch.empty_like(k)
         _compiled.ops.rotary(q, k, cos, sin, qo, ko, False, conj)
         outs += [qo, ko]
+# bf16 rows with bf16 tables: the vdpbf16ps steps (AVX512-BF16) against the other caps' exact
+# arithmetic. q holds random bit patterns (NaN, inf, denormals, every exponent), values near the
+# 2^-97 bound and a zero row; tables scaled to 1, 2 (the largest taken), 2.5 (refused), 1e-30
+# (tiny products everywhere), with a denormal value and a zero row; same and different halves,
+# R = 64, 128, 256 (the rows kernel's three shapes), token- and head-major, out of place and in place.
+def bits16(n):
+    return torch.randint(-32768, 32768, (n,), dtype=torch.int16).view(torch.bfloat16)
+for i, (R, scale, same) in enumerate(((128, 1.0, True), (128, 2.0, False), (64, 2.5, True), (256, 1e-30, True),
+                                      (128, 1.0, False))):
+    S = 97
+    q = torch.randn(1, S, 6, R).to(torch.bfloat16)
+    m = torch.rand(q.shape) < 0.3
+    q[m] = bits16(int(m.sum()))
+    m = torch.rand(q.shape) < 0.2
+    q[m] = (torch.randn(int(m.sum())) * 2.0 ** -97).to(torch.bfloat16)
+    q[0, 3, 2] = 0
+    ang = torch.rand(S, R // 2) * 6.3
+    ang = torch.cat([ang, ang if same else 0.7 * ang], -1)
+    cos, sin = (ang.cos() * scale)[None].to(torch.bfloat16), (ang.sin() * scale)[None].to(torch.bfloat16)
+    cos[0, 7, 3] = 1e-39
+    sin[0, 9] = 0
+    for conj in (False, True):
+        for x in (q, q.transpose(1, 2).contiguous().transpose(1, 2)):
+            k = x[:, :, :2]
+            qo, ko = torch.empty_like(x), torch.empty_like(k)
+            _compiled.ops.rotary(x, k, cos, sin, qo, ko, False, conj)
+            qi = x.clone()
+            _compiled.ops.rotary_inplace(qi, None, cos, sin, False, conj)
+            outs += [qo, ko, qi]
 torch.save(outs, sys.argv[1])
 """
 

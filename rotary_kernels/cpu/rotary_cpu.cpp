@@ -11,7 +11,8 @@
 // On CPUs with AVX-512F, bf16 rotate-half rows take explicit 512-bit code with the same
 // arithmetic and conversions, so the same bits: many rows a call, a token's table row in
 // registers (rotate_tokens_avx512; with AVX512-BF16's vcvtne2ps2bf16 narrowing,
-// rotate_bf16_tokens_avx512bf16), or a row a call (rotate_avx512) for the rows those do not take;
+// rotate_bf16_tokens_avx512bf16, and with bf16 cos/sin its vdpbf16ps dot products, checked to give
+// the same bits), or a row a call (rotate_avx512) for the rows those do not take;
 // fp32 and fp16 rotate-half rows of R = 64 or 128 take rotate_tokens_avx512 (many rows a call). Large
 // outputs (16 MB and more) are written with non-temporal stores.
 #include <ATen/Dispatch.h>
@@ -107,6 +108,9 @@ inline void store_out<c10::Half, float>(c10::Half* p, float v) {
 template <typename acc_t>
 struct CSTable {
   const acc_t *c1, *c2, *s1, *s2;
+  // bf16 rows on AVX512-BF16 CPUs: the same values as bf16 pairs for vdpbf16ps (bf16_pair_table),
+  // or null where they do not make its products exact.
+  const uint32_t* bf16_pairs = nullptr;
   PairCS<acc_t> at(int64_t i) const { return {c1[i], c2[i], s1[i], s2[i]}; }
 };
 
@@ -368,6 +372,108 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
   }
 }
 
+// vpermt2w indices pairing x1's 32 values (a zmm) with x2's: [u] lanes i = 0..15 of 32 bits hold
+// (x1[16 u + i], x2[16 u + i]).
+alignas(64) constexpr uint16_t kPairUp[2][32] = {
+    {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47},
+    {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63}};
+// bf16 results of at least 2^-97 in magnitude (their exponent field, doubled: the sign shifted out)
+// are exact from bf16_dp_step32 (see there); smaller ones, zeros and NaNs go the exact way.
+constexpr int16_t kDpMinTwice = 2 * 0x0F00;
+constexpr int16_t kInfTwice = static_cast<int16_t>(2 * 0x7F80);
+
+// bf16 tables for vdpbf16ps, straight from bf16 cos/sin runs (the table values of rotate_tokens'
+// plain rows: c1, c2, s1, s2, the sin runs negated with `neg`): per pair i, 32-bit lanes
+// (c1[i], -s1[i]) then (s2[i], c2[i]), x1's factor in the low half, x2's in the high one, into
+// `out` (2 * half lanes, half a multiple of 32). True when every value is zero or normal and at
+// most 2 in magnitude (YaRN-style scaled cos/sin stay under it): with bf16 values, what makes
+// bf16_dp_step32 exact. *same: whether c2, s2 equal c1, s1 bit for bit (then the second lanes are
+// the first ones' halves swapped, see bf16_rows_avx512bf16).
+__attribute__((target("avx512f,avx512bw"))) bool bf16_pair_table(const c10::BFloat16* c1, const c10::BFloat16* c2,
+                                                                 const c10::BFloat16* s1, const c10::BFloat16* s2,
+                                                                 bool neg, int64_t half, uint32_t* out, bool* same) {
+  const __m512i sign = _mm512_set1_epi16(static_cast<int16_t>(0x8000)), mag = _mm512_set1_epi16(0x7FFF);
+  const __m512i one = _mm512_set1_epi16(1), two = _mm512_set1_epi16(0x4000), small = _mm512_set1_epi16(0x007F);
+  const __m512i neg_s1 = neg ? _mm512_setzero_si512() : sign, neg_s2 = neg ? sign : _mm512_setzero_si512();
+  __mmask32 bad = 0, differ = 0;
+  for (int64_t i = 0; i < half; i += 32) {
+    const __m512i cc1 = _mm512_loadu_si512(c1 + i), cc2 = _mm512_loadu_si512(c2 + i);
+    const __m512i ss1 = _mm512_loadu_si512(s1 + i), ss2 = _mm512_loadu_si512(s2 + i);
+    differ |= _mm512_cmpneq_epi16_mask(cc1, cc2) | _mm512_cmpneq_epi16_mask(ss1, ss2);
+    const __m512i v[4] = {cc1, cc2, _mm512_xor_si512(ss1, neg_s1), _mm512_xor_si512(ss2, neg_s2)};
+    for (const __m512i& x : v) {  // over 2, or denormal (magnitude - 1 under 0x7F)
+      const __m512i m = _mm512_and_si512(x, mag);
+      bad |= _mm512_cmpgt_epu16_mask(m, two) | _mm512_cmplt_epu16_mask(_mm512_sub_epi16(m, one), small);
+    }
+    for (int u = 0; u < 2; ++u) {
+      const __m512i idx = _mm512_load_si512(kPairUp[u]);
+      _mm512_storeu_si512(out + i + 16 * u, _mm512_permutex2var_epi16(v[0], idx, v[2]));
+      _mm512_storeu_si512(out + half + i + 16 * u, _mm512_permutex2var_epi16(v[3], idx, v[1]));
+    }
+  }
+  *same = differ == 0;
+  return bad == 0;
+}
+
+// bf16_step32 with the table values taken back from their vdpbf16ps lanes (t1 the step's first
+// 32, t1 + half its second: bf16_pair_table; the same fp32 values, bf16 ones): bf16_dp_step32's
+// fallback.
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), noinline, cold)) void bf16_step32_lanes(
+    const c10::BFloat16* x, c10::BFloat16* y, int64_t half, const uint32_t* t1, bool stream) {
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), sign = _mm512_set1_epi32(INT32_MIN);
+  __m512 vc1[2], vs1[2], vc2[2], vs2[2];
+  for (int u = 0; u < 2; ++u) {
+    const __m512i a = _mm512_loadu_si512(t1 + 16 * u), b = _mm512_loadu_si512(t1 + half + 16 * u);
+    vc1[u] = _mm512_castsi512_ps(_mm512_slli_epi32(a, 16));
+    vs1[u] = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_and_si512(a, hi), sign));
+    vs2[u] = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));
+    vc2[u] = _mm512_castsi512_ps(_mm512_and_si512(b, hi));
+  }
+  bf16_step32<false>(x, y, half, vc1, vs1, vc2, vs2, stream);
+}
+
+// bf16_step32 through vdpbf16ps (AVX512-BF16's pairwise dot product): x1 and x2's values of a
+// pair side by side in a 32-bit lane, one instruction gives x1*c1 - x2*s1 (table lanes t1,
+// bf16_pair_table), another x2*c2 + x1*s2 (t2): 4 dot products, 2 permutes a step instead of 8
+// multiplies, 4 adds and 4 widening permutes (Zen 4, L1-resident rows: 1.5 ns a step rather than
+// 3.1; bf16 rows were bound by the vector units at one thread). The same bits as bf16_step32, checked on every step's results:
+// vdpbf16ps is an fp32 FMA with round to nearest even, denormal inputs read as zero and denormal
+// results flushed. A product of two bf16 values is exact in fp32 unless under 2^-126 in
+// magnitude, and a denormal x times a table value (at most 2) is under 2^-125, so every product
+// it gets wrong is under 2^-125; a result of at least 2^-97 then comes from an exact product of
+// at least 2^-99, whose fp32 neighbours are 2^-123 or more apart: adding the other product (exact,
+// or under 2^-125 either way) rounds the same in both, so the fp32 results are equal (and so their
+// vcvtne2ps2bf16 narrowing, exact for normal values). Infinities come from the same exact
+// products on both paths. Steps with a result under 2^-97, zero (signs of zero) or NaN
+// (payloads) are redone by bf16_step32 (bf16_step32_lanes, from the step's lanes in memory, t1 and
+// t2's), before anything is stored, so in place too.
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_dp_step32(
+    const c10::BFloat16* x, c10::BFloat16* y, int64_t half, const __m512i* t1, const __m512i* t2,
+    const uint32_t* lanes, bool stream) {
+  const __m512i xa = _mm512_loadu_si512(x), xb = _mm512_loadu_si512(x + half);
+  __m512 ya[2], yb[2];
+  for (int u = 0; u < 2; ++u) {
+    const __m512bh pr = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi16(xa, _mm512_load_si512(kPairUp[u]), xb));
+    ya[u] = _mm512_dpbf16_ps(_mm512_setzero_ps(), pr, reinterpret_cast<__m512bh>(t1[u]));
+    yb[u] = _mm512_dpbf16_ps(_mm512_setzero_ps(), pr, reinterpret_cast<__m512bh>(t2[u]));
+  }
+  const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ya[1], ya[0]));
+  const __m512i b = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb[1], yb[0]));
+  const __m512i wa = _mm512_add_epi16(a, a), wb = _mm512_add_epi16(b, b);  // magnitudes, doubled
+  const __mmask32 big = _mm512_cmpge_epu16_mask(_mm512_min_epu16(wa, wb), _mm512_set1_epi16(kDpMinTwice));
+  const __mmask32 ok = _mm512_mask_cmple_epu16_mask(big, _mm512_max_epu16(wa, wb), _mm512_set1_epi16(kInfTwice));
+  if (__builtin_expect(ok != 0xFFFFFFFFu, 0)) {
+    bf16_step32_lanes(x, y, half, lanes, stream);
+  } else if (stream) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(y), a);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(y + half), b);
+  } else {
+    _mm512_storeu_si512(y, a);
+    _mm512_storeu_si512(y + half, b);
+  }
+}
+
 // n rows, x + r * sx for r in [0, n) (heads of a token, which share its table row), with the
 // table values in registers: a row of kChunks * 32 pairs holds all of them (8 zmm for R = 128
 // with same tables) and the rows are walked one after the other, each in memory order; longer
@@ -375,29 +481,40 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
 // 32 (each row then visited in pieces: out of place at 2048 tokens ~1.4x slower than in order,
 // the write streams interleaved). Against one call per row: 1.3-1.8x on bf16 rows here. Row
 // r < pf.rows also prefetches its row pf.dx (pf.dy) elements ahead before it is rotated.
-template <bool same, int kChunks>
+// kDp: steps through vdpbf16ps with the token's bf16_pairs (bf16_dp_step32), else bf16_step32.
+template <bool same, int kChunks, bool kDp>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_rows_avx512bf16(
     const c10::BFloat16* x, c10::BFloat16* y, int64_t n, int64_t sx, int64_t sy, int64_t half, const float* c1,
-    const float* c2, const float* s1, const float* s2, const RowPrefetch& pf, bool stream) {
-  if constexpr (kChunks > 0) {  // half == 32 * kChunks
-    __m512 vc1[2 * kChunks], vs1[2 * kChunks], vc2[2 * kChunks], vs2[2 * kChunks];
-    table_regs<same>(2 * kChunks, c1, c2, s1, s2, vc1, vs1, vc2, vs2);
-    for (int64_t r = 0; r < n; ++r) {
-      if (r < pf.rows) prefetch_row(x + r * sx + pf.dx, y + r * sy + pf.dy, pf.bytes, !stream);
-      for (int c = 0; c < kChunks; ++c) {
-        bf16_step32<same>(x + r * sx + 32 * c, y + r * sy + 32 * c, half, vc1 + 2 * c, vs1 + 2 * c, vc2 + 2 * c,
-                          vs2 + 2 * c, stream);
-      }
-    }
-    return;
-  }
+    const float* c2, const float* s1, const float* s2, const uint32_t* pairs, const RowPrefetch& pf, bool stream) {
+  // Lambdas would lose this function's target attribute (and the intrinsics with it): the two
+  // kinds of step are spelled out below.
+  constexpr int kRegs = 2 * (kChunks > 0 ? kChunks : 1);
+  __m512 vc1[kRegs], vs1[kRegs], vc2[kRegs], vs2[kRegs];  // fp32 table values (bf16_step32)
+  __m512i t1[kRegs], t2[kRegs];                           // vdpbf16ps lanes (bf16_dp_step32)
+  constexpr int64_t kPairs = kChunks > 0 ? 32 * kChunks : 32;  // pairs whose table values are in registers
   int64_t i = 0;
-  for (; i + 32 <= half; i += 32) {
-    __m512 vc1[2], vs1[2], vc2[2], vs2[2];
-    table_regs<same>(2, c1 + i, c2 + i, s1 + i, s2 + i, vc1, vs1, vc2, vs2);
+  for (; i + 32 <= half; i += kPairs) {
+    if constexpr (kDp) {
+      for (int u = 0; u < kPairs / 16; ++u) {
+        t1[u] = _mm512_loadu_si512(pairs + i + 16 * u);
+        // same: (s2, c2) = (s1, c1), t1's halves swapped, -s1's sign dropped (half the table's
+        // bytes read: a head-major walk reads a table row for every few rows)
+        t2[u] = same ? _mm512_xor_si512(_mm512_rol_epi32(t1[u], 16), _mm512_set1_epi32(0x8000))
+                     : _mm512_loadu_si512(pairs + half + i + 16 * u);
+      }
+    } else {
+      table_regs<same>(static_cast<int>(kPairs / 16), c1 + i, c2 + i, s1 + i, s2 + i, vc1, vs1, vc2, vs2);
+    }
     for (int64_t r = 0; r < n; ++r) {
       if (i == 0 && r < pf.rows) prefetch_row(x + r * sx + pf.dx, y + r * sy + pf.dy, pf.bytes, !stream);
-      bf16_step32<same>(x + r * sx + i, y + r * sy + i, half, vc1, vs1, vc2, vs2, stream);
+      for (int64_t j = 0; j < kPairs; j += 32) {
+        const int u = static_cast<int>(j / 16);
+        if constexpr (kDp) {
+          bf16_dp_step32(x + r * sx + i + j, y + r * sy + i + j, half, t1 + u, t2 + u, pairs + i + j, stream);
+        } else {
+          bf16_step32<same>(x + r * sx + i + j, y + r * sy + i + j, half, vc1 + u, vs1 + u, vc2 + u, vs2 + u, stream);
+        }
+      }
     }
   }
   for (int64_t r = 0; r < n && i < half; ++r) {
@@ -423,12 +540,21 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void rotate_bf16
   for (int64_t b = 0; b < n_tok; ++b) {
     const RowPrefetch rp = token_prefetch(pf, xo, yo, b, nh, sx, sy);
     const CSTable<float>& t = cs[b];
-    if (half == 64) {
-      bf16_rows_avx512bf16<same, 2>(x + xo[b], y + yo[b], nh, sx, sy, half, t.c1, t.c2, t.s1, t.s2, rp, pf.stream);
+    const auto* xb = x + xo[b];
+    auto* yb = y + yo[b];
+    const uint32_t* dp = t.bf16_pairs;
+    if (half == 64 && dp) {
+      bf16_rows_avx512bf16<same, 2, true>(xb, yb, nh, sx, sy, half, t.c1, t.c2, t.s1, t.s2, dp, rp, pf.stream);
+    } else if (half == 64) {
+      bf16_rows_avx512bf16<same, 2, false>(xb, yb, nh, sx, sy, half, t.c1, t.c2, t.s1, t.s2, dp, rp, pf.stream);
+    } else if (half == 32 && dp) {
+      bf16_rows_avx512bf16<same, 1, true>(xb, yb, nh, sx, sy, half, t.c1, t.c2, t.s1, t.s2, dp, rp, pf.stream);
     } else if (half == 32) {
-      bf16_rows_avx512bf16<same, 1>(x + xo[b], y + yo[b], nh, sx, sy, half, t.c1, t.c2, t.s1, t.s2, rp, pf.stream);
+      bf16_rows_avx512bf16<same, 1, false>(xb, yb, nh, sx, sy, half, t.c1, t.c2, t.s1, t.s2, dp, rp, pf.stream);
+    } else if (dp) {
+      bf16_rows_avx512bf16<same, 0, true>(xb, yb, nh, sx, sy, half, t.c1, t.c2, t.s1, t.s2, dp, rp, pf.stream);
     } else {
-      bf16_rows_avx512bf16<same, 0>(x + xo[b], y + yo[b], nh, sx, sy, half, t.c1, t.c2, t.s1, t.s2, rp, pf.stream);
+      bf16_rows_avx512bf16<same, 0, false>(xb, yb, nh, sx, sy, half, t.c1, t.c2, t.s1, t.s2, dp, rp, pf.stream);
     }
   }
 }
@@ -787,7 +913,10 @@ struct CpuParams {
 //     slices of a packed qkv, transformers' transposed view of [B, S, H, D]): blocks of kTokBlock
 //     tokens (tables of kTokBlock * R accumulator values: 32 KB for R = 128 in fp32, held in L1
 //     while the block's rows read them); token outer, then q's heads, then k's, which is memory
-//     order for a packed qkv too;
+//     order for a packed qkv too; where both operands' rows are taken at once (rotate_rows), q's
+//     block of tokens then k's, one call each (512 tokens: bf16 4-7% faster out of place, 13-17%
+//     in place, fp32 qkv slices 1.2x out of place; 2048: the same within 5%), not two calls a
+//     token;
 //   - head-major operands (contiguous [B, H, S, D]): blocks of kTokBlockHeadMajor tokens, heads
 //     outer, tokens inner, so that a head's rows of the block are one contiguous run, whereas
 //     walking one token across all heads jumps S*D elements per head, one stream per head (40
@@ -858,7 +987,8 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t half = p.half;
   const int n_axes = p.ti.mrope ? 3 : 1;
-  bool outer[2] = {false, false}, at_once[2] = {false, false}, stream[2] = {false, false}, all_token_major = true;
+  bool outer[2] = {false, false}, at_once[2] = {false, false}, stream[2] = {false, false}, all_token_major = true,
+       all_at_once = true;
   bool prefetch = p.prefetch;
   for (int k = 0; k < p.n_ops; ++k) {
     const Operand<scalar_t>& o = p.ops[k];
@@ -871,6 +1001,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
     at_once[k] = rows_at_once<scalar_t, interleaved, swap>(o, half, p.isa);
     stream[k] = at_once[k] && p.prefetch && o.x != o.y && aligned64(o.y, o.sy);
     all_token_major = all_token_major && !outer[k];
+    all_at_once = all_at_once && at_once[k];
     prefetch = prefetch && o.sx.d == 1 && o.sy.d == 1;
   }
   const int64_t tb = std::min<int64_t>(all_token_major ? kTokBlock : kTokBlockHeadMajor, end - begin);
@@ -888,6 +1019,15 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
     acc_t* cr = cbuf + b * 2 * half;
     ctab[b] = {cr, cr, cr + half, cr + half};
   }
+  // bf16 rows all taken by the AVX512-BF16 rows kernel, with bf16 cos/sin: the tables' vdpbf16ps
+  // lanes (2 * half a token, bf16_dp_step32), for the plain rows below, in place of the
+  // accumulator tables (a token's whose values do not allow them gets those instead).
+  uint32_t* pairs = nullptr;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<cs_t, c10::BFloat16>) {
+    if (p.isa.avx512bf16 && at_once[0] && (p.n_ops < 2 || at_once[1])) {
+      pairs = table_scratch<uint32_t>(n_sets * tb * 2 * half);
+    }
+  }
   // Per operand and token of the block: the offsets of its row (a, s, h = 0, d = 0) in x and y.
   std::vector<int64_t> xoff(2 * tb), yoff(2 * tb);
   // Rotate-half pairs from one contiguous cos/sin row (no mrope): the table row is two
@@ -900,6 +1040,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   int64_t bad = -1;
   for (int64_t t0 = begin; t0 < end && bad < 0; t0 += tb) {
     int64_t n = std::min<int64_t>(tb, end - t0);
+    bool pairs_same = true;  // the block's tokens with vdpbf16ps lanes all have same runs
     for (int64_t b = 0; b < n; ++b, s = (s + 1 == p.S) ? (++a, 0) : s + 1) {
       int64_t pos[3] = {0, 0, 0};
       for (int x = 0; x < n_axes && bad < 0; ++x) {
@@ -917,21 +1058,33 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
       for (int t = 0; t < n_sets; ++t) {  // set 1: k's own tables
         const cs_t *cp = t ? p.ckp : p.cp, *sp = t ? p.skp : p.sp;
         const CSStrides &sc = t ? p.sck : p.sc, &ss = t ? p.ssk : p.ss;
-        acc_t* r = buf + (t * tb + b) * 4 * half;
+        const int64_t e = t * tb + b;
+        acc_t* r = buf + e * 4 * half;
+        tab[e].bf16_pairs = ctab[e].bf16_pairs = nullptr;
         if (plain_rows && sc.r == 1 && ss.r == 1) {
+          // The four runs: c1, c2 = cos[0, half), cos[half, R); s1, s2 = sin[0, half), sin[half, R),
+          // or with conj sin[half, R), sin[0, half), negated; pair tables: cos[0, half) and
+          // sin[0, half) twice (negated with conj).
           const cs_t* c = cp + cs_offset(sc, 0, a, s, pos[0], 0);
           const cs_t* sn = sp + cs_offset(ss, 0, a, s, pos[0], 0);
-          if (p.pair_tables) {  // c1, c2 = cos[0, half) twice; s1, s2 = sin[0, half) twice
-            load_run(c, r, half, p.isa);
-            std::memcpy(r + half, r, half * sizeof(acc_t));
-            load_run(sn, r + 2 * half, half, p.isa);
-            std::memcpy(r + 3 * half, r + 2 * half, half * sizeof(acc_t));
-          } else {  // c1, c2 = cos[0, R); s1, s2 = sin[0, R), or with conj sin[half, R), sin[0, half)
-            load_run(c, r, 2 * half, p.isa);
-            load_run(sn + (p.conj ? half : 0), r + 2 * half, half, p.isa);
-            load_run(sn + (p.conj ? 0 : half), r + 3 * half, half, p.isa);
+          const int64_t hi = p.pair_tables ? 0 : half;
+          const cs_t *c1 = c, *c2 = c + hi, *s1 = sn + (p.conj ? hi : 0), *s2 = sn + (p.conj ? 0 : hi);
+#ifdef RK_HAVE_AVX512_BF16_PATH
+          if constexpr (std::is_same_v<cs_t, c10::BFloat16>) {
+            uint32_t* pr = pairs + e * 2 * half;
+            bool same_runs = false;
+            if (pairs && bf16_pair_table(c1, c2, s1, s2, p.conj, half, pr, &same_runs)) {
+              tab[e].bf16_pairs = ctab[e].bf16_pairs = pr;
+              pairs_same = pairs_same && same_runs;
+              continue;
+            }
           }
-          if (p.conj) {  // and the sin runs negated
+#endif
+          load_run(c1, r, half, p.isa);
+          load_run(c2, r + half, half, p.isa);
+          load_run(s1, r + 2 * half, half, p.isa);
+          load_run(s2, r + 3 * half, half, p.isa);
+          if (p.conj) {
             for (int64_t i = 2 * half; i < 4 * half; ++i) r[i] = -r[i];
           }
           continue;
@@ -953,16 +1106,16 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
       }
     }
 
-    bool same = true;
+    bool same = pairs_same;  // (tokens with vdpbf16ps lanes have no accumulator tables: see pairs_same)
     for (int64_t e = 0; e < n_sets * tb && same; ++e) {
-      if (e % tb >= n) continue;
+      if (e % tb >= n || tab[e].bf16_pairs) continue;
       const acc_t* r = buf + e * 4 * half;
       same = std::memcmp(r, r + half, half * sizeof(acc_t)) == 0 &&
              std::memcmp(r + 2 * half, r + 3 * half, half * sizeof(acc_t)) == 0;
     }
     if (same) {
       for (int64_t e = 0; e < n_sets * tb; ++e) {
-        if (e % tb >= n) continue;
+        if (e % tb >= n || tab[e].bf16_pairs) continue;
         const acc_t* r = buf + e * 4 * half;
         acc_t* cr = cbuf + e * 2 * half;
         std::memcpy(cr, r, half * sizeof(acc_t));
@@ -971,8 +1124,9 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
     }
     const std::vector<CSTable<acc_t>>& tabs = same ? ctab : tab;
 
-    if (all_token_major) {
-      // Token outer, then each operand's heads; each row prefetches the same row one token ahead.
+    if (all_token_major && !all_at_once) {
+      // Token outer, then each operand's heads (rows taken one by one, or at once for one operand
+      // only); each row prefetches the same row one token ahead.
       for (int64_t b = 0; b < n; ++b) {
         const bool pf_next = prefetch && b + 1 < n;
         for (int k = 0; k < p.n_ops; ++k) {
@@ -994,15 +1148,17 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         }
       }
     } else {
-      // Per operand, in its own order.
+      // Per operand, in its own order (token-major: the block's rows, each prefetching its row
+      // one token ahead).
       for (int k = 0; k < p.n_ops; ++k) {
         const Operand<scalar_t>& o = p.ops[k];
         const int64_t* xo = xoff.data() + k * tb;
         const int64_t* yo = yoff.data() + k * tb;
         if (!outer[k]) {
           if (at_once[k]) {
+            const WalkPrefetch pf{prefetch ? 1 : 0, n, 0, 0, row_bytes, stream[k]};
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x, o.y, xo, yo, n, o.H, p.D, half,
-                                                            &tabs[p.tset[k] * tb], same, p.isa, WalkPrefetch{});
+                                                            &tabs[p.tset[k] * tb], same, p.isa, pf);
             continue;
           }
           for (int64_t b = 0; b < n; ++b) {
