@@ -1021,7 +1021,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   }
   // bf16 rows all taken by the AVX512-BF16 rows kernel, with bf16 cos/sin: the tables' vdpbf16ps
   // lanes (2 * half a token, bf16_dp_step32), for the plain rows below, in place of the
-  // accumulator tables (a token's whose values do not allow them gets those instead).
+  // accumulator tables (a token whose values do not allow them gets those instead).
   uint32_t* pairs = nullptr;
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<cs_t, c10::BFloat16>) {
     if (p.isa.avx512bf16 && at_once[0] && (p.n_ops < 2 || at_once[1])) {
