@@ -82,8 +82,7 @@ for dtype in (torch.float16, torch.bfloat16):
 # R = 64, 128, 256 (the rows kernel's three shapes), token- and head-major, out of place and in place.
 def bits16(n):
     return torch.randint(-32768, 32768, (n,), dtype=torch.int16).view(torch.bfloat16)
-for i, (R, scale, same) in enumerate(((128, 1.0, True), (128, 2.0, False), (64, 2.5, True), (256, 1e-30, True),
-                                      (128, 1.0, False))):
+for R, scale, same in ((128, 1.0, True), (128, 2.0, False), (64, 2.5, True), (256, 1e-30, True), (128, 1.0, False)):
     S = 97
     q = torch.randn(1, S, 6, R).to(torch.bfloat16)
     m = torch.rand(q.shape) < 0.3

@@ -437,9 +437,9 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), noinline, cold)) 
 // pair side by side in a 32-bit lane, one instruction gives x1*c1 - x2*s1 (table lanes t1,
 // bf16_pair_table), another x2*c2 + x1*s2 (t2): 4 dot products, 2 permutes a step instead of 8
 // multiplies, 4 adds and 4 widening permutes (Zen 4, L1-resident rows: 1.5 ns a step rather than
-// 3.1; bf16 rows were bound by the vector units at one thread). The same bits as bf16_step32, checked on every step's results:
-// vdpbf16ps is an fp32 FMA with round to nearest even, denormal inputs read as zero and denormal
-// results flushed. A product of two bf16 values is exact in fp32 unless under 2^-126 in
+// 3.1; bf16 rows were bound by the vector units at one thread). The same bits as bf16_step32,
+// checked on every step's results: vdpbf16ps is an fp32 FMA with round to nearest even, denormal
+// inputs read as zero and denormal results flushed. A product of two bf16 values is exact in fp32 unless under 2^-126 in
 // magnitude, and a denormal x times a table value (at most 2) is under 2^-125, so every product
 // it gets wrong is under 2^-125; a result of at least 2^-97 then comes from an exact product of
 // at least 2^-99, whose fp32 neighbours are 2^-123 or more apart: adding the other product (exact,
@@ -530,6 +530,20 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
   }
 }
 
+// One token's n rows (bf16_rows_avx512bf16) with its table t, the row size picked.
+template <bool same, bool kDp>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_token_rows(
+    const c10::BFloat16* x, c10::BFloat16* y, int64_t n, int64_t sx, int64_t sy, int64_t half, const CSTable<float>& t,
+    const RowPrefetch& rp, bool stream) {
+  if (half == 64) {
+    bf16_rows_avx512bf16<same, 2, kDp>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, stream);
+  } else if (half == 32) {
+    bf16_rows_avx512bf16<same, 1, kDp>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, stream);
+  } else {
+    bf16_rows_avx512bf16<same, 0, kDp>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, stream);
+  }
+}
+
 // bf16_rows_avx512bf16 over tokens b in [0, n_tok): rows x + xo[b] + r * sx, r in [0, nh), with
 // table row cs[b]. One call per block of a head-major walk, not one per token (at 4 heads a call:
 // out of place 5-12% faster, in place up to 7%).
@@ -540,21 +554,10 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void rotate_bf16
   for (int64_t b = 0; b < n_tok; ++b) {
     const RowPrefetch rp = token_prefetch(pf, xo, yo, b, nh, sx, sy);
     const CSTable<float>& t = cs[b];
-    const auto* xb = x + xo[b];
-    auto* yb = y + yo[b];
-    const uint32_t* dp = t.bf16_pairs;
-    if (half == 64 && dp) {
-      bf16_rows_avx512bf16<same, 2, true>(xb, yb, nh, sx, sy, half, t.c1, t.c2, t.s1, t.s2, dp, rp, pf.stream);
-    } else if (half == 64) {
-      bf16_rows_avx512bf16<same, 2, false>(xb, yb, nh, sx, sy, half, t.c1, t.c2, t.s1, t.s2, dp, rp, pf.stream);
-    } else if (half == 32 && dp) {
-      bf16_rows_avx512bf16<same, 1, true>(xb, yb, nh, sx, sy, half, t.c1, t.c2, t.s1, t.s2, dp, rp, pf.stream);
-    } else if (half == 32) {
-      bf16_rows_avx512bf16<same, 1, false>(xb, yb, nh, sx, sy, half, t.c1, t.c2, t.s1, t.s2, dp, rp, pf.stream);
-    } else if (dp) {
-      bf16_rows_avx512bf16<same, 0, true>(xb, yb, nh, sx, sy, half, t.c1, t.c2, t.s1, t.s2, dp, rp, pf.stream);
+    if (t.bf16_pairs) {
+      bf16_token_rows<same, true>(x + xo[b], y + yo[b], nh, sx, sy, half, t, rp, pf.stream);
     } else {
-      bf16_rows_avx512bf16<same, 0, false>(xb, yb, nh, sx, sy, half, t.c1, t.c2, t.s1, t.s2, dp, rp, pf.stream);
+      bf16_token_rows<same, false>(x + xo[b], y + yo[b], nh, sx, sy, half, t, rp, pf.stream);
     }
   }
 }
@@ -1024,7 +1027,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   // accumulator tables (a token whose values do not allow them gets those instead).
   uint32_t* pairs = nullptr;
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<cs_t, c10::BFloat16>) {
-    if (p.isa.avx512bf16 && at_once[0] && (p.n_ops < 2 || at_once[1])) {
+    if (p.isa.avx512bf16 && all_at_once) {
       pairs = table_scratch<uint32_t>(n_sets * tb * 2 * half);
     }
   }
@@ -1071,9 +1074,9 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           const cs_t *c1 = c, *c2 = c + hi, *s1 = sn + (p.conj ? hi : 0), *s2 = sn + (p.conj ? 0 : hi);
 #ifdef RK_HAVE_AVX512_BF16_PATH
           if constexpr (std::is_same_v<cs_t, c10::BFloat16>) {
-            uint32_t* pr = pairs + e * 2 * half;
+            uint32_t* pr = pairs ? pairs + e * 2 * half : nullptr;
             bool same_runs = false;
-            if (pairs && bf16_pair_table(c1, c2, s1, s2, p.conj, half, pr, &same_runs)) {
+            if (pr && bf16_pair_table(c1, c2, s1, s2, p.conj, half, pr, &same_runs)) {
               tab[e].bf16_pairs = ctab[e].bf16_pairs = pr;
               pairs_same = pairs_same && same_runs;
               continue;
