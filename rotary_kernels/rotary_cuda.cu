@@ -1,6 +1,5 @@
 // CUDA entry points: rotary (q and k in one launch, forward or conj/backward) and flash-attn's
 // elementwise apply_rotary. The kernels and their launch planning: rotary_cuda_kernels.cuh.
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -65,8 +64,8 @@ bool cuda_image_ok(int64_t device) {
       cudaFuncGetAttributes(&attr, rotary_kernel<at::BFloat16, at::BFloat16, 8, true, true, false, false>);
   if (err != cudaSuccess) (void)cudaGetLastError();  // clear the sticky-free error state
   const bool ok = err == cudaSuccess;
-  TORCH_CHECK(ok || err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidKernelImage,
-              "rotary_kernels: cudaFuncGetAttributes failed: ", cudaGetErrorString(err));
+  RK_CHECK(ok || err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidKernelImage,
+           "rotary_kernels: cudaFuncGetAttributes failed: ", cudaGetErrorString(err));
   if (cacheable) cache[device] = ok ? 1 : -1;
   return ok;
 }

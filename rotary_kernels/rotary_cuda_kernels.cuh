@@ -654,9 +654,9 @@ struct LaunchPlan {
 // grid.y only when tokens alone are too few.
 inline LaunchPlan plan_launch(int64_t tokens, int64_t rows, int64_t nchunks, int64_t sms) {
   constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max() - kThreads;  // r + TY stays < 2^31
-  TORCH_CHECK(tokens <= std::numeric_limits<int32_t>::max(), "rotary: too many tokens (", tokens,
-              "; the CUDA kernel takes < 2^31)");
-  TORCH_CHECK(rows <= kMax32 && nchunks <= kMax32, "rotary: too many rows (", rows, ") or pairs (", nchunks, ")");
+  RK_CHECK(tokens <= std::numeric_limits<int32_t>::max(), "rotary: too many tokens (", tokens,
+           "; the CUDA kernel takes < 2^31)");
+  RK_CHECK(rows <= kMax32 && nchunks <= kMax32, "rotary: too many rows (", rows, ") or pairs (", nchunks, ")");
   const int64_t tx = std::min<int64_t>(nchunks, kThreads);
   const int64_t max_ty = std::max<int64_t>(1, kThreads / tx);
   const bool small = tokens * rows * nchunks <= sms * 2048;
@@ -709,8 +709,8 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
                  const at::Tensor& cos_k, const at::Tensor& sin_k, bool pair_tables, bool swap_layout = false) {
   constexpr int VEC = 16 / sizeof(scalar_t);
   const bool k_tables = !(same_view(cos_k, cos) && same_view(sin_k, sin));
-  TORCH_CHECK(!k_tables || (cos_k.strides() == cos.strides() && sin_k.strides() == sin.strides()),
-              "rotary: internal: k's tables must have cos/sin's strides (shared_table_strides)");
+  RK_CHECK(!k_tables || (cos_k.strides() == cos.strides() && sin_k.strides() == sin.strides()),
+           "rotary: internal: k's tables must have cos/sin's strides (shared_table_strides)");
   const int64_t A = q.size(0), S = q.size(1), D = q.size(3), R = cos.size(-1) * (pair_tables ? 2 : 1), half = R / 2;
   RotaryParams<scalar_t, cs_t> p{};
   p.q = make_operand<scalar_t>(q, q_out, R);
@@ -743,7 +743,7 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
                                              cs_vector_ok(cos_k, VEC) && cs_vector_ok(sin_k, VEC)));
   if (swap_layout) vector = cs_vector;  // (the vector swap needs both)
   const LaunchPlan plan = plan_launch(tokens, rows, vector ? half / VEC : half, sms);
-  TORCH_CHECK(D <= std::numeric_limits<int32_t>::max(), "rotary: head dim too large (", D, ")");
+  RK_CHECK(D <= std::numeric_limits<int32_t>::max(), "rotary: head dim too large (", D, ")");
   p.S = static_cast<int32_t>(S);
   p.D = static_cast<int32_t>(D);
   p.half = static_cast<int32_t>(half);
@@ -753,8 +753,8 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
   p.k_row0 = k_tables ? p.hq : p.rows;
   p.swap = swap_layout;
   p.complex_tables = complex_tables && cs_vector;
-  TORCH_CHECK(!swap_layout || (pair_tables && !k_tables),
-              "rotary: swap_layout takes per-pair tables without cos_k/sin_k");
+  RK_CHECK(!swap_layout || (pair_tables && !k_tables),
+           "rotary: swap_layout takes per-pair tables without cos_k/sin_k");
   if (pairs && cs_vector) {
     if (interleaved) {
       launcher.template run<VEC, true, true, true, false, true>(p, plan.grid, plan.block);

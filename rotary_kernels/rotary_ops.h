@@ -4,14 +4,65 @@
 
 #include <algorithm>
 #include <optional>
+#include <string>
+#include <type_traits>
 #include <vector>
 
-#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 
 #include "rotary_math.h"
 
 namespace rotary_kernels {
+
+// ---- Error messages: RK_CHECK(cond, parts...), RK_CHECK_INDEX (IndexError) ----
+// TORCH_CHECK's own formatting (c10::str) streams its parts through a std::ostringstream compiled
+// into this library. On the GPU machines (g++ 13 build, torch 2.11) that killed the process
+// inside the library's ostream::_M_insert<long> before anything was raised, while PyTorch's own
+// errors raised (benchmarks/results/cuda-NVIDIA_H100_80GB_HBM3/session-2026-11-26.md). So every
+// message here is concatenated into a std::string (no iostreams) and TORCH_CHECK gets it as one C
+// string, which it passes on untouched. Parts: C strings, std::string, integers, sizes
+// (IntArrayRef, printed like PyTorch: [1, 2]), dtypes and devices.
+namespace detail {
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
+inline void append(std::string& s, const c10::Device& v) { s += v.str(); }
+inline void append(std::string& s, c10::IntArrayRef v) {
+  s += '[';
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (i > 0) s += ", ";
+    s += std::to_string(v[i]);
+  }
+  s += ']';
+}
+template <typename T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int> = 0>
+void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+}  // namespace detail
+
+template <typename... Parts>
+std::string message(const Parts&... parts) {
+  std::string s;
+  (detail::append(s, parts), ...);
+  return s;
+}
+
+#define RK_CHECK(cond, ...) TORCH_CHECK(cond, ::rotary_kernels::message(__VA_ARGS__).c_str())
+#define RK_CHECK_INDEX(cond, ...) TORCH_CHECK_INDEX(cond, ::rotary_kernels::message(__VA_ARGS__).c_str())
+
+// f(scalar_t{}) for a floating dtype (AT_DISPATCH_FLOATING_TYPES_AND2's four, without its
+// stream-formatted error).
+template <typename F>
+void dispatch_float(c10::ScalarType st, const char* name, F&& f) {
+  switch (st) {
+    case c10::ScalarType::Float: f(float{}); break;
+    case c10::ScalarType::Double: f(double{}); break;
+    case c10::ScalarType::Half: f(c10::Half{}); break;
+    case c10::ScalarType::BFloat16: f(c10::BFloat16{}); break;
+    default: RK_CHECK(false, name, ": no kernel for dtype ", st);
+  }
+}
 
 inline Strides4 strides4(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
 
@@ -83,7 +134,8 @@ void dispatch_rotary_types(const at::Tensor& x, const at::Tensor& cos, const at:
   auto as_cs = [&](const at::Tensor& t) { return cs_same ? t : t.to(at::kFloat); };
   const at::Tensor c = as_cs(cos), s = as_cs(sin);
   const at::Tensor ck = cos_k ? as_cs(*cos_k) : c, sk = sin_k ? as_cs(*sin_k) : s;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rotary", [&] {
+  dispatch_float(x.scalar_type(), "rotary", [&](auto x_tag) {
+    using scalar_t = decltype(x_tag);
     if (cs_same) {
       f(scalar_t{}, scalar_t{}, c, s, ck, sk);
     } else {
@@ -112,7 +164,8 @@ template <typename F>
 void dispatch_elementwise(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& cos, const at::Tensor& sin,
                           const at::Tensor& out1, const at::Tensor& out2, bool conj, F&& f) {
   const at::Tensor cc = elementwise_table(x1, cos), sc = elementwise_table(x1, sin);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x1.scalar_type(), "apply_rotary", [&] {
+  dispatch_float(x1.scalar_type(), "apply_rotary", [&](auto x_tag) {
+    using scalar_t = decltype(x_tag);
     using acc_t = typename AccType<scalar_t>::type;
     f(Elementwise<scalar_t, acc_t>{x1.const_data_ptr<scalar_t>(), x2.const_data_ptr<scalar_t>(),
                                    cc.const_data_ptr<acc_t>(), sc.const_data_ptr<acc_t>(), out1.data_ptr<scalar_t>(),

@@ -5,6 +5,8 @@ backend in test_rotary.py); here they are called directly on canonical tensors:
 q [A, S, H, D], cos/sin [A, S, R]. CUDA cases run only where a GPU is visible.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -131,15 +133,25 @@ def test_opcheck(device):
 
 
 def test_op_checks_raise():
+    # The messages' sizes, dtypes and devices are formatted by rotary_ops.h's message() (no
+    # iostreams; see RK_CHECK there), like PyTorch's own.
     q = torch.randn(2, 3, 4, 16)
     cos = torch.randn(2, 3, 16)
     ops = _compiled.ops
     cases = [
-        (lambda: ops.rotary(q[0], None, cos, cos, q[0], None, False, False), "q must be 4-D"),
-        (lambda: ops.rotary(q, None, cos[..., :7], cos[..., :7], q.clone(), None, False, False), "must be even"),
-        (lambda: ops.rotary(q, None, cos[:, :2], cos[:, :2], q.clone(), None, False, False), "q's A, S"),
-        (lambda: ops.rotary(q, None, cos, cos, q.clone().double(), None, False, False), "q_out must have"),
-        (lambda: ops.rotary(q.int(), None, cos, cos, q.int(), None, False, False), "q must be float32"),
+        (lambda: ops.rotary(q[0], None, cos, cos, q[0], None, False, False),
+         re.escape("q must be 4-D [A, S, H, D], got [3, 4, 16]")),
+        (lambda: ops.rotary(q, None, cos[..., :7], cos[..., :7], q.clone(), None, False, False),
+         "must be even, positive and <= D=16, got 7"),
+        (lambda: ops.rotary(q, None, cos[:, :2], cos[:, :2], q.clone(), None, False, False),
+         re.escape("q's A, S: q [2, 3, 4, 16], cos [2, 2, 16]")),
+        (lambda: ops.rotary(q, None, cos, cos, q.clone().double(), None, False, False),
+         re.escape("q_out must have its input's shape, dtype and device: expected [2, 3, 4, 16] Float on cpu, "
+                   "got [2, 3, 4, 16] Double on cpu")),
+        (lambda: ops.rotary(q.int(), None, cos, cos, q.int(), None, False, False), "q must be float32.*, got Int$"),
+        (lambda: ops.rotary(q, None, cos[None, :1].expand(3, 1, 3, 16), cos[None, :1].expand(3, 1, 3, 16),
+                            q.clone(), None, False, False, mrope_section=[4, 2, 1]),
+         "mrope_section must be 3 non-negative sizes summing to R/2 = 8"),
         (lambda: ops.rotary(q, q[..., :8], cos, cos, q.clone(), q[..., :8].clone(), False, False), "k must be"),
         (lambda: ops.rotary(q, q, cos, cos, q.clone(), None, False, False), "both be given"),
         (lambda: ops.apply_rotary(q, q[..., :8], cos, cos, q, q, False), "same shape"),

@@ -55,104 +55,104 @@ bool is_float(const at::Tensor& t) {
 }
 
 void check_float(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(is_float(t), name, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+  RK_CHECK(is_float(t), name, " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
 }
 
 void check_like(const at::Tensor& out, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.device() == x.device(), name,
-              " must have its input's shape, dtype and device: expected ", x.sizes(), " ", x.scalar_type(), " on ",
-              x.device(), ", got ", out.sizes(), " ", out.scalar_type(), " on ", out.device());
+  RK_CHECK(out.sizes() == x.sizes() && out.scalar_type() == x.scalar_type() && out.device() == x.device(), name,
+           " must have its input's shape, dtype and device: expected ", x.sizes(), " ", x.scalar_type(), " on ",
+           x.device(), ", got ", out.sizes(), " ", out.scalar_type(), " on ", out.device());
 }
 
 void check_index_tensor(const std::optional<at::Tensor>& t, const at::Tensor& q, const char* name, int64_t dim) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->scalar_type() == at::kLong, name, " must be int64, got ", t->scalar_type());
-  TORCH_CHECK(t->dim() == dim, name, " must be ", dim, "-D, got ", t->sizes());
-  TORCH_CHECK(t->device() == q.device(), name, " must be on q's device");
+  RK_CHECK(t->scalar_type() == at::kLong, name, " must be int64, got ", t->scalar_type());
+  RK_CHECK(t->dim() == dim, name, " must be ", dim, "-D, got ", t->sizes());
+  RK_CHECK(t->device() == q.device(), name, " must be on q's device");
 }
 
 void check_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
                   const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
                   const rotary_kernels::TokenIndexArgs& ix, const std::optional<at::Tensor>& cos_k,
                   const std::optional<at::Tensor>& sin_k, bool pair_tables, bool swap_layout) {
-  TORCH_CHECK(q.dim() == 4, "q must be 4-D [A, S, H, D], got ", q.sizes());
-  TORCH_CHECK(cos.dim() >= 2 && cos.dim() <= 4, "cos must be [A, S, R], [3, A, S, R] or a [P, R] cache, got ",
-              cos.sizes());
-  TORCH_CHECK(cos.sizes() == sin.sizes(), "cos and sin must have the same shape, got ", cos.sizes(), " and ",
-              sin.sizes());
-  TORCH_CHECK(cos.scalar_type() == sin.scalar_type(), "cos and sin must have the same dtype");
+  RK_CHECK(q.dim() == 4, "q must be 4-D [A, S, H, D], got ", q.sizes());
+  RK_CHECK(cos.dim() >= 2 && cos.dim() <= 4, "cos must be [A, S, R], [3, A, S, R] or a [P, R] cache, got ",
+           cos.sizes());
+  RK_CHECK(cos.sizes() == sin.sizes(), "cos and sin must have the same shape, got ", cos.sizes(), " and ",
+           sin.sizes());
+  RK_CHECK(cos.scalar_type() == sin.scalar_type(), "cos and sin must have the same dtype");
   check_float(q, "q");
   check_float(cos, "cos");
   const int64_t R = pair_tables ? 2 * cos.size(-1) : cos.size(-1);  // the rotary dim
-  TORCH_CHECK(R > 0 && R % 2 == 0 && R <= q.size(3),
-              pair_tables ? "rotary dim (2 cos.size(-1), per-pair tables) must be positive and <= D="
-                          : "rotary dim (cos.size(-1)) must be even, positive and <= D=",
-              q.size(3), ", got ", R);
+  RK_CHECK(R > 0 && R % 2 == 0 && R <= q.size(3),
+           pair_tables ? "rotary dim (2 cos.size(-1), per-pair tables) must be positive and <= D="
+                       : "rotary dim (cos.size(-1)) must be even, positive and <= D=",
+           q.size(3), ", got ", R);
   const bool cache = cos.dim() == 2, mrope = !ix.mrope_section.empty();
-  TORCH_CHECK(!cache || cos.size(0) > 0, "the cos/sin cache is empty (0 rows)");
-  TORCH_CHECK(ix.mrope_section.empty() || ix.mrope_section.size() == 3, "mrope_section must be empty or 3 sizes");
+  RK_CHECK(!cache || cos.size(0) > 0, "the cos/sin cache is empty (0 rows)");
+  RK_CHECK(ix.mrope_section.empty() || ix.mrope_section.size() == 3, "mrope_section must be empty or 3 sizes");
   if (mrope) {
     const auto& m = ix.mrope_section;
-    TORCH_CHECK(m[0] >= 0 && m[1] >= 0 && m[2] >= 0 && m[0] + m[1] + m[2] == R / 2,
-                "mrope_section must be 3 non-negative sizes summing to R/2 = ", R / 2);
+    RK_CHECK(m[0] >= 0 && m[1] >= 0 && m[2] >= 0 && m[0] + m[1] + m[2] == R / 2,
+             "mrope_section must be 3 non-negative sizes summing to R/2 = ", R / 2);
   }
   if (!cache) {
     const int64_t o = cos.dim() - 3;  // 1 for mrope's [3, A, S, R]
-    TORCH_CHECK(cos.dim() == (mrope ? 4 : 3) && (!mrope || cos.size(0) == 3),
-                mrope ? "with mrope_section, cos must be [3, A, S, R] or a [P, R] cache, got "
-                      : "cos must be [A, S, R] or a [P, R] cache, got ",
-                cos.sizes());
-    TORCH_CHECK(cos.size(o) == q.size(0) && cos.size(o + 1) == q.size(1), "cos must be [A, S, R] with q's A, S: q ",
-                q.sizes(), ", cos ", cos.sizes());
-    TORCH_CHECK(!ix.positions && !ix.cu_seqlens && !ix.seqlen_offsets && ix.offset == 0,
-                "positions, cu_seqlens and seqlen_offsets need cos/sin caches [P, R]");
+    RK_CHECK(cos.dim() == (mrope ? 4 : 3) && (!mrope || cos.size(0) == 3),
+             mrope ? "with mrope_section, cos must be [3, A, S, R] or a [P, R] cache, got "
+                   : "cos must be [A, S, R] or a [P, R] cache, got ",
+             cos.sizes());
+    RK_CHECK(cos.size(o) == q.size(0) && cos.size(o + 1) == q.size(1), "cos must be [A, S, R] with q's A, S: q ",
+             q.sizes(), ", cos ", cos.sizes());
+    RK_CHECK(!ix.positions && !ix.cu_seqlens && !ix.seqlen_offsets && ix.offset == 0,
+             "positions, cu_seqlens and seqlen_offsets need cos/sin caches [P, R]");
   }
   check_index_tensor(ix.positions, q, "positions", 3);
   if (ix.positions) {
     const auto& p = *ix.positions;
-    TORCH_CHECK(p.size(0) == (mrope ? 3 : 1) && p.size(1) == q.size(0) && p.size(2) == q.size(1),
-                "positions must be [X, A, S] with q's A, S and X = 3 for mrope (else 1): q ", q.sizes(),
-                ", positions ", p.sizes());
+    RK_CHECK(p.size(0) == (mrope ? 3 : 1) && p.size(1) == q.size(0) && p.size(2) == q.size(1),
+             "positions must be [X, A, S] with q's A, S and X = 3 for mrope (else 1): q ", q.sizes(),
+             ", positions ", p.sizes());
   }
   check_index_tensor(ix.cu_seqlens, q, "cu_seqlens", 1);
   if (ix.cu_seqlens) {
-    TORCH_CHECK(ix.cu_seqlens->numel() >= 2 && q.size(0) == 1, "cu_seqlens needs [n + 1] entries and q with A == 1");
+    RK_CHECK(ix.cu_seqlens->numel() >= 2 && q.size(0) == 1, "cu_seqlens needs [n + 1] entries and q with A == 1");
   }
   check_index_tensor(ix.seqlen_offsets, q, "seqlen_offsets", 1);
   if (ix.seqlen_offsets) {
     const int64_t n = ix.cu_seqlens ? ix.cu_seqlens->numel() - 1 : q.size(0);
-    TORCH_CHECK(ix.seqlen_offsets->size(0) == n, "seqlen_offsets must have one entry per sequence (", n, "), got ",
-                ix.seqlen_offsets->sizes());
+    RK_CHECK(ix.seqlen_offsets->size(0) == n, "seqlen_offsets must have one entry per sequence (", n, "), got ",
+             ix.seqlen_offsets->sizes());
   }
-  TORCH_CHECK(cos.device() == q.device() && sin.device() == q.device(), "cos/sin must be on q's device");
+  RK_CHECK(cos.device() == q.device() && sin.device() == q.device(), "cos/sin must be on q's device");
   check_like(q_out, q, "q_out");
-  TORCH_CHECK(k.has_value() == k_out.has_value(), "k and k_out must both be given or both be None");
-  TORCH_CHECK(cos_k.has_value() == sin_k.has_value(), "cos_k and sin_k must both be given or both be None");
+  RK_CHECK(k.has_value() == k_out.has_value(), "k and k_out must both be given or both be None");
+  RK_CHECK(cos_k.has_value() == sin_k.has_value(), "cos_k and sin_k must both be given or both be None");
   if (cos_k.has_value()) {
     const at::Tensor &ck = *cos_k, &sk = *sin_k;
-    TORCH_CHECK(k.has_value(), "cos_k/sin_k rotate k, but k is None");
-    TORCH_CHECK(ck.sizes() == sk.sizes() && ck.scalar_type() == sk.scalar_type(),
-                "cos_k and sin_k must have the same shape and dtype, got ", ck.sizes(), " and ", sk.sizes());
+    RK_CHECK(k.has_value(), "cos_k/sin_k rotate k, but k is None");
+    RK_CHECK(ck.sizes() == sk.sizes() && ck.scalar_type() == sk.scalar_type(),
+             "cos_k and sin_k must have the same shape and dtype, got ", ck.sizes(), " and ", sk.sizes());
     check_float(ck, "cos_k");
-    TORCH_CHECK(ck.device() == q.device() && sk.device() == q.device(), "cos_k/sin_k must be on q's device");
+    RK_CHECK(ck.device() == q.device() && sk.device() == q.device(), "cos_k/sin_k must be on q's device");
     // cos's form (the same dims: [A, S, R], [3, A, S, R] or a [P, R] cache) and rotary dim
-    TORCH_CHECK(ck.dim() == cos.dim() && ck.size(-1) == cos.size(-1) && (cos.dim() == 2 || (ck.sizes().slice(0, ck.dim() - 1) ==
-                                                                                cos.sizes().slice(0, cos.dim() - 1))),
-                "cos_k must have cos's form and rotary dim: cos ", cos.sizes(), ", cos_k ", ck.sizes());
-    TORCH_CHECK(ck.dim() != 2 || ck.size(0) > 0, "the cos_k/sin_k cache is empty (0 rows)");
+    RK_CHECK(ck.dim() == cos.dim() && ck.size(-1) == cos.size(-1) && (cos.dim() == 2 || (ck.sizes().slice(0, ck.dim() - 1) ==
+                                                                             cos.sizes().slice(0, cos.dim() - 1))),
+             "cos_k must have cos's form and rotary dim: cos ", cos.sizes(), ", cos_k ", ck.sizes());
+    RK_CHECK(ck.dim() != 2 || ck.size(0) > 0, "the cos_k/sin_k cache is empty (0 rows)");
   }
   if (k.has_value()) {
     const at::Tensor& kk = *k;
-    TORCH_CHECK(kk.dim() == 4 && kk.size(0) == q.size(0) && kk.size(1) == q.size(1) && kk.size(3) == q.size(3),
-                "k must be [A, S, Hk, D] with q's A, S and D: q ", q.sizes(), ", k ", kk.sizes());
-    TORCH_CHECK(kk.scalar_type() == q.scalar_type(), "k must have q's dtype");
-    TORCH_CHECK(kk.device() == q.device(), "k must be on q's device");
+    RK_CHECK(kk.dim() == 4 && kk.size(0) == q.size(0) && kk.size(1) == q.size(1) && kk.size(3) == q.size(3),
+             "k must be [A, S, Hk, D] with q's A, S and D: q ", q.sizes(), ", k ", kk.sizes());
+    RK_CHECK(kk.scalar_type() == q.scalar_type(), "k must have q's dtype");
+    RK_CHECK(kk.device() == q.device(), "k must be on q's device");
     check_like(*k_out, kk, "k_out");
   }
   if (swap_layout) {  // (a pair's two places differ between the layouts: in place would need a scratch)
-    TORCH_CHECK(pair_tables && !cos_k.has_value(), "swap_layout takes per-pair tables (pair_tables) without cos_k/sin_k");
-    TORCH_CHECK(q_out.data_ptr() != q.data_ptr() && (!k.has_value() || k_out->data_ptr() != k->data_ptr()),
-                "swap_layout rotates out of place only");
+    RK_CHECK(pair_tables && !cos_k.has_value(), "swap_layout takes per-pair tables (pair_tables) without cos_k/sin_k");
+    RK_CHECK(q_out.data_ptr() != q.data_ptr() && (!k.has_value() || k_out->data_ptr() != k->data_ptr()),
+             "swap_layout rotates out of place only");
   }
 }
 
@@ -168,7 +168,7 @@ void launch(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::T
     return;
   }
 #endif
-  TORCH_CHECK(q.is_cpu(), "rotary: unsupported device ", q.device());
+  RK_CHECK(q.is_cpu(), "rotary: unsupported device ", q.device());
   rotary_cpu(q, k, cos, sin, q_out, k_out, interleaved, conj, ix, cos_k, sin_k, pair_tables, swap_layout);
 }
 
@@ -200,13 +200,13 @@ void apply_rotary_op(const at::Tensor& x1, const at::Tensor& x2, const at::Tenso
   check_float(x1, "x1");
   check_float(cos, "cos");
   check_float(sin, "sin");
-  TORCH_CHECK(x2.sizes() == x1.sizes() && x2.scalar_type() == x1.scalar_type(),
-              "x1 and x2 must have the same shape and dtype");
+  RK_CHECK(x2.sizes() == x1.sizes() && x2.scalar_type() == x1.scalar_type(),
+           "x1 and x2 must have the same shape and dtype");
   check_like(out1, x1, "out1");
   check_like(out2, x2, "out2");
-  TORCH_CHECK(x1.device() == x2.device() && cos.device() == x1.device() && sin.device() == x1.device(),
-              "all tensors must be on the same device");
-  TORCH_CHECK(x1.dim() <= 4, "apply_rotary supports up to 4-D tensors, got ", x1.sizes());
+  RK_CHECK(x1.device() == x2.device() && cos.device() == x1.device() && sin.device() == x1.device(),
+           "all tensors must be on the same device");
+  RK_CHECK(x1.dim() <= 4, "apply_rotary supports up to 4-D tensors, got ", x1.sizes());
   // cos/sin broadcast to x1's shape (zero strides), all viewed as 4-D.
   auto as4 = [&](const at::Tensor& t) {
     at::Tensor e = t.expand(x1.sizes());
@@ -221,7 +221,7 @@ void apply_rotary_op(const at::Tensor& x1, const at::Tensor& x2, const at::Tenso
     return;
   }
 #endif
-  TORCH_CHECK(x1.is_cpu(), "apply_rotary: unsupported device ", x1.device());
+  RK_CHECK(x1.is_cpu(), "apply_rotary: unsupported device ", x1.device());
   apply_rotary_cpu(a1, a2, c, s, o1, o2, conj);
 }
 

@@ -15,7 +15,6 @@
 // the same bits), or a row a call (rotate_avx512) for the rows those do not take;
 // fp32 and fp16 rotate-half rows of R = 64 or 128 take rotate_tokens_avx512 (many rows a call). Large
 // outputs (16 MB and more) are written with non-temporal stores.
-#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -606,7 +605,7 @@ CpuIsa cpu_isa() {
   const char* env = std::getenv("ROTARY_KERNELS_CPU_ISA");
   const std::string cap = env ? env : "";
   const int level = cap.empty() ? 3 : cap == "avx512" ? 2 : cap == "avx2" ? 1 : cap == "default" ? 0 : -1;
-  TORCH_CHECK(level >= 0, "ROTARY_KERNELS_CPU_ISA must be one of avx512, avx2, default (or unset), got '", cap, "'");
+  RK_CHECK(level >= 0, "ROTARY_KERNELS_CPU_ISA must be one of avx512, avx2, default (or unset), got '", cap, "'");
   const bool avx512 = level >= 2 && __builtin_cpu_supports("avx512f");
   return {level >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"), avx512,
           level >= 3 && avx512 && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
@@ -1269,8 +1268,8 @@ void rotary_cpu_impl(const at::Tensor& q, const std::optional<at::Tensor>& k, co
       pos = token_position(p.ti, t / p.S, t % p.S, x);
       if (!position_ok(p.ti, pos)) break;
     }
-    TORCH_CHECK_INDEX(false, "rotary: token ", t, " has position ", pos, ", outside the cos/sin cache of ", p.ti.rows,
-                      " rows (the output is incomplete)");
+    RK_CHECK_INDEX(false, "rotary: token ", t, " has position ", pos, ", outside the cos/sin cache of ", p.ti.rows,
+                   " rows (the output is incomplete)");
   }
 }
 
