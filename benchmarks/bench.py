@@ -13,8 +13,10 @@ default; every shape), and on the llama3-8b shape also contiguous [B, H, S, D], 
 [B, S, Hq + 2 Hk, D] (unsqueeze_dim=2). The report has a table per layout and a layout summary
 (worst and best layout per case).
 
-Timing: GPU: CUDA events around each call, with the L2 flushed (256 MB written) before it;
-median and interquartile range of the per-call times. CPU: wall clock per call (the machine's
+Timing: GPU: CUDA events around each call, with the L2 flushed (256 MB written) before it and
+the GPU held busy while the host enqueues the call (rotary_kernels.demo.gpu_hold), so a row is
+the GPU's time alone (the host time of a call, what eager decoding also pays, is measured on its
+own: scripts/gpu_session.sh's host step); median and interquartile range of the per-call times. CPU: wall clock per call (the machine's
 caches may hold the tensors: that is the CPU's real working condition for these sizes); out of
 place calls there include first-touch page faults of their freshly allocated outputs, which
 eager and torch.compile pay as well (a plain clone() too): glibc maps a block of 32 MB or more

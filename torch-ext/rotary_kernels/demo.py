@@ -27,14 +27,21 @@ def eager_transformers(q, k, cos, sin, unsqueeze_dim=1):
 
 
 def time_fn(fn, device: torch.device, reps: int = 20, warmup: int = 3) -> list[float]:
-    """Per-call times in ms. On GPUs, CUDA events around each call with the L2 flushed before it."""
+    """Per-call times in ms. On GPUs: the GPU's time alone, CUDA events around each call with the
+    L2 flushed before it and the GPU held busy (``gpu_hold``) while the host enqueues the call;
+    on CPUs, wall clock."""
+    host = []
     for _ in range(warmup):
+        t0 = time.perf_counter()
         fn()
+        host.append(time.perf_counter() - t0)
     times = []
     if device.type == "cuda":
         flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device)
+        hold = gpu_hold(device, max(host[1:] or host))
         for _ in range(reps):
             flush.zero_()
+            hold()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -47,6 +54,29 @@ def time_fn(fn, device: torch.device, reps: int = 20, warmup: int = 3) -> list[f
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return times
+
+
+_SLEEP_CYCLES_PER_S: dict = {}
+
+
+def gpu_hold(device: torch.device, host_s: float):
+    """A function that keeps the GPU busy (``torch.cuda._sleep``, a spin kernel touching no
+    memory) for twice ``host_s`` seconds and at least 0.2 ms: enqueued before a timed call, the
+    host has enqueued the call before the GPU reaches it, so its events time the GPU's work and
+    not the host's. Without it a call whose host time (Python, launches, autograd) outlasted the
+    L2 flush was timed by its host (the second GPU session's Triton and backward rows); the host
+    time of a call is measured on its own (scripts/gpu_session.sh, host step)."""
+    key = torch.cuda.get_device_properties(device).name
+    if key not in _SLEEP_CYCLES_PER_S:  # calibrate: the spin kernel's cycles per second
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(10**7)
+        end.record()
+        end.synchronize()
+        _SLEEP_CYCLES_PER_S[key] = 10**7 / (start.elapsed_time(end) / 1e3)
+    cycles = int(min(max(2 * host_s, 2e-4), 0.05) * _SLEEP_CYCLES_PER_S[key])
+    return lambda: torch.cuda._sleep(cycles)
 
 
 def qk_bytes(q, k, cos, with_cs: bool = True) -> int:
