@@ -481,7 +481,8 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
 // the write streams interleaved). Against one call per row: 1.3-1.8x on bf16 rows here. Row
 // r < pf.rows also prefetches its row pf.dx (pf.dy) elements ahead before it is rotated.
 // kDp: steps through vdpbf16ps with the token's bf16_pairs (bf16_dp_step32), else bf16_step32.
-template <bool same, int kChunks, bool kDp>
+// kN > 0: n is kN, the rows unrolled (see rotate_bf16_tokens_avx512bf16).
+template <bool same, int kChunks, bool kDp, int kN = 0>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_rows_avx512bf16(
     const c10::BFloat16* x, c10::BFloat16* y, int64_t n, int64_t sx, int64_t sy, int64_t half, const float* c1,
     const float* c2, const float* s1, const float* s2, const uint32_t* pairs, const RowPrefetch& pf, bool stream) {
@@ -504,7 +505,8 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
     } else {
       table_regs<same>(static_cast<int>(kPairs / 16), c1 + i, c2 + i, s1 + i, s2 + i, vc1, vs1, vc2, vs2);
     }
-    for (int64_t r = 0; r < n; ++r) {
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < (kN > 0 ? kN : n); ++r) {
       if (i == 0 && r < pf.rows) prefetch_row(x + r * sx + pf.dx, y + r * sy + pf.dy, pf.bytes, !stream);
       for (int64_t j = 0; j < kPairs; j += 32) {
         const int u = static_cast<int>(j / 16);
@@ -530,14 +532,14 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
 }
 
 // One token's n rows (bf16_rows_avx512bf16) with its table t, the row size picked.
-template <bool same, bool kDp>
+template <bool same, bool kDp, int kN>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_token_rows(
     const c10::BFloat16* x, c10::BFloat16* y, int64_t n, int64_t sx, int64_t sy, int64_t half, const CSTable<float>& t,
     const RowPrefetch& rp, bool stream) {
   if (half == 64) {
-    bf16_rows_avx512bf16<same, 2, kDp>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, stream);
+    bf16_rows_avx512bf16<same, 2, kDp, kN>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, stream);
   } else if (half == 32) {
-    bf16_rows_avx512bf16<same, 1, kDp>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, stream);
+    bf16_rows_avx512bf16<same, 1, kDp, kN>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, stream);
   } else {
     bf16_rows_avx512bf16<same, 0, kDp>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, stream);
   }
@@ -545,8 +547,13 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
 
 // bf16_rows_avx512bf16 over tokens b in [0, n_tok): rows x + xo[b] + r * sx, r in [0, nh), with
 // table row cs[b]. One call per block of a head-major walk, not one per token (at 4 heads a call:
-// out of place 5-12% faster, in place up to 7%).
-template <bool same>
+// out of place 5-12% faster, in place up to 7%). kN > 0: nh is kN and a token's rows are unrolled,
+// each row's loads their own instructions, which from token to token step by one row: a constant
+// stride per instruction, what the CPU's stride prefetcher follows (one loop over 4 heads' rows
+// jumps between their runs). A head-major walk of L3-resident rows then needs no software
+// prefetches: 512 tokens of bf16 [B, H, S, D] out of place, 1 thread, forward 0.150-0.155 ms
+// unrolled without them, 0.17-0.18 as a loop with them, 0.215 as a loop without them.
+template <bool same, int kN = 0>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void rotate_bf16_tokens_avx512bf16(
     const c10::BFloat16* x, c10::BFloat16* y, const int64_t* xo, const int64_t* yo, int64_t n_tok, int64_t nh,
     int64_t sx, int64_t sy, int64_t half, const CSTable<float>* cs, const WalkPrefetch& pf) {
@@ -554,9 +561,9 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void rotate_bf16
     const RowPrefetch rp = token_prefetch(pf, xo, yo, b, nh, sx, sy);
     const CSTable<float>& t = cs[b];
     if (t.bf16_pairs) {
-      bf16_token_rows<same, true>(x + xo[b], y + yo[b], nh, sx, sy, half, t, rp, pf.stream);
+      bf16_token_rows<same, true, kN>(x + xo[b], y + yo[b], nh, sx, sy, half, t, rp, pf.stream);
     } else {
-      bf16_token_rows<same, false>(x + xo[b], y + yo[b], nh, sx, sy, half, t, rp, pf.stream);
+      bf16_token_rows<same, false, kN>(x + xo[b], y + yo[b], nh, sx, sy, half, t, rp, pf.stream);
     }
   }
 }
@@ -853,7 +860,11 @@ inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t*
       constexpr bool kSame = decltype(same_tag)::value;
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         if (isa.avx512bf16) {
-          rotate_bf16_tokens_avx512bf16<kSame>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, half, cs, pf);
+          if (nh == 4 && pf.d == 0) {  // (a head-major group walked without prefetches: rotate_tokens)
+            rotate_bf16_tokens_avx512bf16<kSame, 4>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, half, cs, pf);
+          } else {
+            rotate_bf16_tokens_avx512bf16<kSame>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, half, cs, pf);
+          }
           return;
         }
       }
@@ -950,6 +961,7 @@ constexpr int64_t kPrefetchBytes = 8192;     // ahead in each of their runs
 constexpr int64_t kHeadsAtOnceRows = 4;      // rows taken together (rotate_rows)
 constexpr int64_t kPrefetchBytesRows = 2048;
 constexpr int64_t kPrefetchMin = int64_t{16} << 20;
+static_assert(kHeadsAtOnceRows == 4, "rotate_rows unrolls groups of 4 rows");
 
 // Do all of y's rows start on a 64-byte boundary? Then so does every piece the row kernels store
 // (their rows have unit head-dim stride and R a multiple of 64): what non-temporal stores need.
@@ -1179,13 +1191,20 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         const int64_t ahead = at_once[k] ? kPrefetchBytesRows : kPrefetchBytes;
         // 4 heads' runs (of x and y) are more streams than the hardware prefetchers follow: rows
         // taken together prefetch whatever the size (512 tokens: out of place 1.15-1.2x faster,
-        // in place ~5%).
+        // in place ~5%), except where the rows kernel unrolls a group of 4 bf16 heads
+        // (rotate_bf16_tokens_avx512bf16, with no software prefetches: rotate_rows), which the CPU's
+        // stride prefetcher follows: below kPrefetchMin and out of place, such groups go without
+        // (512 tokens of [B, H, S, D], 1 thread: forward and backward ~10% faster; in place and
+        // from memory the software prefetches still pay).
         const bool fetch = prefetch || at_once[k];
         const int64_t d = fetch ? std::min((ahead + row_bytes - 1) / row_bytes, n) : 0;  // rows ahead, in [0, n]
+        const bool unrolled = std::is_same_v<scalar_t, c10::BFloat16> && p.isa.avx512bf16 && at_once[k] && !prefetch &&
+                              o.x != o.y;
         for (int64_t h0 = 0; h0 < o.H; h0 += heads) {
           const int64_t h1 = std::min(h0 + heads, o.H);
           if (at_once[k]) {
-            const WalkPrefetch pf{d, n, heads, std::max<int64_t>(0, std::min(h1, o.H - heads) - h0), row_bytes,
+            const int64_t dg = unrolled && h1 - h0 == kHeadsAtOnceRows ? 0 : d;
+            const WalkPrefetch pf{dg, n, heads, std::max<int64_t>(0, std::min(h1, o.H - heads) - h0), row_bytes,
                                   stream[k]};
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x + h0 * o.sx.h, o.y + h0 * o.sy.h, xo, yo, n, h1 - h0,
                                                             p.D, half, &tabs[p.tset[k] * tb], same, p.isa, pf);
