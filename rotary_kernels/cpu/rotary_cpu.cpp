@@ -295,8 +295,8 @@ __attribute__((target("avx512f"), always_inline)) inline void table_regs(int n, 
 // conversions, so the same bits). Against a call per row, here: bf16 with AVX512-BF16 turned
 // off 1.15-1.45x faster, every layout; fp32 at 512 tokens 1.12-1.15x out of place and
 // 1.2-1.4x in place, at 2048 tokens out of place (streamed) 1.4-1.8x, in place 1.14x on qkv
-// slices but 4-6% slower on the dense layouts.
-template <typename scalar_t, bool same, int kChunks>
+// slices but 4-6% slower on the dense layouts. kN > 0: nh is kN, the rows unrolled (rotate_rows).
+template <typename scalar_t, bool same, int kChunks, int kN = 0>
 __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, scalar_t* y, const int64_t* xo,
                                                              const int64_t* yo, int64_t n_tok, int64_t nh, int64_t sx,
                                                              int64_t sy, const CSTable<float>* cs,
@@ -308,7 +308,8 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, 
     const CSTable<float>& t = cs[b];
     __m512 vc1[kChunks], vs1[kChunks], vc2[kChunks], vs2[kChunks];
     table_regs<same>(kChunks, t.c1, t.c2, t.s1, t.s2, vc1, vs1, vc2, vs2);
-    for (int64_t r = 0; r < nh; ++r) {
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < (kN > 0 ? kN : nh); ++r) {
       const scalar_t* xr = x + xo[b] + r * sx;
       scalar_t* yr = y + yo[b] + r * sy;
       if (r < rp.rows) prefetch_row(xr + rp.dx, yr + rp.dy, rp.bytes, !stream);
@@ -481,7 +482,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
 // the write streams interleaved). Against one call per row: 1.3-1.8x on bf16 rows here. Row
 // r < pf.rows also prefetches its row pf.dx (pf.dy) elements ahead before it is rotated.
 // kDp: steps through vdpbf16ps with the token's bf16_pairs (bf16_dp_step32), else bf16_step32.
-// kN > 0: n is kN, the rows unrolled (see rotate_bf16_tokens_avx512bf16).
+// kN > 0: n is kN, the rows unrolled (rotate_rows).
 template <bool same, int kChunks, bool kDp, int kN = 0>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_rows_avx512bf16(
     const c10::BFloat16* x, c10::BFloat16* y, int64_t n, int64_t sx, int64_t sy, int64_t half, const float* c1,
@@ -547,12 +548,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
 
 // bf16_rows_avx512bf16 over tokens b in [0, n_tok): rows x + xo[b] + r * sx, r in [0, nh), with
 // table row cs[b]. One call per block of a head-major walk, not one per token (at 4 heads a call:
-// out of place 5-12% faster, in place up to 7%). kN > 0: nh is kN and a token's rows are unrolled,
-// each row's loads their own instructions, which from token to token step by one row: a constant
-// stride per instruction, what the CPU's stride prefetcher follows (one loop over 4 heads' rows
-// jumps between their runs). A head-major walk of L3-resident rows then needs no software
-// prefetches: 512 tokens of bf16 [B, H, S, D] out of place, 1 thread, forward 0.150-0.155 ms
-// unrolled without them, 0.17-0.18 as a loop with them, 0.215 as a loop without them.
+// out of place 5-12% faster, in place up to 7%). kN > 0: nh is kN, the rows unrolled (rotate_rows).
 template <bool same, int kN = 0>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void rotate_bf16_tokens_avx512bf16(
     const c10::BFloat16* x, c10::BFloat16* y, const int64_t* xo, const int64_t* yo, int64_t n_tok, int64_t nh,
@@ -856,28 +852,38 @@ inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t*
   if constexpr ((std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, float> ||
                  std::is_same_v<scalar_t, c10::Half>) &&
                 !interleaved && !swap) {
-    auto run = [&](auto same_tag) {
+    // 4 rows a token out of place (a head-major walk's group of heads): the row loop unrolled, each
+    // row's loads their own instructions, which from token to token step by one row: a constant
+    // stride per instruction, what the CPU's stride prefetcher follows (one loop over the 4 rows
+    // jumps between their runs). 512 tokens of [B, H, S, D], 1 thread, side by side: bf16 forward
+    // 0.150-0.155 ms unrolled without software prefetches (rotate_tokens drops them there), 0.160
+    // with them, 0.17-0.18 as a loop with them, 0.215 as a loop without; fp32 forward 0.437 -> 0.380
+    // ms and backward 0.518 -> 0.428 (prefetches kept: without them 0.426 / 0.517), fp16 0.175 ->
+    // 0.158 / 0.213 -> 0.187; 2048 tokens: bf16 forward 0.721 -> 0.681, backward 0.797 -> 0.725, fp32
+    // forward 1.90 -> 1.59, backward 2.14 -> 2.03. In place the loop stays (unrolled: no faster, fp32
+    // 5% slower at 2048 tokens).
+    auto run = [&](auto same_tag, auto n_tag) {
       constexpr bool kSame = decltype(same_tag)::value;
+      constexpr int kN = decltype(n_tag)::value;
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         if (isa.avx512bf16) {
-          if (nh == 4 && pf.d == 0) {  // (a head-major group walked without prefetches: rotate_tokens)
-            rotate_bf16_tokens_avx512bf16<kSame, 4>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, half, cs, pf);
-          } else {
-            rotate_bf16_tokens_avx512bf16<kSame>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, half, cs, pf);
-          }
+          rotate_bf16_tokens_avx512bf16<kSame, kN>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, half, cs, pf);
           return;
         }
       }
       if (half == 64) {
-        rotate_tokens_avx512<scalar_t, kSame, 4>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf);
+        rotate_tokens_avx512<scalar_t, kSame, 4, kN>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf);
       } else {
-        rotate_tokens_avx512<scalar_t, kSame, 2>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf);
+        rotate_tokens_avx512<scalar_t, kSame, 2, kN>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf);
       }
     };
+    using Loop = std::integral_constant<int, 0>;
+    using Four = std::integral_constant<int, 4>;
+    const bool four = nh == 4 && x != y;
     if (same) {
-      run(std::true_type{});
+      four ? run(std::true_type{}, Four{}) : run(std::true_type{}, Loop{});
     } else {
-      run(std::false_type{});
+      four ? run(std::false_type{}, Four{}) : run(std::false_type{}, Loop{});
     }
     for (int64_t b = 0; b < n_tok && o.copy_pass; ++b) {
       for (int64_t r = 0; r < nh; ++r) {
@@ -1191,11 +1197,10 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         const int64_t ahead = at_once[k] ? kPrefetchBytesRows : kPrefetchBytes;
         // 4 heads' runs (of x and y) are more streams than the hardware prefetchers follow: rows
         // taken together prefetch whatever the size (512 tokens: out of place 1.15-1.2x faster,
-        // in place ~5%), except where the rows kernel unrolls a group of 4 bf16 heads
-        // (rotate_bf16_tokens_avx512bf16, with no software prefetches: rotate_rows), which the CPU's
-        // stride prefetcher follows: below kPrefetchMin and out of place, such groups go without
-        // (512 tokens of [B, H, S, D], 1 thread: forward and backward ~10% faster; in place and
-        // from memory the software prefetches still pay).
+        // in place ~5%), except bf16 groups of 4 heads out of place below kPrefetchMin, which the
+        // rows kernel unrolls so that the CPU's stride prefetcher follows them (rotate_rows):
+        // without software prefetches those run ~5% faster (512 tokens, 1 thread), fp32 ones 1.1x
+        // slower (its rows are twice as long).
         const bool fetch = prefetch || at_once[k];
         const int64_t d = fetch ? std::min((ahead + row_bytes - 1) / row_bytes, n) : 0;  // rows ahead, in [0, n]
         const bool unrolled = std::is_same_v<scalar_t, c10::BFloat16> && p.isa.avx512bf16 && at_once[k] && !prefetch &&
