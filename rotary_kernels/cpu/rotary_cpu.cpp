@@ -841,6 +841,13 @@ inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa&
   return false;
 }
 
+// Does rotate_rows unroll a token's nh rows x -> y? 4 rows out of place: a head-major walk's group
+// of heads (see there).
+template <typename scalar_t>
+inline bool rows_unrolled(const scalar_t* x, const scalar_t* y, int64_t nh) {
+  return nh == 4 && x != y;
+}
+
 // Rows x + xo[b] + r * o.sx.h (y + yo[b] + r * o.sy.h) of tokens b in [0, n_tok) and heads r in
 // [0, nh), token b's rotated with table row cs[b], in one call; only for operands that
 // rows_at_once accepts.
@@ -879,7 +886,7 @@ inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t*
     };
     using Loop = std::integral_constant<int, 0>;
     using Four = std::integral_constant<int, 4>;
-    const bool four = nh == 4 && x != y;
+    const bool four = rows_unrolled(x, y, nh);
     if (same) {
       four ? run(std::true_type{}, Four{}) : run(std::true_type{}, Loop{});
     } else {
@@ -967,7 +974,7 @@ constexpr int64_t kPrefetchBytes = 8192;     // ahead in each of their runs
 constexpr int64_t kHeadsAtOnceRows = 4;      // rows taken together (rotate_rows)
 constexpr int64_t kPrefetchBytesRows = 2048;
 constexpr int64_t kPrefetchMin = int64_t{16} << 20;
-static_assert(kHeadsAtOnceRows == 4, "rotate_rows unrolls groups of 4 rows");
+static_assert(kHeadsAtOnceRows == 4, "rotate_rows unrolls groups of 4 rows (rows_unrolled)");
 
 // Do all of y's rows start on a 64-byte boundary? Then so does every piece the row kernels store
 // (their rows have unit head-dim stride and R a multiple of 64): what non-temporal stores need.
@@ -1203,16 +1210,17 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         // slower (its rows are twice as long).
         const bool fetch = prefetch || at_once[k];
         const int64_t d = fetch ? std::min((ahead + row_bytes - 1) / row_bytes, n) : 0;  // rows ahead, in [0, n]
-        const bool unrolled = std::is_same_v<scalar_t, c10::BFloat16> && p.isa.avx512bf16 && at_once[k] && !prefetch &&
-                              o.x != o.y;
+        const bool bf16_from_l3 = std::is_same_v<scalar_t, c10::BFloat16> && p.isa.avx512bf16 && !prefetch;
         for (int64_t h0 = 0; h0 < o.H; h0 += heads) {
           const int64_t h1 = std::min(h0 + heads, o.H);
           if (at_once[k]) {
-            const int64_t dg = unrolled && h1 - h0 == kHeadsAtOnceRows ? 0 : d;
+            const scalar_t* x = o.x + h0 * o.sx.h;
+            scalar_t* y = o.y + h0 * o.sy.h;
+            const int64_t dg = bf16_from_l3 && rows_unrolled(x, y, h1 - h0) ? 0 : d;
             const WalkPrefetch pf{dg, n, heads, std::max<int64_t>(0, std::min(h1, o.H - heads) - h0), row_bytes,
                                   stream[k]};
-            rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x + h0 * o.sx.h, o.y + h0 * o.sy.h, xo, yo, n, h1 - h0,
-                                                            p.D, half, &tabs[p.tset[k] * tb], same, p.isa, pf);
+            rotate_rows<scalar_t, acc_t, interleaved, swap>(o, x, y, xo, yo, n, h1 - h0, p.D, half,
+                                                            &tabs[p.tset[k] * tb], same, p.isa, pf);
             continue;
           }
           for (int64_t b = 0; b < n; ++b) {
