@@ -335,15 +335,15 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, 
 alignas(64) constexpr uint16_t kWiden[2][32] = {
     {0, 32, 0, 33, 0, 34, 0, 35, 0, 36, 0, 37, 0, 38, 0, 39, 0, 40, 0, 41, 0, 42, 0, 43, 0, 44, 0, 45, 0, 46, 0, 47},
     {0, 48, 0, 49, 0, 50, 0, 51, 0, 52, 0, 53, 0, 54, 0, 55, 0, 56, 0, 57, 0, 58, 0, 59, 0, 60, 0, 61, 0, 62, 0, 63}};
-// 32 pairs of one row: x[0, 32) with x[half, half + 32) into y, with the table values in vc*/vs*.
+// 32 pairs of one row: x[0, 32) with x[half, half + 32) (loaded: xa, xb) into y, with the table
+// values in vc*/vs*.
 template <bool same>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_step32(
-    const c10::BFloat16* x, c10::BFloat16* y, int64_t half, const __m512* vc1, const __m512* vs1, const __m512* vc2,
+    __m512i xa, __m512i xb, c10::BFloat16* y, int64_t half, const __m512* vc1, const __m512* vs1, const __m512* vc2,
     const __m512* vs2, bool stream) {
   constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // vfpclassps: quiet NaN, denormal, signalling NaN
   __m512 ya[2], yb[2];
   __mmask16 odd = 0;
-  const __m512i xa = _mm512_loadu_si512(x), xb = _mm512_loadu_si512(x + half);
   for (int u = 0; u < 2; ++u) {
     const __m512i idx = _mm512_load_si512(kWiden[u]);
     const __m512 a = _mm512_castsi512_ps(_mm512_permutex2var_epi16(_mm512_setzero_si512(), idx, xa));
@@ -430,7 +430,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), noinline, cold)) 
     vs2[u] = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));
     vc2[u] = _mm512_castsi512_ps(_mm512_and_si512(b, hi));
   }
-  bf16_step32<false>(x, y, half, vc1, vs1, vc2, vs2, stream);
+  bf16_step32<false>(_mm512_loadu_si512(x), _mm512_loadu_si512(x + half), y, half, vc1, vs1, vc2, vs2, stream);
 }
 
 // bf16_step32 through vdpbf16ps (AVX512-BF16's pairwise dot product): x1 and x2's values of a
@@ -447,11 +447,10 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), noinline, cold)) 
 // vcvtne2ps2bf16 narrowing, exact for normal values). Infinities come from the same exact
 // products on both paths. Steps with a result under 2^-97, zero (signs of zero) or NaN
 // (payloads) are redone by bf16_step32 (bf16_step32_lanes, from the step's lanes in memory, t1 and
-// t2's), before anything is stored, so in place too.
+// t2's), before anything is stored, so in place too. xa, xb: x[0, 32) and x[half, half + 32).
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_dp_step32(
-    const c10::BFloat16* x, c10::BFloat16* y, int64_t half, const __m512i* t1, const __m512i* t2,
-    const uint32_t* lanes, bool stream) {
-  const __m512i xa = _mm512_loadu_si512(x), xb = _mm512_loadu_si512(x + half);
+    __m512i xa, __m512i xb, const c10::BFloat16* x, c10::BFloat16* y, int64_t half, const __m512i* t1,
+    const __m512i* t2, const uint32_t* lanes, bool stream) {
   __m512 ya[2], yb[2];
   for (int u = 0; u < 2; ++u) {
     const __m512bh pr = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi16(xa, _mm512_load_si512(kPairUp[u]), xb));
@@ -506,15 +505,49 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
     } else {
       table_regs<same>(static_cast<int>(kPairs / 16), c1 + i, c2 + i, s1 + i, s2 + i, vc1, vs1, vc2, vs2);
     }
+    if constexpr (kN > 0 && kChunks > 0) {
+      // Unrolled rows (one step of i): every row's values loaded before the first store (16 zmm
+      // for R = 128). In place, head h + 1's row of a token lies S * D * 2 bytes (a multiple of
+      // 4 KB) past head h's, so its loads would follow a store at the same address modulo 4 KB,
+      // which the CPU holds them behind (4K aliasing). [B, H, S, D], 512 tokens, against a row
+      // at a time (side by side, order rotated): 1 thread in place 0.139 -> 0.106 ms (unrolled
+      // but a row at a time: slower than the loop), and out of place too (more loads in flight):
+      // forward 0.177 -> 0.148, backward 0.211 -> 0.175; 2 threads 0.080 -> 0.062, 0.097 ->
+      // 0.087, 0.122 -> 0.110; 2048 tokens forward 0.709 -> 0.668, backward 0.777 -> 0.731.
+      __m512i xa[kN][kChunks], xb[kN][kChunks];
 #pragma GCC unroll 8
-    for (int64_t r = 0; r < (kN > 0 ? kN : n); ++r) {
+      for (int r = 0; r < kN; ++r) {
+        for (int c = 0; c < kChunks; ++c) {
+          xa[r][c] = _mm512_loadu_si512(x + r * sx + 32 * c);
+          xb[r][c] = _mm512_loadu_si512(x + r * sx + half + 32 * c);
+        }
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < kN; ++r) {
+        if (r < pf.rows) prefetch_row(x + r * sx + pf.dx, y + r * sy + pf.dy, pf.bytes, !stream);
+        for (int c = 0; c < kChunks; ++c) {
+          if constexpr (kDp) {
+            bf16_dp_step32(xa[r][c], xb[r][c], x + r * sx + 32 * c, y + r * sy + 32 * c, half, t1 + 2 * c, t2 + 2 * c,
+                           pairs + 32 * c, stream);
+          } else {
+            bf16_step32<same>(xa[r][c], xb[r][c], y + r * sy + 32 * c, half, vc1 + 2 * c, vs1 + 2 * c, vc2 + 2 * c,
+                              vs2 + 2 * c, stream);
+          }
+        }
+      }
+      continue;
+    }
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < n; ++r) {
       if (i == 0 && r < pf.rows) prefetch_row(x + r * sx + pf.dx, y + r * sy + pf.dy, pf.bytes, !stream);
       for (int64_t j = 0; j < kPairs; j += 32) {
         const int u = static_cast<int>(j / 16);
+        const c10::BFloat16* xr = x + r * sx + i + j;
+        const __m512i xa = _mm512_loadu_si512(xr), xb = _mm512_loadu_si512(xr + half);
         if constexpr (kDp) {
-          bf16_dp_step32(x + r * sx + i + j, y + r * sy + i + j, half, t1 + u, t2 + u, pairs + i + j, stream);
+          bf16_dp_step32(xa, xb, xr, y + r * sy + i + j, half, t1 + u, t2 + u, pairs + i + j, stream);
         } else {
-          bf16_step32<same>(x + r * sx + i + j, y + r * sy + i + j, half, vc1 + u, vs1 + u, vc2 + u, vs2 + u, stream);
+          bf16_step32<same>(xa, xb, y + r * sy + i + j, half, vc1 + u, vs1 + u, vc2 + u, vs2 + u, stream);
         }
       }
     }
@@ -841,25 +874,32 @@ inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa&
   return false;
 }
 
-// Does rotate_rows unroll a token's nh rows x -> y? 4 rows out of place: a head-major walk's group
-// of heads (see there).
+// Does a head-major walk's group of nh heads x -> y (rows of `half` pairs; from_memory: the walk's
+// operands are too large for L3, kPrefetchMin) go through rotate_rows unrolled (see there)?
+// Groups of 4 out of place, and in place too for bf16 rows of R = 64 or 128 on the AVX512-BF16
+// kernel (which then loads all 4 rows before it stores any: bf16_rows_avx512bf16) from L3 (from
+// memory, at 2048 tokens: 4-10% slower unrolled).
 template <typename scalar_t>
-inline bool rows_unrolled(const scalar_t* x, const scalar_t* y, int64_t nh) {
-  return nh == 4 && x != y;
+inline bool rows_unrolled(const scalar_t* x, const scalar_t* y, int64_t nh, int64_t half, const CpuIsa& isa,
+                          bool from_memory) {
+  if (nh != 4) return false;
+  if (x != y) return true;
+  return std::is_same_v<scalar_t, c10::BFloat16> && isa.avx512bf16 && (half == 32 || half == 64) && !from_memory;
 }
 
 // Rows x + xo[b] + r * o.sx.h (y + yo[b] + r * o.sy.h) of tokens b in [0, n_tok) and heads r in
 // [0, nh), token b's rotated with table row cs[b], in one call; only for operands that
-// rows_at_once accepts.
+// rows_at_once accepts. unrolled: nh is 4, a head-major group that rows_unrolled unrolls.
 template <typename scalar_t, typename acc_t, bool interleaved, bool swap>
 inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t* y, const int64_t* xo,
                         const int64_t* yo, int64_t n_tok, int64_t nh, int64_t D, int64_t half,
-                        const CSTable<acc_t>* cs, bool same, const CpuIsa& isa, const WalkPrefetch& pf) {
+                        const CSTable<acc_t>* cs, bool same, const CpuIsa& isa, const WalkPrefetch& pf,
+                        bool unrolled = false) {
 #ifdef RK_HAVE_AVX512_BF16_PATH
   if constexpr ((std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, float> ||
                  std::is_same_v<scalar_t, c10::Half>) &&
                 !interleaved && !swap) {
-    // 4 rows a token out of place (a head-major walk's group of heads): the row loop unrolled, each
+    // 4 rows a token (a head-major walk's group of heads, rows_unrolled): the row loop unrolled, each
     // row's loads their own instructions, which from token to token step by one row: a constant
     // stride per instruction, what the CPU's stride prefetcher follows (one loop over the 4 rows
     // jumps between their runs). 512 tokens of [B, H, S, D], 1 thread, side by side: bf16 forward
@@ -868,7 +908,7 @@ inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t*
     // ms and backward 0.518 -> 0.428 (prefetches kept: without them 0.426 / 0.517), fp16 0.175 ->
     // 0.158 / 0.213 -> 0.187; 2048 tokens: bf16 forward 0.721 -> 0.681, backward 0.797 -> 0.725, fp32
     // forward 1.90 -> 1.59, backward 2.14 -> 2.03. In place the loop stays (unrolled: no faster, fp32
-    // 5% slower at 2048 tokens).
+    // 5% slower at 2048 tokens) but for bf16 on the AVX512-BF16 kernel, which unrolls the loads too.
     auto run = [&](auto same_tag, auto n_tag) {
       constexpr bool kSame = decltype(same_tag)::value;
       constexpr int kN = decltype(n_tag)::value;
@@ -886,11 +926,10 @@ inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t*
     };
     using Loop = std::integral_constant<int, 0>;
     using Four = std::integral_constant<int, 4>;
-    const bool four = rows_unrolled(x, y, nh);
     if (same) {
-      four ? run(std::true_type{}, Four{}) : run(std::true_type{}, Loop{});
+      unrolled ? run(std::true_type{}, Four{}) : run(std::true_type{}, Loop{});
     } else {
-      four ? run(std::false_type{}, Four{}) : run(std::false_type{}, Loop{});
+      unrolled ? run(std::false_type{}, Four{}) : run(std::false_type{}, Loop{});
     }
     for (int64_t b = 0; b < n_tok && o.copy_pass; ++b) {
       for (int64_t r = 0; r < nh; ++r) {
@@ -1204,10 +1243,10 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         const int64_t ahead = at_once[k] ? kPrefetchBytesRows : kPrefetchBytes;
         // 4 heads' runs (of x and y) are more streams than the hardware prefetchers follow: rows
         // taken together prefetch whatever the size (512 tokens: out of place 1.15-1.2x faster,
-        // in place ~5%), except bf16 groups of 4 heads out of place below kPrefetchMin, which the
-        // rows kernel unrolls so that the CPU's stride prefetcher follows them (rotate_rows):
-        // without software prefetches those run ~5% faster (512 tokens, 1 thread), fp32 ones 1.1x
-        // slower (its rows are twice as long).
+        // in place ~5%), except bf16 groups of 4 heads below kPrefetchMin that the rows kernel
+        // unrolls so that the CPU's stride prefetcher follows them (rows_unrolled): without
+        // software prefetches those run ~5% faster (512 tokens, 1 thread; in place 0.111 ms
+        // rather than 0.129 with them), fp32 ones 1.1x slower (its rows are twice as long).
         const bool fetch = prefetch || at_once[k];
         const int64_t d = fetch ? std::min((ahead + row_bytes - 1) / row_bytes, n) : 0;  // rows ahead, in [0, n]
         const bool bf16_from_l3 = std::is_same_v<scalar_t, c10::BFloat16> && p.isa.avx512bf16 && !prefetch;
@@ -1216,11 +1255,12 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           if (at_once[k]) {
             const scalar_t* x = o.x + h0 * o.sx.h;
             scalar_t* y = o.y + h0 * o.sy.h;
-            const int64_t dg = bf16_from_l3 && rows_unrolled(x, y, h1 - h0) ? 0 : d;
+            const bool unrolled = rows_unrolled(x, y, h1 - h0, half, p.isa, prefetch);
+            const int64_t dg = bf16_from_l3 && unrolled ? 0 : d;
             const WalkPrefetch pf{dg, n, heads, std::max<int64_t>(0, std::min(h1, o.H - heads) - h0), row_bytes,
                                   stream[k]};
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, x, y, xo, yo, n, h1 - h0, p.D, half,
-                                                            &tabs[p.tset[k] * tb], same, p.isa, pf);
+                                                            &tabs[p.tset[k] * tb], same, p.isa, pf, unrolled);
             continue;
           }
           for (int64_t b = 0; b < n; ++b) {
