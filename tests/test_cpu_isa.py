@@ -79,10 +79,12 @@ for dtype in (torch.float16, torch.bfloat16):
 # arithmetic. q holds random bit patterns (NaN, inf, denormals, every exponent), values near the
 # 2^-97 bound and a zero row; tables scaled to 1, 2 (the largest taken), 2.5 (refused), 1e-30
 # (tiny products everywhere), with a denormal value and a zero row; same and different halves,
-# R = 64, 128, 256 (the rows kernel's three shapes), token- and head-major, out of place and in place.
+# R = 64, 128, 256 (the rows kernel's three shapes), token- and head-major (groups of 4 heads: the
+# unrolled rows, whose refused steps are redone after the group's stores), out of place and in place.
 def bits16(n):
     return torch.randint(-32768, 32768, (n,), dtype=torch.int16).view(torch.bfloat16)
-for R, scale, same in ((128, 1.0, True), (128, 2.0, False), (64, 2.5, True), (256, 1e-30, True), (128, 1.0, False)):
+for R, scale, same in ((128, 1.0, True), (128, 2.0, False), (64, 2.5, True), (256, 1e-30, True), (128, 1.0, False),
+                       (64, 1.0, False)):
     S = 97
     q = torch.randn(1, S, 6, R).to(torch.bfloat16)
     m = torch.rand(q.shape) < 0.3

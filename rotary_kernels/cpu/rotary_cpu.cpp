@@ -446,11 +446,12 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), noinline, cold)) 
 // or under 2^-125 either way) rounds the same in both, so the fp32 results are equal (and so their
 // vcvtne2ps2bf16 narrowing, exact for normal values). Infinities come from the same exact
 // products on both paths. Steps with a result under 2^-97, zero (signs of zero) or NaN
-// (payloads) are redone by bf16_step32 (bf16_step32_lanes, from the step's lanes in memory, t1 and
-// t2's), before anything is stored, so in place too. xa, xb: x[0, 32) and x[half, half + 32).
-__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_dp_step32(
-    __m512i xa, __m512i xb, const c10::BFloat16* x, c10::BFloat16* y, int64_t half, const __m512i* t1,
-    const __m512i* t2, const uint32_t* lanes, bool stream) {
+// (payloads) store nothing and return false: the caller redoes them by bf16_step32
+// (bf16_step32_lanes, from the step's lanes in memory, t1 and t2's), so in place too, as the step's
+// x is then unchanged; a call out of the caller's loop, whose registers it would otherwise have to
+// keep across the call (the unrolled rows: 16 zmm of x). xa, xb: x[0, 32) and x[half, half + 32).
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline bool bf16_dp_step32(
+    __m512i xa, __m512i xb, c10::BFloat16* y, int64_t half, const __m512i* t1, const __m512i* t2, bool stream) {
   __m512 ya[2], yb[2];
   for (int u = 0; u < 2; ++u) {
     const __m512bh pr = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi16(xa, _mm512_load_si512(kPairUp[u]), xb));
@@ -462,15 +463,15 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
   const __m512i wa = _mm512_add_epi16(a, a), wb = _mm512_add_epi16(b, b);  // magnitudes, doubled
   const __mmask32 big = _mm512_cmpge_epu16_mask(_mm512_min_epu16(wa, wb), _mm512_set1_epi16(kDpMinTwice));
   const __mmask32 ok = _mm512_mask_cmple_epu16_mask(big, _mm512_max_epu16(wa, wb), _mm512_set1_epi16(kInfTwice));
-  if (__builtin_expect(ok != 0xFFFFFFFFu, 0)) {
-    bf16_step32_lanes(x, y, half, lanes, stream);
-  } else if (stream) {
+  if (__builtin_expect(ok != 0xFFFFFFFFu, 0)) return false;
+  if (stream) {
     _mm512_stream_si512(reinterpret_cast<__m512i*>(y), a);
     _mm512_stream_si512(reinterpret_cast<__m512i*>(y + half), b);
   } else {
     _mm512_storeu_si512(y, a);
     _mm512_storeu_si512(y + half, b);
   }
+  return true;
 }
 
 // n rows, x + r * sx for r in [0, n) (heads of a token, which share its table row), with the
@@ -515,6 +516,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
       // forward 0.177 -> 0.148, backward 0.211 -> 0.175; 2 threads 0.080 -> 0.062, 0.097 ->
       // 0.087, 0.122 -> 0.110; 2048 tokens forward 0.709 -> 0.668, backward 0.777 -> 0.731.
       __m512i xa[kN][kChunks], xb[kN][kChunks];
+      uint32_t redo = 0;  // bf16_dp_step32's steps left to bf16_step32_lanes: bit r * kChunks + c
 #pragma GCC unroll 8
       for (int r = 0; r < kN; ++r) {
         for (int c = 0; c < kChunks; ++c) {
@@ -527,13 +529,18 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
         if (r < pf.rows) prefetch_row(x + r * sx + pf.dx, y + r * sy + pf.dy, pf.bytes, !stream);
         for (int c = 0; c < kChunks; ++c) {
           if constexpr (kDp) {
-            bf16_dp_step32(xa[r][c], xb[r][c], x + r * sx + 32 * c, y + r * sy + 32 * c, half, t1 + 2 * c, t2 + 2 * c,
-                           pairs + 32 * c, stream);
+            if (!bf16_dp_step32(xa[r][c], xb[r][c], y + r * sy + 32 * c, half, t1 + 2 * c, t2 + 2 * c, stream)) {
+              redo |= 1u << (r * kChunks + c);
+            }
           } else {
             bf16_step32<same>(xa[r][c], xb[r][c], y + r * sy + 32 * c, half, vc1 + 2 * c, vs1 + 2 * c, vc2 + 2 * c,
                               vs2 + 2 * c, stream);
           }
         }
+      }
+      for (; redo != 0; redo &= redo - 1) {
+        const int r = __builtin_ctz(redo) / kChunks, c = __builtin_ctz(redo) % kChunks;
+        bf16_step32_lanes(x + r * sx + 32 * c, y + r * sy + 32 * c, half, pairs + 32 * c, stream);
       }
       continue;
     }
@@ -545,7 +552,9 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
         const c10::BFloat16* xr = x + r * sx + i + j;
         const __m512i xa = _mm512_loadu_si512(xr), xb = _mm512_loadu_si512(xr + half);
         if constexpr (kDp) {
-          bf16_dp_step32(xa, xb, xr, y + r * sy + i + j, half, t1 + u, t2 + u, pairs + i + j, stream);
+          if (!bf16_dp_step32(xa, xb, y + r * sy + i + j, half, t1 + u, t2 + u, stream)) {
+            bf16_step32_lanes(xr, y + r * sy + i + j, half, pairs + i + j, stream);
+          }
         } else {
           bf16_step32<same>(xa, xb, y + r * sy + i + j, half, vc1 + u, vs1 + u, vc2 + u, vs2 + u, stream);
         }
@@ -582,18 +591,33 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
 // bf16_rows_avx512bf16 over tokens b in [0, n_tok): rows x + xo[b] + r * sx, r in [0, nh), with
 // table row cs[b]. One call per block of a head-major walk, not one per token (at 4 heads a call:
 // out of place 5-12% faster, in place up to 7%). kN > 0: nh is kN, the rows unrolled (rotate_rows).
-template <bool same, int kN = 0>
-__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void rotate_bf16_tokens_avx512bf16(
+// The walk is compiled for each kind of store (kStream: pf.stream), so that no step branches on it
+// (GCC laid the unrolled rows out 10-15% slower with some spellings of that branch than with
+// others: [B, H, S, D] at 512 tokens, 1 thread, in place 0.117-0.120 ms against 0.105-0.113,
+// builds compared runs apart; without the branch 0.110-0.113).
+template <bool same, int kN, bool kStream>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_tokens(
     const c10::BFloat16* x, c10::BFloat16* y, const int64_t* xo, const int64_t* yo, int64_t n_tok, int64_t nh,
     int64_t sx, int64_t sy, int64_t half, const CSTable<float>* cs, const WalkPrefetch& pf) {
   for (int64_t b = 0; b < n_tok; ++b) {
     const RowPrefetch rp = token_prefetch(pf, xo, yo, b, nh, sx, sy);
     const CSTable<float>& t = cs[b];
     if (t.bf16_pairs) {
-      bf16_token_rows<same, true, kN>(x + xo[b], y + yo[b], nh, sx, sy, half, t, rp, pf.stream);
+      bf16_token_rows<same, true, kN>(x + xo[b], y + yo[b], nh, sx, sy, half, t, rp, kStream);
     } else {
-      bf16_token_rows<same, false, kN>(x + xo[b], y + yo[b], nh, sx, sy, half, t, rp, pf.stream);
+      bf16_token_rows<same, false, kN>(x + xo[b], y + yo[b], nh, sx, sy, half, t, rp, kStream);
     }
+  }
+}
+
+template <bool same, int kN = 0>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void rotate_bf16_tokens_avx512bf16(
+    const c10::BFloat16* x, c10::BFloat16* y, const int64_t* xo, const int64_t* yo, int64_t n_tok, int64_t nh,
+    int64_t sx, int64_t sy, int64_t half, const CSTable<float>* cs, const WalkPrefetch& pf) {
+  if (pf.stream) {
+    bf16_tokens<same, kN, true>(x, y, xo, yo, n_tok, nh, sx, sy, half, cs, pf);
+  } else {
+    bf16_tokens<same, kN, false>(x, y, xo, yo, n_tok, nh, sx, sy, half, cs, pf);
   }
 }
 #endif
