@@ -926,13 +926,13 @@ inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t*
     // 4 rows a token (a head-major walk's group of heads, rows_unrolled): the row loop unrolled, each
     // row's loads their own instructions, which from token to token step by one row: a constant
     // stride per instruction, what the CPU's stride prefetcher follows (one loop over the 4 rows
-    // jumps between their runs). 512 tokens of [B, H, S, D], 1 thread, side by side: bf16 forward
-    // 0.150-0.155 ms unrolled without software prefetches (rotate_tokens drops them there), 0.160
-    // with them, 0.17-0.18 as a loop with them, 0.215 as a loop without; fp32 forward 0.437 -> 0.380
-    // ms and backward 0.518 -> 0.428 (prefetches kept: without them 0.426 / 0.517), fp16 0.175 ->
-    // 0.158 / 0.213 -> 0.187; 2048 tokens: bf16 forward 0.721 -> 0.681, backward 0.797 -> 0.725, fp32
-    // forward 1.90 -> 1.59, backward 2.14 -> 2.03. In place the loop stays (unrolled: no faster, fp32
-    // 5% slower at 2048 tokens) but for bf16 on the AVX512-BF16 kernel, which unrolls the loads too.
+    // jumps between their runs). 512 tokens of [B, H, S, D], 1 thread, side by side (one process,
+    // the order of the variants rotated each round; loop -> unrolled, ms): fp32 forward 0.398 ->
+    // 0.353, backward 0.470 -> 0.370; fp16 0.177 -> 0.175, 0.208 -> 0.200; bf16 (AVX512-BF16)
+    // forward 0.156 -> 0.138, in place 0.113 -> 0.103, backward 0.180 -> 0.165 with the loads
+    // unrolled too (bf16_rows_avx512bf16; unrolled a row at a time it was slower than the loop:
+    // 0.177, 0.115, 0.198). In place the loop stays but for that bf16 kernel (fp32 unrolled in
+    // place: 5% slower at 2048 tokens).
     auto run = [&](auto same_tag, auto n_tag) {
       constexpr bool kSame = decltype(same_tag)::value;
       constexpr int kN = decltype(n_tag)::value;
@@ -1027,7 +1027,10 @@ struct CpuParams {
 // place 1.25-1.45x slower than 2 KB).
 // Tried and dropped: walking [B, H, S, D] token-major while it sits in L3 (under 8 MB): 7-12%
 // faster at 512 tokens on prepared outputs, but forward+backward through the API 1.6x slower
-// (a head stride of S * D * 2 = 128 KB puts every head's row of a token in the same cache sets).
+// (a head stride of S * D * 2 = 128 KB puts every head's row of a token in the same cache sets);
+// bf16 groups of 8 heads out of place (two groups of 4 loaded rows per table row): forward 0.149
+// -> 0.160 ms, backward 0.176 -> 0.199 (512 tokens); head-major blocks of 64, 128 or 512 tokens
+// with the unrolled rows: within 3% of 256.
 // Each row is read and written once whatever the order, with the same arithmetic: the order
 // changes the speed only, never a bit of the result.
 constexpr int64_t kTokBlock = 32;
@@ -1269,8 +1272,9 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         // taken together prefetch whatever the size (512 tokens: out of place 1.15-1.2x faster,
         // in place ~5%), except bf16 groups of 4 heads below kPrefetchMin that the rows kernel
         // unrolls so that the CPU's stride prefetcher follows them (rows_unrolled): without
-        // software prefetches those run ~5% faster (512 tokens, 1 thread; in place 0.111 ms
-        // rather than 0.129 with them), fp32 ones 1.1x slower (its rows are twice as long).
+        // software prefetches those run faster (512 tokens, 1 thread: forward 0.143 ms rather
+        // than 0.155, in place 0.111 rather than 0.129), fp32 ones 1.1x slower (its rows are
+        // twice as long).
         const bool fetch = prefetch || at_once[k];
         const int64_t d = fetch ? std::min((ahead + row_bytes - 1) / row_bytes, n) : 0;  // rows ahead, in [0, n]
         const bool bf16_from_l3 = std::is_same_v<scalar_t, c10::BFloat16> && p.isa.avx512bf16 && !prefetch;
