@@ -447,9 +447,10 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), noinline, cold)) 
 // vcvtne2ps2bf16 narrowing, exact for normal values). Infinities come from the same exact
 // products on both paths. Steps with a result under 2^-97, zero (signs of zero) or NaN
 // (payloads) store nothing and return false: the caller redoes them by bf16_step32
-// (bf16_step32_lanes, from the step's lanes in memory, t1 and t2's), so in place too, as the step's
-// x is then unchanged; a call out of the caller's loop, whose registers it would otherwise have to
-// keep across the call (the unrolled rows: 16 zmm of x). xa, xb: x[0, 32) and x[half, half + 32).
+// (bf16_step32_lanes, from the step's lanes in memory, t1 and t2's), in place too, as the step's x
+// is still unchanged. The caller decides where that call goes: the unrolled rows make it after
+// their group, so that no call sits among their 16 zmm of loaded x (live across a call, they
+// would be spilled). xa, xb: x[0, 32) and x[half, half + 32).
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline bool bf16_dp_step32(
     __m512i xa, __m512i xb, c10::BFloat16* y, int64_t half, const __m512i* t1, const __m512i* t2, bool stream) {
   __m512 ya[2], yb[2];
@@ -900,15 +901,17 @@ inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa&
 
 // Does a head-major walk's group of nh heads x -> y (rows of `half` pairs; from_memory: the walk's
 // operands are too large for L3, kPrefetchMin) go through rotate_rows unrolled (see there)?
-// Groups of 4 out of place, and in place too for bf16 rows of R = 64 or 128 on the AVX512-BF16
-// kernel (which then loads all 4 rows before it stores any: bf16_rows_avx512bf16) from L3 (from
-// memory, at 2048 tokens: 4-10% slower unrolled).
+// Groups of 4 out of place; bf16 rows on the AVX512-BF16 kernel only where it unrolls them (R = 64
+// or 128: bf16_token_rows), and there in place too from L3, as that kernel loads all 4 rows
+// before it stores any (bf16_rows_avx512bf16; from memory, at 2048 tokens: 4-10% slower unrolled).
 template <typename scalar_t>
 inline bool rows_unrolled(const scalar_t* x, const scalar_t* y, int64_t nh, int64_t half, const CpuIsa& isa,
                           bool from_memory) {
   if (nh != 4) return false;
-  if (x != y) return true;
-  return std::is_same_v<scalar_t, c10::BFloat16> && isa.avx512bf16 && (half == 32 || half == 64) && !from_memory;
+  if (std::is_same_v<scalar_t, c10::BFloat16> && isa.avx512bf16) {
+    return (half == 32 || half == 64) && (x != y || !from_memory);
+  }
+  return x != y;
 }
 
 // Rows x + xo[b] + r * o.sx.h (y + yo[b] + r * o.sy.h) of tokens b in [0, n_tok) and heads r in
