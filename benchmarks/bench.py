@@ -16,7 +16,8 @@ default; every shape), and on the llama3-8b shape also contiguous [B, H, S, D], 
 Timing: GPU: CUDA events around each call, with the L2 flushed (256 MB written) before it and
 the GPU held busy while the host enqueues the call (rotary_kernels.demo.gpu_hold), so a row is
 the GPU's time alone (the host time of a call, what eager decoding also pays, is measured on its
-own: scripts/gpu_session.sh's host step); median and interquartile range of the per-call times. CPU: wall clock per call (the machine's
+own: scripts/gpu_session.sh's host step); median and interquartile range of the per-call times.
+CPU: wall clock per call (the machine's
 caches may hold the tensors: that is the CPU's real working condition for these sizes); out of
 place calls there include first-touch page faults of their freshly allocated outputs, which
 eager and torch.compile pay as well (a plain clone() too): glibc maps a block of 32 MB or more
