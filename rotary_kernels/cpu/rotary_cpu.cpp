@@ -125,26 +125,46 @@ inline void prefetch_row(const T* x, const T* y, int64_t bytes, bool fetch_y = t
   }
 }
 
-// The prefetches of the rows of one token (bf16_rows_avx512bf16): row r < rows fetches the row
-// dx elements past x's row r (and dy past y's, unless y is streamed), `bytes` of each.
+// The prefetches of the rows of one token: row r < rows fetches the row dx elements past x's row r
+// (and dy past y's, unless y is streamed), or from row `split` on, dx2 (dy2) past it; `bytes` of
+// each.
 struct RowPrefetch {
   int64_t rows = 0, dx = 0, dy = 0, bytes = 0;
+  int64_t split = INT64_MAX, dx2 = 0, dy2 = 0;
+  int64_t ox(int64_t r) const { return r < split ? dx : dx2; }
+  int64_t oy(int64_t r) const { return r < split ? dy : dy2; }
 };
 
-// The prefetches of a walk over the rows of tokens b (offsets xo[b], yo[b] of n) and heads r:
-// each row fetches the same head's row d tokens ahead, or past the n-th token, token b + d - n's
-// row of head r + dh, for r < wrap_rows (the next heads' runs, where they exist). d = 0: none.
+// The prefetches of a walk over the rows of tokens b (offsets xo[b], yo[b] of n) and heads r: each
+// row fetches the same head's row d tokens ahead, or past the n-th token, token b + d - n's row
+// of head r + dh, for r < wrap_rows (the next heads' runs, where they exist); d = 0: none. With
+// m > 0, the row d * nh + m rows later in the walk's order instead (token b + d's row r + m, or
+// past its last row, token b + d + 1's), among the n tokens with offsets (a token-major walk's,
+// then the next ones').
 // stream: y is written with non-temporal stores (its lines not read first nor kept in the
 // caches) and not prefetched; needs y's rows 64-byte aligned (aligned64), and a stream_fence
 // after the walk.
 struct WalkPrefetch {
   int64_t d = 0, n = 0, dh = 0, wrap_rows = 0, bytes = 0;
   bool stream = false;
+  int64_t m = 0;
 };
 
 // Token b's RowPrefetch in the walk pf (its nh rows x + xo[b] + r * sx).
 inline RowPrefetch token_prefetch(const WalkPrefetch& pf, const int64_t* xo, const int64_t* yo, int64_t b, int64_t nh,
                                   int64_t sx, int64_t sy) {
+  if (pf.m > 0) {
+    const int64_t b1 = b + pf.d;
+    if (b1 >= pf.n) return {};
+    RowPrefetch rp{nh, xo[b1] - xo[b] + pf.m * sx, yo[b1] - yo[b] + pf.m * sy, pf.bytes, nh - pf.m};
+    if (b1 + 1 < pf.n) {
+      rp.dx2 = xo[b1 + 1] - xo[b] + (pf.m - nh) * sx;
+      rp.dy2 = yo[b1 + 1] - yo[b] + (pf.m - nh) * sy;
+    } else {
+      rp.rows = nh - pf.m;
+    }
+    return rp;
+  }
   if (pf.d <= 0) return {};
   if (b + pf.d < pf.n) return {nh, xo[b + pf.d] - xo[b], yo[b + pf.d] - yo[b], pf.bytes};
   const int64_t b2 = b + pf.d - pf.n;
@@ -312,7 +332,7 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, 
     for (int64_t r = 0; r < (kN > 0 ? kN : nh); ++r) {
       const scalar_t* xr = x + xo[b] + r * sx;
       scalar_t* yr = y + yo[b] + r * sy;
-      if (r < rp.rows) prefetch_row(xr + rp.dx, yr + rp.dy, rp.bytes, !stream);
+      if (r < rp.rows) prefetch_row(xr + rp.ox(r), yr + rp.oy(r), rp.bytes, !stream);
       for (int c = 0; c < kChunks; ++c) {
         const __m512 a = x16_load(xr + 16 * c), bb = x16_load(xr + half + 16 * c);
         x16_store(yr + 16 * c, _mm512_sub_ps(_mm512_mul_ps(a, vc1[c]), _mm512_mul_ps(bb, vs1[c])), stream);
@@ -481,7 +501,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
 // rows (kChunks = 0) load 32 pairs' values at a time and apply them to every row before the next
 // 32 (each row then visited in pieces: out of place at 2048 tokens ~1.4x slower than in order,
 // the write streams interleaved). Against one call per row: 1.3-1.8x on bf16 rows here. Row
-// r < pf.rows also prefetches its row pf.dx (pf.dy) elements ahead before it is rotated.
+// r < pf.rows also prefetches its row pf.ox(r) (pf.oy(r)) elements ahead before it is rotated.
 // kDp: steps through vdpbf16ps with the token's bf16_pairs (bf16_dp_step32), else bf16_step32.
 // kN > 0: n is kN, the rows unrolled (rotate_rows).
 template <bool same, int kChunks, bool kDp, int kN = 0>
@@ -527,7 +547,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
       }
 #pragma GCC unroll 8
       for (int r = 0; r < kN; ++r) {
-        if (r < pf.rows) prefetch_row(x + r * sx + pf.dx, y + r * sy + pf.dy, pf.bytes, !stream);
+        if (r < pf.rows) prefetch_row(x + r * sx + pf.ox(r), y + r * sy + pf.oy(r), pf.bytes, !stream);
         for (int c = 0; c < kChunks; ++c) {
           if constexpr (kDp) {
             if (!bf16_dp_step32(xa[r][c], xb[r][c], y + r * sy + 32 * c, half, t1 + 2 * c, t2 + 2 * c, stream)) {
@@ -547,7 +567,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
     }
 #pragma GCC unroll 8
     for (int64_t r = 0; r < n; ++r) {
-      if (i == 0 && r < pf.rows) prefetch_row(x + r * sx + pf.dx, y + r * sy + pf.dy, pf.bytes, !stream);
+      if (i == 0 && r < pf.rows) prefetch_row(x + r * sx + pf.ox(r), y + r * sy + pf.oy(r), pf.bytes, !stream);
       for (int64_t j = 0; j < kPairs; j += 32) {
         const int u = static_cast<int>(j / 16);
         const c10::BFloat16* xr = x + r * sx + i + j;
@@ -1004,11 +1024,12 @@ struct CpuParams {
 //   - token-major operands (|stride h| <= |stride s|: [B, S, H, D], packed tokens [T, H, D],
 //     slices of a packed qkv, transformers' transposed view of [B, S, H, D]): blocks of kTokBlock
 //     tokens (tables of kTokBlock * R accumulator values: 32 KB for R = 128 in fp32, held in L1
-//     while the block's rows read them); token outer, then q's heads, then k's, which is memory
-//     order for a packed qkv too; where both operands' rows are taken at once (rotate_rows), q's
-//     block of tokens then k's, one call each (512 tokens: bf16 4-7% faster out of place, 13-17%
-//     in place, fp32 qkv slices 1.2x out of place; 2048: the same within 5%), not two calls a
-//     token;
+//     while the block's rows read them), or where the rows come from memory and are taken at
+//     once, kTokBlockFromMemory (fewer switches between q's and k's streams); token outer, then
+//     q's heads, then k's, which is memory order for a packed qkv too; where both operands' rows
+//     are taken at once (rotate_rows), q's block of tokens then k's, one call each (512 tokens:
+//     bf16 4-7% faster out of place, 13-17% in place, fp32 qkv slices 1.2x out of place; 2048:
+//     the same within 5%), not two calls a token;
 //   - head-major operands (contiguous [B, H, S, D]): blocks of kTokBlockHeadMajor tokens, heads
 //     outer, tokens inner, so that a head's rows of the block are one contiguous run, whereas
 //     walking one token across all heads jumps S*D elements per head, one stream per head (40
@@ -1023,7 +1044,12 @@ struct CpuParams {
 //     threads).
 // Gaps in the walk (a qkv slice skips v; a head-major block's run of a head ends every block)
 // stall the hardware prefetchers, so rows with a contiguous head dim are also prefetched in
-// software: token-major walks fetch each row one token ahead, head-major walks kPrefetchBytes
+// software: token-major walks fetch each row one token ahead, or where their rows are taken at
+// once, kPrefetchAheadRows bytes of rows later in the walk, on into the next block (2048 tokens,
+// 1 thread, side by side against one token ahead in 32-token blocks: fp32 forward 1.65-1.86 ->
+// 1.50-1.65 ms, backward 1.78 -> 1.63-1.67, in place [B, S, H, D] 1.18 -> 1.05; bf16 forward
+// 0.63-0.67 -> 0.59-0.61, in place 0.44-0.52 -> 0.41-0.48; 16 KB ahead: within noise of 8 KB,
+// the 128-token blocks alone a third of the gain), head-major walks kPrefetchBytes
 // (kPrefetchBytesRows) ahead in each head's run, on into the next heads' runs (2-4x on a qkv
 // slice and on [B, H, S, D] here, ~10% on the dense layouts; fp32 rows 8 KB ahead rather than
 // 4 KB: [B, H, S, D] at 2048 tokens ~15% faster; 4 bf16 heads 8 KB ahead overflow L1: out of
@@ -1037,6 +1063,8 @@ struct CpuParams {
 // Each row is read and written once whatever the order, with the same arithmetic: the order
 // changes the speed only, never a bit of the result.
 constexpr int64_t kTokBlock = 32;
+constexpr int64_t kTokBlockFromMemory = 128;  // token-major, rows taken at once, from memory
+constexpr int64_t kPrefetchAheadRows = 8192;  // their prefetch distance, in bytes of rows
 constexpr int64_t kTokBlockHeadMajor = 256;
 constexpr int64_t kHeadsAtOnce = 2;          // rows taken one by one (rotate_row)
 constexpr int64_t kPrefetchBytes = 8192;     // ahead in each of their runs
@@ -1100,7 +1128,17 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
     all_at_once = all_at_once && at_once[k];
     prefetch = prefetch && o.sx.d == 1 && o.sy.d == 1;
   }
-  const int64_t tb = std::min<int64_t>(all_token_major ? kTokBlock : kTokBlockHeadMajor, end - begin);
+  // Token-major walks whose rows are taken at once and prefetched fetch the row ahead_rows later
+  // (kPrefetchAheadRows), which may lie up to `extra` tokens past the block: their offsets are
+  // set up with the block's.
+  const bool rows_ahead = all_token_major && all_at_once && prefetch;
+  const int64_t tb = std::min<int64_t>(
+      all_token_major ? (rows_ahead ? kTokBlockFromMemory : kTokBlock) : kTokBlockHeadMajor, end - begin);
+  const int64_t row_bytes = p.D * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t ahead_rows = (kPrefetchAheadRows + row_bytes - 1) / row_bytes;
+  int64_t extra = 0;
+  for (int k = 0; k < p.n_ops && rows_ahead; ++k) extra = std::max<int64_t>(extra, ahead_rows / p.ops[k].H + 1);
+  const int64_t tbx = tb + extra;  // per operand: the block's offsets, then the next tokens'
   // The tables: buf, four runs per token; a block whose c2/s2 runs equal c1/s1 bit for bit
   // (checked per block) is compacted into cbuf (cos then sin per token) and rotated with `same`
   // (see rotate_contig).
@@ -1124,13 +1162,13 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
       pairs = table_scratch<uint32_t>(n_sets * tb * 2 * half);
     }
   }
-  // Per operand and token of the block: the offsets of its row (a, s, h = 0, d = 0) in x and y.
-  std::vector<int64_t> xoff(2 * tb), yoff(2 * tb);
+  // Per operand and token of the block (then `extra` tokens past it): the offsets of its row
+  // (a, s, h = 0, d = 0) in x and y.
+  std::vector<int64_t> xoff(2 * tbx), yoff(2 * tbx);
   // Rotate-half pairs from one contiguous cos/sin row (no mrope): the table row is two
   // contiguous runs of each, converted in loops the compiler vectorises (the general loop below
   // costs ~90 ns more a token here, 16% of a 512-token bf16 call).
   const bool plain_rows = !interleaved && !p.ti.mrope;  // (and the set's rows contiguous: below)
-  const int64_t row_bytes = p.D * static_cast<int64_t>(sizeof(scalar_t));
 
   int64_t a = begin / p.S, s = begin % p.S;  // the next token to set up, stepped (no divisions)
   int64_t bad = -1;
@@ -1148,8 +1186,8 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         break;
       }
       for (int k = 0; k < p.n_ops; ++k) {
-        xoff[k * tb + b] = offset4(p.ops[k].sx, a, s, 0, 0);
-        yoff[k * tb + b] = offset4(p.ops[k].sy, a, s, 0, 0);
+        xoff[k * tbx + b] = offset4(p.ops[k].sx, a, s, 0, 0);
+        yoff[k * tbx + b] = offset4(p.ops[k].sy, a, s, 0, 0);
       }
       for (int t = 0; t < n_sets; ++t) {  // set 1: k's own tables
         const cs_t *cp = t ? p.ckp : p.cp, *sp = t ? p.skp : p.sp;
@@ -1202,6 +1240,14 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
       }
     }
 
+    int64_t n_off = n;  // tokens with offsets: the block's, then up to `extra` past it
+    for (int64_t a2 = a, s2 = s; n_off < n + extra && t0 + n_off < end && bad < 0;
+         ++n_off, s2 = (s2 + 1 == p.S) ? (++a2, 0) : s2 + 1) {
+      for (int k = 0; k < p.n_ops; ++k) {
+        xoff[k * tbx + n_off] = offset4(p.ops[k].sx, a2, s2, 0, 0);
+        yoff[k * tbx + n_off] = offset4(p.ops[k].sy, a2, s2, 0, 0);
+      }
+    }
     bool same = pairs_same;  // (tokens with vdpbf16ps lanes have no accumulator tables: see pairs_same)
     for (int64_t e = 0; e < n_sets * tb && same; ++e) {
       if (e % tb >= n || tab[e].bf16_pairs) continue;
@@ -1227,11 +1273,11 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         const bool pf_next = prefetch && b + 1 < n;
         for (int k = 0; k < p.n_ops; ++k) {
           const Operand<scalar_t>& o = p.ops[k];
-          const int64_t xo = xoff[k * tb + b], yo = yoff[k * tb + b];
-          const int64_t xn = xoff[k * tb + b + pf_next], yn = yoff[k * tb + b + pf_next];
+          const int64_t xo = xoff[k * tbx + b], yo = yoff[k * tbx + b];
+          const int64_t xn = xoff[k * tbx + b + pf_next], yn = yoff[k * tbx + b + pf_next];
           const CSTable<acc_t>& cs = tabs[p.tset[k] * tb + b];
           if (at_once[k]) {
-            rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x, o.y, &xoff[k * tb + b], &yoff[k * tb + b], 1, o.H,
+            rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x, o.y, &xoff[k * tbx + b], &yoff[k * tbx + b], 1, o.H,
                                                             p.D, half, &cs, same, p.isa,
                                                             WalkPrefetch{pf_next ? 1 : 0, n - b, 0, 0, row_bytes, stream[k]});
             continue;
@@ -1248,11 +1294,12 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
       // one token ahead).
       for (int k = 0; k < p.n_ops; ++k) {
         const Operand<scalar_t>& o = p.ops[k];
-        const int64_t* xo = xoff.data() + k * tb;
-        const int64_t* yo = yoff.data() + k * tb;
+        const int64_t* xo = xoff.data() + k * tbx;
+        const int64_t* yo = yoff.data() + k * tbx;
         if (!outer[k]) {
           if (at_once[k]) {
-            const WalkPrefetch pf{prefetch ? 1 : 0, n, 0, 0, row_bytes, stream[k]};
+            const WalkPrefetch pf{rows_ahead ? ahead_rows / o.H : 0, n_off, 0, 0, row_bytes, stream[k],
+                                  rows_ahead ? ahead_rows % o.H : 0};  // (m = 0: d >= 1 tokens, the same row)
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x, o.y, xo, yo, n, o.H, p.D, half,
                                                             &tabs[p.tset[k] * tb], same, p.isa, pf);
             continue;
