@@ -1024,12 +1024,12 @@ struct CpuParams {
 //   - token-major operands (|stride h| <= |stride s|: [B, S, H, D], packed tokens [T, H, D],
 //     slices of a packed qkv, transformers' transposed view of [B, S, H, D]): blocks of kTokBlock
 //     tokens (tables of kTokBlock * R accumulator values: 32 KB for R = 128 in fp32, held in L1
-//     while the block's rows read them), or where the rows come from memory and are taken at
-//     once, kTokBlockFromMemory (fewer switches between q's and k's streams); token outer, then
-//     q's heads, then k's, which is memory order for a packed qkv too; where both operands' rows
-//     are taken at once (rotate_rows), q's block of tokens then k's, one call each (512 tokens:
-//     bf16 4-7% faster out of place, 13-17% in place, fp32 qkv slices 1.2x out of place; 2048:
-//     the same within 5%), not two calls a token;
+//     while the block's rows read them), or where the walk prefetches rows ahead (rows taken at
+//     once, from memory or fp32), kTokBlockRowsAhead (fewer switches between q's and k's
+//     streams); token outer, then q's heads, then k's, which is memory order for a packed qkv
+//     too; where both operands' rows are taken at once (rotate_rows), q's block of tokens then
+//     k's, one call each (512 tokens: bf16 4-7% faster out of place, 13-17% in place, fp32 qkv
+//     slices 1.2x out of place; 2048: the same within 5%), not two calls a token;
 //   - head-major operands (contiguous [B, H, S, D]): blocks of kTokBlockHeadMajor tokens, heads
 //     outer, tokens inner, so that a head's rows of the block are one contiguous run, whereas
 //     walking one token across all heads jumps S*D elements per head, one stream per head (40
@@ -1045,7 +1045,8 @@ struct CpuParams {
 // Gaps in the walk (a qkv slice skips v; a head-major block's run of a head ends every block)
 // stall the hardware prefetchers, so rows with a contiguous head dim are also prefetched in
 // software: token-major walks fetch each row one token ahead, or where their rows are taken at
-// once, kPrefetchAheadRows bytes of rows later in the walk, on into the next block (2048 tokens,
+// once, kPrefetchAheadRows bytes of rows later in the walk, on into the next block (for fp32 rows
+// below kPrefetchMin too: see rotate_tokens; 2048 tokens,
 // 1 thread, side by side against one token ahead in 32-token blocks: fp32 forward 1.65-1.86 ->
 // 1.50-1.65 ms, backward 1.78 -> 1.63-1.67, in place [B, S, H, D] 1.18 -> 1.05; bf16 forward
 // 0.63-0.67 -> 0.59-0.61, in place 0.44-0.52 -> 0.41-0.48; 16 KB ahead: within noise of 8 KB,
@@ -1063,7 +1064,7 @@ struct CpuParams {
 // Each row is read and written once whatever the order, with the same arithmetic: the order
 // changes the speed only, never a bit of the result.
 constexpr int64_t kTokBlock = 32;
-constexpr int64_t kTokBlockFromMemory = 128;  // token-major, rows taken at once, from memory
+constexpr int64_t kTokBlockRowsAhead = 128;  // token-major walks that prefetch rows ahead
 constexpr int64_t kPrefetchAheadRows = 8192;  // their prefetch distance, in bytes of rows
 constexpr int64_t kTokBlockHeadMajor = 256;
 constexpr int64_t kHeadsAtOnce = 2;          // rows taken one by one (rotate_row)
@@ -1128,12 +1129,14 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
     all_at_once = all_at_once && at_once[k];
     prefetch = prefetch && o.sx.d == 1 && o.sy.d == 1;
   }
-  // Token-major walks whose rows are taken at once and prefetched fetch the row ahead_rows later
-  // (kPrefetchAheadRows), which may lie up to `extra` tokens past the block: their offsets are
-  // set up with the block's.
-  const bool rows_ahead = all_token_major && all_at_once && prefetch;
+  // Token-major walks whose rows are taken at once fetch the row ahead_rows later
+  // (kPrefetchAheadRows), which may lie up to `extra` tokens past the block (their offsets are set
+  // up with the block's): from kPrefetchMin bytes, and fp32 rows at every size (512 tokens, from
+  // L3, 1 thread, side by side: forward 0.31-0.42 -> 0.29-0.38 ms, backward 0.38-0.43 -> 0.34-0.37;
+  // 64 and 256 tokens: no change; 16-bit rows there 5-16% slower with these prefetches).
+  const bool rows_ahead = all_token_major && all_at_once && (prefetch || std::is_same_v<scalar_t, float>);
   const int64_t tb = std::min<int64_t>(
-      all_token_major ? (rows_ahead ? kTokBlockFromMemory : kTokBlock) : kTokBlockHeadMajor, end - begin);
+      all_token_major ? (rows_ahead ? kTokBlockRowsAhead : kTokBlock) : kTokBlockHeadMajor, end - begin);
   const int64_t row_bytes = p.D * static_cast<int64_t>(sizeof(scalar_t));
   const int64_t ahead_rows = (kPrefetchAheadRows + row_bytes - 1) / row_bytes;
   int64_t extra = 0;
