@@ -1133,7 +1133,8 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   // (kPrefetchAheadRows), which may lie up to `extra` tokens past the block (their offsets are set
   // up with the block's): from kPrefetchMin bytes, and fp32 rows at every size (512 tokens, from
   // L3, 1 thread, side by side: forward 0.31-0.42 -> 0.29-0.38 ms, backward 0.38-0.43 -> 0.34-0.37;
-  // 64 and 256 tokens: no change; 16-bit rows there 5-16% slower with these prefetches).
+  // 2 threads, and 64 and 256 tokens: no change; 16-bit rows there 5-16% slower with these
+  // prefetches).
   const bool rows_ahead = all_token_major && all_at_once && (prefetch || std::is_same_v<scalar_t, float>);
   const int64_t tb = std::min<int64_t>(
       all_token_major ? (rows_ahead ? kTokBlockRowsAhead : kTokBlock) : kTokBlockHeadMajor, end - begin);
