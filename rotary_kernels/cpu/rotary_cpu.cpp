@@ -1302,8 +1302,9 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         const int64_t* yo = yoff.data() + k * tbx;
         if (!outer[k]) {
           if (at_once[k]) {
-            const WalkPrefetch pf{rows_ahead ? ahead_rows / o.H : 0, n_off, 0, 0, row_bytes, stream[k],
-                                  rows_ahead ? ahead_rows % o.H : 0};  // (m = 0: d >= 1 tokens, the same row)
+            // (m = 0: d >= 1 tokens ahead, the same row; in a walk with a head-major operand, one)
+            const WalkPrefetch pf{rows_ahead ? ahead_rows / o.H : (prefetch ? 1 : 0), n_off, 0, 0, row_bytes, stream[k],
+                                  rows_ahead ? ahead_rows % o.H : 0};
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x, o.y, xo, yo, n, o.H, p.D, half,
                                                             &tabs[p.tset[k] * tb], same, p.isa, pf);
             continue;
