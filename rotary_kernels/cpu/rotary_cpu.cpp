@@ -1294,8 +1294,8 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         }
       }
     } else {
-      // Per operand, in its own order (token-major: the block's rows, each prefetching its row
-      // one token ahead).
+      // Per operand, in its own order (token-major: the block's rows, each prefetching the row
+      // kPrefetchAheadRows later in the walk where rows_ahead, else its row one token ahead).
       for (int k = 0; k < p.n_ops; ++k) {
         const Operand<scalar_t>& o = p.ops[k];
         const int64_t* xo = xoff.data() + k * tbx;
