@@ -17,17 +17,17 @@ Timing: GPU: CUDA events around each call, with the L2 flushed (256 MB written) 
 the GPU held busy while the host enqueues the call (rotary_kernels.demo.gpu_hold), so a row is
 the GPU's time alone (the host time of a call, what eager decoding also pays, is measured on its
 own: scripts/gpu_session.sh's host step); median and interquartile range of the per-call times.
-CPU: wall clock per call (the machine's
-caches may hold the tensors: that is the CPU's real working condition for these sizes); out of
-place calls there include first-touch page faults of their freshly allocated outputs, which
-eager and torch.compile pay as well (a plain clone() too): glibc maps a block of 32 MB or more
-afresh unless the top of its heap has room, which depends on what ran before, so one layout's
-row may pay ~8k faults a 32 MB output (10+ ms on a VM) and the next none. --keep-freed-memory
-makes glibc keep freed memory (no mmap, no trimming, like the caching allocators jemalloc and
-tcmalloc): outputs reuse touched pages and the rows time the kernels alone. --rounds N
-measures every case N times, a round after another, and keeps each row's best time (and the
-best copy time per case): on a shared machine the cases of one round run seconds apart, under
-different neighbours, which a single round reports as differences between layouts.
+CPU: wall clock per call (the machine's caches may hold the tensors: that is the CPU's real
+working condition for these sizes); out of place calls there include first-touch page faults of
+their freshly allocated outputs, which eager and torch.compile pay as well (a plain clone()
+too): glibc maps a block of 32 MB or more afresh unless the top of its heap has room, which
+depends on what ran before, so one layout's row may pay ~8k faults a 32 MB output (10+ ms on a
+VM) and the next none. --keep-freed-memory makes glibc keep freed memory (no mmap, no trimming,
+like the caching allocators jemalloc and tcmalloc): outputs reuse touched pages and the rows
+time the kernels alone. --rounds N measures every case N times, a round after another, and keeps
+each row's best time (and the best copy time per case): on a shared machine the cases of one
+round run seconds apart, under different neighbours, which a single round reports as differences
+between layouts.
 
 Bytes (the minimum one call must move, each tensor read or written once):
     forward, in place, backward: 2 * (|q| + |k|) * itemsize + |cos| + |sin|   (|x| = bytes of x)

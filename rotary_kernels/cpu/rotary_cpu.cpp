@@ -1042,19 +1042,18 @@ struct CpuParams {
 //     heads at a time (rotate_rows: the table chunk in registers serves them all, one call for
 //     all: bf16 2 heads rather than 4 1.3x slower in place, 1.1-1.25x out of place, 1 and 2
 //     threads).
-// Gaps in the walk (a qkv slice skips v; a head-major block's run of a head ends every block)
-// stall the hardware prefetchers, so rows with a contiguous head dim are also prefetched in
-// software: token-major walks fetch each row one token ahead, or where their rows are taken at
-// once, kPrefetchAheadRows bytes of rows later in the walk, on into the next block (for fp32 rows
-// below kPrefetchMin too: see rotate_tokens; 2048 tokens,
-// 1 thread, side by side against one token ahead in 32-token blocks: fp32 forward 1.65-1.86 ->
-// 1.50-1.65 ms, backward 1.78 -> 1.63-1.67, in place [B, S, H, D] 1.18 -> 1.05; bf16 forward
-// 0.63-0.67 -> 0.59-0.61, in place 0.44-0.52 -> 0.41-0.48; 16 KB ahead: within noise of 8 KB,
-// the 128-token blocks alone a third of the gain), head-major walks kPrefetchBytes
-// (kPrefetchBytesRows) ahead in each head's run, on into the next heads' runs (2-4x on a qkv
-// slice and on [B, H, S, D] here, ~10% on the dense layouts; fp32 rows 8 KB ahead rather than
-// 4 KB: [B, H, S, D] at 2048 tokens ~15% faster; 4 bf16 heads 8 KB ahead overflow L1: out of
-// place 1.25-1.45x slower than 2 KB).
+// Gaps in the walk (a qkv slice skips v; a head-major block's run of a head ends every block) stall
+// the hardware prefetchers, so rows with a contiguous head dim are also prefetched in software:
+// token-major walks fetch each row one token ahead, or where their rows are taken at once,
+// kPrefetchAheadRows bytes of rows later in the walk, on into the next block (for fp32 rows below
+// kPrefetchMin too: see rotate_tokens; 2048 tokens, 1 thread, side by side against one token ahead
+// in 32-token blocks: fp32 forward 1.65-1.86 -> 1.50-1.65 ms, backward 1.78 -> 1.63-1.67, in place
+// [B, S, H, D] 1.18 -> 1.05; bf16 forward 0.63-0.67 -> 0.59-0.61, in place 0.44-0.52 -> 0.41-0.48;
+// 16 KB ahead: within noise of 8 KB, the 128-token blocks alone a third of the gain), head-major
+// walks kPrefetchBytes (kPrefetchBytesRows) ahead in each head's run, on into the next heads' runs
+// (2-4x on a qkv slice and on [B, H, S, D] here, ~10% on the dense layouts; fp32 rows 8 KB ahead
+// rather than 4 KB: [B, H, S, D] at 2048 tokens ~15% faster; 4 bf16 heads 8 KB ahead overflow L1:
+// out of place 1.25-1.45x slower than 2 KB).
 // Tried and dropped: walking [B, H, S, D] token-major while it sits in L3 (under 8 MB): 7-12%
 // faster at 512 tokens on prepared outputs, but forward+backward through the API 1.6x slower
 // (a head stride of S * D * 2 = 128 KB puts every head's row of a token in the same cache sets);

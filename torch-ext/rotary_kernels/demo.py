@@ -60,12 +60,12 @@ _SLEEP_CYCLES_PER_S: dict = {}
 
 
 def gpu_hold(device: torch.device, host_s: float):
-    """A function that keeps the GPU busy (``torch.cuda._sleep``, a spin kernel touching no
-    memory) for twice ``host_s`` seconds, at least 0.2 ms and at most 50 ms: enqueued before a
-    timed call, the host has enqueued the call before the GPU reaches it, so its events time the
-    GPU's work and not the host's. Without it a call whose host time (Python, launches, autograd) outlasted the
-    L2 flush was timed by its host (the second GPU session's Triton and backward rows); the host
-    time of a call is measured on its own (scripts/gpu_session.sh, host step)."""
+    """A function that keeps the GPU busy (``torch.cuda._sleep``, a spin kernel touching no memory)
+    for twice ``host_s`` seconds, at least 0.2 ms and at most 50 ms: enqueued before a timed call,
+    the host has enqueued the call before the GPU reaches it, so its events time the GPU's work and
+    not the host's. Without it a call whose host time (Python, launches, autograd) outlasted the L2
+    flush was timed by its host (the second GPU session's Triton and backward rows); the host time
+    of a call is measured on its own (scripts/gpu_session.sh, host step)."""
     key = torch.cuda.get_device_properties(device).name
     if key not in _SLEEP_CYCLES_PER_S:  # calibrate: the spin kernel's cycles per second
         torch.cuda.synchronize(device)
