@@ -18,8 +18,9 @@
 //   anything waits on memory; the chunk's cos/sin are loaded once, after them (so a warp waits
 //   one memory round trip per step, not two), and kept in registers as the words they arrived
 //   in (16-bit tables: two values a register; unpacked at use). A row's loads are issued before
-//   its stores, so in place is safe. Registers are capped at 64 (__launch_bounds__(256, 4)) for
-//   >= 50% theoretical occupancy: that budget is why a step holds one row, not two.
+//   its stores, so in place is safe. Registers are capped at 64 (__launch_bounds__(256, 4)): 32
+//   warps an SM, every one holding a row at every step with plan_launch's even steps (Llama:
+//   6 blocks of 8x20); that budget is why a step holds one row, not two.
 //   VEC pairs = two 16-byte vectors of x when the head dim is contiguous and aligned; otherwise
 //   VEC = 1 with strided scalar accesses. Chunks of whole pairs with per-pair tables have their
 //   own instances (PAIRS): swap_layout (MLA's rope: pairs written in the other layout,
@@ -65,7 +66,8 @@
 namespace rotary_kernels {
 
 // At most kThreads threads per block, and registers capped so that kMinBlocks such blocks fit
-// on an SM (65536 / (256 x 4) = 64 registers): >= 50% theoretical occupancy on sm_80/sm_90.
+// on an SM (65536 / (256 x 4) = 64 registers): up to 50% theoretical occupancy on sm_80/sm_90
+// (46.9% with Llama's 8x20 blocks, 6 of them).
 constexpr int kThreads = 256;
 #ifndef RK_MIN_BLOCKS
 #define RK_MIN_BLOCKS 4
@@ -650,8 +652,13 @@ struct LaunchPlan {
 // tokens = A * S, rows = Hq + Hk, nchunks = chunks of a row (pairs / VEC), sms = SMs.
 // Block: TX threads over the chunks of a row, TY over rows, one row per thread and step.
 // Small problems (decode) split the rows over grid.y so every row is in flight at once; large
-// ones use full blocks (kThreads, so kMinBlocks of them fill half the SM's warps) and split
-// grid.y only when tokens alone are too few.
+// ones split grid.y only when tokens alone are too few. A slice's rows are spread evenly over
+// the fewest steps blocks of up to kThreads allow (TY whole warps where it can): Llama's 40 rows
+// take two steps of 20 (8x20 blocks), not 32 and then 8, which left 6 of a block's 8 warps
+// waiting, holding their registers, through its second memory round trip. A block's resources
+// are freed only when all its warps end, so what keeps an SM's loads in flight is every warp
+// busy at every step (the H200 measured the 8x32 plan at 82-86% of a copy's bandwidth for bf16
+// q/k, the H100 92-94%: too few bytes in flight for the H200's bandwidth).
 inline LaunchPlan plan_launch(int64_t tokens, int64_t rows, int64_t nchunks, int64_t sms) {
   constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max() - kThreads;  // r + TY stays < 2^31
   RK_CHECK(tokens <= std::numeric_limits<int32_t>::max(), "rotary: too many tokens (", tokens,
@@ -664,8 +671,11 @@ inline LaunchPlan plan_launch(int64_t tokens, int64_t rows, int64_t nchunks, int
                          : std::min<int64_t>(rows, (4 * sms + tokens - 1) / tokens);
   slices = std::min<int64_t>(slices, 65535);  // grid.y's limit: then more rows per slice
   const int64_t rows_per_slice = (rows + slices - 1) / slices;
-  const int64_t ty = std::min<int64_t>(max_ty, rows_per_slice);
-  return {{tokens, (rows + rows_per_slice - 1) / rows_per_slice}, {tx, ty}, rows_per_slice};
+  const int64_t steps = (rows_per_slice + max_ty - 1) / max_ty;
+  const int64_t warp_rows = std::max<int64_t>(1, 32 / tx);  // rows that make TY whole warps
+  const int64_t even = (rows_per_slice + steps - 1) / steps;
+  const int64_t ty = std::min(max_ty, (even + warp_rows - 1) / warp_rows * warp_rows);
+  return {{tokens, (rows + rows_per_slice - 1) / rows_per_slice}, {tx, std::min(ty, rows_per_slice)}, rows_per_slice};
 }
 
 template <int VEC, bool VECTOR, bool CS_VECTOR, typename Launcher, typename Params>

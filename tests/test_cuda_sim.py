@@ -183,7 +183,7 @@ def test_sim_plan_large_shapes(sim):
     gx, gy, bx, by, rps = sim.plan(1, rows, 256, 10**9)
     assert (gx, bx, by) == (1, 256, 1) and rps == -(-rows // 65535) and gy <= 65535 and rps * gy >= rows
     gx, gy, bx, by, rps = sim.plan(2**31 - 1, 40, 8, 132)  # largest token count: one grid.x each
-    assert (gx, gy, bx, by, rps) == (2**31 - 1, 1, 8, 32, 40)
+    assert (gx, gy, bx, by, rps) == (2**31 - 1, 1, 8, 20, 40)
     with pytest.raises(RuntimeError, match="too many tokens"):
         sim.plan(2**31, 40, 8, 132)
     with pytest.raises(RuntimeError, match="too many rows"):
@@ -191,8 +191,25 @@ def test_sim_plan_large_shapes(sim):
 
 
 def test_sim_llama_prefill_plan(sim):
-    """Llama-3-8B prefill (32 + 8 rows, 8 chunks of 16 bytes): full 256-thread blocks."""
-    assert sim.plan(4096, 40, 8, 132) == [4096, 1, 8, 32, 40]
+    """Llama-3-8B prefill (32 + 8 rows, 8 chunks of 16 bytes): two steps of 20 rows (8x20
+    blocks), not 32 and then 8; fp32 (16 chunks) three of 14, 14 and 12."""
+    assert sim.plan(4096, 40, 8, 132) == [4096, 1, 8, 20, 40]
+    assert sim.plan(4096, 40, 16, 132) == [4096, 1, 16, 14, 40]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 32, 33, 40, 41, 72, 100, 257])
+@pytest.mark.parametrize("nchunks", [1, 4, 8, 16, 40, 256])
+def test_sim_plans_spread_rows_evenly(sim, rows, nchunks):
+    """Large problems: the fewest steps a block of up to 256 threads allows, and a block's
+    warps busy at nearly every step (threads x-fastest: a warp holds 32 / TX rows). The 8x32
+    plan for 40 rows kept 10 of 16 warp-steps busy (62.5%)."""
+    gx, gy, bx, by, rps = sim.plan(4096, rows, nchunks, 132)
+    assert gy == 1 and rps == rows and bx == min(nchunks, 256) and bx * by <= 256
+    steps = -(-rows // by)
+    assert steps == -(-rows // min(max(1, 256 // bx), rows))  # fewest steps
+    held = [min(by, rows - i) for i in range(0, rows, by)]
+    warp_steps = sum(-(-n * bx // 32) for n in held)
+    assert warp_steps >= 0.85 * steps * -(-bx * by // 32), (bx, by, held)
 
 
 @pytest.mark.parametrize("tokens", [1, 8, 64, 256], ids=lambda t: f"batch{t}x1")
