@@ -45,6 +45,7 @@ CASES = {
     "prefill_fp32": (True, "same, q,k fp32"),
     "prefill_bf16_bwd": (True, "same, backward (conj) through autograd, cos/sin bf16"),
     "interleaved_bf16": (True, "same, GPT-J interleaved pairs"),
+    "prefill_bf16_same": (True, "prefill_bf16 with cos/sin bf16 (transformers' own tables, in the model's dtype)"),
     "decode_b64": (True, "decode: q,k bf16 [64,32|8,1,128], cos/sin fp32 [64,1,128]"),
     "decode_b1_offsets": (True, "decode batch 1, cache [8192,128] fp32 + seqlen_offsets"),
     "prefill_positions": (True, "prefill, cache [8192,128] fp32 + positions [1,4096]"),
@@ -130,9 +131,9 @@ def _capture():
     def cs(b, s, r=D, dt=f32):
         return torch.empty(b, s, r, dtype=dt), torch.empty(b, s, r, dtype=dt)
 
-    def prefill(dt, **kw):
+    def prefill(dt, cs_dt=f32, **kw):
         q, k = qk(B, S, dt)
-        c, s_ = cs(1, S)
+        c, s_ = cs(1, S, dt=cs_dt)
         rk.apply_rotary_transformers(q, k, c, s_, backend=T_, **kw)
 
     def k_tables():
@@ -198,6 +199,7 @@ def _capture():
 
     thunks = {
         "prefill_bf16": lambda: prefill(bf), "prefill_fp32": lambda: prefill(f32), "prefill_bf16_bwd": bwd,
+        "prefill_bf16_same": lambda: prefill(bf, cs_dt=bf),
         "interleaved_bf16": lambda: prefill(bf, interleaved=True), "decode_b64": decode,
         "decode_b1_offsets": decode_offsets, "prefill_positions": positions, "partial_r64": partial,
         "elementwise": elementwise, "prefill_bf16_k_tables": k_tables, "prefill_bf16_pair": pair_prefill,
