@@ -309,6 +309,7 @@ def test_write_report(codegen, plans):
         for arch in ARCHS:
             r = codegen[(pl["inst"], arch)]
             blocks, occ = occupancy(r["regs"], threads)
+            frac = busy(r["regs"], pl["block"], pl["rows"])
             acc = {}
             for op, _, cls in r["sass"]:
                 base = op.split(".")[0]
@@ -321,7 +322,7 @@ def test_write_report(codegen, plans):
             per_block = sum(steps) / len(steps) * D * es + 2 * width * cs
             kb_sm = min(blocks, pl["grid"][0] * pl["grid"][1] / SMS[arch]) * per_block / 1024
             rows.append(f"| {pl['name']} | sm_{arch} | `{pl['inst']}` | {pl['block'][0]}x{pl['block'][1]} | "
-                        f"{r['regs']} | {blocks} | {occ:.1%} | {busy(r['regs'], pl['block'], pl['rows']):.1%} | {widths} | "
+                        f"{r['regs']} | {blocks} | {occ:.1%} | {frac:.1%} | {widths} | "
                         f"{'yes' if _one_round_trip(r['sass']) else 'NO'} | {kb_sm:.1f} | {moved / 1e6:.1f} | "
                         f"{moved / HBM * 1e6:.1f} |")
     text = "\n".join([
