@@ -1,4 +1,4 @@
-// Rotary math shared by the CPU (rotary_cpu.cpp) and CUDA (rotary_cuda.cu) kernels.
+// Rotary math shared by the CPU (cpu/rotary_cpu.h) and CUDA (rotary_cuda.cu) kernels.
 //
 // Everything here is __host__ __device__ so the CPU build, which CI runs, exercises the
 // same indexing and arithmetic the GPU kernels use. Semantics: torch-ext/rotary_kernels/reference.py.

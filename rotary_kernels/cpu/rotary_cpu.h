@@ -1,0 +1,1444 @@
+// The CPU rotary kernel (q and k in one pass over tokens), for every dtype: rotary_cpu_typed at the
+// end of this file. One file per dtype instantiates it (rotary_cpu.cpp: fp32 and fp64, with the
+// entry points and flash-attn's elementwise apply_rotary; rotary_cpu_bf16.cpp, rotary_cpu_f16.cpp),
+// so that the build compiles them in parallel: as one file this was the package's longest
+// compile (67 s on the CI VM; the parts take at most 28 s).
+//
+// Tokens (a, s) are split across threads with at::parallel_for. Per block of tokens, the cos/sin
+// of every pair are converted once into small tables and reused for all heads of q and k, whose
+// rows are walked in memory order (see "Loop order" below). Rows with a
+// contiguous head dim go through fixed-size chunks (loaded into local arrays, so the compiler
+// vectorises them even when out aliases x); other strides take the generic indexed path.
+// 16-bit conversions are branch-free bit arithmetic (vectorisable, IEEE round to nearest even),
+// and on x86-64 Linux the per-token work is compiled for AVX-512, AVX2 and baseline x86-64,
+// picked at load time (GCC function multiversioning), so one binary runs everywhere.
+// On CPUs with AVX-512F, bf16 rotate-half rows take explicit 512-bit code with the same
+// arithmetic and conversions, so the same bits: many rows a call, a token's table row in
+// registers (rotate_tokens_avx512; with AVX512-BF16's vcvtne2ps2bf16 narrowing,
+// rotate_bf16_tokens_avx512bf16, and with bf16 cos/sin its vdpbf16ps dot products, checked to give
+// the same bits), or a row a call (rotate_avx512) for the rows those do not take;
+// fp32 and fp16 rotate-half rows of R = 64 or 128 take rotate_tokens_avx512 (many rows a call). Large
+// outputs (16 MB and more) are written with non-temporal stores.
+#pragma once
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <type_traits>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <immintrin.h>
+#endif
+#include <vector>
+
+#include "../rotary_math.h"
+#include "../rotary_ops.h"
+
+namespace {
+
+using namespace rotary_kernels;
+
+// Branch-free conversions the compiler can vectorise (c10's bf16 store has a NaN branch).
+template <typename T, typename acc_t>
+inline acc_t load_acc(const T* p) {
+  return static_cast<acc_t>(*p);
+}
+template <>
+inline float load_acc<c10::BFloat16, float>(const c10::BFloat16* p) {
+  uint16_t b;
+  std::memcpy(&b, p, 2);
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+template <typename T, typename acc_t>
+inline void store_out(T* p, acc_t v) {
+  *p = static_cast<T>(v);
+}
+template <>
+inline void store_out<c10::BFloat16, float>(c10::BFloat16* p, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;  // round to nearest even
+  r = (v != v) ? 0x7FC0u : r;                            // NaN stays NaN
+  const uint16_t b = static_cast<uint16_t>(r);
+  std::memcpy(p, &b, 2);
+}
+
+template <>
+inline float load_acc<c10::Half, float>(const c10::Half* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t em = h & 0x7FFFu;
+  // Normal and subnormal halves: shift into a float's bits and rescale by 2^112 (exact).
+  uint32_t u = em << 13;
+  float f;
+  std::memcpy(&f, &u, 4);
+  f *= 0x1p112f;
+  std::memcpy(&u, &f, 4);
+  u = em >= 0x7C00u ? ((em << 13) | 0x7F800000u) : u;  // inf / nan
+  u |= sign;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+template <>
+inline void store_out<c10::Half, float>(c10::Half* p, float v) {
+  uint32_t f;
+  std::memcpy(&f, &v, 4);
+  const uint32_t sign = f & 0x80000000u;
+  f ^= sign;
+  // Overflow to inf (nan stays a quiet nan), normals rounded to nearest even, and subnormals
+  // through a float addition that rounds at the half's subnormal precision.
+  const uint32_t big = f > 0x7F800000u ? 0x7E00u : 0x7C00u;
+  const uint32_t normal = (f + 0xC8000FFFu + ((f >> 13) & 1u)) >> 13;  // rebias by -112 << 23
+  float tmp;
+  std::memcpy(&tmp, &f, 4);
+  tmp += 0.5f;  // aligns the mantissa so that the sum's low bits are the subnormal half
+  uint32_t sub;
+  std::memcpy(&sub, &tmp, 4);
+  sub -= 0x3F000000u;
+  const uint32_t o = f >= 0x47800000u ? big : (f < 0x38800000u ? sub : normal);
+  const uint16_t h = static_cast<uint16_t>(o | (sign >> 16));
+  std::memcpy(p, &h, 2);
+}
+
+// One token's cos/sin per pair (conj applied), structure of arrays for vector loads: four
+// runs of `half` values in a block buffer (see rotate_tokens).
+template <typename acc_t>
+struct CSTable {
+  const acc_t *c1, *c2, *s1, *s2;
+  // bf16 rows on AVX512-BF16 CPUs: the same values as bf16 pairs for vdpbf16ps (bf16_pair_table),
+  // or null where they do not make its products exact.
+  const uint32_t* bf16_pairs = nullptr;
+  PairCS<acc_t> at(int64_t i) const { return {c1[i], c2[i], s1[i], s2[i]}; }
+};
+
+// Software prefetch of a row of x and y (y only when it is not x), `bytes` of each.
+template <typename T>
+inline void prefetch_row(const T* x, const T* y, int64_t bytes, bool fetch_y = true) {
+  const char* px = reinterpret_cast<const char*>(x);
+  const char* py = reinterpret_cast<const char*>(y);
+  fetch_y = fetch_y && py != px;
+  for (int64_t off = 0; off < bytes; off += 64) {
+    __builtin_prefetch(px + off, 0, 3);
+    if (fetch_y) __builtin_prefetch(py + off, 1, 3);
+  }
+}
+
+// The prefetches of the rows of one token: row r < rows fetches the row dx elements past x's row r
+// (and dy past y's, unless y is streamed), or from row `split` on, dx2 (dy2) past it; `bytes` of
+// each.
+struct RowPrefetch {
+  int64_t rows = 0, dx = 0, dy = 0, bytes = 0;
+  int64_t split = INT64_MAX, dx2 = 0, dy2 = 0;
+  int64_t ox(int64_t r) const { return r < split ? dx : dx2; }
+  int64_t oy(int64_t r) const { return r < split ? dy : dy2; }
+};
+
+// The prefetches of a walk over the rows of tokens b (offsets xo[b], yo[b] of n) and heads r: each
+// row fetches the same head's row d tokens ahead, or past the n-th token, token b + d - n's row
+// of head r + dh, for r < wrap_rows (the next heads' runs, where they exist); d = 0: none. With
+// m > 0, the row d * nh + m rows later in the walk's order instead (token b + d's row r + m, or
+// past its last row, token b + d + 1's), among the n tokens with offsets (a token-major walk's,
+// then the next ones').
+// stream: y is written with non-temporal stores (its lines not read first nor kept in the
+// caches) and not prefetched; needs y's rows 64-byte aligned (aligned64), and a stream_fence
+// after the walk.
+struct WalkPrefetch {
+  int64_t d = 0, n = 0, dh = 0, wrap_rows = 0, bytes = 0;
+  bool stream = false;
+  int64_t m = 0;
+};
+
+// Token b's RowPrefetch in the walk pf (its nh rows x + xo[b] + r * sx).
+inline RowPrefetch token_prefetch(const WalkPrefetch& pf, const int64_t* xo, const int64_t* yo, int64_t b, int64_t nh,
+                                  int64_t sx, int64_t sy) {
+  if (pf.m > 0) {
+    const int64_t b1 = b + pf.d;
+    if (b1 >= pf.n) return {};
+    RowPrefetch rp{nh, xo[b1] - xo[b] + pf.m * sx, yo[b1] - yo[b] + pf.m * sy, pf.bytes, nh - pf.m};
+    if (b1 + 1 < pf.n) {
+      rp.dx2 = xo[b1 + 1] - xo[b] + (pf.m - nh) * sx;
+      rp.dy2 = yo[b1 + 1] - yo[b] + (pf.m - nh) * sy;
+    } else {
+      rp.rows = nh - pf.m;
+    }
+    return rp;
+  }
+  if (pf.d <= 0) return {};
+  if (b + pf.d < pf.n) return {nh, xo[b + pf.d] - xo[b], yo[b + pf.d] - yo[b], pf.bytes};
+  const int64_t b2 = b + pf.d - pf.n;
+  return {pf.wrap_rows, xo[b2] - xo[b] + pf.dh * sx, yo[b2] - yo[b] + pf.dh * sy, pf.bytes};
+}
+
+// All pairs of a row with a contiguous head dim. Iteration i reads and writes only its own
+// pair's two elements, reads before it writes, so the iterations are independent even in place
+// (y == x): `omp simd` tells the compiler so, and it vectorises without alias checks.
+// `same`: the table's c2 and s2 runs are bit-identical to c1 and s1 (the usual cos/sin cache,
+// cat(freqs, freqs)), so c1 and s1 serve both elements: half the table loads and footprint, the
+// same values, so the same bits.
+template <typename scalar_t, typename acc_t, bool interleaved, bool same>
+inline void rotate_contig(const scalar_t* x, scalar_t* y, int64_t half, const CSTable<acc_t>& cs) {
+  constexpr int64_t step = interleaved ? 2 : 1;
+  const int64_t off2 = interleaved ? 1 : half;
+  const acc_t *c1 = cs.c1, *c2 = same ? cs.c1 : cs.c2, *s1 = cs.s1, *s2 = same ? cs.s1 : cs.s2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const acc_t a = load_acc<scalar_t, acc_t>(x + i * step), b = load_acc<scalar_t, acc_t>(x + i * step + off2);
+    acc_t ya, yb;
+    rotate_pair(a, b, PairCS<acc_t>{c1[i], c2[i], s1[i], s2[i]}, ya, yb);
+    store_out<scalar_t, acc_t>(y + i * step, ya);
+    store_out<scalar_t, acc_t>(y + i * step + off2, yb);
+  }
+}
+
+// fp16 rows on x86-64 CPUs with F16C: convert the row to fp32 with vcvtph2ps, rotate in fp32,
+// convert back with vcvtps2ph (round to nearest even, like c10::Half): the portable branch-free
+// conversions above do not vectorise for fp16, and these run 8 elements per instruction.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define RK_HAVE_F16C_PATH 1
+constexpr int64_t kF16cRow = 1024;  // longest rotary span (R) taken by this path
+
+__attribute__((target("avx2,f16c"))) void half_to_float_f16c(const c10::Half* x, float* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i))));
+  }
+  for (; i < n; ++i) out[i] = load_acc<c10::Half, float>(x + i);
+}
+
+__attribute__((target("avx2,f16c"))) void float_to_half_f16c(const float* in, c10::Half* y, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(y + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(in + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  for (; i < n; ++i) store_out<c10::Half, float>(y + i, in[i]);
+}
+
+// bf16 rows (rotate-half pairs) on x86-64 CPUs with AVX-512F: 16 pairs per step in zmm
+// registers, the same arithmetic as rotate_contig (x1*c1 - x2*s1, x2*c2 + x1*s2, no FMA) and the
+// same conversions as load_acc / store_out (bf16 -> fp32 is a shift; fp32 -> bf16 rounds to
+// nearest even in integers, NaN -> 0x7FC0), so the same bits. The compiler's own vectorisation
+// of rotate_contig stays at 256 bits with a byte blend for the NaN select and a pack + permute
+// per store; here the NaN select is a mask move and the narrowing one vpmovdw.
+#define RK_HAVE_AVX512_BF16_PATH 1
+__attribute__((target("avx512f"))) inline __m512 bf16x16_load(const c10::BFloat16* p) {
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+// 32 bytes at p, non-temporal with `stream` (then p is 32-byte aligned).
+__attribute__((target("avx512f"))) inline void store256(void* p, __m256i v, bool stream) {
+  if (stream) {
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+  }
+}
+__attribute__((target("avx512f"))) inline void bf16x16_store(c10::BFloat16* p, __m512 v, bool stream = false) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  store256(p, _mm512_cvtepi32_epi16(r), stream);
+}
+
+__attribute__((target("avx512f"))) inline __m512 f32x16_load(const float* p) { return _mm512_loadu_ps(p); }
+__attribute__((target("avx512f"))) inline void f32x16_store(float* p, __m512 v, bool stream = false) {
+  if (stream) {  // non-temporal: p 64-byte aligned
+    _mm512_stream_ps(p, v);
+  } else {
+    _mm512_storeu_ps(p, v);
+  }
+}
+__attribute__((target("avx512f"))) inline __m512 x16_load(const c10::BFloat16* p) { return bf16x16_load(p); }
+__attribute__((target("avx512f"))) inline void x16_store(c10::BFloat16* p, __m512 v, bool stream = false) {
+  bf16x16_store(p, v, stream);
+}
+__attribute__((target("avx512f"))) inline __m512 x16_load(const float* p) { return f32x16_load(p); }
+__attribute__((target("avx512f"))) inline void x16_store(float* p, __m512 v, bool stream = false) {
+  f32x16_store(p, v, stream);
+}
+// fp16: vcvtph2ps / vcvtps2ph (round to nearest even), the F16C path's conversions in 512 bits.
+__attribute__((target("avx512f"))) inline __m512 x16_load(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+__attribute__((target("avx512f"))) inline void x16_store(c10::Half* p, __m512 v, bool stream = false) {
+  store256(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), stream);
+}
+
+// bf16 rotate-half rows, 16 pairs per step (templated on the row type; fp32 rows measured 10-25%
+// slower this way than through the compiler's inlined loop here, so rotate_row sends only bf16).
+template <typename scalar_t, bool same>
+__attribute__((target("avx512f"))) void rotate_avx512(const scalar_t* x, scalar_t* y, int64_t half,
+                                                           const float* c1, const float* c2, const float* s1,
+                                                           const float* s2) {
+  if (same) {
+    c2 = c1;
+    s2 = s1;
+  }
+  int64_t i = 0;
+  for (; i + 16 <= half; i += 16) {
+    const __m512 a = x16_load(x + i), b = x16_load(x + half + i);
+    const __m512 vc1 = _mm512_loadu_ps(c1 + i), vs1 = _mm512_loadu_ps(s1 + i);
+    const __m512 vc2 = same ? vc1 : _mm512_loadu_ps(c2 + i), vs2 = same ? vs1 : _mm512_loadu_ps(s2 + i);
+    const __m512 ya = _mm512_sub_ps(_mm512_mul_ps(a, vc1), _mm512_mul_ps(b, vs1));
+    const __m512 yb = _mm512_add_ps(_mm512_mul_ps(b, vc2), _mm512_mul_ps(a, vs2));
+    x16_store(y + i, ya);
+    x16_store(y + half + i, yb);
+  }
+  for (; i < half; ++i) {
+    const float a = load_acc<scalar_t, float>(x + i), b = load_acc<scalar_t, float>(x + half + i);
+    float ya, yb;
+    rotate_pair(a, b, PairCS<float>{c1[i], c2[i], s1[i], s2[i]}, ya, yb);
+    store_out<scalar_t, float>(y + i, ya);
+    store_out<scalar_t, float>(y + half + i, yb);
+  }
+}
+// n runs of 16 pairs' table values from c1, c2, s1, s2 into registers (c2, s2: c1, s1's with
+// `same` tables, see rotate_contig).
+template <bool same>
+__attribute__((target("avx512f"), always_inline)) inline void table_regs(int n, const float* c1, const float* c2,
+                                                                        const float* s1, const float* s2, __m512* vc1,
+                                                                        __m512* vs1, __m512* vc2, __m512* vs2) {
+  for (int u = 0; u < n; ++u) {
+    vc1[u] = _mm512_loadu_ps(c1 + 16 * u);
+    vs1[u] = _mm512_loadu_ps(s1 + 16 * u);
+    vc2[u] = same ? vc1[u] : _mm512_loadu_ps(c2 + 16 * u);
+    vs2[u] = same ? vs1[u] : _mm512_loadu_ps(s2 + 16 * u);
+  }
+}
+
+// bf16 rows on CPUs without AVX512-BF16, fp32 and fp16 rows, of R = 32 * kChunks (64 or 128): over
+// tokens b in [0, n_tok), rows x + xo[b] + r * sx, r in [0, nh), with table row cs[b] held in
+// registers, rows walked one after the other in memory order (rotate_avx512's arithmetic and
+// conversions, so the same bits). Against a call per row, here: bf16 with AVX512-BF16 turned
+// off 1.15-1.45x faster, every layout; fp32 at 512 tokens 1.12-1.15x out of place and
+// 1.2-1.4x in place, at 2048 tokens out of place (streamed) 1.4-1.8x, in place 1.14x on qkv
+// slices but 4-6% slower on the dense layouts. kN > 0: nh is kN, the rows unrolled (rotate_rows).
+template <typename scalar_t, bool same, int kChunks, int kN = 0>
+__attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, scalar_t* y, const int64_t* xo,
+                                                             const int64_t* yo, int64_t n_tok, int64_t nh, int64_t sx,
+                                                             int64_t sy, const CSTable<float>* cs,
+                                                             const WalkPrefetch& pf) {
+  constexpr int64_t half = 16 * kChunks;
+  const bool stream = pf.stream;  // (a local: pf could alias y for all the compiler knows)
+  for (int64_t b = 0; b < n_tok; ++b) {
+    const RowPrefetch rp = token_prefetch(pf, xo, yo, b, nh, sx, sy);
+    const CSTable<float>& t = cs[b];
+    __m512 vc1[kChunks], vs1[kChunks], vc2[kChunks], vs2[kChunks];
+    table_regs<same>(kChunks, t.c1, t.c2, t.s1, t.s2, vc1, vs1, vc2, vs2);
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < (kN > 0 ? kN : nh); ++r) {
+      const scalar_t* xr = x + xo[b] + r * sx;
+      scalar_t* yr = y + yo[b] + r * sy;
+      if (r < rp.rows) prefetch_row(xr + rp.ox(r), yr + rp.oy(r), rp.bytes, !stream);
+      for (int c = 0; c < kChunks; ++c) {
+        const __m512 a = x16_load(xr + 16 * c), bb = x16_load(xr + half + 16 * c);
+        x16_store(yr + 16 * c, _mm512_sub_ps(_mm512_mul_ps(a, vc1[c]), _mm512_mul_ps(bb, vs1[c])), stream);
+        x16_store(yr + half + 16 * c, _mm512_add_ps(_mm512_mul_ps(bb, vc2[c]), _mm512_mul_ps(a, vs2[c])), stream);
+      }
+    }
+  }
+}
+
+// bf16 rotate-half rows on CPUs with AVX512-BF16 (and BW, DQ): as rotate_avx512, 32 pairs per step,
+// narrowed by vcvtne2ps2bf16 (one instruction per 32 values, round to nearest even). It equals
+// store_out on every fp32 input but NaNs and denormals (checked over all 2^32 bit patterns: it
+// flushes denormals and keeps a NaN's sign), so a step whose results hold either is narrowed by
+// bf16x16_store instead (vfpclassps finds them).
+// The bf16 inputs are widened with vpermt2w (AVX512-BW), one instruction per 16 values instead of
+// vpmovzxwd + vpslld (the same fp32 values; 2-7% faster at 512-2048 tokens here: these rows are
+// bound by the vector units at one thread, ~11 cycles a step).
+// vpermt2w indices that widen 32 bf16 values (one zmm) to fp32, each value the high half of a
+// 32-bit lane (the low half from a zero vector): [0] values 0-15, [1] values 16-31.
+alignas(64) constexpr uint16_t kWiden[2][32] = {
+    {0, 32, 0, 33, 0, 34, 0, 35, 0, 36, 0, 37, 0, 38, 0, 39, 0, 40, 0, 41, 0, 42, 0, 43, 0, 44, 0, 45, 0, 46, 0, 47},
+    {0, 48, 0, 49, 0, 50, 0, 51, 0, 52, 0, 53, 0, 54, 0, 55, 0, 56, 0, 57, 0, 58, 0, 59, 0, 60, 0, 61, 0, 62, 0, 63}};
+// 32 pairs of one row: x[0, 32) with x[half, half + 32) (loaded: xa, xb) into y, with the table
+// values in vc*/vs*.
+template <bool same>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_step32(
+    __m512i xa, __m512i xb, c10::BFloat16* y, int64_t half, const __m512* vc1, const __m512* vs1, const __m512* vc2,
+    const __m512* vs2, bool stream) {
+  constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // vfpclassps: quiet NaN, denormal, signalling NaN
+  __m512 ya[2], yb[2];
+  __mmask16 odd = 0;
+  for (int u = 0; u < 2; ++u) {
+    const __m512i idx = _mm512_load_si512(kWiden[u]);
+    const __m512 a = _mm512_castsi512_ps(_mm512_permutex2var_epi16(_mm512_setzero_si512(), idx, xa));
+    const __m512 b = _mm512_castsi512_ps(_mm512_permutex2var_epi16(_mm512_setzero_si512(), idx, xb));
+    const __m512 c2 = same ? vc1[u] : vc2[u], s2 = same ? vs1[u] : vs2[u];
+    ya[u] = _mm512_sub_ps(_mm512_mul_ps(a, vc1[u]), _mm512_mul_ps(b, vs1[u]));
+    yb[u] = _mm512_add_ps(_mm512_mul_ps(b, c2), _mm512_mul_ps(a, s2));
+    odd = _kor_mask16(odd, _kor_mask16(_mm512_fpclass_ps_mask(ya[u], kNanOrDenormal),
+                                       _mm512_fpclass_ps_mask(yb[u], kNanOrDenormal)));
+  }
+  if (__builtin_expect(_kortestz_mask16_u8(odd, odd), 1)) {
+    const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ya[1], ya[0]));
+    const __m512i b = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb[1], yb[0]));
+    if (stream) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(y), a);
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(y + half), b);
+    } else {
+      _mm512_storeu_si512(y, a);
+      _mm512_storeu_si512(y + half, b);
+    }
+  } else {
+    for (int u = 0; u < 2; ++u) {
+      bf16x16_store(y + 16 * u, ya[u]);
+      bf16x16_store(y + half + 16 * u, yb[u]);
+    }
+  }
+}
+
+// vpermt2w indices pairing x1's 32 values (a zmm) with x2's: [u] lanes i = 0..15 of 32 bits hold
+// (x1[16 u + i], x2[16 u + i]).
+alignas(64) constexpr uint16_t kPairUp[2][32] = {
+    {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47},
+    {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
+     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63}};
+// bf16 results of at least 2^-97 in magnitude (their exponent field, doubled: the sign shifted out)
+// are exact from bf16_dp_step32 (see there); smaller ones, zeros and NaNs go the exact way.
+constexpr int16_t kDpMinTwice = 2 * 0x0F00;
+constexpr int16_t kInfTwice = static_cast<int16_t>(2 * 0x7F80);
+
+// bf16 tables for vdpbf16ps, straight from bf16 cos/sin runs (the table values of rotate_tokens'
+// plain rows: c1, c2, s1, s2, the sin runs negated with `neg`): per pair i, 32-bit lanes
+// (c1[i], -s1[i]) then (s2[i], c2[i]), x1's factor in the low half, x2's in the high one, into
+// `out` (2 * half lanes, half a multiple of 32). True when every value is zero or normal and at
+// most 2 in magnitude (YaRN-style scaled cos/sin stay under it): with bf16 values, what makes
+// bf16_dp_step32 exact. *same: whether c2, s2 equal c1, s1 bit for bit (then the second lanes are
+// the first ones' halves swapped, see bf16_rows_avx512bf16).
+__attribute__((target("avx512f,avx512bw"))) bool bf16_pair_table(const c10::BFloat16* c1, const c10::BFloat16* c2,
+                                                                 const c10::BFloat16* s1, const c10::BFloat16* s2,
+                                                                 bool neg, int64_t half, uint32_t* out, bool* same) {
+  const __m512i sign = _mm512_set1_epi16(static_cast<int16_t>(0x8000)), mag = _mm512_set1_epi16(0x7FFF);
+  const __m512i one = _mm512_set1_epi16(1), two = _mm512_set1_epi16(0x4000), small = _mm512_set1_epi16(0x007F);
+  const __m512i neg_s1 = neg ? _mm512_setzero_si512() : sign, neg_s2 = neg ? sign : _mm512_setzero_si512();
+  __mmask32 bad = 0, differ = 0;
+  for (int64_t i = 0; i < half; i += 32) {
+    const __m512i cc1 = _mm512_loadu_si512(c1 + i), cc2 = _mm512_loadu_si512(c2 + i);
+    const __m512i ss1 = _mm512_loadu_si512(s1 + i), ss2 = _mm512_loadu_si512(s2 + i);
+    differ |= _mm512_cmpneq_epi16_mask(cc1, cc2) | _mm512_cmpneq_epi16_mask(ss1, ss2);
+    const __m512i v[4] = {cc1, cc2, _mm512_xor_si512(ss1, neg_s1), _mm512_xor_si512(ss2, neg_s2)};
+    for (const __m512i& x : v) {  // over 2, or denormal (magnitude - 1 under 0x7F)
+      const __m512i m = _mm512_and_si512(x, mag);
+      bad |= _mm512_cmpgt_epu16_mask(m, two) | _mm512_cmplt_epu16_mask(_mm512_sub_epi16(m, one), small);
+    }
+    for (int u = 0; u < 2; ++u) {
+      const __m512i idx = _mm512_load_si512(kPairUp[u]);
+      _mm512_storeu_si512(out + i + 16 * u, _mm512_permutex2var_epi16(v[0], idx, v[2]));
+      _mm512_storeu_si512(out + half + i + 16 * u, _mm512_permutex2var_epi16(v[3], idx, v[1]));
+    }
+  }
+  *same = differ == 0;
+  return bad == 0;
+}
+
+// bf16_step32 with the table values taken back from their vdpbf16ps lanes (t1 the step's first
+// 32, t1 + half its second: bf16_pair_table; the same fp32 values, bf16 ones): bf16_dp_step32's
+// fallback.
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), noinline, cold)) void bf16_step32_lanes(
+    const c10::BFloat16* x, c10::BFloat16* y, int64_t half, const uint32_t* t1, bool stream) {
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), sign = _mm512_set1_epi32(INT32_MIN);
+  __m512 vc1[2], vs1[2], vc2[2], vs2[2];
+  for (int u = 0; u < 2; ++u) {
+    const __m512i a = _mm512_loadu_si512(t1 + 16 * u), b = _mm512_loadu_si512(t1 + half + 16 * u);
+    vc1[u] = _mm512_castsi512_ps(_mm512_slli_epi32(a, 16));
+    vs1[u] = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_and_si512(a, hi), sign));
+    vs2[u] = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));
+    vc2[u] = _mm512_castsi512_ps(_mm512_and_si512(b, hi));
+  }
+  bf16_step32<false>(_mm512_loadu_si512(x), _mm512_loadu_si512(x + half), y, half, vc1, vs1, vc2, vs2, stream);
+}
+
+// bf16_step32 through vdpbf16ps (AVX512-BF16's pairwise dot product): x1 and x2's values of a
+// pair side by side in a 32-bit lane, one instruction gives x1*c1 - x2*s1 (table lanes t1,
+// bf16_pair_table), another x2*c2 + x1*s2 (t2): 4 dot products, 2 permutes a step instead of 8
+// multiplies, 4 adds and 4 widening permutes (Zen 4, L1-resident rows: 1.5 ns a step rather than
+// 3.1; bf16 rows were bound by the vector units at one thread). The same bits as bf16_step32,
+// checked on every step's results: vdpbf16ps is an fp32 FMA with round to nearest even, denormal
+// inputs read as zero and denormal results flushed. A product of two bf16 values is exact in fp32 unless under 2^-126 in
+// magnitude, and a denormal x times a table value (at most 2) is under 2^-125, so every product
+// it gets wrong is under 2^-125; a result of at least 2^-97 then comes from an exact product of
+// at least 2^-99, whose fp32 neighbours are 2^-123 or more apart: adding the other product (exact,
+// or under 2^-125 either way) rounds the same in both, so the fp32 results are equal (and so their
+// vcvtne2ps2bf16 narrowing, exact for normal values). Infinities come from the same exact
+// products on both paths. Steps with a result under 2^-97, zero (signs of zero) or NaN
+// (payloads) store nothing and return false: the caller redoes them by bf16_step32
+// (bf16_step32_lanes, from the step's lanes in memory, t1 and t2's), in place too, as the step's x
+// is still unchanged. The caller decides where that call goes: the unrolled rows make it after
+// their group, so that no call sits among their 16 zmm of loaded x (live across a call, they
+// would be spilled). xa, xb: x[0, 32) and x[half, half + 32).
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline bool bf16_dp_step32(
+    __m512i xa, __m512i xb, c10::BFloat16* y, int64_t half, const __m512i* t1, const __m512i* t2, bool stream) {
+  __m512 ya[2], yb[2];
+  for (int u = 0; u < 2; ++u) {
+    const __m512bh pr = reinterpret_cast<__m512bh>(_mm512_permutex2var_epi16(xa, _mm512_load_si512(kPairUp[u]), xb));
+    ya[u] = _mm512_dpbf16_ps(_mm512_setzero_ps(), pr, reinterpret_cast<__m512bh>(t1[u]));
+    yb[u] = _mm512_dpbf16_ps(_mm512_setzero_ps(), pr, reinterpret_cast<__m512bh>(t2[u]));
+  }
+  const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ya[1], ya[0]));
+  const __m512i b = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb[1], yb[0]));
+  const __m512i wa = _mm512_add_epi16(a, a), wb = _mm512_add_epi16(b, b);  // magnitudes, doubled
+  const __mmask32 big = _mm512_cmpge_epu16_mask(_mm512_min_epu16(wa, wb), _mm512_set1_epi16(kDpMinTwice));
+  const __mmask32 ok = _mm512_mask_cmple_epu16_mask(big, _mm512_max_epu16(wa, wb), _mm512_set1_epi16(kInfTwice));
+  if (__builtin_expect(ok != 0xFFFFFFFFu, 0)) return false;
+  if (stream) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(y), a);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(y + half), b);
+  } else {
+    _mm512_storeu_si512(y, a);
+    _mm512_storeu_si512(y + half, b);
+  }
+  return true;
+}
+
+// n rows, x + r * sx for r in [0, n) (heads of a token, which share its table row), with the
+// table values in registers: a row of kChunks * 32 pairs holds all of them (8 zmm for R = 128
+// with same tables) and the rows are walked one after the other, each in memory order; longer
+// rows (kChunks = 0) load 32 pairs' values at a time and apply them to every row before the next
+// 32 (each row then visited in pieces: out of place at 2048 tokens ~1.4x slower than in order,
+// the write streams interleaved). Against one call per row: 1.3-1.8x on bf16 rows here. Row
+// r < pf.rows also prefetches its row pf.ox(r) (pf.oy(r)) elements ahead before it is rotated.
+// kDp: steps through vdpbf16ps with the token's bf16_pairs (bf16_dp_step32), else bf16_step32.
+// kN > 0: n is kN, the rows unrolled (rotate_rows).
+template <bool same, int kChunks, bool kDp, int kN = 0>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_rows_avx512bf16(
+    const c10::BFloat16* x, c10::BFloat16* y, int64_t n, int64_t sx, int64_t sy, int64_t half, const float* c1,
+    const float* c2, const float* s1, const float* s2, const uint32_t* pairs, const RowPrefetch& pf, bool stream) {
+  // Lambdas would lose this function's target attribute (and the intrinsics with it): the two
+  // kinds of step are spelled out below.
+  constexpr int kRegs = 2 * (kChunks > 0 ? kChunks : 1);
+  __m512 vc1[kRegs], vs1[kRegs], vc2[kRegs], vs2[kRegs];  // fp32 table values (bf16_step32)
+  __m512i t1[kRegs], t2[kRegs];                           // vdpbf16ps lanes (bf16_dp_step32)
+  constexpr int64_t kPairs = kChunks > 0 ? 32 * kChunks : 32;  // pairs whose table values are in registers
+  int64_t i = 0;
+  for (; i + 32 <= half; i += kPairs) {
+    if constexpr (kDp) {
+      for (int u = 0; u < kPairs / 16; ++u) {
+        t1[u] = _mm512_loadu_si512(pairs + i + 16 * u);
+        // same: (s2, c2) = (s1, c1), t1's halves swapped, -s1's sign dropped (half the table's
+        // bytes read: a head-major walk reads a table row for every few rows)
+        t2[u] = same ? _mm512_xor_si512(_mm512_rol_epi32(t1[u], 16), _mm512_set1_epi32(0x8000))
+                     : _mm512_loadu_si512(pairs + half + i + 16 * u);
+      }
+    } else {
+      table_regs<same>(static_cast<int>(kPairs / 16), c1 + i, c2 + i, s1 + i, s2 + i, vc1, vs1, vc2, vs2);
+    }
+    if constexpr (kN > 0 && kChunks > 0) {
+      // Unrolled rows (one step of i): every row's values loaded before the first store (16 zmm
+      // for R = 128). In place, head h + 1's row of a token lies S * D * 2 bytes (a multiple of
+      // 4 KB) past head h's, so its loads would follow a store at the same address modulo 4 KB,
+      // which the CPU holds them behind (4K aliasing). [B, H, S, D], 512 tokens, against a row
+      // at a time (side by side, order rotated): 1 thread in place 0.139 -> 0.106 ms (unrolled
+      // but a row at a time: slower than the loop), and out of place too (more loads in flight):
+      // forward 0.177 -> 0.148, backward 0.211 -> 0.175; 2 threads 0.080 -> 0.062, 0.097 ->
+      // 0.087, 0.122 -> 0.110; 2048 tokens forward 0.709 -> 0.668, backward 0.777 -> 0.731.
+      __m512i xa[kN][kChunks], xb[kN][kChunks];
+      uint32_t redo = 0;  // bf16_dp_step32's steps left to bf16_step32_lanes: bit r * kChunks + c
+#pragma GCC unroll 8
+      for (int r = 0; r < kN; ++r) {
+        for (int c = 0; c < kChunks; ++c) {
+          xa[r][c] = _mm512_loadu_si512(x + r * sx + 32 * c);
+          xb[r][c] = _mm512_loadu_si512(x + r * sx + half + 32 * c);
+        }
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < kN; ++r) {
+        if (r < pf.rows) prefetch_row(x + r * sx + pf.ox(r), y + r * sy + pf.oy(r), pf.bytes, !stream);
+        for (int c = 0; c < kChunks; ++c) {
+          if constexpr (kDp) {
+            if (!bf16_dp_step32(xa[r][c], xb[r][c], y + r * sy + 32 * c, half, t1 + 2 * c, t2 + 2 * c, stream)) {
+              redo |= 1u << (r * kChunks + c);
+            }
+          } else {
+            bf16_step32<same>(xa[r][c], xb[r][c], y + r * sy + 32 * c, half, vc1 + 2 * c, vs1 + 2 * c, vc2 + 2 * c,
+                              vs2 + 2 * c, stream);
+          }
+        }
+      }
+      for (; redo != 0; redo &= redo - 1) {
+        const int r = __builtin_ctz(redo) / kChunks, c = __builtin_ctz(redo) % kChunks;
+        bf16_step32_lanes(x + r * sx + 32 * c, y + r * sy + 32 * c, half, pairs + 32 * c, stream);
+      }
+      continue;
+    }
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < n; ++r) {
+      if (i == 0 && r < pf.rows) prefetch_row(x + r * sx + pf.ox(r), y + r * sy + pf.oy(r), pf.bytes, !stream);
+      for (int64_t j = 0; j < kPairs; j += 32) {
+        const int u = static_cast<int>(j / 16);
+        const c10::BFloat16* xr = x + r * sx + i + j;
+        const __m512i xa = _mm512_loadu_si512(xr), xb = _mm512_loadu_si512(xr + half);
+        if constexpr (kDp) {
+          if (!bf16_dp_step32(xa, xb, y + r * sy + i + j, half, t1 + u, t2 + u, stream)) {
+            bf16_step32_lanes(xr, y + r * sy + i + j, half, pairs + i + j, stream);
+          }
+        } else {
+          bf16_step32<same>(xa, xb, y + r * sy + i + j, half, vc1 + u, vs1 + u, vc2 + u, vs2 + u, stream);
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < n && i < half; ++r) {
+    const c10::BFloat16* xr = x + r * sx;
+    c10::BFloat16* yr = y + r * sy;
+    for (int64_t j = i; j < half; ++j) {
+      const float a = load_acc<c10::BFloat16, float>(xr + j), b = load_acc<c10::BFloat16, float>(xr + half + j);
+      float ya, yb;
+      rotate_pair(a, b, PairCS<float>{c1[j], c2[j], s1[j], s2[j]}, ya, yb);
+      store_out<c10::BFloat16, float>(yr + j, ya);
+      store_out<c10::BFloat16, float>(yr + half + j, yb);
+    }
+  }
+}
+
+// One token's n rows (bf16_rows_avx512bf16) with its table t, the row size picked.
+template <bool same, bool kDp, int kN>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_token_rows(
+    const c10::BFloat16* x, c10::BFloat16* y, int64_t n, int64_t sx, int64_t sy, int64_t half, const CSTable<float>& t,
+    const RowPrefetch& rp, bool stream) {
+  if (half == 64) {
+    bf16_rows_avx512bf16<same, 2, kDp, kN>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, stream);
+  } else if (half == 32) {
+    bf16_rows_avx512bf16<same, 1, kDp, kN>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, stream);
+  } else {
+    bf16_rows_avx512bf16<same, 0, kDp>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, stream);
+  }
+}
+
+// bf16_rows_avx512bf16 over tokens b in [0, n_tok): rows x + xo[b] + r * sx, r in [0, nh), with
+// table row cs[b]. One call per block of a head-major walk, not one per token (at 4 heads a call:
+// out of place 5-12% faster, in place up to 7%). kN > 0: nh is kN, the rows unrolled (rotate_rows).
+// The walk is compiled for each kind of store (kStream: pf.stream), so that no step branches on it
+// (GCC laid the unrolled rows out 10-15% slower with some spellings of that branch than with
+// others: [B, H, S, D] at 512 tokens, 1 thread, in place 0.117-0.120 ms against 0.105-0.113,
+// builds compared runs apart; without the branch 0.110-0.113).
+template <bool same, int kN, bool kStream>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_tokens(
+    const c10::BFloat16* x, c10::BFloat16* y, const int64_t* xo, const int64_t* yo, int64_t n_tok, int64_t nh,
+    int64_t sx, int64_t sy, int64_t half, const CSTable<float>* cs, const WalkPrefetch& pf) {
+  for (int64_t b = 0; b < n_tok; ++b) {
+    const RowPrefetch rp = token_prefetch(pf, xo, yo, b, nh, sx, sy);
+    const CSTable<float>& t = cs[b];
+    if (t.bf16_pairs) {
+      bf16_token_rows<same, true, kN>(x + xo[b], y + yo[b], nh, sx, sy, half, t, rp, kStream);
+    } else {
+      bf16_token_rows<same, false, kN>(x + xo[b], y + yo[b], nh, sx, sy, half, t, rp, kStream);
+    }
+  }
+}
+
+template <bool same, int kN = 0>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void rotate_bf16_tokens_avx512bf16(
+    const c10::BFloat16* x, c10::BFloat16* y, const int64_t* xo, const int64_t* yo, int64_t n_tok, int64_t nh,
+    int64_t sx, int64_t sy, int64_t half, const CSTable<float>* cs, const WalkPrefetch& pf) {
+  if (pf.stream) {
+    bf16_tokens<same, kN, true>(x, y, xo, yo, n_tok, nh, sx, sy, half, cs, pf);
+  } else {
+    bf16_tokens<same, kN, false>(x, y, xo, yo, n_tok, nh, sx, sy, half, cs, pf);
+  }
+}
+#endif
+
+// Orders this thread's non-temporal stores (WalkPrefetch::stream) before whatever reads y next:
+// once, at the end of a walk (rotate_tokens). A fence after each token's rows, as a call that
+// streams one token would need, waits for its stores to drain: token-major walks 1.6x slower.
+inline void stream_fence() {
+#ifdef RK_HAVE_AVX512_BF16_PATH
+  _mm_sfence();
+#endif
+}
+
+// The instruction sets the row paths use, as found on this CPU at load time.
+struct CpuIsa {
+  bool f16c;        // F16C (fp16 rows convert 8 elements per instruction)
+  bool avx512;      // AVX-512F (row kernels rotate_tokens_avx512 and rotate_avx512)
+  bool avx512bf16;  // and AVX512-BF16, BW and DQ (bf16 rows take rotate_bf16_tokens_avx512bf16)
+};
+
+// n values of a contiguous cos or sin run into accumulator precision (the same values whichever
+// way): fp16 through F16C's vcvtph2ps where the CPU has it (load_acc's portable fp16 conversion
+// does not vectorise: fp16 tables made a 2048-token fp16 call 1.6x slower than fp32 ones here),
+// everything else through load_acc.
+template <typename cs_t, typename acc_t>
+inline void load_run(const cs_t* src, acc_t* dst, int64_t n, const CpuIsa& isa) {
+#ifdef RK_HAVE_F16C_PATH
+  if constexpr (std::is_same_v<cs_t, c10::Half> && std::is_same_v<acc_t, float>) {
+    if (isa.f16c) {
+      half_to_float_f16c(src, dst, n);
+      return;
+    }
+  }
+#endif
+  (void)isa;
+  for (int64_t i = 0; i < n; ++i) dst[i] = load_acc<cs_t, acc_t>(src + i);
+}
+
+#ifdef RK_HAVE_F16C_PATH
+// The instruction sets found on this CPU, capped by the environment variable
+// ROTARY_KERNELS_CPU_ISA: "avx512" (no AVX512-BF16 kernel), "avx2" (no AVX-512 kernel),
+// "default" (none of these explicit paths; the compiler's multiversioned loops still pick their
+// own), so that every path can be tested and timed on one machine. Read once per process.
+CpuIsa cpu_isa() {
+  const char* env = std::getenv("ROTARY_KERNELS_CPU_ISA");
+  const std::string cap = env ? env : "";
+  const int level = cap.empty() ? 3 : cap == "avx512" ? 2 : cap == "avx2" ? 1 : cap == "default" ? 0 : -1;
+  RK_CHECK(level >= 0, "ROTARY_KERNELS_CPU_ISA must be one of avx512, avx2, default (or unset), got '", cap, "'");
+  const bool avx512 = level >= 2 && __builtin_cpu_supports("avx512f");
+  return {level >= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c"), avx512,
+          level >= 3 && avx512 && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("avx512bf16")};
+}
+#endif
+
+template <typename scalar_t, typename acc_t, bool interleaved>
+inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd, int64_t D, int64_t half,
+                               bool copy_pass, const CSTable<acc_t>& cs, bool same, const CpuIsa& isa);
+
+// `swap`: swap_layout rows (rotate_row_swapped); the other instances are the row paths as they are.
+template <typename scalar_t, typename acc_t, bool interleaved, bool swap = false>
+inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd, int64_t D, int64_t half,
+                       bool copy_pass, const CSTable<acc_t>& cs, bool same, const CpuIsa& isa) {
+  if constexpr (swap) {
+    rotate_row_swapped<scalar_t, acc_t, interleaved>(x, y, sxd, syd, D, half, copy_pass, cs, same, isa);
+    return;
+  }
+#ifdef RK_HAVE_AVX512_BF16_PATH
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && !interleaved) {
+    if (isa.avx512bf16 && sxd == 1 && syd == 1 && half % 32 == 0) {
+      const int64_t zero = 0;
+      if (same) {
+        rotate_bf16_tokens_avx512bf16<true>(x, y, &zero, &zero, 1, 1, 0, 0, half, &cs, WalkPrefetch{});
+      } else {
+        rotate_bf16_tokens_avx512bf16<false>(x, y, &zero, &zero, 1, 1, 0, 0, half, &cs, WalkPrefetch{});
+      }
+      if (copy_pass) std::memcpy(y + 2 * half, x + 2 * half, (D - 2 * half) * sizeof(scalar_t));
+      return;
+    }
+    if (isa.avx512 && sxd == 1 && syd == 1) {
+      if (same) {
+        rotate_avx512<scalar_t, true>(x, y, half, cs.c1, cs.c2, cs.s1, cs.s2);
+      } else {
+        rotate_avx512<scalar_t, false>(x, y, half, cs.c1, cs.c2, cs.s1, cs.s2);
+      }
+      if (copy_pass) std::memcpy(y + 2 * half, x + 2 * half, (D - 2 * half) * sizeof(scalar_t));
+      return;
+    }
+  }
+#endif
+#ifdef RK_HAVE_F16C_PATH
+  if constexpr (std::is_same_v<scalar_t, c10::Half>) {
+    if (isa.f16c && sxd == 1 && syd == 1 && 2 * half <= kF16cRow) {
+      float buf[kF16cRow];
+      half_to_float_f16c(x, buf, 2 * half);
+      if (same) {
+        rotate_contig<float, float, interleaved, true>(buf, buf, half, cs);
+      } else {
+        rotate_contig<float, float, interleaved, false>(buf, buf, half, cs);
+      }
+      float_to_half_f16c(buf, y, 2 * half);
+      if (copy_pass) std::memcpy(y + 2 * half, x + 2 * half, (D - 2 * half) * sizeof(scalar_t));
+      return;
+    }
+  }
+#endif
+  (void)isa;
+  if (sxd == 1 && syd == 1) {
+    if (same) {
+      rotate_contig<scalar_t, acc_t, interleaved, true>(x, y, half, cs);
+    } else {
+      rotate_contig<scalar_t, acc_t, interleaved, false>(x, y, half, cs);
+    }
+  } else {
+    for (int64_t i = 0; i < half; ++i) {
+      const int64_t j1 = pair_first(i, interleaved), j2 = pair_second(i, half, interleaved);
+      acc_t y1, y2;
+      rotate_pair(load_acc<scalar_t, acc_t>(x + j1 * sxd), load_acc<scalar_t, acc_t>(x + j2 * sxd), cs.at(i), y1, y2);
+      store_out<scalar_t, acc_t>(y + j1 * syd, y1);
+      store_out<scalar_t, acc_t>(y + j2 * syd, y2);
+    }
+  }
+  if (copy_pass) {
+    for (int64_t j = 2 * half; j < D; ++j) y[j * syd] = x[j * sxd];
+  }
+}
+
+// swap_layout rows (MLA's rope, rotary_math.h): pair i read at its place in x's layout
+// (`interleaved`) and written at its place in the other one. A row with a unit head-dim stride on
+// either side is moved between the layouts in a buffer, a shuffle of x's own values, and rotated
+// half-split by rotate_row (its vectorised paths, the same arithmetic per pair, so the same bits):
+// interleaved x is de-interleaved first, a half-split result is interleaved after. Other rows
+// take the pairs one by one. Out of place (checked by the op): y never aliases x.
+constexpr int64_t kSwapRow = 1024;  // longest rotary span (R) taken through the buffer
+
+// A pair (2i, 2i + 1) of 16- or 32-bit values as one word: the shuffles between the layouts are
+// then shifts and narrowing moves, which the compiler vectorises (element copies it does not).
+template <typename scalar_t>
+using PairWord = std::conditional_t<sizeof(scalar_t) == 2, uint32_t, uint64_t>;
+
+// out[i] = x[2 i], out[half + i] = x[2 i + 1].
+template <typename scalar_t>
+inline void deinterleave_row(const scalar_t* x, scalar_t* out, int64_t half) {
+  if constexpr (sizeof(scalar_t) <= 4) {
+    using W = PairWord<scalar_t>;
+    using E = std::conditional_t<sizeof(scalar_t) == 2, uint16_t, uint32_t>;
+    constexpr int kBits = 8 * sizeof(scalar_t);
+    E lo[kSwapRow / 2], hi[kSwapRow / 2];
+    for (int64_t i = 0; i < half; ++i) {
+      W w;
+      std::memcpy(&w, x + 2 * i, sizeof(W));
+      lo[i] = static_cast<E>(w);
+      hi[i] = static_cast<E>(w >> kBits);
+    }
+    std::memcpy(out, lo, half * sizeof(E));
+    std::memcpy(out + half, hi, half * sizeof(E));
+  } else {
+    for (int64_t i = 0; i < half; ++i) {
+      out[i] = x[2 * i];
+      out[half + i] = x[2 * i + 1];
+    }
+  }
+}
+
+// y[2 i] = in[i], y[2 i + 1] = in[half + i].
+template <typename scalar_t>
+inline void interleave_row(const scalar_t* in, scalar_t* y, int64_t half) {
+  if constexpr (sizeof(scalar_t) <= 4) {
+    using W = PairWord<scalar_t>;
+    using E = std::conditional_t<sizeof(scalar_t) == 2, uint16_t, uint32_t>;
+    constexpr int kBits = 8 * sizeof(scalar_t);
+    E lo[kSwapRow / 2], hi[kSwapRow / 2];
+    W w[kSwapRow / 2];
+    std::memcpy(lo, in, half * sizeof(E));
+    std::memcpy(hi, in + half, half * sizeof(E));
+    for (int64_t i = 0; i < half; ++i) w[i] = static_cast<W>(lo[i]) | (static_cast<W>(hi[i]) << kBits);
+    std::memcpy(y, w, half * sizeof(W));
+  } else {
+    for (int64_t i = 0; i < half; ++i) {
+      y[2 * i] = in[i];
+      y[2 * i + 1] = in[half + i];
+    }
+  }
+}
+
+// bf16 rows with unit strides: the pair (2i, 2i + 1) of the interleaved side is one 32-bit word,
+// whose halves shifted into place are the two values as fp32 (read) or which the two rounded
+// values make (written): no shuffle at all, one loop the compiler vectorises. Same arithmetic and
+// conversions as rotate_contig (load_acc / store_out), so the same bits.
+// store_out's rounding of v to bf16 (nearest even, NaN -> 0x7FC0), as the low 16 bits.
+inline uint32_t bf16_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  return (v != v) ? 0x7FC0u : r;
+}
+
+template <bool interleaved>
+inline void rotate_bf16_swapped(const c10::BFloat16* x, c10::BFloat16* y, int64_t half, const CSTable<float>& cs) {
+  const float *c1 = cs.c1, *c2 = cs.c2, *s1 = cs.s1, *s2 = cs.s2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    float a, b, ya, yb;
+    if constexpr (interleaved) {
+      uint32_t w;
+      std::memcpy(&w, x + 2 * i, 4);
+      const uint32_t ua = w << 16, ub = w & 0xFFFF0000u;
+      std::memcpy(&a, &ua, 4);
+      std::memcpy(&b, &ub, 4);
+    } else {
+      a = load_acc<c10::BFloat16, float>(x + i);
+      b = load_acc<c10::BFloat16, float>(x + half + i);
+    }
+    rotate_pair(a, b, PairCS<float>{c1[i], c2[i], s1[i], s2[i]}, ya, yb);
+    if constexpr (interleaved) {
+      store_out<c10::BFloat16, float>(y + i, ya);
+      store_out<c10::BFloat16, float>(y + half + i, yb);
+    } else {
+      const uint32_t w = bf16_bits(ya) | (bf16_bits(yb) << 16);
+      std::memcpy(y + 2 * i, &w, 4);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t, bool interleaved>
+inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd, int64_t D, int64_t half,
+                               bool copy_pass, const CSTable<acc_t>& cs, bool same, const CpuIsa& isa) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
+    if (sxd == 1 && syd == 1) {
+      rotate_bf16_swapped<interleaved>(x, y, half, cs);
+      if (copy_pass) std::memcpy(y + 2 * half, x + 2 * half, (D - 2 * half) * sizeof(scalar_t));
+      return;
+    }
+  }
+  if (2 * half <= kSwapRow && (interleaved ? sxd == 1 : syd == 1)) {
+    scalar_t buf[kSwapRow];
+    if constexpr (interleaved) {  // de-interleave x, rotate half-split into y
+      deinterleave_row(x, buf, half);
+      rotate_row<scalar_t, acc_t, false>(buf, y, 1, syd, 2 * half, half, false, cs, same, isa);
+    } else {  // rotate half-split into the buffer, interleave it into y
+      rotate_row<scalar_t, acc_t, false>(x, buf, sxd, 1, 2 * half, half, false, cs, same, isa);
+      interleave_row(buf, y, half);
+    }
+  } else {
+    for (int64_t i = 0; i < half; ++i) {
+      acc_t y1, y2;
+      rotate_pair(load_acc<scalar_t, acc_t>(x + pair_first(i, interleaved) * sxd),
+                  load_acc<scalar_t, acc_t>(x + pair_second(i, half, interleaved) * sxd), cs.at(i), y1, y2);
+      store_out<scalar_t, acc_t>(y + pair_first(i, !interleaved) * syd, y1);
+      store_out<scalar_t, acc_t>(y + pair_second(i, half, !interleaved) * syd, y2);
+    }
+  }
+  if (copy_pass) {
+    for (int64_t j = 2 * half; j < D; ++j) y[j * syd] = x[j * sxd];
+  }
+}
+
+// Do o's rows have a kernel that rotates many rows a call (rotate_rows)? Rotate-half rows with a
+// contiguous head dim on CPUs with AVX-512F: bf16 with AVX512-BF16 R a multiple of 64
+// (rotate_bf16_tokens_avx512bf16), without it R = 64 or 128 (rotate_tokens_avx512); fp32 and
+// fp16 of R = 64 or 128 (rotate_tokens_avx512; fp16 2x faster than a row at a time through the
+// F16C buffer, 512 and 2048 tokens, every layout). The other rows are taken one by one
+// (rotate_row).
+template <typename scalar_t, bool interleaved, bool swap>
+inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa& isa) {
+#ifdef RK_HAVE_AVX512_BF16_PATH
+  if constexpr (!interleaved && !swap) {
+    if (o.sx.d != 1 || o.sy.d != 1) return false;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      return isa.avx512bf16 ? half % 32 == 0 : isa.avx512 && (half == 32 || half == 64);
+    }
+    if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::Half>) {
+      return isa.avx512 && (half == 32 || half == 64);
+    }
+  }
+#endif
+  (void)o, (void)half, (void)isa;
+  return false;
+}
+
+// Does a head-major walk's group of nh heads x -> y (rows of `half` pairs; from_memory: the walk's
+// operands are too large for L3, kPrefetchMin) go through rotate_rows unrolled (see there)?
+// Groups of 4 out of place; bf16 rows on the AVX512-BF16 kernel only where it unrolls them (R = 64
+// or 128: bf16_token_rows), and there in place too from L3, as that kernel loads all 4 rows
+// before it stores any (bf16_rows_avx512bf16; from memory, at 2048 tokens: 4-10% slower unrolled).
+template <typename scalar_t>
+inline bool rows_unrolled(const scalar_t* x, const scalar_t* y, int64_t nh, int64_t half, const CpuIsa& isa,
+                          bool from_memory) {
+  if (nh != 4) return false;
+  if (std::is_same_v<scalar_t, c10::BFloat16> && isa.avx512bf16) {
+    return (half == 32 || half == 64) && (x != y || !from_memory);
+  }
+  return x != y;
+}
+
+// Rows x + xo[b] + r * o.sx.h (y + yo[b] + r * o.sy.h) of tokens b in [0, n_tok) and heads r in
+// [0, nh), token b's rotated with table row cs[b], in one call; only for operands that
+// rows_at_once accepts. unrolled: nh is 4, a head-major group that rows_unrolled unrolls.
+template <typename scalar_t, typename acc_t, bool interleaved, bool swap>
+inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t* y, const int64_t* xo,
+                        const int64_t* yo, int64_t n_tok, int64_t nh, int64_t D, int64_t half,
+                        const CSTable<acc_t>* cs, bool same, const CpuIsa& isa, const WalkPrefetch& pf,
+                        bool unrolled = false) {
+#ifdef RK_HAVE_AVX512_BF16_PATH
+  if constexpr ((std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, float> ||
+                 std::is_same_v<scalar_t, c10::Half>) &&
+                !interleaved && !swap) {
+    // 4 rows a token (a head-major walk's group of heads, rows_unrolled): the row loop unrolled, each
+    // row's loads their own instructions, which from token to token step by one row: a constant
+    // stride per instruction, what the CPU's stride prefetcher follows (one loop over the 4 rows
+    // jumps between their runs). 512 tokens of [B, H, S, D], 1 thread, side by side (one process,
+    // the order of the variants rotated each round; loop -> unrolled, ms): fp32 forward 0.398 ->
+    // 0.353, backward 0.470 -> 0.370; fp16 0.177 -> 0.175, 0.208 -> 0.200; bf16 (AVX512-BF16)
+    // forward 0.156 -> 0.138, in place 0.113 -> 0.103, backward 0.180 -> 0.165 with the loads
+    // unrolled too (bf16_rows_avx512bf16; unrolled a row at a time it was slower than the loop:
+    // 0.177, 0.115, 0.198). In place the loop stays but for that bf16 kernel (fp32 unrolled in
+    // place: 5% slower at 2048 tokens).
+    auto run = [&](auto same_tag, auto n_tag) {
+      constexpr bool kSame = decltype(same_tag)::value;
+      constexpr int kN = decltype(n_tag)::value;
+      if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+        if (isa.avx512bf16) {
+          rotate_bf16_tokens_avx512bf16<kSame, kN>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, half, cs, pf);
+          return;
+        }
+      }
+      if (half == 64) {
+        rotate_tokens_avx512<scalar_t, kSame, 4, kN>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf);
+      } else {
+        rotate_tokens_avx512<scalar_t, kSame, 2, kN>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf);
+      }
+    };
+    using Loop = std::integral_constant<int, 0>;
+    using Four = std::integral_constant<int, 4>;
+    if (same) {
+      unrolled ? run(std::true_type{}, Four{}) : run(std::true_type{}, Loop{});
+    } else {
+      unrolled ? run(std::false_type{}, Four{}) : run(std::false_type{}, Loop{});
+    }
+    for (int64_t b = 0; b < n_tok && o.copy_pass; ++b) {
+      for (int64_t r = 0; r < nh; ++r) {
+        std::memcpy(y + yo[b] + r * o.sy.h + 2 * half, x + xo[b] + r * o.sx.h + 2 * half,
+                    (D - 2 * half) * sizeof(scalar_t));
+      }
+    }
+    return;
+  }
+#endif
+  (void)o, (void)x, (void)y, (void)xo, (void)yo, (void)n_tok, (void)nh, (void)D, (void)half, (void)cs, (void)same,
+      (void)isa, (void)pf;
+  TORCH_INTERNAL_ASSERT(false, "rotary: rotate_rows on rows without a rows kernel");
+}
+
+template <typename scalar_t, typename cs_t>
+struct CpuParams {
+  Operand<scalar_t> ops[2];
+  int n_ops;
+  const cs_t* cp;
+  const cs_t* sp;
+  CSStrides sc, ss;
+  const cs_t* ckp;  // k's own tables (cos_k/sin_k) when k_tables
+  const cs_t* skp;
+  CSStrides sck, ssk;
+  bool k_tables;
+  int tset[2];  // the table set (0: cos/sin, 1: cos_k/sin_k) each operand reads
+  bool pair_tables;  // tables [..., R/2]: one entry per pair (rotary_math.h table_index)
+  TokenIndex ti;
+  int64_t S, D, half;
+  bool conj;
+  CpuIsa isa;
+  bool prefetch;  // large enough to stream from memory (software prefetch pays off)
+};
+
+#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#define RK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), flatten))
+#else
+#define RK_CPU_CLONES
+#endif
+
+// Loop order (issue 19). A thread's tokens [begin, end) are taken a block at a time: the
+// block's cos/sin tables are built once, then the rows are walked in the order they lie in
+// memory, picked from the canonical strides:
+//   - token-major operands (|stride h| <= |stride s|: [B, S, H, D], packed tokens [T, H, D],
+//     slices of a packed qkv, transformers' transposed view of [B, S, H, D]): blocks of kTokBlock
+//     tokens (tables of kTokBlock * R accumulator values: 32 KB for R = 128 in fp32, held in L1
+//     while the block's rows read them), or where the walk prefetches rows ahead (rows taken at
+//     once, from memory or fp32), kTokBlockRowsAhead (fewer switches between q's and k's
+//     streams); token outer, then q's heads, then k's, which is memory order for a packed qkv
+//     too; where both operands' rows are taken at once (rotate_rows), q's block of tokens then
+//     k's, one call each (512 tokens: bf16 4-7% faster out of place, 13-17% in place, fp32 qkv
+//     slices 1.2x out of place; 2048: the same within 5%), not two calls a token;
+//   - head-major operands (contiguous [B, H, S, D]): blocks of kTokBlockHeadMajor tokens, heads
+//     outer, tokens inner, so that a head's rows of the block are one contiguous run, whereas
+//     walking one token across all heads jumps S*D elements per head, one stream per head (40
+//     for Llama-3's q + k), more than the hardware prefetchers follow (3-5x slower here). Each
+//     row reads its own token's table row (for bf16 twice the row's bytes), so the tables are
+//     taken from L2 (256 tokens: 128-256 KB) and a few heads walk their runs side by side, each
+//     table row serving all of them: longer runs and a fraction of the table traffic.
+//     kHeadsAtOnce for rows taken one by one (at 2048 tokens ~20-25% faster than 32-token
+//     blocks one head at a time; more heads: slower), kHeadsAtOnceRows for rows taken a token's
+//     heads at a time (rotate_rows: the table chunk in registers serves them all, one call for
+//     all: bf16 2 heads rather than 4 1.3x slower in place, 1.1-1.25x out of place, 1 and 2
+//     threads).
+// Gaps in the walk (a qkv slice skips v; a head-major block's run of a head ends every block) stall
+// the hardware prefetchers, so rows with a contiguous head dim are also prefetched in software:
+// token-major walks fetch each row one token ahead, or where their rows are taken at once,
+// kPrefetchAheadRows bytes of rows later in the walk, on into the next block (for fp32 rows below
+// kPrefetchMin too: see rotate_tokens; 2048 tokens, 1 thread, side by side against one token ahead
+// in 32-token blocks: fp32 forward 1.65-1.86 -> 1.50-1.65 ms, backward 1.78 -> 1.63-1.67, in place
+// [B, S, H, D] 1.18 -> 1.05; bf16 forward 0.63-0.67 -> 0.59-0.61, in place 0.44-0.52 -> 0.41-0.48;
+// 16 KB ahead: within noise of 8 KB, the 128-token blocks alone a third of the gain), head-major
+// walks kPrefetchBytes (kPrefetchBytesRows) ahead in each head's run, on into the next heads' runs
+// (2-4x on a qkv slice and on [B, H, S, D] here, ~10% on the dense layouts; fp32 rows 8 KB ahead
+// rather than 4 KB: [B, H, S, D] at 2048 tokens ~15% faster; 4 bf16 heads 8 KB ahead overflow L1:
+// out of place 1.25-1.45x slower than 2 KB).
+// Tried and dropped: walking [B, H, S, D] token-major while it sits in L3 (under 8 MB): 7-12%
+// faster at 512 tokens on prepared outputs, but forward+backward through the API 1.6x slower
+// (a head stride of S * D * 2 = 128 KB puts every head's row of a token in the same cache sets);
+// bf16 groups of 8 heads out of place (two groups of 4 loaded rows per table row): forward 0.149
+// -> 0.160 ms, backward 0.176 -> 0.199 (512 tokens); head-major blocks of 64, 128 or 512 tokens
+// with the unrolled rows: within 3% of 256.
+// Each row is read and written once whatever the order, with the same arithmetic: the order
+// changes the speed only, never a bit of the result.
+constexpr int64_t kTokBlock = 32;
+constexpr int64_t kTokBlockRowsAhead = 128;  // token-major walks that prefetch rows ahead
+constexpr int64_t kPrefetchAheadRows = 8192;  // their prefetch distance, in bytes of rows
+constexpr int64_t kTokBlockHeadMajor = 256;
+constexpr int64_t kHeadsAtOnce = 2;          // rows taken one by one (rotate_row)
+constexpr int64_t kPrefetchBytes = 8192;     // ahead in each of their runs
+constexpr int64_t kHeadsAtOnceRows = 4;      // rows taken together (rotate_rows)
+constexpr int64_t kPrefetchBytesRows = 2048;
+constexpr int64_t kPrefetchMin = int64_t{16} << 20;
+static_assert(kHeadsAtOnceRows == 4, "rotate_rows unrolls groups of 4 rows (rows_unrolled)");
+
+// Do all of y's rows start on a 64-byte boundary? Then so does every piece the row kernels store
+// (their rows have unit head-dim stride and R a multiple of 64): what non-temporal stores need.
+template <typename scalar_t>
+inline bool aligned64(const scalar_t* y, const Strides4& sy) {
+  constexpr int64_t kElems = 64 / static_cast<int64_t>(sizeof(scalar_t));
+  return reinterpret_cast<uintptr_t>(y) % 64 == 0 && sy.a % kElems == 0 && sy.s % kElems == 0 && sy.h % kElems == 0;
+}
+
+// Are x's heads its outer dimension (rather than the tokens)? The output's layout decides when
+// x's does not (a broadcast x with zero strides, or S == 1 or H == 1).
+template <typename scalar_t>
+inline bool heads_outer(const Operand<scalar_t>& o) {
+  auto mag = [](int64_t v) { return v < 0 ? -v : v; };
+  const int64_t xh = mag(o.sx.h), xs = mag(o.sx.s);
+  if (xh != xs) return xh > xs;
+  return mag(o.sy.h) > mag(o.sy.s);
+}
+
+// This thread's table buffer, at least n values, kept between calls: a block allocated per
+// call (48 KB a token-major block of R = 128 in fp32, 384 KB a head-major one) may be freshly
+// mapped or trimmed memory whose pages fault in again (glibc's thresholds move with what else
+// the process allocates): measured 20-25% of a bf16 call at 512-2048 tokens here. Entries are
+// written before they are read.
+template <typename acc_t>
+acc_t* table_scratch(int64_t n) {
+  thread_local std::vector<acc_t> scratch;
+  if (static_cast<int64_t>(scratch.size()) < n) scratch.resize(n);
+  return scratch.data();
+}
+
+// Tokens [begin, end): per block, the cos/sin tables, then every row of q and k. Returns -1, or
+// the first token whose position lies outside the cos/sin cache (the tokens before it are
+// done, nothing is written for it).
+template <typename scalar_t, typename cs_t, bool interleaved, bool swap>
+RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t begin, int64_t end) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t half = p.half;
+  const int n_axes = p.ti.mrope ? 3 : 1;
+  bool outer[2] = {false, false}, at_once[2] = {false, false}, stream[2] = {false, false}, all_token_major = true,
+       all_at_once = true;
+  bool prefetch = p.prefetch;
+  for (int k = 0; k < p.n_ops; ++k) {
+    const Operand<scalar_t>& o = p.ops[k];
+    outer[k] = heads_outer(o);
+    // Out of place from kPrefetchMin bytes (y does not stay in the caches), rows taken at once
+    // write y with non-temporal stores: no read of each y line before it is written, no
+    // eviction of x's lines to make room (2048 tokens, outputs fresh from the allocator as in
+    // use, 1-2 threads here: bf16 1.2-1.5x faster, fp32 1.4-1.8x; below kPrefetchMin, where y
+    // stays in L3 for whatever reads it next, 1.6x slower at 2 threads).
+    at_once[k] = rows_at_once<scalar_t, interleaved, swap>(o, half, p.isa);
+    stream[k] = at_once[k] && p.prefetch && o.x != o.y && aligned64(o.y, o.sy);
+    all_token_major = all_token_major && !outer[k];
+    all_at_once = all_at_once && at_once[k];
+    prefetch = prefetch && o.sx.d == 1 && o.sy.d == 1;
+  }
+  // Token-major walks whose rows are taken at once fetch the row ahead_rows later
+  // (kPrefetchAheadRows), which may lie up to `extra` tokens past the block (their offsets are set
+  // up with the block's): from kPrefetchMin bytes, and fp32 rows at every size (512 tokens, from
+  // L3, 1 thread, side by side: forward 0.31-0.42 -> 0.29-0.38 ms, backward 0.38-0.43 -> 0.34-0.37;
+  // 2 threads, and 64 and 256 tokens: no change; 16-bit rows there 5-16% slower with these
+  // prefetches).
+  const bool rows_ahead = all_token_major && all_at_once && (prefetch || std::is_same_v<scalar_t, float>);
+  const int64_t tb = std::min<int64_t>(
+      all_token_major ? (rows_ahead ? kTokBlockRowsAhead : kTokBlock) : kTokBlockHeadMajor, end - begin);
+  const int64_t row_bytes = p.D * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t ahead_rows = (kPrefetchAheadRows + row_bytes - 1) / row_bytes;
+  int64_t extra = 0;
+  for (int k = 0; k < p.n_ops && rows_ahead; ++k) extra = std::max<int64_t>(extra, ahead_rows / p.ops[k].H + 1);
+  const int64_t tbx = tb + extra;  // per operand: the block's offsets, then the next tokens'
+  // The tables: buf, four runs per token; a block whose c2/s2 runs equal c1/s1 bit for bit
+  // (checked per block) is compacted into cbuf (cos then sin per token) and rotated with `same`
+  // (see rotate_contig).
+  // Table set t of token b of the block is entry t * tb + b (set 1: k's own tables).
+  const int n_sets = p.k_tables ? 2 : 1;
+  acc_t* const buf = table_scratch<acc_t>(n_sets * tb * 6 * half);
+  acc_t* const cbuf = buf + n_sets * tb * 4 * half;
+  std::vector<CSTable<acc_t>> tab(n_sets * tb), ctab(n_sets * tb);
+  for (int64_t b = 0; b < n_sets * tb; ++b) {
+    acc_t* r = buf + b * 4 * half;
+    tab[b] = {r, r + half, r + 2 * half, r + 3 * half};
+    acc_t* cr = cbuf + b * 2 * half;
+    ctab[b] = {cr, cr, cr + half, cr + half};
+  }
+  // bf16 rows all taken by the AVX512-BF16 rows kernel, with bf16 cos/sin: the tables' vdpbf16ps
+  // lanes (2 * half a token, bf16_dp_step32), for the plain rows below, in place of the
+  // accumulator tables (a token whose values do not allow them gets those instead).
+  uint32_t* pairs = nullptr;
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<cs_t, c10::BFloat16>) {
+    if (p.isa.avx512bf16 && all_at_once) {
+      pairs = table_scratch<uint32_t>(n_sets * tb * 2 * half);
+    }
+  }
+  // Per operand and token of the block (then `extra` tokens past it): the offsets of its row
+  // (a, s, h = 0, d = 0) in x and y.
+  std::vector<int64_t> xoff(2 * tbx), yoff(2 * tbx);
+  // Rotate-half pairs from one contiguous cos/sin row (no mrope): the table row is two
+  // contiguous runs of each, converted in loops the compiler vectorises (the general loop below
+  // costs ~90 ns more a token here, 16% of a 512-token bf16 call).
+  const bool plain_rows = !interleaved && !p.ti.mrope;  // (and the set's rows contiguous: below)
+
+  int64_t a = begin / p.S, s = begin % p.S;  // the next token to set up, stepped (no divisions)
+  int64_t bad = -1;
+  for (int64_t t0 = begin; t0 < end && bad < 0; t0 += tb) {
+    int64_t n = std::min<int64_t>(tb, end - t0);
+    bool pairs_same = true;  // the block's tokens with vdpbf16ps lanes all have same runs
+    for (int64_t b = 0; b < n; ++b, s = (s + 1 == p.S) ? (++a, 0) : s + 1) {
+      int64_t pos[3] = {0, 0, 0};
+      for (int x = 0; x < n_axes && bad < 0; ++x) {
+        pos[x] = token_position(p.ti, a, s, x);
+        if (!position_ok(p.ti, pos[x])) bad = t0 + b;
+      }
+      if (bad >= 0) {
+        n = b;  // rotate the block's tokens before the bad one, then report it
+        break;
+      }
+      for (int k = 0; k < p.n_ops; ++k) {
+        xoff[k * tbx + b] = offset4(p.ops[k].sx, a, s, 0, 0);
+        yoff[k * tbx + b] = offset4(p.ops[k].sy, a, s, 0, 0);
+      }
+      for (int t = 0; t < n_sets; ++t) {  // set 1: k's own tables
+        const cs_t *cp = t ? p.ckp : p.cp, *sp = t ? p.skp : p.sp;
+        const CSStrides &sc = t ? p.sck : p.sc, &ss = t ? p.ssk : p.ss;
+        const int64_t e = t * tb + b;
+        acc_t* r = buf + e * 4 * half;
+        tab[e].bf16_pairs = ctab[e].bf16_pairs = nullptr;
+        if (plain_rows && sc.r == 1 && ss.r == 1) {
+          // The four runs: c1, c2 = cos[0, half), cos[half, R); s1, s2 = sin[0, half), sin[half, R),
+          // or with conj sin[half, R), sin[0, half), negated; pair tables: cos[0, half) and
+          // sin[0, half) twice (negated with conj).
+          const cs_t* c = cp + cs_offset(sc, 0, a, s, pos[0], 0);
+          const cs_t* sn = sp + cs_offset(ss, 0, a, s, pos[0], 0);
+          const int64_t hi = p.pair_tables ? 0 : half;
+          const cs_t *c1 = c, *c2 = c + hi, *s1 = sn + (p.conj ? hi : 0), *s2 = sn + (p.conj ? 0 : hi);
+#ifdef RK_HAVE_AVX512_BF16_PATH
+          if constexpr (std::is_same_v<cs_t, c10::BFloat16>) {
+            uint32_t* pr = pairs ? pairs + e * 2 * half : nullptr;
+            bool same_runs = false;
+            if (pr && bf16_pair_table(c1, c2, s1, s2, p.conj, half, pr, &same_runs)) {
+              tab[e].bf16_pairs = ctab[e].bf16_pairs = pr;
+              pairs_same = pairs_same && same_runs;
+              continue;
+            }
+          }
+#endif
+          load_run(c1, r, half, p.isa);
+          load_run(c2, r + half, half, p.isa);
+          load_run(s1, r + 2 * half, half, p.isa);
+          load_run(s2, r + 3 * half, half, p.isa);
+          if (p.conj) {
+            for (int64_t i = 2 * half; i < 4 * half; ++i) r[i] = -r[i];
+          }
+          continue;
+        }
+        for (int64_t i = 0; i < half; ++i) {  // (j1, j2: the pair's two table entries)
+          const int64_t j1 = table_index(pair_first(i, interleaved), half, interleaved, p.pair_tables),
+                        j2 = table_index(pair_second(i, half, interleaved), half, interleaved, p.pair_tables);
+          const int x = pair_axis(p.ti, i);
+          const cs_t* c = cp + cs_offset(sc, x, a, s, pos[x], 0);
+          const cs_t* sn = sp + cs_offset(ss, x, a, s, pos[x], 0);
+          const PairCS<acc_t> pc = make_pair_cs<acc_t>(
+              load_acc<cs_t, acc_t>(c + j1 * sc.r), load_acc<cs_t, acc_t>(c + j2 * sc.r),
+              load_acc<cs_t, acc_t>(sn + j1 * ss.r), load_acc<cs_t, acc_t>(sn + j2 * ss.r), p.conj);
+          r[i] = pc.c1;
+          r[half + i] = pc.c2;
+          r[2 * half + i] = pc.s1;
+          r[3 * half + i] = pc.s2;
+        }
+      }
+    }
+
+    int64_t n_off = n;  // tokens with offsets: the block's, then up to `extra` past it
+    for (int64_t a2 = a, s2 = s; n_off < n + extra && t0 + n_off < end && bad < 0;
+         ++n_off, s2 = (s2 + 1 == p.S) ? (++a2, 0) : s2 + 1) {
+      for (int k = 0; k < p.n_ops; ++k) {
+        xoff[k * tbx + n_off] = offset4(p.ops[k].sx, a2, s2, 0, 0);
+        yoff[k * tbx + n_off] = offset4(p.ops[k].sy, a2, s2, 0, 0);
+      }
+    }
+    bool same = pairs_same;  // (tokens with vdpbf16ps lanes have no accumulator tables: see pairs_same)
+    for (int64_t e = 0; e < n_sets * tb && same; ++e) {
+      if (e % tb >= n || tab[e].bf16_pairs) continue;
+      const acc_t* r = buf + e * 4 * half;
+      same = std::memcmp(r, r + half, half * sizeof(acc_t)) == 0 &&
+             std::memcmp(r + 2 * half, r + 3 * half, half * sizeof(acc_t)) == 0;
+    }
+    if (same) {
+      for (int64_t e = 0; e < n_sets * tb; ++e) {
+        if (e % tb >= n || tab[e].bf16_pairs) continue;
+        const acc_t* r = buf + e * 4 * half;
+        acc_t* cr = cbuf + e * 2 * half;
+        std::memcpy(cr, r, half * sizeof(acc_t));
+        std::memcpy(cr + half, r + 2 * half, half * sizeof(acc_t));
+      }
+    }
+    const std::vector<CSTable<acc_t>>& tabs = same ? ctab : tab;
+
+    if (all_token_major && !all_at_once) {
+      // Token outer, then each operand's heads (rows taken one by one, or at once for one operand
+      // only); each row prefetches the same row one token ahead.
+      for (int64_t b = 0; b < n; ++b) {
+        const bool pf_next = prefetch && b + 1 < n;
+        for (int k = 0; k < p.n_ops; ++k) {
+          const Operand<scalar_t>& o = p.ops[k];
+          const int64_t xo = xoff[k * tbx + b], yo = yoff[k * tbx + b];
+          const int64_t xn = xoff[k * tbx + b + pf_next], yn = yoff[k * tbx + b + pf_next];
+          const CSTable<acc_t>& cs = tabs[p.tset[k] * tb + b];
+          if (at_once[k]) {
+            rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x, o.y, &xoff[k * tbx + b], &yoff[k * tbx + b], 1, o.H,
+                                                            p.D, half, &cs, same, p.isa,
+                                                            WalkPrefetch{pf_next ? 1 : 0, n - b, 0, 0, row_bytes, stream[k]});
+            continue;
+          }
+          for (int64_t h = 0; h < o.H; ++h) {
+            if (pf_next) prefetch_row(o.x + xn + h * o.sx.h, o.y + yn + h * o.sy.h, row_bytes);
+            rotate_row<scalar_t, acc_t, interleaved, swap>(o.x + xo + h * o.sx.h, o.y + yo + h * o.sy.h, o.sx.d, o.sy.d,
+                                                           p.D, half, o.copy_pass, cs, same, p.isa);
+          }
+        }
+      }
+    } else {
+      // Per operand, in its own order (token-major: the block's rows, each prefetching the row
+      // kPrefetchAheadRows later in the walk where rows_ahead, else its row one token ahead).
+      for (int k = 0; k < p.n_ops; ++k) {
+        const Operand<scalar_t>& o = p.ops[k];
+        const int64_t* xo = xoff.data() + k * tbx;
+        const int64_t* yo = yoff.data() + k * tbx;
+        if (!outer[k]) {
+          if (at_once[k]) {
+            // (m = 0: d >= 1 tokens ahead, the same row; in a walk with a head-major operand, one)
+            const WalkPrefetch pf{rows_ahead ? ahead_rows / o.H : (prefetch ? 1 : 0), n_off, 0, 0, row_bytes, stream[k],
+                                  rows_ahead ? ahead_rows % o.H : 0};
+            rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x, o.y, xo, yo, n, o.H, p.D, half,
+                                                            &tabs[p.tset[k] * tb], same, p.isa, pf);
+            continue;
+          }
+          for (int64_t b = 0; b < n; ++b) {
+            const CSTable<acc_t>& cs = tabs[p.tset[k] * tb + b];
+            for (int64_t h = 0; h < o.H; ++h) {
+              rotate_row<scalar_t, acc_t, interleaved, swap>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
+                                                             o.sy.d, p.D, half, o.copy_pass, cs, same, p.isa);
+            }
+          }
+          continue;
+        }
+        // `heads` heads side by side: token b's rows of heads h0, h0 + 1, ..., then b + 1's; each
+        // head's run prefetches `d` rows ahead, past the block's end into the run of the head
+        // `heads` further.
+        const int64_t heads = at_once[k] ? kHeadsAtOnceRows : kHeadsAtOnce;
+        const int64_t ahead = at_once[k] ? kPrefetchBytesRows : kPrefetchBytes;
+        // 4 heads' runs (of x and y) are more streams than the hardware prefetchers follow: rows
+        // taken together prefetch whatever the size (512 tokens: out of place 1.15-1.2x faster,
+        // in place ~5%), except bf16 groups of 4 heads below kPrefetchMin that the rows kernel
+        // unrolls so that the CPU's stride prefetcher follows them (rows_unrolled): without
+        // software prefetches those run faster (512 tokens, 1 thread: forward 0.143 ms rather
+        // than 0.155, in place 0.111 rather than 0.129), fp32 ones 1.1x slower (its rows are
+        // twice as long).
+        const bool fetch = prefetch || at_once[k];
+        const int64_t d = fetch ? std::min((ahead + row_bytes - 1) / row_bytes, n) : 0;  // rows ahead, in [0, n]
+        const bool bf16_from_l3 = std::is_same_v<scalar_t, c10::BFloat16> && p.isa.avx512bf16 && !prefetch;
+        for (int64_t h0 = 0; h0 < o.H; h0 += heads) {
+          const int64_t h1 = std::min(h0 + heads, o.H);
+          if (at_once[k]) {
+            const scalar_t* x = o.x + h0 * o.sx.h;
+            scalar_t* y = o.y + h0 * o.sy.h;
+            const bool unrolled = rows_unrolled(x, y, h1 - h0, half, p.isa, prefetch);
+            const int64_t dg = bf16_from_l3 && unrolled ? 0 : d;
+            const WalkPrefetch pf{dg, n, heads, std::max<int64_t>(0, std::min(h1, o.H - heads) - h0), row_bytes,
+                                  stream[k]};
+            rotate_rows<scalar_t, acc_t, interleaved, swap>(o, x, y, xo, yo, n, h1 - h0, p.D, half,
+                                                            &tabs[p.tset[k] * tb], same, p.isa, pf, unrolled);
+            continue;
+          }
+          for (int64_t b = 0; b < n; ++b) {
+            const CSTable<acc_t>& cs = tabs[p.tset[k] * tb + b];
+            const int64_t b2 = b + d < n ? b + d : b + d - n, dh = b + d < n ? 0 : heads;  // (b2, h + dh): prefetched
+            for (int64_t h = h0; h < h1; ++h) {
+              if (d > 0 && h + dh < o.H) {
+                prefetch_row(o.x + xo[b2] + (h + dh) * o.sx.h, o.y + yo[b2] + (h + dh) * o.sy.h, row_bytes);
+              }
+              rotate_row<scalar_t, acc_t, interleaved, swap>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
+                                                             o.sy.d, p.D, half, o.copy_pass, cs, same, p.isa);
+            }
+          }
+        }
+      }
+    }
+  }
+  if (stream[0] || stream[1]) stream_fence();
+  return bad;
+}
+
+}  // namespace
+
+// The kernel for q/k of scalar_t and cos/sin of cs_t (scalar_t, or float for 16-bit q/k);
+// instantiated per dtype (RK_CPU_TYPED: the file comment).
+template <typename scalar_t, typename cs_t>
+void rotary_cpu_typed(const at::Tensor& q, const std::optional<at::Tensor>& k, const at::Tensor& cos,
+                      const at::Tensor& sin, const at::Tensor& q_out, const std::optional<at::Tensor>& k_out,
+                      bool interleaved, bool conj, const rotary_kernels::TokenIndexArgs& ix, const at::Tensor& cos_k,
+                      const at::Tensor& sin_k, bool pair_tables, bool swap_layout) {
+  CpuParams<scalar_t, cs_t> p{};
+  p.S = q.size(1);
+  p.D = q.size(3);
+  p.half = pair_tables ? cos.size(-1) : cos.size(-1) / 2;
+  p.conj = conj;
+#ifdef RK_HAVE_F16C_PATH
+  static const CpuIsa isa = cpu_isa();
+  p.isa = isa;
+#endif
+  p.k_tables = !(same_view(cos_k, cos) && same_view(sin_k, sin));
+  p.pair_tables = pair_tables;
+  auto add = [&](const at::Tensor& x, const at::Tensor& y, int tset) {
+    if (x.size(2) > 0) {
+      p.tset[p.n_ops] = tset;
+      p.ops[p.n_ops++] = make_operand<scalar_t>(x, y, 2 * p.half);
+    }
+  };
+  add(q, q_out, 0);
+  if (k.has_value()) add(*k, *k_out, p.k_tables ? 1 : 0);
+  p.sc = cs_strides(cos);
+  p.ss = cs_strides(sin);
+  p.ti = make_token_index(cos, ix, cos_k);
+  p.cp = cos.const_data_ptr<cs_t>();
+  p.sp = sin.const_data_ptr<cs_t>();
+  p.sck = cs_strides(cos_k);
+  p.ssk = cs_strides(sin_k);
+  p.ckp = cos_k.const_data_ptr<cs_t>();
+  p.skp = sin_k.const_data_ptr<cs_t>();
+  int64_t row_elems = 0;
+  for (int n = 0; n < p.n_ops; ++n) row_elems += p.ops[n].H * p.D;
+  const int64_t tokens = q.size(0) * p.S;
+  if (tokens == 0 || row_elems == 0) return;
+  const int64_t grain = std::max<int64_t>(1, 32768 / row_elems);
+  // Below kPrefetchMin bytes of q + k the rows come from the caches (decode batches, and here,
+  // with a 32 MB L3, up to ~10 MB: 512 tokens): the prefetches would only cost instructions
+  // (~10% at 64 tokens, 5-20% at 512 in every layout; at 20 MB they pay, 1.4x on fp32
+  // [B, H, S, D] at 1024 tokens, 2x on bf16 qkv slices at 2048).
+  p.prefetch = tokens * row_elems * static_cast<int64_t>(sizeof(scalar_t)) >= kPrefetchMin;
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
+    const int64_t t = swap_layout ? (interleaved ? rotate_tokens<scalar_t, cs_t, true, true>(p, begin, end)
+                                                 : rotate_tokens<scalar_t, cs_t, false, true>(p, begin, end))
+                                  : (interleaved ? rotate_tokens<scalar_t, cs_t, true, false>(p, begin, end)
+                                                 : rotate_tokens<scalar_t, cs_t, false, false>(p, begin, end));
+    if (t >= 0) bad.store(t);
+  });
+  const int64_t t = bad.load();
+  if (t >= 0) {
+    int64_t pos = 0;
+    for (int x = 0; x < (p.ti.mrope ? 3 : 1); ++x) {
+      pos = token_position(p.ti, t / p.S, t % p.S, x);
+      if (!position_ok(p.ti, pos)) break;
+    }
+    RK_CHECK_INDEX(false, "rotary: token ", t, " has position ", pos, ", outside the cos/sin cache of ", p.ti.rows,
+                   " rows (the output is incomplete)");
+  }
+}
+
+#define RK_CPU_TYPED(scalar_t, cs_t)                                                                             \
+  void rotary_cpu_typed<scalar_t, cs_t>(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,   \
+                                        const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,   \
+                                        bool, bool, const rotary_kernels::TokenIndexArgs&, const at::Tensor&,     \
+                                        const at::Tensor&, bool, bool)
