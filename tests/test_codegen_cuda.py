@@ -63,7 +63,8 @@ def _nvcc_cmd(out, archs):
     return [_tool("nvcc"), "-c", str(SRC), "-o", out, *inc, *ce.COMMON_NVCC_FLAGS, "--compiler-options", "-fPIC",
             "-std=c++20", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DPy_LIMITED_API=0x03090000",
             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            # setup.py's nvcc list and define_macros
+            # setup.py's nvcc list and define_macros (less --threads: ptxas -v's lines per arch must
+            # not interleave)
             "-O3", "-DTORCH_EXTENSION_NAME=_rotary_kernels_C", "--expt-relaxed-constexpr", "-lineinfo",
             "-DROTARY_WITH_CUDA", *[f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs], "-Xptxas", "-v"]
 
