@@ -3,6 +3,7 @@ against independent constructions: cos/sin caches gathered by ``positions``, pac
 batches (``cu_seqlens``), ``seqlen_offsets`` for decoding, and multimodal RoPE (against
 transformers' Qwen2-VL / Qwen3-VL frequency recomposition)."""
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -201,6 +202,12 @@ def test_position_errors(backend):
         f(positions=torch.tensor([[0, 1, -1], [0, 0, 0]]))
     with pytest.raises(IndexError, match="out of range|outside"):
         f(seqlen_offsets=8)
+    # an int offset alone: its span checked without tensors; the same span as the tensor form's
+    for off, span in [(8, "[8, 10]"), (-1, "[-1, 1]"), (2**62, f"[{2**62}, {2**62 + 2}]")]:
+        for arg in (off, torch.tensor([off] * B)):
+            with pytest.raises(IndexError, match=re.escape(f"positions span {span}")):
+                f(seqlen_offsets=arg)
+    assert f(seqlen_offsets=7).shape == q.shape  # positions 7..9 of 10 rows
     with pytest.raises(TypeError, match="positions must be int32 or int64"):
         f(positions=torch.zeros(B, S))
     with pytest.raises(ValueError, match="positions of shape"):

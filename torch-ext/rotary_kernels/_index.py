@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _canon
-from .reference import check_positions, token_positions, token_shape
+from .reference import check_positions, check_span, token_positions, token_shape
 
 INT_DTYPES = (torch.int32, torch.int64)
 
@@ -156,8 +156,13 @@ def check_values(x, cos, unsqueeze_dim, idx: TokenIndex) -> None:
             raise ValueError(
                 f"cu_seqlens must rise from 0 to the number of tokens {tokens}, got {cu[:8]}{'...' if len(cu) > 8 else ''}"
             )
+    if idx.positions is None and idx.cu_seqlens is None and idx.seqlen_offsets is None:
+        tokens = token_shape(x, unsqueeze_dim)[-1]  # positions offset .. offset + tokens - 1: no tensor
+        if tokens and x.device.type != "meta":
+            check_span(idx.offset, idx.offset + tokens - 1, cos.shape[0])
+        return
     pos = token_positions(x, unsqueeze_dim, idx.positions, idx.cu_seqlens, idx.seqlen_offsets)
-    check_positions(pos + idx.offset, cos.shape[0])
+    check_positions(pos + idx.offset if idx.offset else pos, cos.shape[0])
 
 
 def reference_kwargs(idx: TokenIndex) -> dict:

@@ -191,9 +191,14 @@ def check_positions(pos: torch.Tensor, rows: int) -> None:
         torch._assert_async(((pos >= 0) & (pos < rows)).all(), "positions out of range for the cos/sin cache")
         return
     if pos.numel() and pos.device.type != "meta":  # (meta tensors: shapes only)
-        lo, hi = int(pos.min()), int(pos.max())
-        if lo < 0 or hi >= rows:
-            raise IndexError(f"positions span [{lo}, {hi}], out of range for the cos/sin cache of {rows} rows")
+        lo, hi = torch.aminmax(pos)
+        check_span(int(lo), int(hi), rows)
+
+
+def check_span(lo: int, hi: int, rows: int) -> None:
+    """Positions lo..hi must index rows of the cache (check_positions' error)."""
+    if lo < 0 or hi >= rows:
+        raise IndexError(f"positions span [{lo}, {hi}], out of range for the cos/sin cache of {rows} rows")
 
 
 def select_mrope(tables: list[torch.Tensor], axes: list[int], interleaved: bool) -> torch.Tensor:
