@@ -88,6 +88,12 @@ def test_torch_func_grad_and_double_backward(dev_backend):
         hv.append(torch.autograd.grad(sum(x.sum() for x in g), (qg, kg)))
     for a, b in zip(*hv):
         torch.testing.assert_close(a, b)
+    # eager mode records the one-function twin (host time: _autograd.rotary), and so does its
+    # create_graph backward; torch.func saw Rotary itself above
+    out = ours(qg, kg, cos, sin)[0]
+    assert type(out.grad_fn).__name__ == "RotaryEagerBackward"
+    g = torch.autograd.grad(out.pow(2).sum(), qg, create_graph=True)[0]
+    assert type(g.grad_fn).__name__ == "RotaryEagerBackward"
 
 
 def test_rejects_partial_overlap_accepts_exact(dev_backend):

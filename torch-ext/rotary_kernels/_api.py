@@ -6,7 +6,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from . import _canon
-from ._autograd import Rotary, RotaryInplace, functional_transform
+from ._autograd import RotaryInplace, functional_transform, rotary
 from ._dispatch import (BACKENDS, COMPILED, Declined, Plan, backend_available, launch_elementwise, launch_rotary,
                         full_width, rotate, rotate_inplace_op, select_backend)
 from ._index import NO_INDEX, check_values, kernel_axes, make_index, reference_kwargs
@@ -131,7 +131,7 @@ def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index
 def _run(q, k, cos, sin, plan: Plan) -> tuple:
     """Launch, through ``Rotary`` when autograd (or torch.compile) records the call."""
     if _needs_graph(q, k, cos, sin):
-        return Rotary.apply(q, k, cos, sin, plan)
+        return rotary(q, k, cos, sin, plan)
     return tuple(rotate(q, k, cos, sin, plan))
 
 
@@ -201,7 +201,7 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, k_
         plan = Plan(unsqueeze_dim, interleaved, conj, be, pair_tables=pair_tables)
         try:
             if _records_grad(q, k, cos, sin):
-                return Rotary.apply(q, k, cos, sin, plan)
+                return rotary(q, k, cos, sin, plan)
             return tuple(rotate(q, k, cos, sin, plan))
         except Declined:  # (anything it does not take: validated here, then the Python plan)
             pass
@@ -288,7 +288,7 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, back
     grad = _needs_graph(q, k)
     if torch.compiler.is_compiling():  # data pointers are not traceable: functional ops
         if grad:  # (copy_ records the in-place update for autograd)
-            for x, y in zip((q, k), Rotary.apply(q, k, cos, sin, plan)):
+            for x, y in zip((q, k), rotary(q, k, cos, sin, plan)):
                 x.copy_(y)
         else:
             rotate_inplace_op(q, k, cos, sin, *plan.op_args())

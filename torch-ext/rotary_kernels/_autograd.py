@@ -22,6 +22,11 @@ against ~100 us). Forward-mode AD (``torch.func.jvp``, ``forward_ad``) and vmap 
 reference's PyTorch ops (``_api._reference_for_transform``): dynamo cannot trace a Function
 with a custom ``jvp``.
 
+``rotary`` records ``Rotary`` where torch.func or torch.compile may see it (they need its
+separate ``setup_context``) and its twin ``RotaryEager`` everywhere else (the same forward,
+context and backward in the one-function form, which PyTorch applies without binding the
+arguments to forward's signature in Python: ~10 us less host time per recorded call).
+
 ``RotaryInplace`` records the in-place rotation of one tensor.
 """
 
@@ -97,7 +102,7 @@ class Rotary(torch.autograd.Function):
             # create_graph: record the backward for double backward (not while compiling: the
             # traced backward is one graph)
             if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-                d = Rotary.apply(gq, gk, cos, sin, plan)
+                d = rotary(gq, gk, cos, sin, plan)
             else:
                 d = rotate(gq, gk, cos, sin, plan)
             dq = d[0] if need[0] else None
@@ -110,6 +115,29 @@ class Rotary(torch.autograd.Function):
 # Function.apply binds its arguments against forward's signature, computing inspect.signature on
 # every call (~5 us, a tenth of a one-token forward+backward): computed once here instead.
 Rotary.forward.__signature__ = inspect.signature(Rotary.forward)
+
+
+class RotaryEager(torch.autograd.Function):
+    """``Rotary`` in eager mode outside torch.func transforms (see ``rotary``). A Function with
+    ``setup_context`` has every ``apply``'s arguments bound to forward's signature in Python
+    (``inspect.Signature.bind``): one-token forward on a 2-core CPU 21.4 us against 10.2 us in
+    this form."""
+
+    @staticmethod
+    def forward(ctx, q, k, cos, sin, plan):
+        output = Rotary.forward(q, k, cos, sin, plan)
+        Rotary.setup_context(ctx, (q, k, cos, sin, plan), output)
+        return output
+
+    backward = Rotary.backward
+
+
+def rotary(q, k, cos, sin, plan) -> tuple:
+    """q (and k) rotated into new tensors by ``Rotary``, recorded for autograd: ``Rotary``
+    itself while torch.compile traces or a torch.func transform is active, else ``RotaryEager``."""
+    if torch.compiler.is_compiling() or functional_transform():
+        return Rotary.apply(q, k, cos, sin, plan)
+    return RotaryEager.apply(q, k, cos, sin, plan)
 
 
 class RotaryInplace(torch.autograd.Function):
