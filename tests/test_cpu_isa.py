@@ -47,10 +47,13 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 _compiled.ops.rotary_inplace(qi, ki, cos, sin, False, True)
                 outs += [qo, ko, qi, ki]
 # Large enough (q + k >= 16 MB) for the prefetching walks and, out of place, y's non-temporal
-# stores (rows taken at once): in every walk, against every cap's plain stores.
-for dtype, S in ((torch.bfloat16, 2048), (torch.float16, 2048), (torch.float32, 1024)):
+# stores (rows taken at once): in every walk, against every cap's plain stores; bf16 also with
+# bf16 tables (vdpbf16ps steps streamed; the head-major groups check them once per token).
+for dtype, S, cs_dtype in ((torch.bfloat16, 2048, torch.float32), (torch.bfloat16, 2048, torch.bfloat16),
+                           (torch.float16, 2048, torch.float32), (torch.float32, 1024, torch.float32)):
     ang = torch.rand(S, 64) * 6.3
-    cos, sin = torch.cat([ang, ang], -1).cos()[None], torch.cat([ang, ang], -1).sin()[None]
+    cos = torch.cat([ang, ang], -1).cos()[None].to(cs_dtype)
+    sin = torch.cat([ang, ang], -1).sin()[None].to(cs_dtype)
     for layout in ("bshd", "bhsd", "qkv"):
         if layout == "bhsd":
             q = torch.randn(1, 32, S, 128).to(dtype).transpose(1, 2)
@@ -80,7 +83,8 @@ for dtype in (torch.float16, torch.bfloat16):
 # 2^-97 bound and a zero row; tables scaled to 1, 2 (the largest taken), 2.5 (refused), 1e-30
 # (tiny products everywhere), with a denormal value and a zero row; same and different halves,
 # R = 64, 128, 256 (the rows kernel's three shapes), token- and head-major (groups of 4 heads: the
-# unrolled rows, whose refused steps are redone after the group's stores), out of place and in place.
+# unrolled rows, whose refused steps are redone after the group's stores; out of place, a token's
+# steps are checked together and all redone), out of place and in place.
 def bits16(n):
     return torch.randint(-32768, 32768, (n,), dtype=torch.int16).view(torch.bfloat16)
 for R, scale, same in ((128, 1.0, True), (128, 2.0, False), (64, 2.5, True), (256, 1e-30, True), (128, 1.0, False),
