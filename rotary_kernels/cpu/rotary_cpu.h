@@ -413,6 +413,12 @@ constexpr int16_t kInfTwice = static_cast<int16_t>(2 * 0x7F80);
 struct DpSeen {
   __m512i min, max;
 };
+// Are the doubled magnitudes whose lanewise smallest are `min` and largest `max` all in
+// [kDpMinTwice, kInfTwice] (results bf16_dp_step32 gets exactly)?
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline bool dp_in_bounds(__m512i min, __m512i max) {
+  const __mmask32 big = _mm512_cmpge_epu16_mask(min, _mm512_set1_epi16(kDpMinTwice));
+  return _mm512_mask_cmple_epu16_mask(big, max, _mm512_set1_epi16(kInfTwice)) == 0xFFFFFFFFu;
+}
 
 // bf16 tables for vdpbf16ps, straight from bf16 cos/sin runs (the table values of rotate_tokens'
 // plain rows: c1, c2, s1, s2, the sin runs negated with `neg`): per pair i, 32-bit lanes
@@ -499,13 +505,12 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
   const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ya[1], ya[0]));
   const __m512i b = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb[1], yb[0]));
   const __m512i wa = _mm512_add_epi16(a, a), wb = _mm512_add_epi16(b, b);  // magnitudes, doubled
+  const __m512i lo = _mm512_min_epu16(wa, wb), hi = _mm512_max_epu16(wa, wb);
   if constexpr (kDefer) {
-    seen.min = _mm512_min_epu16(seen.min, _mm512_min_epu16(wa, wb));
-    seen.max = _mm512_max_epu16(seen.max, _mm512_max_epu16(wa, wb));
-  } else {
-    const __mmask32 big = _mm512_cmpge_epu16_mask(_mm512_min_epu16(wa, wb), _mm512_set1_epi16(kDpMinTwice));
-    const __mmask32 ok = _mm512_mask_cmple_epu16_mask(big, _mm512_max_epu16(wa, wb), _mm512_set1_epi16(kInfTwice));
-    if (__builtin_expect(ok != 0xFFFFFFFFu, 0)) return false;
+    seen.min = _mm512_min_epu16(seen.min, lo);
+    seen.max = _mm512_max_epu16(seen.max, hi);
+  } else if (__builtin_expect(!dp_in_bounds(lo, hi), 0)) {
+    return false;
   }
   if (stream) {
     _mm512_stream_si512(reinterpret_cast<__m512i*>(y), a);
@@ -608,9 +613,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
     }
   }
   if constexpr (kDp && kDefer) {
-    const __mmask32 low = _mm512_cmplt_epu16_mask(seen.min, _mm512_set1_epi16(kDpMinTwice));
-    const __mmask32 high = _mm512_cmpgt_epu16_mask(seen.max, _mm512_set1_epi16(kInfTwice));
-    if (__builtin_expect(!_kortestz_mask32_u8(low, high), 0)) {
+    if (__builtin_expect(!dp_in_bounds(seen.min, seen.max), 0)) {
       for (int64_t r = 0; r < n; ++r) {
         for (int64_t j = 0; j < i; j += 32) bf16_step32_lanes(x + r * sx + j, y + r * sy + j, half, pairs + j, stream);
       }
