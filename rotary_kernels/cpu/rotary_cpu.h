@@ -119,15 +119,30 @@ struct CSTable {
   PairCS<acc_t> at(int64_t i) const { return {c1[i], c2[i], s1[i], s2[i]}; }
 };
 
+// Software prefetch of the line at p into L1, or with l2 into L2 only (prefetch_into_l2). As asm
+// on x86-64: with the locality picked at run time, GCC 12 deleted the loops of __builtin_prefetch
+// in prefetch_row from rotate_tokens_avx512 (its fp32 code had no prefetch instruction left).
+inline void prefetch_line(const char* p, bool l2) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (l2) {
+    asm volatile("prefetcht1 %0" : : "m"(*p));
+  } else {
+    asm volatile("prefetcht0 %0" : : "m"(*p));
+  }
+#else
+  l2 ? __builtin_prefetch(p, 0, 2) : __builtin_prefetch(p, 0, 3);
+#endif
+}
+
 // Software prefetch of a row of x and y (y only when it is not x), `bytes` of each.
 template <typename T>
-inline void prefetch_row(const T* x, const T* y, int64_t bytes, bool fetch_y = true) {
+inline void prefetch_row(const T* x, const T* y, int64_t bytes, bool fetch_y = true, bool l2 = false) {
   const char* px = reinterpret_cast<const char*>(x);
   const char* py = reinterpret_cast<const char*>(y);
   fetch_y = fetch_y && py != px;
   for (int64_t off = 0; off < bytes; off += 64) {
-    __builtin_prefetch(px + off, 0, 3);
-    if (fetch_y) __builtin_prefetch(py + off, 1, 3);
+    prefetch_line(px + off, l2);
+    if (fetch_y) prefetch_line(py + off, l2);
   }
 }
 
@@ -137,6 +152,7 @@ inline void prefetch_row(const T* x, const T* y, int64_t bytes, bool fetch_y = t
 struct RowPrefetch {
   int64_t rows = 0, dx = 0, dy = 0, bytes = 0;
   int64_t split = INT64_MAX, dx2 = 0, dy2 = 0;
+  bool l2 = false;  // prefetch into L2 only (prefetch_into_l2)
   int64_t ox(int64_t r) const { return r < split ? dx : dx2; }
   int64_t oy(int64_t r) const { return r < split ? dy : dy2; }
 };
@@ -154,6 +170,7 @@ struct WalkPrefetch {
   int64_t d = 0, n = 0, dh = 0, wrap_rows = 0, bytes = 0;
   bool stream = false;
   int64_t m = 0;
+  bool l2 = false;  // prefetch into L2 only (prefetch_into_l2)
 };
 
 // Token b's RowPrefetch in the walk pf (its nh rows x + xo[b] + r * sx).
@@ -163,6 +180,7 @@ inline RowPrefetch token_prefetch(const WalkPrefetch& pf, const int64_t* xo, con
     const int64_t b1 = b + pf.d;
     if (b1 >= pf.n) return {};
     RowPrefetch rp{nh, xo[b1] - xo[b] + pf.m * sx, yo[b1] - yo[b] + pf.m * sy, pf.bytes, nh - pf.m};
+    rp.l2 = pf.l2;
     if (b1 + 1 < pf.n) {
       rp.dx2 = xo[b1 + 1] - xo[b] + (pf.m - nh) * sx;
       rp.dy2 = yo[b1 + 1] - yo[b] + (pf.m - nh) * sy;
@@ -172,9 +190,15 @@ inline RowPrefetch token_prefetch(const WalkPrefetch& pf, const int64_t* xo, con
     return rp;
   }
   if (pf.d <= 0) return {};
-  if (b + pf.d < pf.n) return {nh, xo[b + pf.d] - xo[b], yo[b + pf.d] - yo[b], pf.bytes};
-  const int64_t b2 = b + pf.d - pf.n;
-  return {pf.wrap_rows, xo[b2] - xo[b] + pf.dh * sx, yo[b2] - yo[b] + pf.dh * sy, pf.bytes};
+  RowPrefetch rp;
+  if (b + pf.d < pf.n) {
+    rp = {nh, xo[b + pf.d] - xo[b], yo[b + pf.d] - yo[b], pf.bytes};
+  } else {
+    const int64_t b2 = b + pf.d - pf.n;
+    rp = {pf.wrap_rows, xo[b2] - xo[b] + pf.dh * sx, yo[b2] - yo[b] + pf.dh * sy, pf.bytes};
+  }
+  rp.l2 = pf.l2;
+  return rp;
 }
 
 // All pairs of a row with a contiguous head dim. Iteration i reads and writes only its own
@@ -338,7 +362,7 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, 
     for (int64_t r = 0; r < (kN > 0 ? kN : nh); ++r) {
       const scalar_t* xr = x + xo[b] + r * sx;
       scalar_t* yr = y + yo[b] + r * sy;
-      if (r < rp.rows) prefetch_row(xr + rp.ox(r), yr + rp.oy(r), rp.bytes, !stream);
+      if (r < rp.rows) prefetch_row(xr + rp.ox(r), yr + rp.oy(r), rp.bytes, !stream, rp.l2);
       for (int c = 0; c < kChunks; ++c) {
         const __m512 a = x16_load(xr + 16 * c), bb = x16_load(xr + half + 16 * c);
         x16_store(yr + 16 * c, _mm512_sub_ps(_mm512_mul_ps(a, vc1[c]), _mm512_mul_ps(bb, vs1[c])), stream);
@@ -576,7 +600,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
       }
 #pragma GCC unroll 8
       for (int r = 0; r < kN; ++r) {
-        if (r < pf.rows) prefetch_row(x + r * sx + pf.ox(r), y + r * sy + pf.oy(r), pf.bytes, !stream);
+        if (r < pf.rows) prefetch_row(x + r * sx + pf.ox(r), y + r * sy + pf.oy(r), pf.bytes, !stream, pf.l2);
         for (int c = 0; c < kChunks; ++c) {
           if constexpr (kDp) {
             if (!bf16_dp_step32<kDefer>(xa[r][c], xb[r][c], y + r * sy + 32 * c, half, t1 + 2 * c, t2 + 2 * c,
@@ -597,7 +621,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
     }
 #pragma GCC unroll 8
     for (int64_t r = 0; r < n; ++r) {
-      if (i == 0 && r < pf.rows) prefetch_row(x + r * sx + pf.ox(r), y + r * sy + pf.oy(r), pf.bytes, !stream);
+      if (i == 0 && r < pf.rows) prefetch_row(x + r * sx + pf.ox(r), y + r * sy + pf.oy(r), pf.bytes, !stream, pf.l2);
       for (int64_t j = 0; j < kPairs; j += 32) {
         const int u = static_cast<int>(j / 16);
         const c10::BFloat16* xr = x + r * sx + i + j;
@@ -1150,6 +1174,31 @@ acc_t* table_scratch(int64_t n) {
   return scratch.data();
 }
 
+// Does a walk over operand o's rows (heads outer or tokens outer) prefetch into L2 only
+// (RowPrefetch::l2) rather than into L1? A software prefetch into L1 is held to the few lines L1
+// can have in flight; into L2 many more fly, but the lines are not in L1 when the row is read.
+// Measured side by side (one process, order rotated, tensors placed anew each round; Zen 4,
+// 2048 tokens, 1 thread unless said):
+// - fp32 rows from memory (from_memory: kPrefetchMin), every walk: [B, H, S, D] forward
+//   2.92-3.06 -> 2.68-2.73 ms, in place 3.09-3.11 -> 1.98-2.05, backward 2.95 -> 2.75-2.77 (2
+//   threads: 2.28-2.38 -> 1.70-1.86, 1.85-1.97 -> 1.15-1.23, 2.38-2.60 -> 1.93-2.14); packed
+//   tokens and [B, S, H, D] forward 3.17-3.34 -> 2.86-3.11, in place 2.30-2.52 -> 1.83-2.06,
+//   backward 3.41-3.47 -> 2.97-3.28 (2 threads: within noise). 16-bit rows from memory stay in
+//   L1 (into L2: within noise, or up to 9% slower head-major).
+// - Token-major walks whose consecutive tokens' rows leave gaps in x (or in y, out of place),
+//   whatever the size: slices of a packed qkv (q's rows skip k's and v's), whose gaps stop the
+//   CPU's stream prefetchers. bf16 forward 2.42 -> 1.49 ms, in place 2.52 -> 1.55 (packed tokens,
+//   no gaps: 1.44, 1.22).
+// From L3 (512 tokens) head-major walks keep L1: no change either way.
+template <typename scalar_t>
+inline bool prefetch_into_l2(const Operand<scalar_t>& o, int64_t D, bool head_major, bool from_memory) {
+  if (from_memory && std::is_same_v<scalar_t, float>) return true;
+  if (head_major) return false;
+  const bool x_gaps = o.sx.h != D || o.sx.s != o.H * D;
+  const bool y_gaps = o.sy.h != D || o.sy.s != o.H * D;
+  return x_gaps || (o.y != o.x && y_gaps);
+}
+
 // Tokens [begin, end): per block, the cos/sin tables, then every row of q and k. Returns -1, or
 // the first token whose position lies outside the cos/sin cache (the tokens before it are
 // done, nothing is written for it).
@@ -1350,7 +1399,8 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           if (at_once[k]) {
             // (m = 0: d >= 1 tokens ahead, the same row; in a walk with a head-major operand, one)
             const WalkPrefetch pf{rows_ahead ? ahead_rows / o.H : (prefetch ? 1 : 0), n_off, 0, 0, row_bytes, stream[k],
-                                  rows_ahead ? ahead_rows % o.H : 0};
+                                  rows_ahead ? ahead_rows % o.H : 0,
+                                  prefetch_into_l2(o, p.D, false, prefetch)};
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x, o.y, xo, yo, n, o.H, p.D, half,
                                                             &tabs[p.tset[k] * tb], same, p.isa, pf);
             continue;
@@ -1387,7 +1437,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
             const bool unrolled = rows_unrolled(x, y, h1 - h0, half, p.isa, prefetch);
             const int64_t dg = bf16_from_l3 && unrolled ? 0 : d;
             const WalkPrefetch pf{dg, n, heads, std::max<int64_t>(0, std::min(h1, o.H - heads) - h0), row_bytes,
-                                  stream[k]};
+                                  stream[k], 0, prefetch_into_l2(o, p.D, true, prefetch)};
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, x, y, xo, yo, n, h1 - h0, p.D, half,
                                                             &tabs[p.tset[k] * tb], same, p.isa, pf, unrolled);
             continue;
