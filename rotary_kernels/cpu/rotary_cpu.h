@@ -1117,6 +1117,7 @@ struct CpuParams {
   bool conj;
   CpuIsa isa;
   bool prefetch;  // large enough to stream from memory (software prefetch pays off)
+  bool past_l2;   // large enough that the rows come from L3 or memory (kPastL2)
 };
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
@@ -1178,6 +1179,7 @@ constexpr int64_t kPrefetchBytes = 8192;     // ahead in each of their runs
 constexpr int64_t kHeadsAtOnceRows = 4;      // rows taken together (rotate_rows)
 constexpr int64_t kPrefetchBytesRows = 2048;
 constexpr int64_t kPrefetchMin = int64_t{16} << 20;
+constexpr int64_t kPastL2 = int64_t{4} << 20;  // q + k's bytes whose rows come from L3 or memory
 static_assert(kHeadsAtOnceRows == 4, "rotate_rows unrolls groups of 4 rows (rows_unrolled)");
 
 // Do all of y's rows start on a 64-byte boundary? Then so does every piece the row kernels store
@@ -1215,20 +1217,27 @@ acc_t* table_scratch(int64_t n) {
 // can have in flight; into L2 many more fly, but the lines are not in L1 when the row is read.
 // Measured side by side (one process, order rotated, tensors placed anew each round; Zen 4,
 // 2048 tokens, 1 thread unless said):
-// - fp32 rows from memory (from_memory: kPrefetchMin), every walk: [B, H, S, D] forward
+// - fp32 rows past L2 (past_l2: q and k's bytes at least kPastL2), every walk. From memory
+//   (kPrefetchMin), [B, H, S, D] forward
 //   2.92-3.06 -> 2.68-2.73 ms, in place 3.09-3.11 -> 1.98-2.05, backward 2.95 -> 2.75-2.77 (2
 //   threads: 2.28-2.38 -> 1.70-1.86, 1.85-1.97 -> 1.15-1.23, 2.38-2.60 -> 1.93-2.14); packed
 //   tokens and [B, S, H, D] forward 3.17-3.34 -> 2.86-3.11, in place 2.30-2.52 -> 1.83-2.06,
 //   backward 3.41-3.47 -> 2.97-3.28 (2 threads: within noise). 16-bit rows from memory stay in
-//   L1 (into L2: within noise, or up to 9% slower head-major).
+//   L1 (into L2: within noise, or up to 9% slower head-major). From L3, 512 tokens (10 MB),
+//   1 thread, three runs over 20 minutes on a shared VM (whose L3 its neighbours share: the
+//   times moved up to 1.5x from run to run, the direction did not): [B, H, S, D] forward 0.82 -> 0.73,
+//   0.62 -> 0.51, 0.64 -> 0.56 ms, backward 0.82 -> 0.73, 0.94 -> 0.65, 0.75 -> 0.73; [B, S, H, D]
+//   forward 0.56 -> 0.47, backward 0.73 -> 0.61; the transposed view 0.54 -> 0.44, 0.67 -> 0.53;
+//   2 threads [B, H, S, D] 0.305 -> 0.282, 0.368 -> 0.353; in place no change. 256 tokens (5 MB):
+//   within noise; 64 and 128 tokens (from L2): token-major forward 3-7% slower, hence kPastL2.
 // - Token-major walks whose consecutive tokens' rows leave gaps in x (or in y, out of place),
 //   whatever the size: slices of a packed qkv (q's rows skip k's and v's), whose gaps stop the
 //   CPU's stream prefetchers. bf16 forward 2.42 -> 1.49 ms, in place 2.52 -> 1.55 (packed tokens,
 //   no gaps: 1.44, 1.22).
-// From L3 (512 tokens) head-major walks keep L1: no change either way.
+// 16-bit head-major walks from L3 (512 tokens) keep L1: no change either way.
 template <typename scalar_t>
-inline bool prefetch_into_l2(const Operand<scalar_t>& o, int64_t D, bool head_major, bool from_memory) {
-  if (from_memory && std::is_same_v<scalar_t, float>) return true;
+inline bool prefetch_into_l2(const Operand<scalar_t>& o, int64_t D, bool head_major, bool past_l2) {
+  if (past_l2 && std::is_same_v<scalar_t, float>) return true;
   if (head_major) return false;
   const bool x_gaps = o.sx.h != D || o.sx.s != o.H * D;
   const bool y_gaps = o.sy.h != D || o.sy.s != o.H * D;
@@ -1436,7 +1445,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
             // (m = 0: d >= 1 tokens ahead, the same row; in a walk with a head-major operand, one)
             WalkPrefetch pf{rows_ahead ? ahead_rows / o.H : (prefetch ? 1 : 0), n_off, 0, 0, row_bytes, stream[k],
                                   rows_ahead ? ahead_rows % o.H : 0,
-                                  prefetch_into_l2(o, p.D, false, prefetch)};
+                                  prefetch_into_l2(o, p.D, false, p.past_l2)};
             if (stream[k] && std::is_same_v<scalar_t, float>) pf.runs = 4;  // (see WalkPrefetch::runs)
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x, o.y, xo, yo, n, o.H, p.D, half,
                                                             &tabs[p.tset[k] * tb], same, p.isa, pf);
@@ -1474,7 +1483,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
             const bool unrolled = rows_unrolled(x, y, h1 - h0, half, p.isa, prefetch);
             const int64_t dg = bf16_from_l3 && unrolled ? 0 : d;
             const WalkPrefetch pf{dg, n, heads, std::max<int64_t>(0, std::min(h1, o.H - heads) - h0), row_bytes,
-                                  stream[k], 0, prefetch_into_l2(o, p.D, true, prefetch)};
+                                  stream[k], 0, prefetch_into_l2(o, p.D, true, p.past_l2)};
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, x, y, xo, yo, n, h1 - h0, p.D, half,
                                                             &tabs[p.tset[k] * tb], same, p.isa, pf, unrolled);
             continue;
@@ -1544,7 +1553,9 @@ void rotary_cpu_typed(const at::Tensor& q, const std::optional<at::Tensor>& k, c
   // with a 32 MB L3, up to ~10 MB: 512 tokens): the prefetches would only cost instructions
   // (~10% at 64 tokens, 5-20% at 512 in every layout; at 20 MB they pay, 1.4x on fp32
   // [B, H, S, D] at 1024 tokens, 2x on bf16 qkv slices at 2048).
-  p.prefetch = tokens * row_elems * static_cast<int64_t>(sizeof(scalar_t)) >= kPrefetchMin;
+  const int64_t bytes = tokens * row_elems * static_cast<int64_t>(sizeof(scalar_t));
+  p.prefetch = bytes >= kPrefetchMin;
+  p.past_l2 = bytes >= kPastL2;
   std::atomic<int64_t> bad{-1};
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
     const int64_t t = swap_layout ? (interleaved ? rotate_tokens<scalar_t, cs_t, true, true>(p, begin, end)
