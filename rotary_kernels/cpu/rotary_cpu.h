@@ -298,6 +298,25 @@ __attribute__((target("avx512f"))) inline void x16_store(c10::Half* p, __m512 v,
   store256(p, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), stream);
 }
 
+// 16 pairs in fp32, x1's values in a, x2's in b, with their table values: y1 = x1*c1 - x2*s1,
+// y2 = x2*c2 + x1*s2, rotate_pair's products and sum in its order (so its bits). The arithmetic of
+// every AVX-512 row kernel here but vdpbf16ps's (bf16_dp_step32).
+__attribute__((target("avx512f"), always_inline)) inline void rotate16(__m512 a, __m512 b, __m512 c1, __m512 s1,
+                                                                      __m512 c2, __m512 s2, __m512& y1, __m512& y2) {
+  y1 = _mm512_sub_ps(_mm512_mul_ps(a, c1), _mm512_mul_ps(b, s1));
+  y2 = _mm512_add_ps(_mm512_mul_ps(b, c2), _mm512_mul_ps(a, s2));
+}
+// rotate16 of the 16 pairs x[0, 16), x[half, half + 16) into y.
+template <typename scalar_t>
+__attribute__((target("avx512f"), always_inline)) inline void rotate16(const scalar_t* x, scalar_t* y, int64_t half,
+                                                                      __m512 c1, __m512 s1, __m512 c2, __m512 s2,
+                                                                      bool stream) {
+  __m512 y1, y2;
+  rotate16(x16_load(x), x16_load(x + half), c1, s1, c2, s2, y1, y2);
+  x16_store(y, y1, stream);
+  x16_store(y + half, y2, stream);
+}
+
 // bf16 rotate-half rows, 16 pairs per step (templated on the row type; fp32 rows measured 10-25%
 // slower this way than through the compiler's inlined loop here, so rotate_row sends only bf16).
 template <typename scalar_t, bool same>
@@ -310,13 +329,9 @@ __attribute__((target("avx512f"))) void rotate_avx512(const scalar_t* x, scalar_
   }
   int64_t i = 0;
   for (; i + 16 <= half; i += 16) {
-    const __m512 a = x16_load(x + i), b = x16_load(x + half + i);
     const __m512 vc1 = _mm512_loadu_ps(c1 + i), vs1 = _mm512_loadu_ps(s1 + i);
     const __m512 vc2 = same ? vc1 : _mm512_loadu_ps(c2 + i), vs2 = same ? vs1 : _mm512_loadu_ps(s2 + i);
-    const __m512 ya = _mm512_sub_ps(_mm512_mul_ps(a, vc1), _mm512_mul_ps(b, vs1));
-    const __m512 yb = _mm512_add_ps(_mm512_mul_ps(b, vc2), _mm512_mul_ps(a, vs2));
-    x16_store(y + i, ya);
-    x16_store(y + half + i, yb);
+    rotate16(x + i, y + i, half, vc1, vs1, vc2, vs2, false);
   }
   for (; i < half; ++i) {
     const float a = load_acc<scalar_t, float>(x + i), b = load_acc<scalar_t, float>(x + half + i);
@@ -355,7 +370,7 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, 
   constexpr int64_t half = 16 * kChunks;
   const bool stream = pf.stream;  // (a local: pf could alias y for all the compiler knows)
   if constexpr (kN == 0) {
-    if (pf.runs == 4 && n_tok % 4 == 0) {
+    if (pf.runs == 4 && stream && n_tok % 4 == 0) {
       // Token-major rows from memory, out of place (WalkPrefetch::runs): the block's tokens as 4
       // runs of n_tok / 4, their rows taken in turn (token j's row r, then token j + n_tok / 4's,
       // ...), so that 4 streams of x and y advance together, as the head-major walk's 4 heads do;
@@ -371,17 +386,16 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, 
         for (int64_t r = 0; r < nh; ++r) {
 #pragma GCC unroll 4
           for (int64_t b = j; b < n_tok; b += len) {
-            const CSTable<float>& t = cs[b];
+            // (the table's pointers copied: y's stores could alias cs[b] for all the compiler knows)
+            const float *c1 = cs[b].c1, *c2 = cs[b].c2, *s1 = cs[b].s1, *s2 = cs[b].s2;
             const scalar_t* xr = x + xo[b] + r * sx;
             scalar_t* yr = y + yo[b] + r * sy;
             if (j + 1 < len) prefetch_row(x + xo[b + 1] + r * sx, y + yo[b + 1] + r * sy, pf.bytes, !stream, pf.l2);
             for (int c = 0; c < kChunks; ++c) {
-              const __m512 a = x16_load(xr + 16 * c), bb = x16_load(xr + half + 16 * c);
-              const __m512 vc1 = _mm512_loadu_ps(t.c1 + 16 * c), vs1 = _mm512_loadu_ps(t.s1 + 16 * c);
-              const __m512 vc2 = same ? vc1 : _mm512_loadu_ps(t.c2 + 16 * c);
-              const __m512 vs2 = same ? vs1 : _mm512_loadu_ps(t.s2 + 16 * c);
-              x16_store(yr + 16 * c, _mm512_sub_ps(_mm512_mul_ps(a, vc1), _mm512_mul_ps(bb, vs1)), stream);
-              x16_store(yr + half + 16 * c, _mm512_add_ps(_mm512_mul_ps(bb, vc2), _mm512_mul_ps(a, vs2)), stream);
+              const __m512 vc1 = _mm512_loadu_ps(c1 + 16 * c), vs1 = _mm512_loadu_ps(s1 + 16 * c);
+              const __m512 vc2 = same ? vc1 : _mm512_loadu_ps(c2 + 16 * c);
+              const __m512 vs2 = same ? vs1 : _mm512_loadu_ps(s2 + 16 * c);
+              rotate16(xr + 16 * c, yr + 16 * c, half, vc1, vs1, vc2, vs2, true);  // (stream: a constant)
             }
           }
         }
@@ -400,9 +414,7 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, 
       scalar_t* yr = y + yo[b] + r * sy;
       if (r < rp.rows) prefetch_row(xr + rp.ox(r), yr + rp.oy(r), rp.bytes, !stream, rp.l2);
       for (int c = 0; c < kChunks; ++c) {
-        const __m512 a = x16_load(xr + 16 * c), bb = x16_load(xr + half + 16 * c);
-        x16_store(yr + 16 * c, _mm512_sub_ps(_mm512_mul_ps(a, vc1[c]), _mm512_mul_ps(bb, vs1[c])), stream);
-        x16_store(yr + half + 16 * c, _mm512_add_ps(_mm512_mul_ps(bb, vc2[c]), _mm512_mul_ps(a, vs2[c])), stream);
+        rotate16(xr + 16 * c, yr + 16 * c, half, vc1[c], vs1[c], vc2[c], vs2[c], stream);
       }
     }
   }
@@ -434,9 +446,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
     const __m512i idx = _mm512_load_si512(kWiden[u]);
     const __m512 a = _mm512_castsi512_ps(_mm512_permutex2var_epi16(_mm512_setzero_si512(), idx, xa));
     const __m512 b = _mm512_castsi512_ps(_mm512_permutex2var_epi16(_mm512_setzero_si512(), idx, xb));
-    const __m512 c2 = same ? vc1[u] : vc2[u], s2 = same ? vs1[u] : vs2[u];
-    ya[u] = _mm512_sub_ps(_mm512_mul_ps(a, vc1[u]), _mm512_mul_ps(b, vs1[u]));
-    yb[u] = _mm512_add_ps(_mm512_mul_ps(b, c2), _mm512_mul_ps(a, s2));
+    rotate16(a, b, vc1[u], vs1[u], same ? vc1[u] : vc2[u], same ? vs1[u] : vs2[u], ya[u], yb[u]);
     odd = _kor_mask16(odd, _kor_mask16(_mm512_fpclass_ps_mask(ya[u], kNanOrDenormal),
                                        _mm512_fpclass_ps_mask(yb[u], kNanOrDenormal)));
   }
