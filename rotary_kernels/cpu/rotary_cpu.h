@@ -1222,6 +1222,16 @@ acc_t* table_scratch(int64_t n) {
   return scratch.data();
 }
 
+// Do consecutive tokens' rows of operand o (tokens outer) leave gaps in x, or out of place in y?
+// Slices of a packed qkv do (q's rows skip k's and v's): the gaps stop the CPU's stream
+// prefetchers, so such walks prefetch in software whatever the size.
+template <typename scalar_t>
+inline bool token_gaps(const Operand<scalar_t>& o, int64_t D) {
+  const bool x_gaps = o.sx.h != D || o.sx.s != o.H * D;
+  const bool y_gaps = o.sy.h != D || o.sy.s != o.H * D;
+  return x_gaps || (o.y != o.x && y_gaps);
+}
+
 // Does a walk over operand o's rows (heads outer or tokens outer) prefetch into L2 only
 // (RowPrefetch::l2) rather than into L1? A software prefetch into L1 is held to the few lines L1
 // can have in flight; into L2 many more fly, but the lines are not in L1 when the row is read.
@@ -1240,18 +1250,13 @@ acc_t* table_scratch(int64_t n) {
 //   forward 0.56 -> 0.47, backward 0.73 -> 0.61; the transposed view 0.54 -> 0.44, 0.67 -> 0.53;
 //   2 threads [B, H, S, D] 0.305 -> 0.282, 0.368 -> 0.353; in place no change. 256 tokens (5 MB):
 //   within noise; 64 and 128 tokens (from L2): token-major forward 3-7% slower, hence kPastL2.
-// - Token-major walks whose consecutive tokens' rows leave gaps in x (or in y, out of place),
-//   whatever the size: slices of a packed qkv (q's rows skip k's and v's), whose gaps stop the
-//   CPU's stream prefetchers. bf16 forward 2.42 -> 1.49 ms, in place 2.52 -> 1.55 (packed tokens,
-//   no gaps: 1.44, 1.22).
+// - Token-major walks with gaps (token_gaps), whatever the size. bf16 qkv slices forward 2.42 ->
+//   1.49 ms, in place 2.52 -> 1.55 (packed tokens, no gaps: 1.44, 1.22).
 // 16-bit head-major walks from L3 (512 tokens) keep L1: no change either way.
 template <typename scalar_t>
 inline bool prefetch_into_l2(const Operand<scalar_t>& o, int64_t D, bool head_major, bool past_l2) {
   if (past_l2 && std::is_same_v<scalar_t, float>) return true;
-  if (head_major) return false;
-  const bool x_gaps = o.sx.h != D || o.sx.s != o.H * D;
-  const bool y_gaps = o.sy.h != D || o.sy.s != o.H * D;
-  return x_gaps || (o.y != o.x && y_gaps);
+  return !head_major && token_gaps(o, D);
 }
 
 // Tokens [begin, end): per block, the cos/sin tables, then every row of q and k. Returns -1, or
@@ -1456,6 +1461,11 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
             WalkPrefetch pf{rows_ahead ? ahead_rows / o.H : (prefetch ? 1 : 0), n_off, 0, 0, row_bytes, stream[k],
                                   rows_ahead ? ahead_rows % o.H : 0,
                                   prefetch_into_l2(o, p.D, false, p.past_l2)};
+            // In place from the caches, a walk without gaps prefetches nothing (fp32 rows, side by
+            // side, A/A pairs within 2%: [B, S, H, D] and packed tokens at 512 tokens 0.265 ->
+            // 0.219 ms, 2 threads 0.120 -> 0.108; 256 tokens 0.118 -> 0.107; 128 0.068 -> 0.060);
+            // the qkv slices keep theirs (0.276 -> 0.314 without).
+            if (!prefetch && o.x == o.y && !token_gaps(o, p.D)) pf.d = pf.m = 0;
             if (stream[k] && std::is_same_v<scalar_t, float>) pf.runs = 4;  // (see WalkPrefetch::runs)
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x, o.y, xo, yo, n, o.H, p.D, half,
                                                             &tabs[p.tset[k] * tb], same, p.isa, pf);
@@ -1476,13 +1486,17 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         const int64_t heads = at_once[k] ? kHeadsAtOnceRows : kHeadsAtOnce;
         const int64_t ahead = at_once[k] ? kPrefetchBytesRows : kPrefetchBytes;
         // 4 heads' runs (of x and y) are more streams than the hardware prefetchers follow: rows
-        // taken together prefetch whatever the size (512 tokens: out of place 1.15-1.2x faster,
-        // in place ~5%), except bf16 groups of 4 heads below kPrefetchMin that the rows kernel
-        // unrolls so that the CPU's stride prefetcher follows them (rows_unrolled): without
-        // software prefetches those run faster (512 tokens, 1 thread: forward 0.143 ms rather
-        // than 0.155, in place 0.111 rather than 0.129), fp32 ones 1.1x slower (its rows are
-        // twice as long).
-        const bool fetch = prefetch || at_once[k];
+        // taken together out of place prefetch whatever the size (512 tokens: 1.15-1.2x faster),
+        // except bf16 groups of 4 heads below kPrefetchMin that the rows kernel unrolls so that
+        // the CPU's stride prefetcher follows them (rows_unrolled): without software prefetches
+        // those run faster (512 tokens, 1 thread: forward 0.143 ms rather than 0.155), fp32 ones
+        // 1.1x slower (its rows are twice as long). In place they prefetch from memory only: from
+        // the caches, side by side (2026-11-27, Zen 4), fp32 512 tokens 0.325 -> 0.263 ms at 1
+        // thread, 0.173 -> 0.141 at 2; 256 tokens 0.155 -> 0.128 (2 threads 0.090 -> 0.077), 128
+        // 0.088 -> 0.074; fp16 512 tokens 0.269 -> 0.255; bf16 without AVX512-BF16 0.511 -> 0.476
+        // (A/A pairs within 2%). Out of place, without them: 1 thread within noise (A/A pairs 14%
+        // apart), 2 threads backward 10-50% slower.
+        const bool fetch = prefetch || (at_once[k] && o.x != o.y);
         const int64_t d = fetch ? std::min((ahead + row_bytes - 1) / row_bytes, n) : 0;  // rows ahead, in [0, n]
         const bool bf16_from_l3 = std::is_same_v<scalar_t, c10::BFloat16> && p.isa.avx512bf16 && !prefetch;
         for (int64_t h0 = 0; h0 < o.H; h0 += heads) {
