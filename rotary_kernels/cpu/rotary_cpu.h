@@ -1036,18 +1036,17 @@ inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa&
   return false;
 }
 
-// Does a head-major walk's group of nh heads x -> y (rows of `half` pairs; from_memory: the walk's
-// operands are too large for L3, kPrefetchMin) go through rotate_rows unrolled (see there)?
-// Groups of 4 out of place; bf16 rows on the AVX512-BF16 kernel only where it unrolls them (R = 64
-// or 128: bf16_token_rows), and there in place too from L3, as that kernel loads all 4 rows
-// before it stores any (bf16_rows_avx512bf16; from memory, at 2048 tokens: 4-10% slower unrolled).
+// Does a head-major walk's group of nh heads x -> y (rows of `half` pairs) go through rotate_rows
+// unrolled (see there)? Groups of 4 out of place; bf16 rows on the AVX512-BF16 kernel only where it
+// unrolls them (R = 64 or 128: bf16_token_rows), and there in place too, as that kernel loads all 4
+// rows before it stores any (bf16_rows_avx512bf16). In place from memory, side by side (2048
+// tokens; the two A/A runs' range before the arrow): 1 thread 1.204-1.218 -> 1.073 ms,
+// 1.487-1.524 -> 1.220 (an earlier measurement, 4-10% slower unrolled, did not hold up here),
+// 2 threads 0.876-0.955 -> 0.844.
 template <typename scalar_t>
-inline bool rows_unrolled(const scalar_t* x, const scalar_t* y, int64_t nh, int64_t half, const CpuIsa& isa,
-                          bool from_memory) {
+inline bool rows_unrolled(const scalar_t* x, const scalar_t* y, int64_t nh, int64_t half, const CpuIsa& isa) {
   if (nh != 4) return false;
-  if (std::is_same_v<scalar_t, c10::BFloat16> && isa.avx512bf16) {
-    return (half == 32 || half == 64) && (x != y || !from_memory);
-  }
+  if (std::is_same_v<scalar_t, c10::BFloat16> && isa.avx512bf16) return half == 32 || half == 64;
   return x != y;
 }
 
@@ -1504,7 +1503,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           if (at_once[k]) {
             const scalar_t* x = o.x + h0 * o.sx.h;
             scalar_t* y = o.y + h0 * o.sy.h;
-            const bool unrolled = rows_unrolled(x, y, h1 - h0, half, p.isa, prefetch);
+            const bool unrolled = rows_unrolled(x, y, h1 - h0, half, p.isa);
             const int64_t dg = bf16_from_l3 && unrolled ? 0 : d;
             const WalkPrefetch pf{dg, n, heads, std::max<int64_t>(0, std::min(h1, o.H - heads) - h0), row_bytes,
                                   stream[k], 0, prefetch_into_l2(o, p.D, true, p.past_l2)};
