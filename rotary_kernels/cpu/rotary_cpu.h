@@ -1258,6 +1258,21 @@ inline bool prefetch_into_l2(const Operand<scalar_t>& o, int64_t D, bool head_ma
   return !head_major && token_gaps(o, D);
 }
 
+// Does a walk over operand o's rows that come from the caches (q + k under kPrefetchMin) prefetch
+// them in software, where it would from memory? Out of place yes (head-major groups of 4 heads:
+// 512 tokens 1.15-1.2x faster; without: 1 thread within noise, A/A pairs 14% apart, 2 threads
+// backward 10-50% slower); in place only a token-major walk with gaps (token_gaps: the qkv slices,
+// 0.276 -> 0.314 ms without at 512 tokens). In place without gaps they cost more than they save
+// (side by side, 2026-11-27, Zen 4, A/A pairs within 2%): fp32 [B, H, S, D] 512 tokens 0.325 ->
+// 0.263 ms at 1 thread, 0.173 -> 0.141 at 2; 256 tokens 0.155 -> 0.128 (2 threads 0.090 -> 0.077),
+// 128 0.088 -> 0.074; fp16 512 tokens 0.269 -> 0.255; bf16 without AVX512-BF16 0.511 -> 0.476;
+// fp32 [B, S, H, D] and packed tokens 512 tokens 0.265 -> 0.219 (2 threads 0.120 -> 0.108), 256
+// 0.118 -> 0.107, 128 0.068 -> 0.060.
+template <typename scalar_t>
+inline bool prefetch_from_caches(const Operand<scalar_t>& o, int64_t D, bool head_major) {
+  return o.x != o.y || (!head_major && token_gaps(o, D));
+}
+
 // Tokens [begin, end): per block, the cos/sin tables, then every row of q and k. Returns -1, or
 // the first token whose position lies outside the cos/sin cache (the tokens before it are
 // done, nothing is written for it).
@@ -1458,13 +1473,8 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           if (at_once[k]) {
             // (m = 0: d >= 1 tokens ahead, the same row; in a walk with a head-major operand, one)
             WalkPrefetch pf{rows_ahead ? ahead_rows / o.H : (prefetch ? 1 : 0), n_off, 0, 0, row_bytes, stream[k],
-                                  rows_ahead ? ahead_rows % o.H : 0,
-                                  prefetch_into_l2(o, p.D, false, p.past_l2)};
-            // In place from the caches, a walk without gaps prefetches nothing (fp32 rows, side by
-            // side, A/A pairs within 2%: [B, S, H, D] and packed tokens at 512 tokens 0.265 ->
-            // 0.219 ms, 2 threads 0.120 -> 0.108; 256 tokens 0.118 -> 0.107; 128 0.068 -> 0.060);
-            // the qkv slices keep theirs (0.276 -> 0.314 without).
-            if (!prefetch && o.x == o.y && !token_gaps(o, p.D)) pf.d = pf.m = 0;
+                            rows_ahead ? ahead_rows % o.H : 0, prefetch_into_l2(o, p.D, false, p.past_l2)};
+            if (!prefetch && !prefetch_from_caches(o, p.D, false)) pf.d = pf.m = 0;
             if (stream[k] && std::is_same_v<scalar_t, float>) pf.runs = 4;  // (see WalkPrefetch::runs)
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x, o.y, xo, yo, n, o.H, p.D, half,
                                                             &tabs[p.tset[k] * tb], same, p.isa, pf);
@@ -1485,17 +1495,12 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         const int64_t heads = at_once[k] ? kHeadsAtOnceRows : kHeadsAtOnce;
         const int64_t ahead = at_once[k] ? kPrefetchBytesRows : kPrefetchBytes;
         // 4 heads' runs (of x and y) are more streams than the hardware prefetchers follow: rows
-        // taken together out of place prefetch whatever the size (512 tokens: 1.15-1.2x faster),
-        // except bf16 groups of 4 heads below kPrefetchMin that the rows kernel unrolls so that
-        // the CPU's stride prefetcher follows them (rows_unrolled): without software prefetches
-        // those run faster (512 tokens, 1 thread: forward 0.143 ms rather than 0.155), fp32 ones
-        // 1.1x slower (its rows are twice as long). In place they prefetch from memory only: from
-        // the caches, side by side (2026-11-27, Zen 4), fp32 512 tokens 0.325 -> 0.263 ms at 1
-        // thread, 0.173 -> 0.141 at 2; 256 tokens 0.155 -> 0.128 (2 threads 0.090 -> 0.077), 128
-        // 0.088 -> 0.074; fp16 512 tokens 0.269 -> 0.255; bf16 without AVX512-BF16 0.511 -> 0.476
-        // (A/A pairs within 2%). Out of place, without them: 1 thread within noise (A/A pairs 14%
-        // apart), 2 threads backward 10-50% slower.
-        const bool fetch = prefetch || (at_once[k] && o.x != o.y);
+        // taken together prefetch from the caches too (prefetch_from_caches: out of place), except
+        // bf16 groups of 4 heads below kPrefetchMin that the rows kernel unrolls so that the CPU's
+        // stride prefetcher follows them (rows_unrolled): without software prefetches those run
+        // faster (512 tokens, 1 thread: forward 0.143 ms rather than 0.155), fp32 ones 1.1x slower
+        // (its rows are twice as long).
+        const bool fetch = prefetch || (at_once[k] && prefetch_from_caches(o, p.D, true));
         const int64_t d = fetch ? std::min((ahead + row_bytes - 1) / row_bytes, n) : 0;  // rows ahead, in [0, n]
         const bool bf16_from_l3 = std::is_same_v<scalar_t, c10::BFloat16> && p.isa.avx512bf16 && !prefetch;
         for (int64_t h0 = 0; h0 < o.H; h0 += heads) {
