@@ -777,6 +777,31 @@ def test_cpu_bf16_special_values_bit_exact(layout):
          apply_rotary_transformers_reference(q, k, cos, _conj_sin(sin, False), ud))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["bshd", "bhsd"])
+def test_cpu_inplace_heads_that_follow(layout, dtype):
+    """In place, k's heads right after q's in one buffer (a packed qkv's slices, or a heads-outer
+    [B, Hq + 2 Hk, S, D] buffer's): the CPU kernel walks q and k as one operand (heads_follow).
+    Bits equal the reference's and v is untouched; with k's own tables (not merged) too."""
+    if "cpu" not in rk.available_backends("cpu"):
+        pytest.skip("compiled CPU kernel not built")
+    B, S, Hq, Hk, D = 2, 300, 3, 2, 128
+    shape, ud = ((B, S, Hq + 2 * Hk, D), 2) if layout == "bshd" else ((B, Hq + 2 * Hk, S, D), 1)
+    buf = torch.randn(*shape, generator=torch.Generator().manual_seed(21)).to(dtype)
+    heads = (lambda t, a, b: t[:, :, a:b]) if layout == "bshd" else (lambda t, a, b: t[:, a:b])
+    cos, sin = make_cs(B, S, D, torch.float32, "cpu")
+    cos_k, sin_k = make_cs(B, S, D, torch.float32, "cpu", seed=2)
+    for k_tables in (None, (cos_k, sin_k)):
+        x = buf.clone()
+        q, k = heads(x, 0, Hq), heads(x, Hq, Hq + Hk)
+        want_q = rotary_reference(q, cos, sin, ud)
+        want_k = rotary_reference(k, *(k_tables or (cos, sin)), ud)
+        kw = dict(cos_k=k_tables[0], sin_k=k_tables[1]) if k_tables else {}
+        rk.apply_rotary_transformers_(q, k, cos, sin, ud, backend="cpu", **kw)
+        assert torch.equal(q, want_q) and torch.equal(k, want_k)
+        assert torch.equal(heads(x, Hq + Hk, Hq + 2 * Hk), heads(buf, Hq + Hk, Hq + 2 * Hk))
+
+
 def test_odd_head_dim_as_transformers_computes_it(dev_backend):
     """An odd rotary dim equal to the head dim is what transformers' apply_rotary_pos_emb computes
     (rotate_half on the odd width); anything it cannot compute (a wider table, partial odd

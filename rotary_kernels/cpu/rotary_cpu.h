@@ -1221,6 +1221,18 @@ acc_t* table_scratch(int64_t n) {
   return scratch.data();
 }
 
+// Are b's heads the heads after a's, in x and in y (same strides, b's first head one head past
+// a's last)? Then a and b are walked as one operand of a.H + b.H heads: for the q and k slices of
+// a packed qkv rotated in place, a token's q and k rows are one run rather than two walks, each
+// with its gaps (fp32, 512 tokens, in place, 1 thread, side by side: 0.231 -> 0.217 ms; packed
+// tokens without gaps 0.197; 2048 tokens, bf16 512 tokens: within noise).
+template <typename scalar_t>
+inline bool heads_follow(const Operand<scalar_t>& a, const Operand<scalar_t>& b) {
+  auto same = [](const Strides4& u, const Strides4& v) { return u.a == v.a && u.s == v.s && u.h == v.h && u.d == v.d; };
+  return same(a.sx, b.sx) && same(a.sy, b.sy) && a.copy_pass == b.copy_pass && b.x == a.x + a.H * a.sx.h &&
+         b.y == a.y + a.H * a.sy.h;
+}
+
 // Do consecutive tokens' rows of operand o (tokens outer) leave gaps in x, or out of place in y?
 // Slices of a packed qkv do (q's rows skip k's and v's): the gaps stop the CPU's stream
 // prefetchers, so such walks prefetch in software whatever the size.
@@ -1563,6 +1575,10 @@ void rotary_cpu_typed(const at::Tensor& q, const std::optional<at::Tensor>& k, c
   };
   add(q, q_out, 0);
   if (k.has_value()) add(*k, *k_out, p.k_tables ? 1 : 0);
+  if (p.n_ops == 2 && p.tset[1] == 0 && heads_follow(p.ops[0], p.ops[1])) {
+    p.ops[0].H += p.ops[1].H;  // (the slices of a packed qkv, in place: see heads_follow)
+    p.n_ops = 1;
+  }
   p.sc = cs_strides(cos);
   p.ss = cs_strides(sin);
   p.ti = make_token_index(cos, ix, cos_k);
