@@ -748,7 +748,10 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void rotate_bf16
   // see bf16_rows_avx512bf16). [B, H, S, D] bf16 at 512 tokens (bf16 tables), side by side (order
   // rotated, with A/A controls), Zen 4: forward 0.248 -> 0.232 ms, backward 0.306 -> 0.291 at 1
   // thread, 0.131 -> 0.124 and 0.183 -> 0.169 at 2. The token-major rows' loop (kN = 0) keeps the
-  // per-step check: deferred there, 2% faster at 64 tokens, 3-4% slower at 512.
+  // per-step check: deferred there, 2% faster at 64 tokens, 3-4% slower at 512. Checked once per
+  // 256-token block instead: 2.3-2.9x slower, as failing steps are not rare (exact zeros, x1 c = x2 s
+  // with colliding bf16 values: 19 of 2.1M results at 512 tokens, in 19 of 4096 token groups but
+  // 7 of 16 blocks, each then redone by bf16_step32_lanes).
   constexpr bool kDefer = kN > 0;
   if (pf.stream) {  // (out of place)
     bf16_tokens<same, kN, true, kDefer>(x, y, xo, yo, n_tok, nh, sx, sy, half, cs, pf);
