@@ -264,8 +264,16 @@ Dims canonical_perm(const at::Tensor& x, const at::Tensor& cos, int64_t unsqueez
   return perm;
 }
 
-// One as_strided view per tensor (a decode call makes six: ~0.15 us each here, one ATen call
-// rather than a chain of permute/unsqueeze/expand).
+// t with these sizes and strides: t itself where it has them already (the strides of its size-1
+// dims aside: they address nothing), as cos/sin [B, S, R] of the transformers call and q and k
+// with unsqueeze_dim=2; else one as_strided view (~0.15 us each here, one ATen call rather than
+// a chain of permute/unsqueeze/expand; a decode call makes up to six).
+at::Tensor restrided(const at::Tensor& t, at::IntArrayRef sizes, at::IntArrayRef strides) {
+  bool same = t.sizes() == sizes;
+  for (size_t d = 0; d < sizes.size() && same; ++d) same = sizes[d] == 1 || t.stride(d) == strides[d];
+  return same ? t : t.as_strided(sizes, strides);
+}
+
 at::Tensor canonical_view(const at::Tensor& t, at::IntArrayRef perm) {  // -> [A, S, H, D]
   Dims sizes, strides;
   if (perm.size() == 3) {
@@ -276,7 +284,7 @@ at::Tensor canonical_view(const at::Tensor& t, at::IntArrayRef perm) {  // -> [A
     sizes.push_back(t.size(p));
     strides.push_back(t.stride(p));
   }
-  return t.as_strided(sizes, strides);
+  return restrided(t, sizes, strides);
 }
 
 // cos or sin -> [A, S, R], zero strides where it broadcasts against x.
@@ -295,7 +303,7 @@ at::Tensor canonical_cs(const at::Tensor& cs, const at::Tensor& x, int64_t unsqu
     sizes.push_back(p == xd - 1 ? cs.size(-1) : x.size(p));
     strides.push_back(bcast ? 0 : cs.stride(d));
   }
-  return cs.as_strided(sizes, strides);
+  return restrided(cs, sizes, strides);
 }
 
 std::array<int64_t, 4> canonical_sizes(const at::Tensor& x, const Dims& perm) {
