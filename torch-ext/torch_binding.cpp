@@ -22,6 +22,7 @@
 // reproduced below when it is absent.
 #include <algorithm>
 #include <array>
+#include <utility>
 
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/ops/empty_like.h>
@@ -365,14 +366,11 @@ std::vector<at::Tensor> rotary_transformers_op(const at::Tensor& q, const std::o
   return outs;
 }
 
-// Provably no two elements of t share memory: sorted by stride, each stride exceeds the reach
-// of the smaller ones (any permuted slice of a contiguous tensor). Anything else declines to the
-// Python path, whose exact test (_canon.internal_overlap) accepts or reports it.
-bool nested(const at::Tensor& t) {
-  c10::SmallVector<std::pair<int64_t, int64_t>, 5> dims;  // (stride, size)
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
-  }
+using StrideSizes = c10::SmallVector<std::pair<int64_t, int64_t>, 5>;  // (stride, size) of dims of size > 1
+
+// Sorted by stride, does each stride exceed the reach of the smaller ones? Then no two index
+// tuples of these dims share an address.
+bool strides_nest(StrideSizes dims) {
   std::sort(dims.begin(), dims.end());
   int64_t reach = 0;
   for (const auto& [stride, size] : dims) {
@@ -380,6 +378,17 @@ bool nested(const at::Tensor& t) {
     reach += (size - 1) * stride;
   }
   return true;
+}
+
+// Provably no two elements of t share memory: its dims nest (strides_nest; any permuted slice of
+// a contiguous tensor). Anything else declines to the Python path, whose exact test
+// (_canon.internal_overlap) accepts or reports it.
+bool nested(const at::Tensor& t) {
+  StrideSizes dims;
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (t.size(d) != 1) dims.emplace_back(t.stride(d), t.size(d));
+  }
+  return strides_nest(std::move(dims));
 }
 
 // a and b may share memory: one storage and intersecting byte spans. Disjoint spans are the
@@ -418,22 +427,12 @@ bool disjoint_slices(const at::Tensor& q, const at::Tensor& k) {
     const int64_t m = delta / st;
     if (m < q.size(j) && m + k.size(j) > 0) continue;  // index ranges along j intersect
     const int64_t lo = std::min<int64_t>(0, m), hi = std::max<int64_t>(q.size(j), m + k.size(j));
-    c10::SmallVector<std::pair<int64_t, int64_t>, 5> dims;  // (stride, size) of the spanning box
+    StrideSizes dims;  // the spanning box's
     for (int64_t d = 0; d < q.dim(); ++d) {
       const int64_t n = d == j ? hi - lo : q.size(d);
       if (n != 1) dims.emplace_back(q.stride(d), n);
     }
-    std::sort(dims.begin(), dims.end());
-    int64_t reach = 0;
-    bool ok = true;
-    for (const auto& [stride, size] : dims) {
-      if (stride <= reach) {
-        ok = false;
-        break;
-      }
-      reach += (size - 1) * stride;
-    }
-    if (ok) return true;
+    if (strides_nest(std::move(dims))) return true;
   }
   return false;
 }
