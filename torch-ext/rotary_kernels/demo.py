@@ -40,23 +40,29 @@ def time_fn(fn, device: torch.device, reps: int = 20, warmup: int = 3) -> list[f
         flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device=device)
         hold, held_s = gpu_hold(device, max(host[1:] or host))
         for _ in range(reps):
-            # A call whose enqueueing outlasted the hold may have left the GPU idle between the
-            # events: timed again with a hold twice its host time (the third GPU session's decode
-            # fwd+bwd rows: medians of 0.012-0.38 ms with IQRs as large, against 0.007, under a
-            # hold sized from the warm-up calls alone).
-            for _attempt in range(3):
+            # A call still being enqueued when the hold ended may have left the GPU idle between
+            # its events: timed again under a longer hold. Whether the hold outlasted the
+            # enqueueing is asked of the GPU itself (an event after the hold, not yet reached),
+            # not inferred from the hold's calibrated length: the fourth GPU session still had
+            # decode rows timing their host (cuda fwd+bwd 0.085 ms against 0.007) with holds
+            # sized at twice the host time, as a spin calibrated at a low clock ends early once
+            # the clock rises.
+            for _attempt in range(4):
                 flush.zero_()
                 hold()
+                held = torch.cuda.Event()
+                held.record()
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 t0 = time.perf_counter()
                 start.record()
                 fn()
                 end.record()
                 enqueued_s = time.perf_counter() - t0
+                covered = not held.query()  # the GPU was still in the hold: it never waited for the host
                 torch.cuda.synchronize()
-                if enqueued_s < held_s:
+                if covered:
                     break
-                hold, held_s = gpu_hold(device, enqueued_s)
+                hold, held_s = gpu_hold(device, max(enqueued_s, 2 * held_s))
             times.append(start.elapsed_time(end))
     else:
         for _ in range(reps):
@@ -72,13 +78,14 @@ _SLEEP_CYCLES_PER_S: dict = {}
 def gpu_hold(device: torch.device, host_s: float):
     """A function that keeps the GPU busy (``torch.cuda._sleep``, a spin kernel touching no memory)
     for twice ``host_s`` seconds, at least 0.2 ms and at most 50 ms, and that time in seconds
-    (the caller re-times a call whose enqueueing took longer): enqueued before a timed call,
+    (the caller re-times a call the hold did not cover, under a longer one): enqueued before a timed call,
     the host has enqueued the call before the GPU reaches it, so its events time the GPU's work and
     not the host's. Without it a call whose host time (Python, launches, autograd) outlasted the L2
     flush was timed by its host (the second GPU session's Triton and backward rows); the host time
     of a call is measured on its own (scripts/gpu_session.sh, host step)."""
     key = torch.cuda.get_device_properties(device).name
     if key not in _SLEEP_CYCLES_PER_S:  # calibrate: the spin kernel's cycles per second
+        torch.cuda._sleep(10**7)  # (first raise the clock from idle: a spin measured there ends early later)
         torch.cuda.synchronize(device)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
