@@ -7,7 +7,9 @@ compiled kernel does nothing, so a call runs everything on the host that a GPU l
 the launcher's Python (``_triton.rotary_triton``) and Triton's ``JITFunction.run`` (argument
 binding, specialisation key, cache lookup, launch metadata), but not the C launch stub
 (``cuLaunchKernel`` and its argument packing). Reports us per call (median of repeats) for
-``rotary_triton`` itself and with ``_launch`` stubbed out (the launcher's own share).
+``rotary_triton`` itself and with ``_launch`` stubbed out (the launcher's own share), and for
+the public function on the Triton backend (validation, a launch replayed per geometry:
+``_dispatch.rotate_replayed``; outputs allocated on the CPU here).
 """
 
 from __future__ import annotations
@@ -87,6 +89,14 @@ def main():
                                                                      None, None, off, 0)
     pos = torch.zeros(1, 1, 1, dtype=torch.int64)
     cases["decode b1, cache + positions"] = lambda: T.rotary_triton(q, k, cc, cs, qo, ko, False, False, pos)
+    if T.__name__ == "rotary_kernels._triton":  # the public function, the Triton backend on CPU tensors
+        import rotary_kernels as rk
+        from rotary_kernels import _dispatch
+
+        _dispatch._interpret = lambda: True  # (lets the backend take CPU tensors; the fake driver runs it)
+        qv, kv = q.transpose(1, 2), k.transpose(1, 2)  # transformers' [B, H, S, D] views
+        cb, sb = c.to(bf), s.to(bf)
+        cases["api: apply_rotary_transformers"] = lambda: rk.apply_rotary_transformers(qv, kv, cb, sb, backend="triton")
 
     def bench(fn, n=2000, reps=7):
         fn()
@@ -99,13 +109,13 @@ def main():
         return statistics.median(out)
 
     orig = T._launch
-    print(f"{'case':<36} {'rotary_triton us':>16} {'launcher only us':>16}")
+    print(f"{'case':<36} {'call us':>12} {'without the launch us':>22}")
     for name, fn in cases.items():
         full = bench(fn)
         T._launch = lambda *a, **k: None
         own = bench(fn)
         T._launch = orig
-        print(f"{name:<36} {full:12.1f} {own:16.1f}")
+        print(f"{name:<36} {full:12.1f} {own:22.1f}")
 
 
 if __name__ == "__main__":

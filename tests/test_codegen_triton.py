@@ -208,6 +208,7 @@ def _capture():
     }
     for name in CASES:
         state["case"] = name
+        _dispatch._TRITON_LAUNCHES.clear()  # (a replayed launch passes the caller's tensors, not the kernel views)
         thunks[name]()
     return specs, launches
 

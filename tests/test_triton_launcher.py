@@ -367,3 +367,102 @@ def test_several_head_groups_per_token(interleaved):
     T.rotary_triton(q, k, cos, sin, qo, ko, interleaved, False)
     torch.testing.assert_close(qo, _ref(q, cos, sin, interleaved), rtol=2e-6, atol=2e-6)
     torch.testing.assert_close(ko, _ref(k, cos, sin, interleaved), rtol=2e-6, atol=2e-6)
+
+
+# ---- replayed launches (_dispatch.rotate_replayed): a plain call's launch recorded per geometry --
+
+
+def _qk(layout, S=5, Hq=4, Hk=2, D=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    if layout == "view":  # transformers' transposed view of [B, S, H, D]
+        return (torch.randn(2, S, Hq, D, generator=g).to(dtype).to(DEV).transpose(1, 2),
+                torch.randn(2, S, Hk, D, generator=g).to(dtype).to(DEV).transpose(1, 2))
+    return (torch.randn(2, Hq, S, D, generator=g).to(dtype).to(DEV),
+            torch.randn(2, Hk, S, D, generator=g).to(dtype).to(DEV))
+
+
+@pytest.fixture
+def launches():
+    _dispatch._TRITON_LAUNCHES.clear()
+    yield _dispatch._TRITON_LAUNCHES
+    _dispatch._TRITON_LAUNCHES.clear()
+
+
+def _spy_relaunch(monkeypatch):
+    calls = []
+    real = T.relaunch
+    monkeypatch.setattr(T, "relaunch", lambda launch, tensors: (calls.append(launch), real(launch, tensors))[1])
+    return calls
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_replayed_launch_is_the_recorded_one(launches, monkeypatch, interleaved):
+    """The second call of a geometry replays the first's launch, with the same bits; each new
+    geometry (layout, dtype, rotary dim, k or not) records its own."""
+    import rotary_kernels as rk
+    from rotary_kernels.reference import apply_rotary_transformers_reference as ref
+
+    calls = _spy_relaunch(monkeypatch)
+    cos, sin = (t[:, :, :12].contiguous() for t in _tables(2, 5, 16))  # partial rotary: copy pass
+    for layout in ("view", "bhsd"):
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k = _qk(layout, dtype=dtype)
+            c, s = cos.to(dtype), sin.to(dtype)
+            first = rk.apply_rotary_transformers(q, k, c, s, interleaved=interleaved, backend="triton")
+            n = len(calls)
+            again = rk.apply_rotary_transformers(q.clone(), k.clone(), c, s, interleaved=interleaved, backend="triton")
+            assert len(calls) == n + 1  # replayed (a clone has the same geometry)
+            want = ref(q, k, c, s, interleaved=interleaved)
+            for a, b, w, x in zip(first, again, want, (q, k)):
+                assert torch.equal(a, b) and a.stride() == b.stride() == x.stride()
+                torch.testing.assert_close(a, w, rtol=0, atol=0)
+            x = rk.apply_rotary_emb(q, c, s, interleaved=interleaved, backend="triton")  # k None: its own
+            x2 = rk.apply_rotary_emb(q, c, s, interleaved=interleaved, backend="triton")
+            assert torch.equal(x, first[0]) and torch.equal(x2, x)
+    assert len(launches) == 8 and all(not launch.tensors for launch in launches.values())  # no tensors kept
+
+
+def test_replay_keeps_validation_and_gradients(launches, monkeypatch):
+    """After a good call has been recorded, calls of another geometry or with bad arguments are
+    still validated (their errors), and the backward (recorded too) gives the reference's
+    gradients."""
+    import rotary_kernels as rk
+    from rotary_kernels.reference import apply_rotary_transformers_reference as ref
+
+    calls = _spy_relaunch(monkeypatch)
+    q, k = _qk("view")
+    cos, sin = _tables(2, 5, 16)
+    rk.apply_rotary_transformers(q, k, cos, sin, backend="triton")
+    with pytest.raises(TypeError, match="unsqueeze_dim"):
+        rk.apply_rotary_transformers(q, k, cos, sin, True, backend="triton")  # (True == 1 as a key)
+    with pytest.raises(ValueError):
+        rk.apply_rotary_transformers(q, k, cos[:, :4], sin[:, :4], backend="triton")  # 4 tokens' tables for 5
+    with pytest.raises(TypeError, match="interleaved"):
+        rk.apply_rotary_transformers(q, k, cos, sin, interleaved=1, backend="triton")
+
+    qq, kk = q.detach().requires_grad_(), k.detach().requires_grad_()
+    qr, kr = q.detach().requires_grad_(), k.detach().requires_grad_()
+    g = [torch.randn_like(q), torch.randn_like(k)]
+    want = torch.autograd.grad(ref(qr, kr, cos, sin), (qr, kr), g)
+    for _ in range(2):  # the second forward and backward replay
+        n = len(calls)
+        got = torch.autograd.grad(rk.apply_rotary_transformers(qq, kk, cos, sin, backend="triton"), (qq, kk), g)
+        for a, w in zip(got, want):
+            torch.testing.assert_close(a, w, rtol=2e-6, atol=2e-6)
+    assert len(calls) == n + 2
+
+
+def test_two_launches_are_not_replayed(launches):
+    """q and k the kernel cannot take in one launch (different batch sizes through broadcasting
+    cos/sin) launch twice: not recorded, still right."""
+    import rotary_kernels as rk
+    from rotary_kernels.reference import apply_rotary_transformers_reference as ref
+
+    q = torch.randn(2, 4, 5, 16, device=DEV)
+    k = torch.randn(1, 2, 5, 16, device=DEV)
+    cos, sin = (t[:1] for t in _tables(1, 5, 16))
+    for _ in range(2):
+        got = rk.apply_rotary_transformers(q, k, cos, sin, backend="triton")
+        for a, w in zip(got, ref(q, k, cos, sin)):
+            torch.testing.assert_close(a, w, rtol=2e-6, atol=2e-6)
+    assert not launches

@@ -110,10 +110,12 @@ def _backend(q, cos, sin, backend, k_tables=None, pair_tables=False) -> str:
 
 
 def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index):
-    """The compiled backend for the one-call C++ entry ops (torch_binding.cpp), or None when
-    they do not apply: token-position options, tensor subclasses, tracing, torch.func, a
-    backend other than cpu/cuda. (A small (decode) call then costs one op dispatch instead of
-    tens of Python-level tensor calls.)"""
+    """The backend for the one-call path, or None when it does not apply: token-position
+    options, tensor subclasses, tracing, torch.func, the reference backend. On cpu/cuda the C++
+    entry ops (torch_binding.cpp) validate, plan and launch in one dispatch; on triton a launch
+    recorded for the call's geometry is replayed (``_dispatch.rotate_replayed``). (A small
+    (decode) call then costs one op dispatch, or one launch, instead of tens of Python-level
+    tensor calls.)"""
     if index or type(unsqueeze_dim) is not int or not -5 <= unsqueeze_dim < 5 or type(interleaved) is not bool:
         return None  # (5: cos/sin [B, S, R] unsqueezed have 4 dims; the full path reports the rest)
     if type(q) is not torch.Tensor or type(cos) is not torch.Tensor or type(sin) is not torch.Tensor or not (
@@ -125,7 +127,7 @@ def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index
         be = select_backend(q.device, backend)
     except (RuntimeError, TypeError, ValueError):  # reported by the full path, after argument validation
         return None
-    return be if be in ("cpu", "cuda") else None
+    return be if be in ("cpu", "cuda", "triton") else None
 
 
 def _run(q, k, cos, sin, plan: Plan) -> tuple:
@@ -195,9 +197,12 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, k_
         # gradients wrt the tables: Rotary differentiates full-width ones (expanded differentiably)
         cos, sin, k_tables = full_width(cos, sin, k_tables, interleaved)
         pair_tables = False
-    one_call = k_tables is None and not swap_layout  # (the C++ one-call entry takes neither)
+    one_call = k_tables is None and not swap_layout  # (the one-call path takes neither)
     be = _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index) if one_call else None
+    if be == "triton" and _records_grad(q, k, cos, sin):
+        be = None  # (Rotary's backward replays or plans with the validated plan of the full path)
     if be is not None:  # the common call (eager, no torch.func): the C++ op validates, plans, launches
+        # (on Triton: a launch recorded by an earlier, validated call of this geometry, or Declined)
         plan = Plan(unsqueeze_dim, interleaved, conj, be, pair_tables=pair_tables)
         try:
             if _records_grad(q, k, cos, sin):
@@ -271,7 +276,7 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, back
     cos, sin = _tables(cos, sin, interleaved, pair_tables, conj)
     be = None if conj or k_tables is not None else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved,
                                                                      backend, index)
-    if be is not None and not _records_grad(q, k):  # (with gradients: the full path)
+    if be in ("cpu", "cuda") and not _records_grad(q, k):  # (with gradients: the full path)
         if COMPILED.ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables):
             torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
             return

@@ -190,8 +190,10 @@ def rotate(q, k, cos, sin, plan: Plan) -> list:
 
     While torch.compile traces: the functional custom op ``rotate`` (one opaque graph node). In
     eager mode, on the compiled backends without token positions: the C++ one-call op
-    (``rotary_transformers``, torch_binding.cpp: views, allocation and launch in one dispatch);
-    anything else is allocated here and launched by ``launch_rotary``.
+    (``rotary_transformers``, torch_binding.cpp: views, allocation and launch in one dispatch); on
+    Triton, a launch recorded for the call's geometry is replayed (``rotate_replayed``); anything
+    else is allocated here and launched by ``launch_rotary``. A plan without axes (the public
+    functions' one-call path, not validated) is taken only by those two, else ``Declined``.
     """
     if plan.axes is not None and torch.compiler.is_compiling():  # (a plan without axes is eager: _api._rotate)
         return rotate_op(q, k, cos, sin, *plan.op_args())
@@ -201,11 +203,68 @@ def rotate(q, k, cos, sin, plan: Plan) -> list:
                                                 plan.pair_tables)
         if outs:
             return outs
-        if plan.axes is None:
-            raise Declined
+    key = _triton_key(q, k, cos, sin, plan) if plan.backend == "triton" else None
+    if key is not None:
+        outs = rotate_replayed(key, q, k, cos, sin)
+        if outs is not None:
+            return outs
+    if plan.axes is None:  # (not validated: the one-call path takes only what the op or a replay takes)
+        raise Declined
     outs = [torch.empty_like(q)] + ([torch.empty_like(k)] if k is not None else [])
-    launch_rotary(q, k, cos, sin, outs[0], outs[1] if k is not None else None, plan)
+    launches = launch_rotary(q, k, cos, sin, outs[0], outs[1] if k is not None else None, plan)
+    if key is not None:
+        _remember(key, launches, (q, outs[0], k, outs[1] if k is not None else None, cos, sin))
     return outs
+
+
+# The Triton backend's launches for plain out-of-place calls, by the call's geometry (_triton_key),
+# replayed on later calls of that geometry (rotate_replayed): the views, tables and kernel
+# arguments that launch_rotary and rotary_triton derive from shapes and strides, computed once.
+# A one-token call through the public function (fake driver, no GPU: benchmarks/
+# triton_host_time.py) took ~51 us, of which Triton's own launch ~16; replayed ~25 (the public
+# function's validation skipped too: _api._rotate), its backward 88 -> 59 us. Only launches
+# validated and planned by the full path are recorded, and only where the kernel read the call's
+# own tensors (one launch: q and k fused; views at their data pointers).
+_TRITON_LAUNCHES: dict = {}
+_MAX_TRITON_LAUNCHES = 1024  # geometries kept (then the memo starts over)
+
+
+def _triton_key(q, k, cos, sin, plan: Plan):
+    """The memo key of a plain call (no token positions, k's own tables or swap_layout; not
+    while tracing), or None. Outputs come from ``empty_like`` of q and k: their strides follow."""
+    if not plan.idx.plain or plan.k_tables is not None or plan.swap_layout or torch.compiler.is_compiling():
+        return None
+    return (q.device, q.shape, q.stride(), q.dtype, None if k is None else (k.shape, k.stride(), k.dtype),
+            cos.shape, cos.stride(), cos.dtype, sin.shape, sin.stride(), sin.dtype,
+            plan.unsqueeze_dim, plan.interleaved, plan.conj, plan.pair_tables)
+
+
+def rotate_replayed(key, q, k, cos, sin):
+    """``rotate``'s outputs by a recorded launch for ``key`` (``_triton_key``), or None (none recorded)."""
+    launch = _TRITON_LAUNCHES.get(key)
+    if launch is None:
+        return None
+    outs = [torch.empty_like(q)] + ([torch.empty_like(k)] if k is not None else [])
+    k_out = outs[1] if k is not None else None
+    TRITON.relaunch(launch, (q, outs[0], k, k_out, cos, sin, cos, sin, None, None, None))
+    return outs
+
+
+def _remember(key, launches, tensors) -> None:
+    """Record ``launches`` for ``key`` when they are one launch that read ``tensors`` (q, q_out, k,
+    k_out, cos, sin) themselves: the same data pointers and dtypes, cos/sin in k's table slots."""
+    if len(launches) != 1 or launches[0] is None:
+        return
+    launch = launches[0]
+    want = (*tensors, tensors[4], tensors[5], None, None, None)
+    for got, t in zip(launch.tensors, want):
+        if (got is None) != (t is None):
+            return
+        if t is not None and (got.data_ptr() != t.data_ptr() or got.dtype != t.dtype):
+            return
+    if len(_TRITON_LAUNCHES) >= _MAX_TRITON_LAUNCHES:
+        _TRITON_LAUNCHES.clear()
+    _TRITON_LAUNCHES[key] = launch._replace(tensors=())  # (not the tensors themselves: no memory kept)
 
 
 @torch.library.custom_op(add_op_namespace_prefix("rotate"), mutates_args=())
@@ -263,7 +322,9 @@ def launch_rotary(q, k, cos, sin, q_out, k_out, plan: Plan):
     One launch for q and k, two when they cannot share one (different batch/sequence/head
     dim/dtype); with ``plan.k_tables`` the kernels read k's heads from the second table pair;
     with ``plan.swap_layout`` the outputs' pairs are in the other layout (not in place).
+    Returns the Triton backend's launches (``_triton.QKLaunch``; none for the other backends).
     """
+    launches = []
     if plan.backend == "reference" and plan.pair_tables:
         cos, sin, k_tables = full_width(cos, sin, plan.k_tables, plan.interleaved)
         plan = plan._replace(k_tables=k_tables, pair_tables=False)
@@ -278,7 +339,7 @@ def launch_rotary(q, k, cos, sin, q_out, k_out, plan: Plan):
             if x is not None:
                 out.copy_(rotary_reference_indexed(x, c, s, unsqueeze_dim, interleaved, conj, plan.swap_layout,
                                                    **reference_kwargs(idx)))
-        return
+        return launches
     q_axes, k_axes = plan.axes if plan.axes is not None else kernel_axes(q, k, cos, unsqueeze_dim, idx)
     q4, qo4 = _canon.canonical_view(q, q_axes), _canon.canonical_view(q_out, q_axes)
     jobs = [(q, q4, qo4, q_axes, cos, sin, None)]  # (x, x4, out4, axes, cos, sin, k's job): one launch each
@@ -297,14 +358,15 @@ def launch_rotary(q, k, cos, sin, q_out, k_out, plan: Plan):
                 k_tables = (canonical_tables(ck, k, k_axes, idx), canonical_tables(sk, k, k_axes, idx))
         k_tables = k_tables or (None, None)
         if backend == "triton":
-            TRITON.rotary_triton(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:], *k_tables,
-                                 plan.pair_tables, plan.swap_layout)
+            launches.append(TRITON.rotary_triton(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:],
+                                                 *k_tables, plan.pair_tables, plan.swap_layout))
         elif _canon.same_view(x4, o4) and (k4 is None or _canon.same_view(k4, ko4)):
             COMPILED.ops.rotary_inplace(x4, k4, *tables[:2], interleaved, conj, *tables[2:], *k_tables,
                                         plan.pair_tables, plan.swap_layout)
         else:
             COMPILED.ops.rotary(x4, k4, *tables[:2], o4, ko4, interleaved, conj, *tables[2:], *k_tables,
                                 plan.pair_tables, plan.swap_layout)
+    return launches
 
 
 def launch_elementwise(backend, x1, x2, cos, sin, out1, out2, conj):

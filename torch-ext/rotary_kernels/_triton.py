@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import NamedTuple
 
 import torch
 import triton
@@ -452,13 +453,13 @@ _PLANS: dict = {}
 
 def rotary_triton(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, positions=None, cu_seqlens=None,
               seqlen_offsets=None, offset: int = 0, mrope_section=(), mrope_interleaved: bool = False,
-              cos_k=None, sin_k=None, pair_tables: bool = False, swap_layout: bool = False) -> None:
+              cos_k=None, sin_k=None, pair_tables: bool = False, swap_layout: bool = False):
     """Rotate canonical q ``[A, S, Hq, D]`` (and optional k ``[A, S, Hk, D]``) into
     ``q_out``/``k_out`` (which may be q/k themselves: in place). cos/sin: ``[A, S, R]``,
     ``[3, A, S, R]`` (mrope) or ``[P, R]`` caches read at each token's position (``_index.py``);
     cos_k/sin_k (optional, in cos/sin's form): k's own tables. ``pair_tables``: every table's
     last dim is ``R/2``, one entry per pair. ``swap_layout``: outputs in the other pair layout
-    (out of place, per-pair tables)."""
+    (out of place, per-pair tables). Returns the launch (``QKLaunch``; None: nothing to rotate)."""
     A, S, HQ, D = q.shape
     HK = k.shape[2] if k is not None else 0
     if HK == 0:
@@ -492,9 +493,8 @@ def rotary_triton(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, p
         kst, lst = k.stride(), k_out.stride()
     else:
         kst = lst = (0, 0, 0, 0)
-    _launch_on(
-        q.device, _rotary_qk_kernel, (A * S, groups),
-        q, q_out, k, k_out, cos, sin, cos_k, sin_k, positions, cu_seqlens, seqlen_offsets,
+    tensors = (q, q_out, k, k_out, cos, sin, cos_k, sin_k, positions, cu_seqlens, seqlen_offsets)
+    scalars = (
         S, min(cos.shape[0], sin.shape[0], cos_k.shape[0], sin_k.shape[0]) if cached else 0, n_seqs, offset,
         q.stride(), q_out.stride(), kst, lst, _table_strides(cos), _table_strides(sin),
         _table_strides(cos_k), _table_strides(sin_k),
@@ -504,8 +504,28 @@ def rotary_triton(q, k, cos, sin, q_out, k_out, interleaved: bool, conj: bool, p
          interleaved, conj, copy_pass, _acc_dtype(q.dtype), _INTERPRET, cached,
          _cu_steps(n_seqs) if cu_seqlens is not None else 0,
          (2 if mrope_interleaved else 1) if mrope_section else 0, *sec, k_tables, pair_tables, swap_layout),
-        num_warps=warps,
     )
+    launch = QKLaunch((A * S, groups), tensors, scalars, warps)
+    relaunch(launch, tensors)
+    return launch
+
+
+class QKLaunch(NamedTuple):
+    """One launch of ``_rotary_qk_kernel`` as ``rotary_triton`` made it: its grid, its tensor
+    arguments (q, q_out, k, k_out, cos, sin, cos_k, sin_k, positions, cu_seqlens,
+    seqlen_offsets), the rest (sizes, strides, constexprs: what the tensors' shapes and strides
+    decide) and its warps. ``_dispatch`` replays it on other tensors of the same geometry."""
+
+    grid: tuple
+    tensors: tuple
+    scalars: tuple
+    warps: int
+
+
+def relaunch(launch: QKLaunch, tensors: tuple) -> None:
+    """Launch ``launch``'s kernel on ``tensors`` (in its tensors' order) with its other arguments."""
+    _launch_on(tensors[0].device, _rotary_qk_kernel, launch.grid, *tensors, *launch.scalars,
+               num_warps=launch.warps)
 
 
 # ----------------------------------------------------------------------------------------------
