@@ -409,6 +409,23 @@ def test_inplace_with_autograd(dev_backend, compiled):
             rk.apply_rotary_emb_(a * 1, cos.requires_grad_(), sin, 2, backend=backend)
 
 
+def test_inplace_refuses_table_gradients_without_qk_gradients(dev_backend):
+    """In place, cos/sin that require gradients raise whether or not q and k do: the one-call
+    path took such a call when q and k did not, and cos/sin then silently got no gradient."""
+    device, backend = dev_backend
+    q, k = torch.randn(1, 4, 3, 8, device=device), torch.randn(1, 2, 3, 8, device=device)
+    cos, sin = torch.randn(1, 3, 8, device=device, requires_grad=True), torch.randn(1, 3, 8, device=device)
+    for _ in range(2):  # (the second call as the first: nothing recorded lets it through)
+        with pytest.raises(RuntimeError, match="no gradients wrt cos/sin"):
+            rk.apply_rotary_transformers_(q, k, cos, sin, backend=backend)
+        with pytest.raises(RuntimeError, match="no gradients wrt cos/sin"):
+            rk.apply_rotary_emb_(q, sin, cos, backend=backend)
+    with torch.no_grad():  # (no gradients recorded: rotated)
+        got = rk.apply_rotary_transformers_(q.clone(), k.clone(), cos, sin, backend=backend)
+    for x, y in zip(got, apply_rotary_transformers_reference(q, k, cos.detach(), sin)):
+        torch.testing.assert_close(x, y, rtol=2e-6, atol=2e-6)
+
+
 def test_five_dim_packed_qkv_and_kv(dev_backend):
     """flash-attn's packed layouts [B, S, 3, H, D] (qkv) and [B, S, 2, H, D] (kv): q and k
     rotated (one launch), v untouched, out of place, in place and with gradients."""

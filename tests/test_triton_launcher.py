@@ -466,3 +466,35 @@ def test_two_launches_are_not_replayed(launches):
         for a, w in zip(got, ref(q, k, cos, sin)):
             torch.testing.assert_close(a, w, rtol=2e-6, atol=2e-6)
     assert not launches
+
+
+def test_inplace_replay_checks_storages(launches, monkeypatch):
+    """In place, a recorded launch is replayed only on q and k in storages of their own (apart
+    from each other and cos/sin): overlaps of the same geometry still go to the full path's check
+    and raise; a packed qkv's slices (one storage) still rotate right."""
+    import rotary_kernels as rk
+    from rotary_kernels.reference import apply_rotary_transformers_reference as ref
+
+    planned = []  # full-path launches
+    real = T.rotary_triton
+    monkeypatch.setattr(T, "rotary_triton", lambda *a, **kw: (planned.append(1), real(*a, **kw))[1])
+    cos, sin = _tables(1, 3, 8)
+    q, k = torch.randn(1, 4, 3, 8, device=DEV), torch.randn(1, 4, 3, 8, device=DEV)
+    for _ in range(2):
+        qi, ki = q.clone(), k.clone()
+        rk.apply_rotary_transformers_(qi, ki, cos, sin, backend="triton")
+        for x, w in zip((qi, ki), ref(q, k, cos, sin)):
+            torch.testing.assert_close(x, w, rtol=0, atol=0)
+    assert len(planned) == 1 and len(launches) == 1  # recorded, then replayed
+    with pytest.raises(ValueError, match="overlaps"):
+        rk.apply_rotary_transformers_(qi, qi, cos, sin, backend="triton")  # q and k the same memory
+    buf = torch.randn(96, device=DEV)
+    qb, cb = buf.view(1, 4, 3, 8), buf[:24].view(1, 3, 8)  # cos inside q (q's geometry, cos's)
+    with pytest.raises(ValueError, match="overlaps"):
+        rk.apply_rotary_transformers_(qb, ki, cb, sin, backend="triton")
+    packed = torch.cat((q, k), 1)
+    qs, ks = packed[:, :4], packed[:, 4:]  # one storage: the full path's exact check, then rotated
+    rk.apply_rotary_transformers_(qs, ks, cos, sin, backend="triton")
+    for x, w in zip((qs, ks), ref(q, k, cos, sin)):
+        torch.testing.assert_close(x, w, rtol=0, atol=0)
+    assert len(planned) == 2  # (the overlapping calls raised before launching)

@@ -7,8 +7,8 @@ import torch.autograd.forward_ad as fwAD
 
 from . import _canon
 from ._autograd import RotaryInplace, functional_transform, rotary
-from ._dispatch import (BACKENDS, COMPILED, Declined, Plan, backend_available, launch_elementwise, launch_rotary,
-                        full_width, rotate, rotate_inplace_op, select_backend)
+from ._dispatch import (BACKENDS, COMPILED, Declined, Plan, backend_available, launch_elementwise, launch_inplace,
+                        full_width, rotate, rotate_inplace_op, rotate_inplace_replayed, select_backend)
 from ._index import NO_INDEX, check_values, kernel_axes, make_index, reference_kwargs
 from .reference import materialize_cos_sin, rotary_reference_indexed
 
@@ -276,8 +276,11 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, back
     cos, sin = _tables(cos, sin, interleaved, pair_tables, conj)
     be = None if conj or k_tables is not None else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved,
                                                                      backend, index)
-    if be in ("cpu", "cuda") and not _records_grad(q, k):  # (with gradients: the full path)
-        if COMPILED.ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables):
+    if be is not None and not _records_grad(q, k, cos, sin):  # (with gradients: the full path, or its error)
+        if (COMPILED.ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables)
+                if be != "triton" else
+                rotate_inplace_replayed(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, False, be,
+                                                             pair_tables=pair_tables))):
             torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
             return
     idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index, k_tables, pair_tables)
@@ -307,7 +310,7 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, back
             RotaryInplace.apply(k, *(k_tables or (cos, sin)),
                                 plan._replace(axes=(axes[1], None), check=k_tables is not None, k_tables=None))
         return
-    launch_rotary(q, k, cos, sin, q, k, plan)
+    launch_inplace(q, k, cos, sin, plan)
     torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
 
 

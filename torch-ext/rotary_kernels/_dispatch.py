@@ -222,19 +222,20 @@ def rotate(q, k, cos, sin, plan: Plan) -> list:
 # arguments that launch_rotary and rotary_triton derive from shapes and strides, computed once.
 # A one-token call through the public function (fake driver, no GPU: benchmarks/
 # triton_host_time.py) took ~51 us, of which Triton's own launch ~16; replayed ~25 (the public
-# function's validation skipped too: _api._rotate), its backward 88 -> 59 us. Only launches
+# function's validation skipped too: _api._rotate), in place 62 -> 25, backward 88 -> 59. Only launches
 # validated and planned by the full path are recorded, and only where the kernel read the call's
 # own tensors (one launch: q and k fused; views at their data pointers).
 _TRITON_LAUNCHES: dict = {}
 _MAX_TRITON_LAUNCHES = 1024  # geometries kept (then the memo starts over)
 
 
-def _triton_key(q, k, cos, sin, plan: Plan):
+def _triton_key(q, k, cos, sin, plan: Plan, inplace: bool = False):
     """The memo key of a plain call (no token positions, k's own tables or swap_layout; not
-    while tracing), or None. Outputs come from ``empty_like`` of q and k: their strides follow."""
+    while tracing), or None. Out of place, outputs come from ``empty_like`` of q and k: their
+    strides follow."""
     if not plan.idx.plain or plan.k_tables is not None or plan.swap_layout or torch.compiler.is_compiling():
         return None
-    return (q.device, q.shape, q.stride(), q.dtype, None if k is None else (k.shape, k.stride(), k.dtype),
+    return (inplace, q.device, q.shape, q.stride(), q.dtype, None if k is None else (k.shape, k.stride(), k.dtype),
             cos.shape, cos.stride(), cos.dtype, sin.shape, sin.stride(), sin.dtype,
             plan.unsqueeze_dim, plan.interleaved, plan.conj, plan.pair_tables)
 
@@ -248,6 +249,32 @@ def rotate_replayed(key, q, k, cos, sin):
     k_out = outs[1] if k is not None else None
     TRITON.relaunch(launch, (q, outs[0], k, k_out, cos, sin, cos, sin, None, None, None))
     return outs
+
+
+def rotate_inplace_replayed(q, k, cos, sin, plan: Plan) -> bool:
+    """q and k rotated in place by a recorded launch (``launch_inplace``), True; False when none
+    is recorded for their geometry or they share a storage with each other or cos/sin (whose
+    overlap only the full path's exact test decides; the rest of what it checked follows from the
+    geometry: writes that do not overlap themselves)."""
+    key = _triton_key(q, k, cos, sin, plan, inplace=True)
+    launch = _TRITON_LAUNCHES.get(key) if key is not None else None
+    if launch is None:
+        return False
+    written = [q.untyped_storage().data_ptr()] + ([k.untyped_storage().data_ptr()] if k is not None else [])
+    read = {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
+    if len(set(written)) != len(written) or read.intersection(written):
+        return False
+    TRITON.relaunch(launch, (q, q, k, k, cos, sin, cos, sin, None, None, None))
+    return True
+
+
+def launch_inplace(q, k, cos, sin, plan: Plan) -> None:
+    """``launch_rotary`` in place (validated, writes checked), its Triton launch recorded for
+    ``rotate_inplace_replayed``."""
+    launches = launch_rotary(q, k, cos, sin, q, k, plan)
+    key = _triton_key(q, k, cos, sin, plan, inplace=True) if plan.backend == "triton" else None
+    if key is not None:
+        _remember(key, launches, (q, q, k, k, cos, sin))
 
 
 def _remember(key, launches, tensors) -> None:
