@@ -277,10 +277,12 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, back
     be = None if conj or k_tables is not None else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved,
                                                                      backend, index)
     if be is not None and not _records_grad(q, k, cos, sin):  # (with gradients: the full path, or its error)
-        if (COMPILED.ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables)
-                if be != "triton" else
-                rotate_inplace_replayed(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, False, be,
-                                                             pair_tables=pair_tables))):
+        if be == "triton":  # a launch recorded by an earlier, validated call of this geometry
+            done = rotate_inplace_replayed(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, False, be,
+                                                                pair_tables=pair_tables))
+        else:
+            done = COMPILED.ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables)
+        if done:
             torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
             return
     idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index, k_tables, pair_tables)
