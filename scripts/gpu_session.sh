@@ -13,6 +13,7 @@
 #   host      host time a call (back-to-back decode calls, wall clock) per backend, forward and
 #             backward, a profile of the forward's Python, and benchmarks/triton_host_time.py: the
 #             first run's Triton rows looked host-bound
+#   ncu       Nsight Compute on benchmarks/ncu_cases.py (Triton and CUDA, bf16 and fp32 tables)
 #   errors    whether an error raised in C++ (PyTorch's own, then the compiled ops') reaches Python or
 #             kills the process (it did on the first two GPU sessions), with cuda-gdb's backtrace if it
 #             dies, and the extension's libstdc++ stream symbols and link flags
@@ -126,7 +127,16 @@ for be in [b for b in rk.available_backends("cuda") if b != "reference"]:
     pstats.Stats(prof).sort_stats("tottime").print_stats(12)
 PY
             timeout "$(left 60)" python3 benchmarks/triton_host_time.py; } > "$RES/host.txt" 2>&1 ;;
-    *) echo "unknown step $step (tests, demo, bench, numerics, errors, host)"; false ;;
+    ncu) # Nsight Compute on the open questions' kernels (benchmarks/ncu_cases.py): Triton with bf16
+         # against fp32 tables, CUDA with both; memory throughput, occupancy, stall reasons.
+         NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+         # (--clock-control none: the clocks as a timed run has them. Firecracker machines give ncu
+         # the counters; gVisor ones do not: then ncu.txt says so.)
+         timeout "$(left 150)" "$NCU" --clock-control none --kernel-name regex:rotary --launch-count 8 \
+           --section SpeedOfLight \
+           --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
+           python3 benchmarks/ncu_cases.py > "$RES/ncu.txt" 2>&1 ;;
+    *) echo "unknown step $step (tests, demo, bench, numerics, errors, host, ncu)"; false ;;
   esac
   rc=$?
   tail -${TAIL:-12} "$RES/$step.txt" 2>/dev/null
