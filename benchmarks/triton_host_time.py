@@ -9,7 +9,7 @@ binding, specialisation key, cache lookup, launch metadata), but not the C launc
 (``cuLaunchKernel`` and its argument packing). Reports us per call (median of repeats) for
 ``rotary_triton`` itself and with ``_launch`` stubbed out (the launcher's own share), and for
 the public function on the Triton backend (validation, a launch replayed per geometry:
-``_dispatch.rotate_replayed``; outputs allocated on the CPU here).
+``_dispatch.rotate``; outputs allocated on the CPU here).
 """
 
 from __future__ import annotations

@@ -369,7 +369,7 @@ def test_several_head_groups_per_token(interleaved):
     torch.testing.assert_close(ko, _ref(k, cos, sin, interleaved), rtol=2e-6, atol=2e-6)
 
 
-# ---- replayed launches (_dispatch.rotate_replayed): a plain call's launch recorded per geometry --
+# ---- replayed launches (_dispatch._TRITON_LAUNCHES): a plain call's launch recorded per geometry --
 
 
 def _qk(layout, S=5, Hq=4, Hk=2, D=16, dtype=torch.float32, seed=0):

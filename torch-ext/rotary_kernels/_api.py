@@ -113,7 +113,7 @@ def _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index
     """The backend for the one-call path, or None when it does not apply: token-position
     options, tensor subclasses, tracing, torch.func, the reference backend. On cpu/cuda the C++
     entry ops (torch_binding.cpp) validate, plan and launch in one dispatch; on triton a launch
-    recorded for the call's geometry is replayed (``_dispatch.rotate_replayed``). (A small
+    recorded for the call's geometry is replayed (``_dispatch.rotate``). (A small
     (decode) call then costs one op dispatch, or one launch, instead of tens of Python-level
     tensor calls.)"""
     if index or type(unsqueeze_dim) is not int or not -5 <= unsqueeze_dim < 5 or type(interleaved) is not bool:

@@ -191,7 +191,7 @@ def rotate(q, k, cos, sin, plan: Plan) -> list:
     While torch.compile traces: the functional custom op ``rotate`` (one opaque graph node). In
     eager mode, on the compiled backends without token positions: the C++ one-call op
     (``rotary_transformers``, torch_binding.cpp: views, allocation and launch in one dispatch); on
-    Triton, a launch recorded for the call's geometry is replayed (``rotate_replayed``); anything
+    Triton, a launch recorded for the call's geometry (``_TRITON_LAUNCHES``) is replayed; anything
     else is allocated here and launched by ``launch_rotary``. A plan without axes (the public
     functions' one-call path, not validated) is taken only by those two, else ``Declined``.
     """
@@ -204,21 +204,22 @@ def rotate(q, k, cos, sin, plan: Plan) -> list:
         if outs:
             return outs
     key = _triton_key(q, k, cos, sin, plan) if plan.backend == "triton" else None
-    if key is not None:
-        outs = rotate_replayed(key, q, k, cos, sin)
-        if outs is not None:
-            return outs
-    if plan.axes is None:  # (not validated: the one-call path takes only what the op or a replay takes)
+    launch = _TRITON_LAUNCHES.get(key) if key is not None else None
+    if launch is None and plan.axes is None:  # (not validated: only the op or a replay takes it)
         raise Declined
     outs = [torch.empty_like(q)] + ([torch.empty_like(k)] if k is not None else [])
-    launches = launch_rotary(q, k, cos, sin, outs[0], outs[1] if k is not None else None, plan)
-    if key is not None:
-        _remember(key, launches, (q, outs[0], k, outs[1] if k is not None else None, cos, sin))
+    k_out = outs[1] if k is not None else None
+    if launch is not None:
+        TRITON.relaunch(launch, _plain_args(q, outs[0], k, k_out, cos, sin))
+    else:
+        launches = launch_rotary(q, k, cos, sin, outs[0], k_out, plan)
+        if key is not None:
+            _remember(key, launches, _plain_args(q, outs[0], k, k_out, cos, sin))
     return outs
 
 
 # The Triton backend's launches for plain out-of-place calls, by the call's geometry (_triton_key),
-# replayed on later calls of that geometry (rotate_replayed): the views, tables and kernel
+# replayed on later calls of that geometry (rotate): the views, tables and kernel
 # arguments that launch_rotary and rotary_triton derive from shapes and strides, computed once.
 # A one-token call through the public function (fake driver, no GPU: benchmarks/
 # triton_host_time.py) took ~51 us, of which Triton's own launch ~16; replayed ~25 (the public
@@ -240,15 +241,10 @@ def _triton_key(q, k, cos, sin, plan: Plan, inplace: bool = False):
             plan.unsqueeze_dim, plan.interleaved, plan.conj, plan.pair_tables)
 
 
-def rotate_replayed(key, q, k, cos, sin):
-    """``rotate``'s outputs by a recorded launch for ``key`` (``_triton_key``), or None (none recorded)."""
-    launch = _TRITON_LAUNCHES.get(key)
-    if launch is None:
-        return None
-    outs = [torch.empty_like(q)] + ([torch.empty_like(k)] if k is not None else [])
-    k_out = outs[1] if k is not None else None
-    TRITON.relaunch(launch, (q, outs[0], k, k_out, cos, sin, cos, sin, None, None, None))
-    return outs
+def _plain_args(q, q_out, k, k_out, cos, sin) -> tuple:
+    """The kernel's tensor arguments (``_triton.QKLaunch.tensors``) of a plain call: cos/sin in
+    k's table slots too, no token positions."""
+    return (q, q_out, k, k_out, cos, sin, cos, sin, None, None, None)
 
 
 def rotate_inplace_replayed(q, k, cos, sin, plan: Plan) -> bool:
@@ -264,7 +260,7 @@ def rotate_inplace_replayed(q, k, cos, sin, plan: Plan) -> bool:
     read = {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
     if len(set(written)) != len(written) or read.intersection(written):
         return False
-    TRITON.relaunch(launch, (q, q, k, k, cos, sin, cos, sin, None, None, None))
+    TRITON.relaunch(launch, _plain_args(q, q, k, k, cos, sin))
     return True
 
 
@@ -274,17 +270,16 @@ def launch_inplace(q, k, cos, sin, plan: Plan) -> None:
     launches = launch_rotary(q, k, cos, sin, q, k, plan)
     key = _triton_key(q, k, cos, sin, plan, inplace=True) if plan.backend == "triton" else None
     if key is not None:
-        _remember(key, launches, (q, q, k, k, cos, sin))
+        _remember(key, launches, _plain_args(q, q, k, k, cos, sin))
 
 
-def _remember(key, launches, tensors) -> None:
-    """Record ``launches`` for ``key`` when they are one launch that read ``tensors`` (q, q_out, k,
-    k_out, cos, sin) themselves: the same data pointers and dtypes, cos/sin in k's table slots."""
+def _remember(key, launches, args) -> None:
+    """Record ``launches`` for ``key`` when they are one launch that read the call's own tensors,
+    ``args`` (``_plain_args``): the same data pointers and dtypes (views at the tensors' starts)."""
     if len(launches) != 1 or launches[0] is None:
         return
     launch = launches[0]
-    want = (*tensors, tensors[4], tensors[5], None, None, None)
-    for got, t in zip(launch.tensors, want):
+    for got, t in zip(launch.tensors, args):
         if (got is None) != (t is None):
             return
         if t is not None and (got.data_ptr() != t.data_ptr() or got.dtype != t.dtype):
