@@ -499,3 +499,24 @@ def test_inplace_replay_checks_storages(launches, monkeypatch):
     for x, w in zip((qs, ks), ref(q, k, cos, sin)):
         torch.testing.assert_close(x, w, rtol=0, atol=0)
     assert len(planned) == 2  # (the overlapping calls raised before launching)
+
+
+@pytest.mark.parametrize("moved", ["k", "cos", "sin"])
+def test_replay_needs_every_tensor_on_qs_device(launches, moved):
+    """A recorded geometry is not replayed for a tensor on another device (the key held q's
+    device alone: cos on another device was launched as q's, an out-of-bounds read on a GPU):
+    the full path's error, out of place and in place."""
+    import rotary_kernels as rk
+
+    other = "meta" if DEV == "cpu" else "cpu"
+    q, k = _qk("view")
+    cos, sin = _tables(2, 5, 16)
+    args = dict(k=k, cos=cos, sin=sin)
+    rk.apply_rotary_transformers(q, **args, backend="triton")
+    rk.apply_rotary_transformers_(q.clone(), k.clone(), cos, sin, backend="triton")
+    assert len(launches) == 2
+    args[moved] = args[moved].to(other)
+    with pytest.raises(ValueError, match="same device"):
+        rk.apply_rotary_transformers(q, **args, backend="triton")
+    with pytest.raises(ValueError, match="same device"):
+        rk.apply_rotary_transformers_(q.clone(), **args, backend="triton")

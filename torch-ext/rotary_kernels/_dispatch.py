@@ -232,12 +232,14 @@ _MAX_TRITON_LAUNCHES = 1024  # geometries kept (then the memo starts over)
 
 def _triton_key(q, k, cos, sin, plan: Plan, inplace: bool = False):
     """The memo key of a plain call (no token positions, k's own tables or swap_layout; not
-    while tracing), or None. Out of place, outputs come from ``empty_like`` of q and k: their
-    strides follow."""
+    while tracing), or None: every tensor's device, shape, strides and dtype (what the full
+    path's validation read), the plan's options. Out of place, outputs come from ``empty_like``
+    of q and k: their strides follow."""
     if not plan.idx.plain or plan.k_tables is not None or plan.swap_layout or torch.compiler.is_compiling():
         return None
-    return (inplace, q.device, q.shape, q.stride(), q.dtype, None if k is None else (k.shape, k.stride(), k.dtype),
-            cos.shape, cos.stride(), cos.dtype, sin.shape, sin.stride(), sin.dtype,
+    return (inplace, q.device, q.shape, q.stride(), q.dtype,
+            None if k is None else (k.device, k.shape, k.stride(), k.dtype),
+            cos.device, cos.shape, cos.stride(), cos.dtype, sin.device, sin.shape, sin.stride(), sin.dtype,
             plan.unsqueeze_dim, plan.interleaved, plan.conj, plan.pair_tables)
 
 
