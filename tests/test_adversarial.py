@@ -243,6 +243,39 @@ def test_unclear_errors_now_name_the_argument():
                             torch.empty(2, 4), torch.empty(2, 4).half(), backend=backend)
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_sparse_and_nested_tensors_named(backend):
+    """A sparse or nested tensor anywhere: a TypeError naming it (was the dispatcher's
+    NotImplementedError from the compiled op, or an internal error from the Triton launcher),
+    on the one-call paths as on the validated ones."""
+    import warnings
+
+    q, k, (c, s) = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8), tables(1, 3, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (torch's prototype warning for strided nested tensors)
+        nested = torch.nested.nested_tensor([q[0], q[0]])
+    calls = [
+        ("q", "sparse", lambda: rk.apply_rotary_transformers(q.to_sparse(), k, c, s, backend=backend)),
+        ("k", "sparse", lambda: rk.apply_rotary_transformers(q, k.to_sparse(), c, s, backend=backend)),
+        ("cos", "sparse", lambda: rk.apply_rotary_transformers(q, k, c.to_sparse(), s, backend=backend)),
+        ("sin", "sparse", lambda: rk.apply_rotary_transformers_(q.clone(), k.clone(), c, s.to_sparse(),
+                                                                backend=backend)),
+        ("q", "sparse", lambda: rk.apply_rotary_transformers_(q.to_sparse(), k.clone(), c, s, backend=backend)),
+        ("x", "nested", lambda: rk.apply_rotary_emb(nested, c, s, backend=backend)),
+        ("x", "nested", lambda: rk.apply_rotary_emb_(nested, c, s, backend=backend)),
+        ("qkv", "sparse", lambda: rk.apply_rotary_qkv(torch.randn(1, 3, 12, 8).to_sparse(), c, s, 4, 4,
+                                                      backend=backend)),
+        ("x1", "sparse", lambda: rk.apply_rotary(q.to_sparse(), q, c[:, None], s[:, None], q.clone(), q.clone(),
+                                                 backend=backend)),
+    ]
+    for _ in range(2):  # (the second time, Triton has the dense geometry recorded)
+        rk.apply_rotary_transformers(q, k, c, s, backend=backend)
+        rk.apply_rotary_transformers_(q.clone(), k.clone(), c, s, backend=backend)
+        for name, kind, call in calls:
+            with pytest.raises(TypeError, match=f"{name} must be a dense .strided. tensor, got a .*{kind}"):
+                call()
+
+
 def test_meta_tensors_get_shapes():
     m = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
     q, k = rk.apply_rotary_transformers(m(1, 4, 3, 8), m(1, 2, 3, 8), m(1, 3, 8), m(1, 3, 8))

@@ -192,38 +192,42 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, k_
     tables ``k_tables`` when given; ``pair_tables``: every table per pair ``[..., R/2]``;
     ``swap_layout`` (with per-pair tables, no ``k_tables``): outputs in the other pair layout
     (``Plan``), gradients wrt the tables then by the reference."""
-    table_grads = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
-    if pair_tables and table_grads and not swap_layout:
-        # gradients wrt the tables: Rotary differentiates full-width ones (expanded differentiably)
-        cos, sin, k_tables = full_width(cos, sin, k_tables, interleaved)
-        pair_tables = False
-    one_call = k_tables is None and not swap_layout  # (the one-call path takes neither)
-    be = _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index) if one_call else None
-    if be == "triton" and _records_grad(q, k, cos, sin):
-        be = None  # (Rotary's backward replays or plans with the validated plan of the full path)
-    if be is not None:  # the common call (eager, no torch.func): the C++ op validates, plans, launches
-        # (on Triton: a launch recorded by an earlier, validated call of this geometry, or Declined)
-        plan = Plan(unsqueeze_dim, interleaved, conj, be, pair_tables=pair_tables)
-        try:
-            if _records_grad(q, k, cos, sin):
-                return rotary(q, k, cos, sin, plan)
-            return tuple(rotate(q, k, cos, sin, plan))
-        except Declined:  # (anything it does not take: validated here, then the Python plan)
-            pass
-    idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index, k_tables, pair_tables)
-    be = "reference" if swap_layout and table_grads else _backend(q, cos, sin, backend, k_tables, pair_tables)
-    if pair_tables and be == "reference":  # (its PyTorch ops read full-width tables)
-        cos, sin, k_tables = full_width(cos, sin, k_tables, interleaved)
-        pair_tables = False
-    if be == "reference":  # (PyTorch ops: autograd and transforms of their own)
-        check_values(q, cos, unsqueeze_dim, idx)
-        kw = reference_kwargs(idx)
-        ck, sk = k_tables or (cos, sin)
-        return tuple(rotary_reference_indexed(x, c, s, unsqueeze_dim, interleaved, conj, swap_layout, **kw)
-                     for x, c, s in ((q, cos, sin), (k, ck, sk)) if x is not None)
-    cos, sin, idx, axes = _plain_if_cos_grad(q, k, cos, sin, unsqueeze_dim, interleaved, idx, axes)
-    return _run(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, conj, be, idx, axes, True, k_tables, pair_tables,
-                                     swap_layout))
+    try:
+        table_grads = torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
+        if pair_tables and table_grads and not swap_layout:
+            # gradients wrt the tables: Rotary differentiates full-width ones (expanded differentiably)
+            cos, sin, k_tables = full_width(cos, sin, k_tables, interleaved)
+            pair_tables = False
+        one_call = k_tables is None and not swap_layout  # (the one-call path takes neither)
+        be = _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved, backend, index) if one_call else None
+        if be == "triton" and _records_grad(q, k, cos, sin):
+            be = None  # (Rotary's backward replays or plans with the validated plan of the full path)
+        if be is not None:  # the common call (eager, no torch.func): the C++ op validates, plans, launches
+            # (on Triton: a launch recorded by an earlier, validated call of this geometry, or Declined)
+            plan = Plan(unsqueeze_dim, interleaved, conj, be, pair_tables=pair_tables)
+            try:
+                if _records_grad(q, k, cos, sin):
+                    return rotary(q, k, cos, sin, plan)
+                return tuple(rotate(q, k, cos, sin, plan))
+            except Declined:  # (anything it does not take: validated here, then the Python plan)
+                pass
+        idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index, k_tables, pair_tables)
+        be = "reference" if swap_layout and table_grads else _backend(q, cos, sin, backend, k_tables, pair_tables)
+        if pair_tables and be == "reference":  # (its PyTorch ops read full-width tables)
+            cos, sin, k_tables = full_width(cos, sin, k_tables, interleaved)
+            pair_tables = False
+        if be == "reference":  # (PyTorch ops: autograd and transforms of their own)
+            check_values(q, cos, unsqueeze_dim, idx)
+            kw = reference_kwargs(idx)
+            ck, sk = k_tables or (cos, sin)
+            return tuple(rotary_reference_indexed(x, c, s, unsqueeze_dim, interleaved, conj, swap_layout, **kw)
+                         for x, c, s in ((q, cos, sin), (k, ck, sk)) if x is not None)
+        cos, sin, idx, axes = _plain_if_cos_grad(q, k, cos, sin, unsqueeze_dim, interleaved, idx, axes)
+        return _run(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, conj, be, idx, axes, True, k_tables, pair_tables,
+                                         swap_layout))
+    except Exception:  # (no kernel nor shape rule takes a sparse or nested tensor: name it)
+        _canon.check_strided(**{"q" if k is not None else "x": q}, k=k, cos=cos, sin=sin, k_tables=k_tables)
+        raise
 
 
 def apply_rotary_transformers(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, pair_tables=False, conj=False,
@@ -271,49 +275,53 @@ def check_mutable(**tensors) -> None:
 
 def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, backend, index, k_tables=None):
     """The in-place functions; ``k_tables``: k's own (cos_k, sin_k) from ``_k_tables``, or None."""
-    names = ("q", "k") if k is not None else ("x", "k")
-    check_mutable(**{names[0]: q, "k": k})
-    cos, sin = _tables(cos, sin, interleaved, pair_tables, conj)
-    be = None if conj or k_tables is not None else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved,
-                                                                     backend, index)
-    if be is not None and not _records_grad(q, k, cos, sin):  # (with gradients: the full path, or its error)
-        if be == "triton":  # a launch recorded by an earlier, validated call of this geometry
-            done = rotate_inplace_replayed(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, False, be,
-                                                                pair_tables=pair_tables))
-        else:
-            done = COMPILED.ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables)
-        if done:
-            torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
+    try:
+        names = ("q", "k") if k is not None else ("x", "k")
+        check_mutable(**{names[0]: q, "k": k})
+        cos, sin = _tables(cos, sin, interleaved, pair_tables, conj)
+        be = None if conj or k_tables is not None else _one_call_backend(q, k, cos, sin, unsqueeze_dim, interleaved,
+                                                                         backend, index)
+        if be is not None and not _records_grad(q, k, cos, sin):  # (with gradients: the full path, or its error)
+            if be == "triton":  # a launch recorded by an earlier, validated call of this geometry
+                done = rotate_inplace_replayed(q, k, cos, sin, Plan(unsqueeze_dim, interleaved, False, be,
+                                                                    pair_tables=pair_tables))
+            else:
+                done = COMPILED.ops.rotary_transformers_(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables)
+            if done:
+                torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
+                return
+        idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index, k_tables, pair_tables)
+        cos_k, sin_k = k_tables or (None, None)
+        if functional_transform() or (torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (cos, sin, cos_k, sin_k))):
+            raise RuntimeError(
+                "in-place rotation takes no gradients wrt cos/sin (cos_k/sin_k), nor forward-mode AD / torch.func "
+                "transforms; use apply_rotary_transformers / apply_rotary_emb"
+            )
+        plan = Plan(unsqueeze_dim, interleaved, conj, _backend(q, cos, sin, backend, None, pair_tables), idx, axes,
+                    True, k_tables, pair_tables)
+        grad = _needs_graph(q, k)
+        if torch.compiler.is_compiling():  # data pointers are not traceable: functional ops
+            if grad:  # (copy_ records the in-place update for autograd)
+                for x, y in zip((q, k), rotary(q, k, cos, sin, plan)):
+                    x.copy_(y)
+            else:
+                rotate_inplace_op(q, k, cos, sin, *plan.op_args())
             return
-    idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index, k_tables, pair_tables)
-    cos_k, sin_k = k_tables or (None, None)
-    if functional_transform() or (torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (cos, sin, cos_k, sin_k))):
-        raise RuntimeError(
-            "in-place rotation takes no gradients wrt cos/sin (cos_k/sin_k), nor forward-mode AD / torch.func "
-            "transforms; use apply_rotary_transformers / apply_rotary_emb"
-        )
-    plan = Plan(unsqueeze_dim, interleaved, conj, _backend(q, cos, sin, backend, None, pair_tables), idx, axes, True,
-                k_tables, pair_tables)
-    grad = _needs_graph(q, k)
-    if torch.compiler.is_compiling():  # data pointers are not traceable: functional ops
-        if grad:  # (copy_ records the in-place update for autograd)
-            for x, y in zip((q, k), rotary(q, k, cos, sin, plan)):
-                x.copy_(y)
-        else:
-            rotate_inplace_op(q, k, cos, sin, *plan.op_args())
-        return
-    _canon.check_writes({names[0]: q, "k": k}, dict(cos=cos, sin=sin, positions=idx.positions,
-                                                    cu_seqlens=idx.cu_seqlens, seqlen_offsets=idx.seqlen_offsets,
-                                                    cos_k=cos_k, sin_k=sin_k))
-    if grad:  # one launch per tensor: autograd lets a Function modify one view in place, not two
-        RotaryInplace.apply(q, cos, sin, plan._replace(axes=(axes[0], None), k_tables=None))
-        if k is not None:  # (k in q's place, with its own tables: their values are checked then)
-            RotaryInplace.apply(k, *(k_tables or (cos, sin)),
-                                plan._replace(axes=(axes[1], None), check=k_tables is not None, k_tables=None))
-        return
-    launch_inplace(q, k, cos, sin, plan)
-    torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
+        _canon.check_writes({names[0]: q, "k": k}, dict(cos=cos, sin=sin, positions=idx.positions,
+                                                        cu_seqlens=idx.cu_seqlens, seqlen_offsets=idx.seqlen_offsets,
+                                                        cos_k=cos_k, sin_k=sin_k))
+        if grad:  # one launch per tensor: autograd lets a Function modify one view in place, not two
+            RotaryInplace.apply(q, cos, sin, plan._replace(axes=(axes[0], None), k_tables=None))
+            if k is not None:  # (k in q's place, with its own tables: their values are checked then)
+                RotaryInplace.apply(k, *(k_tables or (cos, sin)),
+                                    plan._replace(axes=(axes[1], None), check=k_tables is not None, k_tables=None))
+            return
+        launch_inplace(q, k, cos, sin, plan)
+        torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
+    except Exception:  # (no kernel nor shape rule takes a sparse or nested tensor: name it)
+        _canon.check_strided(**{"q" if k is not None else "x": q}, k=k, cos=cos, sin=sin, k_tables=k_tables)
+        raise
 
 
 def apply_rotary_transformers_(q, k, cos, sin, unsqueeze_dim=1, *, interleaved=False, pair_tables=False, conj=False,
@@ -343,21 +351,26 @@ def _split_qkv(qkv, num_q_heads, num_kv_heads):
     """q's and k's heads of a packed qkv: ``[B, S, Hq + 2 Hk, D]`` / ``[T, Hq + 2 Hk, D]``, or
     flash-attn's ``[B, S, 3, H, D]`` (head counts implied)."""
     _canon.check_float("qkv", qkv)
-    if qkv.dim() == 5:
-        if qkv.shape[2] != 3 or num_q_heads not in (None, qkv.shape[3]) or num_kv_heads not in (None, qkv.shape[3]):
-            raise ValueError(f"a 5-D qkv must be [B, S, 3, H, D] (head counts H), got shape {tuple(qkv.shape)} "
-                             f"with num_q_heads={num_q_heads}, num_kv_heads={num_kv_heads}")
-        return qkv[:, :, 0], qkv[:, :, 1]
-    if qkv.dim() not in (3, 4):
-        raise ValueError(f"qkv must be [B, S, Hq + 2 Hk, D], [T, Hq + 2 Hk, D] or [B, S, 3, H, D], got shape {tuple(qkv.shape)}")
-    for name, n in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads)):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {n!r}")
-    if qkv.shape[-2] != num_q_heads + 2 * num_kv_heads:
-        raise ValueError(
-            f"qkv has {qkv.shape[-2]} heads, expected num_q_heads + 2 * num_kv_heads = {num_q_heads + 2 * num_kv_heads}"
-        )
-    return qkv[..., :num_q_heads, :], qkv[..., num_q_heads : num_q_heads + num_kv_heads, :]
+    try:
+        if qkv.dim() == 5:
+            h = qkv.shape[3]
+            if qkv.shape[2] != 3 or num_q_heads not in (None, h) or num_kv_heads not in (None, h):
+                raise ValueError(f"a 5-D qkv must be [B, S, 3, H, D] (head counts H), got shape {tuple(qkv.shape)} "
+                                 f"with num_q_heads={num_q_heads}, num_kv_heads={num_kv_heads}")
+            return qkv[:, :, 0], qkv[:, :, 1]
+        if qkv.dim() not in (3, 4):
+            raise ValueError("qkv must be [B, S, Hq + 2 Hk, D], [T, Hq + 2 Hk, D] or [B, S, 3, H, D], got shape "
+                             f"{tuple(qkv.shape)}")
+        for name, n in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads)):
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {n!r}")
+        if qkv.shape[-2] != num_q_heads + 2 * num_kv_heads:
+            raise ValueError(f"qkv has {qkv.shape[-2]} heads, expected num_q_heads + 2 * num_kv_heads = "
+                             f"{num_q_heads + 2 * num_kv_heads}")
+        return qkv[..., :num_q_heads, :], qkv[..., num_q_heads : num_q_heads + num_kv_heads, :]
+    except Exception:  # (no kernel nor shape rule takes a sparse or nested tensor: name it)
+        _canon.check_strided(qkv=qkv)
+        raise
 
 
 def apply_rotary_qkv(qkv, cos, sin, num_q_heads=None, num_kv_heads=None, *, interleaved=False, pair_tables=False, conj=False,
@@ -385,9 +398,13 @@ def apply_rotary_qkv_(qkv, cos, sin, num_q_heads=None, num_kv_heads=None, *, int
 
 def _split_kv(kv):
     _canon.check_float("kv", kv)
-    if kv.dim() != 5 or kv.shape[2] != 2:
-        raise ValueError(f"kv must be [B, S, 2, H, D] (flash-attn's packed k and v), got shape {tuple(kv.shape)}")
-    return kv[:, :, 0]
+    try:
+        if kv.dim() != 5 or kv.shape[2] != 2:
+            raise ValueError(f"kv must be [B, S, 2, H, D] (flash-attn's packed k and v), got shape {tuple(kv.shape)}")
+        return kv[:, :, 0]
+    except Exception:  # (no kernel nor shape rule takes a sparse or nested tensor: name it)
+        _canon.check_strided(kv=kv)
+        raise
 
 
 def apply_rotary_kv(kv, cos, sin, *, interleaved=False, pair_tables=False, conj=False, backend=None, **index):
@@ -412,27 +429,31 @@ def apply_rotary(x1, x2, cos, sin, out1, out2, conj: bool = False, *, backend=No
     """
     for name, t in (("x1", x1), ("x2", x2), ("cos", cos), ("sin", sin)):
         _canon.check_float(name, t)
-    if x2.shape != x1.shape or x2.dtype != x1.dtype:
-        raise ValueError(f"x1 and x2 must have the same shape and dtype, got {tuple(x1.shape)} {x1.dtype} "
-                         f"and {tuple(x2.shape)} {x2.dtype}")
-    _canon.check_out("out1", out1, x1)
-    _canon.check_out("out2", out2, x2)
-    for name, t in (("cos", cos), ("sin", sin)):
-        try:
-            ok = torch.broadcast_shapes(t.shape, x1.shape) == x1.shape
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to x1's shape {tuple(x1.shape)}")
-    _canon.check_same_device(x1=x1, x2=x2, cos=cos, sin=sin, out1=out1, out2=out2)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x1, x2, cos, sin, out1, out2)):
-        raise RuntimeError("apply_rotary writes into out1/out2 and does not support autograd; "
-                           "use apply_rotary_transformers or apply_rotary_emb for training")
-    check_mutable(out1=out1, out2=out2)
-    _canon.check_writes(dict(out1=out1, out2=out2), dict(x1=x1, x2=x2, cos=cos, sin=sin),
-                        in_place_of=dict(out1="x1", out2="x2"))
-    launch_elementwise(select_backend(x1.device, backend), x1, x2, cos, sin, out1, out2, bool(conj))
-    torch.autograd.graph.increment_version((out1, out2))
+    try:
+        if x2.shape != x1.shape or x2.dtype != x1.dtype:
+            raise ValueError(f"x1 and x2 must have the same shape and dtype, got {tuple(x1.shape)} {x1.dtype} "
+                             f"and {tuple(x2.shape)} {x2.dtype}")
+        _canon.check_out("out1", out1, x1)
+        _canon.check_out("out2", out2, x2)
+        for name, t in (("cos", cos), ("sin", sin)):
+            try:
+                ok = torch.broadcast_shapes(t.shape, x1.shape) == x1.shape
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"{name} of shape {tuple(t.shape)} does not broadcast to x1's shape {tuple(x1.shape)}")
+        _canon.check_same_device(x1=x1, x2=x2, cos=cos, sin=sin, out1=out1, out2=out2)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x1, x2, cos, sin, out1, out2)):
+            raise RuntimeError("apply_rotary writes into out1/out2 and does not support autograd; "
+                               "use apply_rotary_transformers or apply_rotary_emb for training")
+        check_mutable(out1=out1, out2=out2)
+        _canon.check_writes(dict(out1=out1, out2=out2), dict(x1=x1, x2=x2, cos=cos, sin=sin),
+                            in_place_of=dict(out1="x1", out2="x2"))
+        launch_elementwise(select_backend(x1.device, backend), x1, x2, cos, sin, out1, out2, bool(conj))
+        torch.autograd.graph.increment_version((out1, out2))
+    except Exception:  # (no kernel nor shape rule takes a sparse or nested tensor: name it)
+        _canon.check_strided(x1=x1, x2=x2, cos=cos, sin=sin, out1=out1, out2=out2)
+        raise
 
 
 def available_backends(device="cpu") -> list[str]:

@@ -25,6 +25,20 @@ def check_float(name: str, t) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
+def check_strided(k_tables=None, **tensors) -> None:
+    """Dense tensors only: sparse, mkldnn or nested tensors have no strides to rotate along.
+    The public functions ask it only once a call has failed (the failure re-raised where every
+    tensor is dense), so that the common call pays nothing for it."""
+    if k_tables is not None:
+        tensors.update(cos_k=k_tables[0], sin_k=k_tables[1])
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.is_nested:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got a nested tensor: rotate its packed "
+                            "values [T, H, D] instead (with cu_seqlens for per-sequence positions)")
+        if isinstance(t, torch.Tensor) and t.layout is not torch.strided:
+            raise TypeError(f"{name} must be a dense (strided) tensor, got a {t.layout} tensor: call .to_dense() first")
+
+
 def check_same_device(**tensors) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
