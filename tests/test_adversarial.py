@@ -276,6 +276,46 @@ def test_sparse_and_nested_tensors_named(backend):
                 call()
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_negative_views_read_and_written_with_their_signs(backend):
+    """A negative view (``z.conj().imag``: memory holding its values' negatives) as q, k, cos or
+    sin, read and, in place, written with its sign: Triton read the raw memory (a silent wrong
+    answer), and the in-place one-call op met PyTorch's Negative fallback, which raised after
+    rotating the other tensor. Gradients and the low-level apply_rotary too."""
+    from rotary_kernels.reference import apply_rotary_transformers_reference as ref
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 4, 3, 8, generator=g), torch.randn(1, 2, 3, 8, generator=g)
+    ang = torch.rand(1, 3, 8, generator=g) * 3
+    c, s = ang.cos(), torch.polar(torch.ones_like(ang), -ang).conj().imag  # s: sin(ang), a negative view
+    assert s.is_neg() and torch.allclose(s, ang.sin())
+    neg = lambda t: torch._neg_view(t.neg())  # noqa: E731  (the same values, as a negative view)
+    want = ref(q, k, c, s.resolve_neg())
+    for _ in range(2):  # (the second time, Triton has the plain geometry recorded)
+        for moved in ("q", "k", "cos", "sin"):
+            args = dict(q=q, k=k, cos=c, sin=s.resolve_neg())
+            args[moved] = neg(args[moved]) if moved != "sin" else s
+            got = rk.apply_rotary_transformers(**args, backend=backend)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), moved
+            qi, ki = (args[n] if args[n].is_neg() else args[n].clone() for n in ("q", "k"))
+            rk.apply_rotary_transformers_(qi, ki, args["cos"], args["sin"], backend=backend)
+            assert (qi.is_neg() or ki.is_neg()) == (moved in "qk")
+            assert torch.equal(qi, want[0]) and torch.equal(ki, want[1]), moved
+        rk.apply_rotary_transformers(q, k, c, s.resolve_neg(), backend=backend)  # plain: recorded on Triton
+    qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
+    gr = [torch.randn_like(q), torch.randn_like(k)]
+    got = torch.autograd.grad(rk.apply_rotary_transformers(qq, kk, c, s, backend=backend), (qq, kk), gr)
+    expect = torch.autograd.grad(ref(qq, kk, c, s.resolve_neg()), (qq, kk), gr)
+    for a, b in zip(got, expect):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    x1, x2, c1, s1 = q[..., :4], q[..., 4:], c[:, None, :, :4], s[:, None, :, :4]
+    outs = [torch.empty_like(x1), torch.empty_like(x2)]
+    rk.apply_rotary(neg(x1), x2, c1, s1, *outs, backend=backend)
+    expect = [torch.empty_like(x1), torch.empty_like(x2)]
+    rk.apply_rotary(x1, x2, c1, s1.resolve_neg(), *expect, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(outs, expect))
+
+
 def test_meta_tensors_get_shapes():
     m = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
     q, k = rk.apply_rotary_transformers(m(1, 4, 3, 8), m(1, 2, 3, 8), m(1, 3, 8), m(1, 3, 8))

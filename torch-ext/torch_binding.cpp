@@ -327,6 +327,9 @@ std::optional<Plan> plan_rotary(const at::Tensor& q, const std::optional<at::Ten
       R <= 0 || R % 2 || cos.device() != q.device() || sin.device() != q.device()) {
     return std::nullopt;
   }
+  // Negative views (z.conj().imag) reach these ops as they are (see the Negative registration
+  // below): the Python path resolves them (_dispatch._negative).
+  if (q.is_neg() || cos.is_neg() || sin.is_neg() || (k.has_value() && k->is_neg())) return std::nullopt;
   Plan p{canonical_perm(q, cos, unsqueeze_dim, R), {}};
   if (p.qp.empty()) return std::nullopt;
   if (k.has_value()) {
@@ -491,6 +494,14 @@ TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, CPU, m) {
 }
 
 TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, Meta, m) { m.impl("rotary_transformers", &rotary_transformers_op); }
+
+// The one-call ops decline negative views themselves (plan_rotary), rather than meet PyTorch's
+// Negative fallback: it resolves them into copies, and for the in-place op it cannot return the
+// bool, raising after the kernel had rotated the other, ordinary tensor.
+TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, Negative, m) {
+  m.impl("rotary_transformers", torch::CppFunction::makeFallthrough());
+  m.impl("rotary_transformers_", torch::CppFunction::makeFallthrough());
+}
 
 #ifdef RK_HAVE_CUDA
 TORCH_LIBRARY_IMPL_EXPAND(TORCH_EXTENSION_NAME, CUDA, m) {

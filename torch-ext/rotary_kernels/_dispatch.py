@@ -237,6 +237,8 @@ def _triton_key(q, k, cos, sin, plan: Plan, inplace: bool = False):
     of q and k: their strides follow."""
     if not plan.idx.plain or plan.k_tables is not None or plan.swap_layout or torch.compiler.is_compiling():
         return None
+    if _negative(q, k, cos, sin):  # (launch_rotary resolves them: not recorded, not replayed)
+        return None
     return (inplace, q.device, q.shape, q.stride(), q.dtype,
             None if k is None else (k.device, k.shape, k.stride(), k.dtype),
             cos.device, cos.shape, cos.stride(), cos.dtype, sin.device, sin.shape, sin.stride(), sin.dtype,
@@ -349,6 +351,9 @@ def launch_rotary(q, k, cos, sin, q_out, k_out, plan: Plan):
     Returns the Triton backend's launches (``_triton.QKLaunch``; none for the other backends).
     """
     launches = []
+    if plan.backend != "reference" and _negative(q, k, cos, sin, *(plan.k_tables or ()), q_out, k_out):
+        _launch_resolved(q, k, cos, sin, q_out, k_out, plan)
+        return launches
     if plan.backend == "reference" and plan.pair_tables:
         cos, sin, k_tables = full_width(cos, sin, plan.k_tables, plan.interleaved)
         plan = plan._replace(k_tables=k_tables, pair_tables=False)
@@ -393,8 +398,38 @@ def launch_rotary(q, k, cos, sin, q_out, k_out, plan: Plan):
     return launches
 
 
+def _negative(*tensors) -> bool:
+    """Is any of ``tensors`` a negative view (``z.conj().imag``, ``torch._neg_view``), whose
+    memory holds its values' negatives? PyTorch's ops resolve one; the kernels read memory as it
+    is, so they never see one (``_launch_resolved``; the compiled one-call ops decline them)."""
+    return any(t is not None and t.is_neg() for t in tensors)
+
+
+def _launch_resolved(q, k, cos, sin, q_out, k_out, plan: Plan) -> None:
+    """``launch_rotary`` for negative views (``_negative``): the inputs resolved (copies holding
+    their values), the results written through ``copy_`` (which stores a negative view's
+    negatives)."""
+    def res(t):
+        return t.resolve_neg() if t is not None else None
+
+    q2, k2 = res(q), res(k)
+    q3, k3 = torch.empty_like(q2), (torch.empty_like(k2) if k is not None else None)
+    k_tables = tuple(res(t) for t in plan.k_tables) if plan.k_tables is not None else None
+    launch_rotary(q2, k2, res(cos), res(sin), q3, k3, plan._replace(k_tables=k_tables))
+    q_out.copy_(q3)
+    if k is not None:
+        k_out.copy_(k3)
+
+
 def launch_elementwise(backend, x1, x2, cos, sin, out1, out2, conj):
     """flash-attn's apply_rotary: cos/sin broadcast to x1; outs may alias x1/x2."""
+    if backend != "reference" and _negative(x1, x2, cos, sin, out1, out2):  # (see _negative)
+        y1, y2 = torch.empty_like(x1), torch.empty_like(x2)
+        launch_elementwise(backend, x1.resolve_neg(), x2.resolve_neg(), cos.resolve_neg(), sin.resolve_neg(), y1,
+                           y2, conj)
+        out1.copy_(y1)
+        out2.copy_(y2)
+        return
     if backend == "reference" or x1.dim() > 4:
         y1, y2 = apply_rotary_reference(x1, x2, cos.expand_as(x1), sin.expand_as(x1), conj)
         out1.copy_(y1)
