@@ -316,6 +316,31 @@ def test_negative_views_read_and_written_with_their_signs(backend):
     assert all(torch.equal(a, b) for a, b in zip(outs, expect))
 
 
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_efficient_zero_tensors_read_as_zeros_never_written(backend):
+    """Efficient zero tensors (forward-mode AD, functorch; no memory, a null data pointer that
+    Triton launched with) read as zeros on every backend; written in place: an error naming them
+    (was the overlap check's 'invalid python storage' on Triton and the reference)."""
+    from rotary_kernels.reference import apply_rotary_transformers_reference as ref
+
+    zero = torch._efficientzerotensor
+    q, k, (c, s) = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8), tables(1, 3, 8)
+    for _ in range(2):  # (the second time, Triton has the plain geometry recorded)
+        rk.apply_rotary_transformers(q, k, c, s, backend=backend)
+        for i, shape in enumerate(((1, 4, 3, 8), (1, 2, 3, 8), (1, 3, 8), (1, 3, 8))):
+            args = [q, k, c, s]
+            args[i] = zero(shape)
+            want = ref(*(torch.zeros(shape) if j == i else a for j, a in enumerate(args)))
+            got = rk.apply_rotary_transformers(*args, backend=backend)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), i
+        for name, args in (("q", (zero((1, 4, 3, 8)), k.clone())), ("k", (q.clone(), zero((1, 2, 3, 8))))):
+            with pytest.raises(RuntimeError, match=f"{name} is an efficient zero tensor"):
+                rk.apply_rotary_transformers_(*args, c, s, backend=backend)
+        x = torch.randn(2, 4)
+        with pytest.raises(RuntimeError, match="out2 is an efficient zero tensor"):
+            rk.apply_rotary(x, x, x, x, x.clone(), zero((2, 4)), backend=backend)
+
+
 def test_meta_tensors_get_shapes():
     m = lambda *shape: torch.empty(*shape, device="meta")  # noqa: E731
     q, k = rk.apply_rotary_transformers(m(1, 4, 3, 8), m(1, 2, 3, 8), m(1, 3, 8), m(1, 3, 8))

@@ -328,7 +328,7 @@ std::optional<Plan> plan_rotary(const at::Tensor& q, const std::optional<at::Ten
     return std::nullopt;
   }
   // Negative views (z.conj().imag) reach these ops as they are (see the Negative registration
-  // below): the Python path resolves them (_dispatch._negative).
+  // below): the Python path resolves them (_dispatch._unresolved).
   if (q.is_neg() || cos.is_neg() || sin.is_neg() || (k.has_value() && k->is_neg())) return std::nullopt;
   Plan p{canonical_perm(q, cos, unsqueeze_dim, R), {}};
   if (p.qp.empty()) return std::nullopt;

@@ -319,8 +319,9 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, back
             return
         launch_inplace(q, k, cos, sin, plan)
         torch.autograd.graph.increment_version([t for t in (q, k) if t is not None])
-    except Exception:  # (no kernel nor shape rule takes a sparse or nested tensor: name it)
+    except Exception:  # (a sparse or nested tensor, or a zero tensor to write: name it)
         _canon.check_strided(**{"q" if k is not None else "x": q}, k=k, cos=cos, sin=sin, k_tables=k_tables)
+        _canon.check_writable(**{"q" if k is not None else "x": q}, k=k)
         raise
 
 
@@ -451,8 +452,9 @@ def apply_rotary(x1, x2, cos, sin, out1, out2, conj: bool = False, *, backend=No
                             in_place_of=dict(out1="x1", out2="x2"))
         launch_elementwise(select_backend(x1.device, backend), x1, x2, cos, sin, out1, out2, bool(conj))
         torch.autograd.graph.increment_version((out1, out2))
-    except Exception:  # (no kernel nor shape rule takes a sparse or nested tensor: name it)
+    except Exception:  # (a sparse or nested tensor, or a zero tensor to write: name it)
         _canon.check_strided(x1=x1, x2=x2, cos=cos, sin=sin, out1=out1, out2=out2)
+        _canon.check_writable(out1=out1, out2=out2)
         raise
 
 

@@ -39,6 +39,14 @@ def check_strided(k_tables=None, **tensors) -> None:
             raise TypeError(f"{name} must be a dense (strided) tensor, got a {t.layout} tensor: call .to_dense() first")
 
 
+def check_writable(**tensors) -> None:
+    """An efficient zero tensor (forward-mode AD, functorch) has no memory to write, as PyTorch's
+    own in-place ops say. (Asked, like check_strided, once a call has failed.)"""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t._is_zerotensor():
+            raise RuntimeError(f"{name} is an efficient zero tensor, which is immutable: clone() it first")
+
+
 def check_same_device(**tensors) -> None:
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:

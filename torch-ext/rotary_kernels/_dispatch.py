@@ -237,7 +237,7 @@ def _triton_key(q, k, cos, sin, plan: Plan, inplace: bool = False):
     of q and k: their strides follow."""
     if not plan.idx.plain or plan.k_tables is not None or plan.swap_layout or torch.compiler.is_compiling():
         return None
-    if _negative(q, k, cos, sin):  # (launch_rotary resolves them: not recorded, not replayed)
+    if _unresolved(q, k, cos, sin):  # (launch_rotary resolves them: not recorded, not replayed)
         return None
     return (inplace, q.device, q.shape, q.stride(), q.dtype,
             None if k is None else (k.device, k.shape, k.stride(), k.dtype),
@@ -351,7 +351,7 @@ def launch_rotary(q, k, cos, sin, q_out, k_out, plan: Plan):
     Returns the Triton backend's launches (``_triton.QKLaunch``; none for the other backends).
     """
     launches = []
-    if plan.backend != "reference" and _negative(q, k, cos, sin, *(plan.k_tables or ()), q_out, k_out):
+    if plan.backend != "reference" and _unresolved(q, k, cos, sin, *(plan.k_tables or ()), q_out, k_out):
         _launch_resolved(q, k, cos, sin, q_out, k_out, plan)
         return launches
     if plan.backend == "reference" and plan.pair_tables:
@@ -398,24 +398,30 @@ def launch_rotary(q, k, cos, sin, q_out, k_out, plan: Plan):
     return launches
 
 
-def _negative(*tensors) -> bool:
-    """Is any of ``tensors`` a negative view (``z.conj().imag``, ``torch._neg_view``), whose
-    memory holds its values' negatives? PyTorch's ops resolve one; the kernels read memory as it
-    is, so they never see one (``_launch_resolved``; the compiled one-call ops decline them)."""
-    return any(t is not None and t.is_neg() for t in tensors)
+def _unresolved(*tensors) -> bool:
+    """Is any of ``tensors`` a tensor whose memory does not hold its values: a negative view
+    (``z.conj().imag``, ``torch._neg_view``: the values' negatives) or an efficient zero tensor
+    (no memory; forward-mode AD, functorch)? PyTorch's ops resolve them; the kernels read memory
+    as it is (Triton: a zero tensor's null pointer), so they never see one (``_resolved``,
+    ``_launch_resolved``; the compiled one-call ops decline negative views)."""
+    return any(t is not None and (t.is_neg() or t._is_zerotensor()) for t in tensors)
+
+
+def _resolved(t):
+    """t's values in memory of their own (``_unresolved``), or t itself."""
+    if t is None:
+        return None
+    return t.clone() if t._is_zerotensor() else t.resolve_neg()
 
 
 def _launch_resolved(q, k, cos, sin, q_out, k_out, plan: Plan) -> None:
-    """``launch_rotary`` for negative views (``_negative``): the inputs resolved (copies holding
-    their values), the results written through ``copy_`` (which stores a negative view's
-    negatives)."""
-    def res(t):
-        return t.resolve_neg() if t is not None else None
-
-    q2, k2 = res(q), res(k)
+    """``launch_rotary`` for unresolved tensors (``_unresolved``): the inputs resolved, the results
+    written through ``copy_`` (which stores a negative view's negatives, and refuses to write a
+    zero tensor)."""
+    q2, k2 = _resolved(q), _resolved(k)
     q3, k3 = torch.empty_like(q2), (torch.empty_like(k2) if k is not None else None)
-    k_tables = tuple(res(t) for t in plan.k_tables) if plan.k_tables is not None else None
-    launch_rotary(q2, k2, res(cos), res(sin), q3, k3, plan._replace(k_tables=k_tables))
+    k_tables = tuple(_resolved(t) for t in plan.k_tables) if plan.k_tables is not None else None
+    launch_rotary(q2, k2, _resolved(cos), _resolved(sin), q3, k3, plan._replace(k_tables=k_tables))
     q_out.copy_(q3)
     if k is not None:
         k_out.copy_(k3)
@@ -423,10 +429,10 @@ def _launch_resolved(q, k, cos, sin, q_out, k_out, plan: Plan) -> None:
 
 def launch_elementwise(backend, x1, x2, cos, sin, out1, out2, conj):
     """flash-attn's apply_rotary: cos/sin broadcast to x1; outs may alias x1/x2."""
-    if backend != "reference" and _negative(x1, x2, cos, sin, out1, out2):  # (see _negative)
+    if backend != "reference" and _unresolved(x1, x2, cos, sin, out1, out2):  # (see _unresolved)
+        x1, x2 = _resolved(x1), _resolved(x2)
         y1, y2 = torch.empty_like(x1), torch.empty_like(x2)
-        launch_elementwise(backend, x1.resolve_neg(), x2.resolve_neg(), cos.resolve_neg(), sin.resolve_neg(), y1,
-                           y2, conj)
+        launch_elementwise(backend, x1, x2, _resolved(cos), _resolved(sin), y1, y2, conj)
         out1.copy_(y1)
         out2.copy_(y2)
         return
