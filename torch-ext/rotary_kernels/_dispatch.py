@@ -404,7 +404,10 @@ def _unresolved(*tensors) -> bool:
     (no memory; forward-mode AD, functorch)? PyTorch's ops resolve them; the kernels read memory
     as it is (Triton: a zero tensor's null pointer), so they never see one (``_resolved``,
     ``_launch_resolved``; the compiled one-call ops decline negative views)."""
-    return any(t is not None and (t.is_neg() or t._is_zerotensor()) for t in tensors)
+    for t in tensors:  # (a loop, not any() over a generator: ~0.4 us a call less, on Triton's replay path)
+        if t is not None and (t.is_neg() or t._is_zerotensor()):
+            return True
+    return False
 
 
 def _resolved(t):
