@@ -314,6 +314,14 @@ def test_negative_views_read_and_written_with_their_signs(backend):
     expect = [torch.empty_like(x1), torch.empty_like(x2)]
     rk.apply_rotary(x1, x2, c1, s1.resolve_neg(), *expect, backend=backend)
     assert all(torch.equal(a, b) for a, b in zip(outs, expect))
+    # Llama 4's complex freqs_cis, conjugated (the inverse rotation): its imaginary part is a negative view
+    from rotary_kernels._dropins import apply_rotary_emb_complex
+
+    f = torch.polar(torch.ones(1, 3, 4), ang[..., :4]).conj()
+    xq = q.transpose(1, 2)  # [B, S, H, D]
+    want_q = torch.view_as_real(torch.view_as_complex(xq.reshape(1, 3, 4, 4, 2)) * f[:, :, None]).flatten(3)
+    torch.testing.assert_close(apply_rotary_emb_complex(xq, xq, f, backend=backend)[0], want_q,
+                               **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
