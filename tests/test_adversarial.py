@@ -67,6 +67,64 @@ def test_inference_tensor_not_updated_outside_inference_mode(backend):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_inplace_autograd_refusals_before_anything_is_written(backend):
+    """In grad mode, what PyTorch's own in-place ops refuse (a leaf that requires grad, a view of
+    one, a view made in no_grad mode, one of several views unbind returned) is refused before the
+    data is touched, naming the argument: autograd's own check ran after the Function's forward,
+    the data rotated by then (and q rotated when k was the one refused)."""
+    c, s = tables(2, 5, 8)
+    a = torch.randn(2, 6, 5, 8, requires_grad=True)
+    base = a * 1
+    with torch.no_grad():
+        no_grad_view = base[:, :3]
+    q_of_unbind, k_of_unbind = (a * 1).unflatten(1, (2, 3)).unbind(1)
+    cases = [
+        ("q is a leaf tensor", a[:, :3].detach().requires_grad_(), torch.randn(2, 3, 5, 8)),
+        ("q is a view of a leaf tensor", a[:, :3], a[:, 3:] * 1),
+        ("k is a leaf tensor", a[:, :3] * 1, a[:, 3:].detach().requires_grad_()),  # (q valid: untouched too)
+        ("q is a view made in no_grad mode", no_grad_view, torch.randn(2, 3, 5, 8)),
+        ("q is one of several views", q_of_unbind, k_of_unbind),
+    ]
+    for match, q, k in cases:
+        before = (q.detach().clone(), k.detach().clone())
+        with pytest.raises(RuntimeError, match=match):
+            rk.apply_rotary_transformers_(q, k, c, s, backend=backend)
+        assert torch.equal(q.detach(), before[0]) and torch.equal(k.detach(), before[1]), match
+    with torch.no_grad():  # as PyTorch's own: allowed without grad mode
+        rk.apply_rotary_emb_(a, c, s, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_inplace_double_backward(backend):
+    """create_graph=True through an in-place rotation: second-order gradients equal those of the
+    same computation with PyTorch's copy_ (the backward was once_differentiable: none)."""
+    c, s = tables(2, 5, 8, dtype=torch.float64)
+    a = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for rotate in (lambda y: rk.apply_rotary_emb_(y, c, s, backend=backend),
+                   lambda y: y.copy_(rotary_reference_indexed(y.clone(), c, s, 1, False))):
+        y = a * 1
+        rotate(y)
+        g = torch.autograd.grad((y ** 2).sum(), a, create_graph=True)[0]
+        grads.append((g, torch.autograd.grad((g ** 3).sum(), a)[0]))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, **TOL[torch.float64])
+
+
+def test_compiled_inplace_errors_keep_their_message():
+    """Under torch.compile the in-place functions' errors keep the package's message (the check
+    asked after a failure called a function dynamo cannot trace, which replaced it)."""
+    x, (c, s) = torch.randn(2, 4, 5, 8), tables(2, 6, 8)  # 6 tokens' tables for 5
+
+    def inplace(x, c, s):
+        rk.apply_rotary_emb_(x, c, s)
+        return x
+
+    with pytest.raises(Exception, match="do not broadcast to x's shape"):
+        torch.compile(inplace, fullgraph=True)(x, c, s)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_written_tensor_with_internal_overlap_rejected(backend):
     c, s = tables(2, 5, 8)
     for x in (torch.randn(2, 1, 5, 8).expand(2, 4, 5, 8),  # heads share memory

@@ -273,6 +273,38 @@ def check_mutable(**tensors) -> None:
                                "in place outside inference mode is not allowed: clone() it first")
 
 
+_CREATION = torch._C._autograd.CreationMeta
+_NOT_REBASED = {  # views whose in-place update autograd refuses (torch's handle_view_on_rebase)
+    _CREATION.NO_GRAD_MODE: "a view made in no_grad mode, and is being updated with grad mode enabled: make "
+                            "the view and the update both inside no_grad, or both outside",
+    _CREATION.MULTI_OUTPUT_NODE: "one of several views one function returned (unbind, split, chunk): rotate "
+                                 "the tensor they view (e.g. apply_rotary_qkv_) or use the out-of-place function",
+    _CREATION.IN_CUSTOM_FUNCTION: "a view made inside a custom autograd Function: use the out-of-place function",
+    _CREATION.INFERENCE_MODE: "a view made in inference mode: clone() it first",
+}
+
+
+def check_autograd_inplace(**tensors) -> None:
+    """What PyTorch's own in-place ops refuse in grad mode, refused before anything is written
+    (autograd's own check runs after a Function's forward, the data rotated by then): a leaf
+    that requires grad, a view of one, and views whose update autograd cannot record."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in tensors.items():
+        if t is None or not t.requires_grad:
+            continue
+        if t._is_view():
+            why = _NOT_REBASED.get(torch._C._autograd._get_creation_meta(t))
+            if why:
+                raise RuntimeError(f"{name} is {why}")
+            if t._base.is_leaf:
+                raise RuntimeError(f"{name} is a view of a leaf tensor that requires grad, which in-place operations "
+                                   "may not update (as PyTorch's own): rotate a clone, or use the out-of-place function")
+        elif t.is_leaf:
+            raise RuntimeError(f"{name} is a leaf tensor that requires grad, which in-place operations may not update "
+                               "(as PyTorch's own): rotate a clone, or use the out-of-place function")
+
+
 def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, backend, index, k_tables=None):
     """The in-place functions; ``k_tables``: k's own (cos_k, sin_k) from ``_k_tables``, or None."""
     try:
@@ -308,6 +340,8 @@ def _inplace(q, k, cos, sin, unsqueeze_dim, interleaved, pair_tables, conj, back
             else:
                 rotate_inplace_op(q, k, cos, sin, *plan.op_args())
             return
+        if grad:
+            check_autograd_inplace(**{names[0]: q, "k": k})
         _canon.check_writes({names[0]: q, "k": k}, dict(cos=cos, sin=sin, positions=idx.positions,
                                                         cu_seqlens=idx.cu_seqlens, seqlen_offsets=idx.seqlen_offsets,
                                                         cos_k=cos_k, sin_k=sin_k))

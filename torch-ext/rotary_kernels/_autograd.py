@@ -145,7 +145,8 @@ class RotaryInplace(torch.autograd.Function):
     place (``mark_dirty``: its version is bumped and its history rebased, also for views of a
     larger tensor such as a packed qkv's heads); backward rotates the gradient with ``conj``
     flipped. Nothing is saved but cos/sin; gradients wrt cos/sin are not taken (the public API
-    refuses them). ``plan``: x's validated call (``_dispatch.Plan``, x in q's place)."""
+    refuses them). Double backward as ``Rotary``'s. ``plan``: x's validated call
+    (``_dispatch.Plan``, x in q's place)."""
 
     @staticmethod
     def forward(ctx, x, cos, sin, plan):
@@ -156,7 +157,8 @@ class RotaryInplace(torch.autograd.Function):
         return x
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         cos, sin = ctx.saved_tensors
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # create_graph: double backward
+            return rotary(g, None, cos, sin, ctx.plan.flipped())[0], None, None, None
         return rotate(g, None, cos, sin, ctx.plan.flipped())[0], None, None, None

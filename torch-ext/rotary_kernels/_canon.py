@@ -29,6 +29,8 @@ def check_strided(k_tables=None, **tensors) -> None:
     """Dense tensors only: sparse, mkldnn or nested tensors have no strides to rotate along.
     The public functions ask it only once a call has failed (the failure re-raised where every
     tensor is dense), so that the common call pays nothing for it."""
+    if torch.compiler.is_compiling():  # (fake tensors; and an untraceable check would hide the error)
+        return
     if k_tables is not None:
         tensors.update(cos_k=k_tables[0], sin_k=k_tables[1])
     for name, t in tensors.items():
@@ -42,6 +44,8 @@ def check_strided(k_tables=None, **tensors) -> None:
 def check_writable(**tensors) -> None:
     """An efficient zero tensor (forward-mode AD, functorch) has no memory to write, as PyTorch's
     own in-place ops say. (Asked, like check_strided, once a call has failed.)"""
+    if torch.compiler.is_compiling():  # (dynamo cannot trace _is_zerotensor: it would hide the error)
+        return
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t._is_zerotensor():
             raise RuntimeError(f"{name} is an efficient zero tensor, which is immutable: clone() it first")
