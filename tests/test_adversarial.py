@@ -17,6 +17,18 @@ from rotary_kernels.reference import apply_rotary_transformers_reference, rotary
 from conftest import TOL
 
 ALL_BACKENDS = [b for b in rk.available_backends("cpu")]  # the reference included: same rules
+# (device, backend): ALL_BACKENDS on CPU, and the GPU's kernel backends where there is one
+DEV_BACKENDS = [pytest.param("cpu", b, id=b) for b in ALL_BACKENDS] + [
+    pytest.param("cuda", b, id=f"cuda-{b}") for b in rk.available_backends("cuda") if b != "reference"]
+
+
+def same_as_reference(got, want, dev):
+    """Bit-equal on CPU; on a GPU within the kernels' one ulp of the reference (conftest.TOL)."""
+    for a, b in zip(got, want):
+        if dev == "cpu":
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b, **TOL[a.dtype])
 
 
 def tables(*shape, dtype=torch.float32):
@@ -334,8 +346,8 @@ def test_sparse_and_nested_tensors_named(backend):
                 call()
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_negative_views_read_and_written_with_their_signs(backend):
+@pytest.mark.parametrize("dev,backend", DEV_BACKENDS)
+def test_negative_views_read_and_written_with_their_signs(dev, backend):
     """A negative view (``z.conj().imag``: memory holding its values' negatives) as q, k, cos or
     sin, read and, in place, written with its sign: Triton read the raw memory (a silent wrong
     answer), and the in-place one-call op met PyTorch's Negative fallback, which raised after
@@ -343,8 +355,8 @@ def test_negative_views_read_and_written_with_their_signs(backend):
     from rotary_kernels.reference import apply_rotary_transformers_reference as ref
 
     g = torch.Generator().manual_seed(0)
-    q, k = torch.randn(1, 4, 3, 8, generator=g), torch.randn(1, 2, 3, 8, generator=g)
-    ang = torch.rand(1, 3, 8, generator=g) * 3
+    q, k = torch.randn(1, 4, 3, 8, generator=g).to(dev), torch.randn(1, 2, 3, 8, generator=g).to(dev)
+    ang = (torch.rand(1, 3, 8, generator=g) * 3).to(dev)
     c, s = ang.cos(), torch.polar(torch.ones_like(ang), -ang).conj().imag  # s: sin(ang), a negative view
     assert s.is_neg() and torch.allclose(s, ang.sin())
     neg = lambda t: torch._neg_view(t.neg())  # noqa: E731  (the same values, as a negative view)
@@ -354,11 +366,11 @@ def test_negative_views_read_and_written_with_their_signs(backend):
             args = dict(q=q, k=k, cos=c, sin=s.resolve_neg())
             args[moved] = neg(args[moved]) if moved != "sin" else s
             got = rk.apply_rotary_transformers(**args, backend=backend)
-            assert all(torch.equal(a, b) for a, b in zip(got, want)), moved
+            same_as_reference(got, want, dev)
             qi, ki = (args[n] if args[n].is_neg() else args[n].clone() for n in ("q", "k"))
             rk.apply_rotary_transformers_(qi, ki, args["cos"], args["sin"], backend=backend)
             assert (qi.is_neg() or ki.is_neg()) == (moved in "qk")
-            assert torch.equal(qi, want[0]) and torch.equal(ki, want[1]), moved
+            same_as_reference((qi, ki), want, dev)
         rk.apply_rotary_transformers(q, k, c, s.resolve_neg(), backend=backend)  # plain: recorded on Triton
     qq, kk = q.clone().requires_grad_(), k.clone().requires_grad_()
     gr = [torch.randn_like(q), torch.randn_like(k)]
@@ -375,34 +387,37 @@ def test_negative_views_read_and_written_with_their_signs(backend):
     # Llama 4's complex freqs_cis, conjugated (the inverse rotation): its imaginary part is a negative view
     from rotary_kernels._dropins import apply_rotary_emb_complex
 
-    f = torch.polar(torch.ones(1, 3, 4), ang[..., :4]).conj()
+    f = torch.polar(torch.ones(1, 3, 4, device=dev), ang[..., :4]).conj()
     xq = q.transpose(1, 2)  # [B, S, H, D]
     want_q = torch.view_as_real(torch.view_as_complex(xq.reshape(1, 3, 4, 4, 2)) * f[:, :, None]).flatten(3)
     torch.testing.assert_close(apply_rotary_emb_complex(xq, xq, f, backend=backend)[0], want_q,
                                **TOL[torch.float32])
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_efficient_zero_tensors_read_as_zeros_never_written(backend):
+@pytest.mark.parametrize("dev,backend", DEV_BACKENDS)
+def test_efficient_zero_tensors_read_as_zeros_never_written(dev, backend):
     """Efficient zero tensors (forward-mode AD, functorch; no memory, a null data pointer that
     Triton launched with) read as zeros on every backend; written in place: an error naming them
     (was the overlap check's 'invalid python storage' on Triton and the reference)."""
     from rotary_kernels.reference import apply_rotary_transformers_reference as ref
 
-    zero = torch._efficientzerotensor
-    q, k, (c, s) = torch.randn(1, 4, 3, 8), torch.randn(1, 2, 3, 8), tables(1, 3, 8)
+    def zero(shape):
+        return torch._efficientzerotensor(shape, device=dev)
+
+    q, k, (c, s) = torch.randn(1, 4, 3, 8, device=dev), torch.randn(1, 2, 3, 8, device=dev), tables(1, 3, 8)
+    c, s = c.to(dev), s.to(dev)
     for _ in range(2):  # (the second time, Triton has the plain geometry recorded)
         rk.apply_rotary_transformers(q, k, c, s, backend=backend)
         for i, shape in enumerate(((1, 4, 3, 8), (1, 2, 3, 8), (1, 3, 8), (1, 3, 8))):
             args = [q, k, c, s]
             args[i] = zero(shape)
-            want = ref(*(torch.zeros(shape) if j == i else a for j, a in enumerate(args)))
+            want = ref(*(torch.zeros(shape, device=dev) if j == i else a for j, a in enumerate(args)))
             got = rk.apply_rotary_transformers(*args, backend=backend)
-            assert all(torch.equal(a, b) for a, b in zip(got, want)), i
+            same_as_reference(got, want, dev)
         for name, args in (("q", (zero((1, 4, 3, 8)), k.clone())), ("k", (q.clone(), zero((1, 2, 3, 8))))):
             with pytest.raises(RuntimeError, match=f"{name} is an efficient zero tensor"):
                 rk.apply_rotary_transformers_(*args, c, s, backend=backend)
-        x = torch.randn(2, 4)
+        x = torch.randn(2, 4, device=dev)
         with pytest.raises(RuntimeError, match="out2 is an efficient zero tensor"):
             rk.apply_rotary(x, x, x, x, x.clone(), zero((2, 4)), backend=backend)
 

@@ -41,10 +41,19 @@ def _interpret() -> bool:
     return TRITON is not None and TRITON._INTERPRET
 
 
+def _device_present(device: torch.device) -> bool:
+    """Whether this process has a ``device`` (a GPU type whose runtime reports one; CPU and meta
+    always), so that asking about a GPU on a machine without one answers rather than raises."""
+    module = getattr(torch, device.type, None) if device.type not in ("cpu", "meta") else None
+    return module is None or not hasattr(module, "is_available") or module.is_available()
+
+
 def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
     """Whether ``backend`` can run on ``device``, and why not."""
     if backend == "reference":
         return True, ""
+    if backend in ("cuda", "triton") and not _device_present(device):
+        return False, f"there is no {device.type} device here"
     if backend == "cpu":
         ops = COMPILED
         if device.type != "cpu":
