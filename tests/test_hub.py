@@ -294,6 +294,34 @@ def test_hub_kernelize_survives_mode_switches_and_use_kernels(hub_restore, tmp_p
     assert calls == cfg.num_hidden_layers and torch.equal(got, want_eval)
 
 
+def test_hub_restore_undoes_everything(hub_restore, tmp_path):
+    """restore() after kernelize, use_kernels=True and train()/eval(): the forwards kernels bound
+    to the shared function objects go too (they kept running the kernel, in this model and in
+    every model of the class built later), and a "rotary_pos_emb" entry the user had in kernels'
+    mapping is put back (it was removed)."""
+    import kernels
+    from kernels.layer.globals import _KERNEL_MAPPING
+
+    user = kernels.LocalLayerRepository(tmp_path, layer_name="user_rope")
+    kernels.register_kernel_mapping({"rotary_pos_emb": {"cpu": user}})
+    before = _KERNEL_MAPPING.get()["rotary_pos_emb"]["cpu"].repos
+    cls, cfg, _ = _tiny("llama")
+    model = cls(cfg).float()
+    ids = torch.randint(0, cfg.vocab_size, (1, 6), generator=torch.Generator().manual_seed(1))
+    rk.hub.kernelize(model)
+    model.set_use_kernels(True)
+    model.train()
+    model.eval()  # (re-kernelizes: kernels binds this package's layer to the function objects)
+    ns = rk._ops.add_op_namespace_prefix("x").split("::")[0]
+    assert _count(ns, lambda: _logits(model, ids, False))[1] > 0
+    rk.hub.restore()
+    for m in (model, cls(cfg).float()):
+        assert _count(ns, lambda: _logits(m, ids, False))[1] == 0
+        assert all("forward" not in fn.__dict__ for fn in rk.hub.hub_functions(m))
+    assert _KERNEL_MAPPING.get()["rotary_pos_emb"]["cpu"].repos == before
+    _KERNEL_MAPPING.get().pop("rotary_pos_emb")
+
+
 def test_hub_kernelize_refuses_unknown_math(hub_restore):
     """A hub-routed function with math no convention of the package reproduces is refused, by
     name, and nothing is changed."""

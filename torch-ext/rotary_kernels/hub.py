@@ -34,6 +34,8 @@ file).
 
 from __future__ import annotations
 
+import copy
+import gc
 import threading
 import warnings
 from pathlib import Path
@@ -394,6 +396,10 @@ def register(*, inplace_inference: bool = False) -> None:
     train = _PackageLayerRepository("apply_rotary_transformers")
     infer = _PackageLayerRepository("apply_rotary_transformers_inplace") if inplace_inference else train
     entry = _mapping_entry(train, infer)
+    if "prev_kernels" not in _REGISTERED:  # (kernels merges into its entry in place: a copy, for restore)
+        import kernels.layer.globals as kg
+
+        _REGISTERED["prev_kernels"] = copy.deepcopy(kg._KERNEL_MAPPING.get().get(LAYER_NAME))
     kernels.register_kernel_mapping({LAYER_NAME: entry})
     try:
         from transformers.integrations import hub_kernels
@@ -408,17 +414,30 @@ def register(*, inplace_inference: bool = False) -> None:
 
 
 def restore() -> None:
-    """Undo ``kernelize``/``register`` for every function patched in this process (tests)."""
+    """Undo ``kernelize``/``register`` for every function patched in this process: the classes'
+    forwards, the forwards kernels bound to function objects through this package's mapping
+    (``use_kernels=True`` re-kernelizes on ``train()``/``eval()``), and kernels' and transformers'
+    ``"rotary_pos_emb"`` entries as they were before."""
     while _PATCHED:
         cls = _PATCHED.pop()
         cls.forward = cls.__dict__[_ORIGINAL]
         delattr(cls, _ORIGINAL)
-    try:
+    from . import layers
+
+    ours = {layers.apply_rotary_transformers.forward, layers.apply_rotary_transformers_inplace.forward}
+    for obj in gc.get_objects():  # (hub function objects are shared by every model of a class)
+        if getattr(type(obj), "kernel_layer_name", None) == LAYER_NAME:
+            bound = getattr(obj, "__dict__", {}).get("forward")
+            if getattr(bound, "__func__", None) in ours:
+                del obj.__dict__["forward"]
+    if "prev_kernels" in _REGISTERED:
         import kernels.layer.globals as kg
 
-        kg._KERNEL_MAPPING.get().pop(LAYER_NAME, None)
-    except ImportError:
-        pass
+        prev = _REGISTERED.pop("prev_kernels")
+        if prev is None:
+            kg._KERNEL_MAPPING.get().pop(LAYER_NAME, None)
+        else:
+            kg._KERNEL_MAPPING.get()[LAYER_NAME] = prev
     if "prev" in _REGISTERED:
         from transformers.integrations import hub_kernels
 
