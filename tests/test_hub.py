@@ -342,11 +342,14 @@ def test_hub_kernelize_refuses_unknown_math(hub_restore):
         rk.hub.kernelize(model)
     assert "forward" not in type(apply_rotary_pos_emb).__dict__ or not hasattr(
         type(apply_rotary_pos_emb), rk.hub._ORIGINAL)
-    assert rk.hub.kernelize(model, strict=False) is model  # serves nothing, changes nothing
+    with pytest.warns(UserWarning, match="apply_rotary_pos_emb.*matches none.*keeps its own code"):
+        assert rk.hub.kernelize(model, strict=False) is model  # serves nothing, changes nothing
     (served, why), = rk.hub.describe(model).values()
     assert not served and "matches none" in why
     with pytest.raises(rk.hub.UnsupportedRotary, match="never calls a kernel"):
         rk.hub.kernelize(torch.nn.Linear(2, 2))
+    with pytest.warns(UserWarning, match="changed nothing: Linear: no RoPE function"):
+        rk.hub.kernelize(torch.nn.Linear(2, 2), strict=False)
 
 
 def test_hub_kernel_kernelize_from_the_built_tree(hub_kernel, hub_restore):

@@ -314,19 +314,22 @@ def kernelize(model, *, inplace_inference: bool = False, strict: bool = True):
     fns = hub_functions(model)
     mtype = _model_type(model)
     if not fns:
+        why = (f"{mtype}: no RoPE function routed through transformers' hub hook "
+               "(@use_kernel_forward_from_hub('rotary_pos_emb') + @use_kernelized_func): transformers "
+               "never calls a kernel for this model's RoPE")
         if strict:
-            raise UnsupportedRotary(
-                f"{mtype}: no RoPE function routed through transformers' hub hook "
-                "(@use_kernel_forward_from_hub('rotary_pos_emb') + @use_kernelized_func): transformers "
-                "never calls a kernel for this model's RoPE")
+            raise UnsupportedRotary(why)
+        warnings.warn(f"rotary_kernels.hub.kernelize changed nothing: {why}", stacklevel=2)
         return model
     plans = {fn: classify(fn) for fn in fns}
     refused = [p for p in plans.values() if not p.served]
-    if refused and strict:
-        raise UnsupportedRotary(
-            f"{mtype}: rotary_kernels does not implement the math of "
-            + "; ".join(f"{p.name} ({p.describe()})" for p in refused)
-            + ". Nothing was changed; kernelize(..., strict=False) serves the other functions.")
+    if refused:
+        what = f"{mtype}: rotary_kernels does not implement the math of " + "; ".join(
+            f"{p.name} ({p.describe()})" for p in refused)
+        if strict:
+            raise UnsupportedRotary(what + ". Nothing was changed; kernelize(..., strict=False) serves the other "
+                                    "functions.")
+        warnings.warn(what + ": it keeps its own code", stacklevel=2)
     forward = _forward_inplace if inplace_inference else _forward_out_of_place
     for fn, plan in plans.items():
         if not plan.served:
