@@ -228,6 +228,31 @@ def test_position_errors(backend):
         f(positions=torch.zeros(B, S, dtype=torch.long), mrope_interleaved=True)
     with pytest.raises(TypeError, match="unexpected keyword"):
         f(position_ids=torch.zeros(B, S, dtype=torch.long))
+    # a cache wider than the head dim (R > D): refused like plain tables (it was read past x's rows:
+    # Triton corrupted memory); also through TransformerEngine's drop-in
+    wide = torch.randn(P, 2 * D)
+    for kw in (dict(positions=torch.zeros(B, S, dtype=torch.long)), dict(seqlen_offsets=1), {}):
+        with pytest.raises(ValueError, match=f"rotary dim {2 * D} .* larger than x's head dim {D}"):
+            rk.apply_rotary_emb(q, wide, wide, backend=backend, **kw)
+    with pytest.raises(ValueError, match=f"rotary dim {2 * D} .* larger than x's head dim {D}"):
+        rk.apply_rotary_pos_emb_te(q.permute(2, 0, 1, 3), torch.randn(P, 1, 1, 2 * D), "sbhd", backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_strided_index_tensors(backend):
+    """cu_seqlens and seqlen_offsets as strided views give what their contiguous copies give
+    (the kernels read cu_seqlens as contiguous: a strided int64 view rotated the wrong tokens,
+    silently)."""
+    T, H, D, P = 9, 2, 16, 32
+    x = rand(T, H, D)
+    cos, sin = cache(P, D)
+    for dtype in (torch.int64, torch.int32):
+        cu = torch.tensor([0, 99, 4, -10**7, 9, 99], dtype=dtype)[::2]  # [0, 4, 9]
+        off = torch.tensor([5, 99, 1, 99], dtype=dtype)[::2]
+        for kw in (dict(cu_seqlens=cu), dict(cu_seqlens=cu, seqlen_offsets=off)):
+            want = rotary_reference_indexed(x, cos, sin, 1, False, **{k: v.contiguous() for k, v in kw.items()})
+            got = rk.apply_rotary_emb(x, cos, sin, backend=backend, **kw)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_compiled_op_rejects_bad_index():
@@ -242,6 +267,9 @@ def test_compiled_op_rejects_bad_index():
         ops.rotary(q, None, cos, sin, q.clone(), None, False, False, positions=torch.tensor([[[0, 1, 4]]]))
     with pytest.raises(RuntimeError, match="positions must be int64"):
         ops.rotary(q, None, cos, sin, q.clone(), None, False, False, positions=torch.tensor([[[0, 1, 2]]], dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="cu_seqlens must be contiguous"):
+        ops.rotary(q, None, cos, sin, q.clone(), None, False, False,
+                   cu_seqlens=torch.tensor([0, 9, 3], dtype=torch.long)[::2])
     with pytest.raises(RuntimeError, match="need cos/sin caches"):
         ops.rotary(q, None, cos[None, :3].expand(1, 3, 8), sin[None, :3].expand(1, 3, 8), q.clone(), None, False, False,
                    offset=1)

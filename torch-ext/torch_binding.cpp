@@ -119,6 +119,7 @@ void check_rotary(const at::Tensor& q, const std::optional<at::Tensor>& k, const
   check_index_tensor(ix.cu_seqlens, q, "cu_seqlens", 1);
   if (ix.cu_seqlens) {
     RK_CHECK(ix.cu_seqlens->numel() >= 2 && q.size(0) == 1, "cu_seqlens needs [n + 1] entries and q with A == 1");
+    RK_CHECK(ix.cu_seqlens->is_contiguous(), "cu_seqlens must be contiguous (the kernels read it so)");
   }
   check_index_tensor(ix.seqlen_offsets, q, "seqlen_offsets", 1);
   if (ix.seqlen_offsets) {

@@ -179,13 +179,15 @@ def reference_kwargs(idx: TokenIndex) -> dict:
 
 
 def template(x, cos, unsqueeze_dim, idx: TokenIndex) -> torch.Tensor:
-    """A tensor shaped like a plain-mode cos for x: what x_axes validates x against."""
+    """A tensor shaped like a plain-mode cos for x: what x_axes validates x against (a cache's
+    rotary dim included: a cache wider than x's head dim was read past x's rows)."""
     if not idx.cached:
         return cos[0] if idx.mrope_section else cos
+    r = cos.shape[-1]
     if idx.positions is not None:
         p = idx.positions[0] if idx.mrope_section else idx.positions
-        return p.unsqueeze(-1)
-    return torch.empty(token_shape(x, unsqueeze_dim) + [1], device="meta")
+        return p.unsqueeze(-1).expand(*p.shape, r)
+    return torch.empty(token_shape(x, unsqueeze_dim) + [r], device="meta")
 
 
 def kernel_axes(q, k, cos, unsqueeze_dim, idx: TokenIndex) -> tuple:
@@ -217,6 +219,7 @@ def canonical_positions(x, axes, idx: TokenIndex):
             pos = torch.as_strided(p, (3, *p0.shape), (p.stride(0), *p0.stride()), p0.storage_offset())
         else:
             pos = _canon.canonical_cs(p.unsqueeze(-1), x, axes)[..., 0].unsqueeze(0)
-    cu = idx.cu_seqlens.to(torch.int64) if idx.cu_seqlens is not None else None
+    # (the kernels read cu_seqlens as contiguous: a strided int64 view was read past its elements)
+    cu = idx.cu_seqlens.to(torch.int64).contiguous() if idx.cu_seqlens is not None else None
     off = idx.seqlen_offsets.to(torch.int64) if idx.seqlen_offsets is not None else None
     return pos, cu, off
