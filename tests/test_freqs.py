@@ -102,3 +102,22 @@ def test_errors():
         freqs.rope_inv_freq(64, rope_type="linear")
     with pytest.raises(ValueError, match="positive even int"):
         freqs.rope_inv_freq(63)
+
+
+def test_per_layer_type_parameters():
+    """Gemma 3's rope_parameters hold one set per layer type (sliding layers theta 1e4, full ones
+    1e6): each set bit-equal to Gemma3RotaryEmbedding's, and layer_type required (it silently
+    took the default theta for both)."""
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RotaryEmbedding
+
+    cfg = Gemma3TextConfig(hidden_size=256, num_attention_heads=4, head_dim=64, num_hidden_layers=6)
+    emb = Gemma3RotaryEmbedding(cfg)
+    for layer_type in sorted(set(cfg.layer_types)):
+        inv, scaling = freqs.rope_inv_freq_from_config(cfg, layer_type=layer_type)
+        assert torch.equal(inv, getattr(emb, f"{layer_type}_inv_freq"))
+        assert scaling == getattr(emb, f"{layer_type}_attention_scaling")
+    with pytest.raises(ValueError, match="one set of parameters per layer type .*pass layer_type"):
+        freqs.rope_inv_freq_from_config(cfg)
+    with pytest.raises(ValueError, match="one set for every layer"):
+        freqs.rope_inv_freq_from_config(LlamaConfig(), layer_type="full_attention")

@@ -146,9 +146,20 @@ def rope_inv_freq(
     return interpolation * (1 - keep) + extrapolation * keep, attention_factor
 
 
-def rope_inv_freq_from_config(config, seq_len: int | None = None, device=None) -> tuple[torch.Tensor, float]:
-    """``rope_inv_freq`` with the parameters of a transformers config (``config.rope_parameters``)."""
+def rope_inv_freq_from_config(config, seq_len: int | None = None, device=None,
+                              layer_type: str | None = None) -> tuple[torch.Tensor, float]:
+    """``rope_inv_freq`` with the parameters of a transformers config (``config.rope_parameters``).
+    ``layer_type``: for configs with one set of parameters per layer type (Gemma 3: its
+    ``"sliding_attention"`` and ``"full_attention"`` layers rotate with different thetas), the
+    set to use, as transformers' ``ROPE_INIT_FUNCTIONS`` take it; required there."""
     params = dict(getattr(config, "rope_parameters", None) or {})
+    per_type = sorted(k for k, v in params.items() if isinstance(v, dict))
+    if layer_type is not None or per_type:
+        if layer_type not in per_type:
+            raise ValueError(f"config.rope_parameters holds one set of parameters per layer type {per_type}: pass "
+                             f"layer_type= one of them, got {layer_type!r}" if per_type else
+                             f"layer_type={layer_type!r}, but config.rope_parameters holds one set for every layer")
+        params = dict(params[layer_type])
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     partial = params.get("partial_rotary_factor", 1.0)
     # proportional rope keeps the whole head dim (pairs past the partial factor get frequency 0)
