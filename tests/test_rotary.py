@@ -696,6 +696,11 @@ def test_transformer_engine_errors():
         rk.apply_rotary_pos_emb_te(t, freqs, cp_size=2, cp_rank=2)
     with pytest.raises(IndexError, match="out of range for the cos/sin cache"):
         rk.apply_rotary_pos_emb_te(t, freqs[:3])
+    for bad in (torch.tensor([1, 2, 3]), torch.tensor([1.0, 2.0]), [1, 2]):  # (were reported as seqlen_offsets)
+        with pytest.raises(ValueError, match=r"start_positions must be an int32/int64 tensor \[2\]"):
+            rk.apply_rotary_pos_emb_te(t, freqs, start_positions=bad)
+    with pytest.raises(ValueError, match="local sequence length must be even .*got 3"):
+        rk.apply_rotary_pos_emb_te(t[:3], freqs, cp_size=2, cp_rank=1)
     with pytest.raises(TypeError, match="angles must be a float tensor"):
         rk.freqs.cos_sin_from_angles(torch.arange(4))
 

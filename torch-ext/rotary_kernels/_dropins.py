@@ -85,6 +85,16 @@ def apply_rotary_pos_emb_te(t, freqs, tensor_format="sbhd", start_positions=None
     want = 3 if tensor_format == "thd" else 4
     if t.dim() != want:
         raise ValueError(f"with tensor_format={tensor_format!r}, t must be {want}-D, got shape {tuple(t.shape)}")
+    if start_positions is not None:  # (named here: the main API knows them as seqlen_offsets)
+        n = cu_seqlens.numel() - 1 if tensor_format == "thd" else t.shape[1 if tensor_format == "sbhd" else 0]
+        if (not isinstance(start_positions, torch.Tensor) or start_positions.dim() != 1
+                or start_positions.dtype not in (torch.int32, torch.int64) or start_positions.shape[0] != n):
+            raise ValueError(f"start_positions must be an int32/int64 tensor [{n}] (one offset per sequence), got "
+                             + (f"{start_positions.dtype} {tuple(start_positions.shape)}"
+                                if isinstance(start_positions, torch.Tensor) else type(start_positions).__name__))
+    if cp_size > 1 and tensor_format != "thd" and t.shape[0 if tensor_format == "sbhd" else 1] % 2:
+        raise ValueError(f"with cp_size > 1, t's local sequence length must be even (two load-balanced chunks of "
+                         f"the sequence), got {t.shape[0 if tensor_format == 'sbhd' else 1]}")
     angles = freqs.reshape(freqs.shape[0], freqs.shape[-1])
     if tensor_format != "thd" and start_positions is None:  # only the rows read: positions < S * cp_size
         angles = angles[: t.shape[0 if tensor_format == "sbhd" else 1] * cp_size]
