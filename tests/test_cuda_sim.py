@@ -367,6 +367,7 @@ def test_no_cuda_image_falls_back_to_triton(monkeypatch):
     if ops is None or not ops.HAS_CUDA_EXT or _dispatch.TRITON is None:
         pytest.skip("needs the CUDA extension and triton")
     dev = torch.device("cuda", 7)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # (a GPU, as far as the backends ask)
     monkeypatch.setitem(_dispatch._IMAGE_OK, 7, False)  # what cuda_image_ok(7) answers for such a GPU
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (13, 0))
     monkeypatch.setattr(_dispatch, "_SELECTED", {})
