@@ -85,19 +85,21 @@ def apply_rotary_pos_emb_te(t, freqs, tensor_format="sbhd", start_positions=None
     want = 3 if tensor_format == "thd" else 4
     if t.dim() != want:
         raise ValueError(f"with tensor_format={tensor_format!r}, t must be {want}-D, got shape {tuple(t.shape)}")
+    # (sequences, tokens of each) for sbhd / bshd (unused with thd)
+    batch, seq_len = (t.shape[1], t.shape[0]) if tensor_format == "sbhd" else (t.shape[0], t.shape[1])
     if start_positions is not None:  # (named here: the main API knows them as seqlen_offsets)
-        n = cu_seqlens.numel() - 1 if tensor_format == "thd" else t.shape[1 if tensor_format == "sbhd" else 0]
+        n = cu_seqlens.numel() - 1 if tensor_format == "thd" else batch
         if (not isinstance(start_positions, torch.Tensor) or start_positions.dim() != 1
                 or start_positions.dtype not in (torch.int32, torch.int64) or start_positions.shape[0] != n):
             raise ValueError(f"start_positions must be an int32/int64 tensor [{n}] (one offset per sequence), got "
                              + (f"{start_positions.dtype} {tuple(start_positions.shape)}"
                                 if isinstance(start_positions, torch.Tensor) else type(start_positions).__name__))
-    if cp_size > 1 and tensor_format != "thd" and t.shape[0 if tensor_format == "sbhd" else 1] % 2:
+    if cp_size > 1 and tensor_format != "thd" and seq_len % 2:
         raise ValueError(f"with cp_size > 1, t's local sequence length must be even (two load-balanced chunks of "
-                         f"the sequence), got {t.shape[0 if tensor_format == 'sbhd' else 1]}")
+                         f"the sequence), got {seq_len}")
     angles = freqs.reshape(freqs.shape[0], freqs.shape[-1])
     if tensor_format != "thd" and start_positions is None:  # only the rows read: positions < S * cp_size
-        angles = angles[: t.shape[0 if tensor_format == "sbhd" else 1] * cp_size]
+        angles = angles[: seq_len * cp_size]
     cos, sin = cos_sin_from_angles(angles)
     opts = dict(interleaved=interleaved, backend=backend)
     if start_positions is not None:
@@ -110,8 +112,8 @@ def apply_rotary_pos_emb_te(t, freqs, tensor_format="sbhd", start_positions=None
         return apply_rotary_emb(t, cos, sin, 1, **opts)
     x = t.transpose(0, 1) if tensor_format == "sbhd" else t  # [B, S, H, D] views
     if cp_size > 1:
-        pos = context_parallel_positions(x.shape[1] * cp_size, cp_size, cp_rank, device=t.device)
-        opts["positions"] = pos.expand(x.shape[0], -1)
+        pos = context_parallel_positions(seq_len * cp_size, cp_size, cp_rank, device=t.device)
+        opts["positions"] = pos.expand(batch, -1)
     elif start_positions is None:
         opts["seqlen_offsets"] = 0  # (positions 0.. per sequence, rows of the cache)
     out = apply_rotary_emb(x, cos, sin, 2, **opts)
