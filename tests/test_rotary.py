@@ -767,6 +767,37 @@ def test_cpu_layouts_bit_exact(layout, dtype, interleaved, R):
     assert torch.equal(dq, wq) and torch.equal(dk, wk)
 
 
+@pytest.mark.parametrize("layout", ["bhsd_view", "bhsd"])
+@pytest.mark.parametrize("dtype, cs_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                             (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)])
+def test_cpu_tables_per_token_bit_exact(layout, dtype, cs_dtype):
+    """The CPU kernel decides per token whether cos/sin's two halves are equal (then it converts
+    one half, or reads fp32 rows where they lie): blocks that mix such tokens with tokens whose
+    cos halves, sin halves or both differ, forward and backward (conj), bit for bit the
+    reference's; 600 tokens, so blocks of both walks hold each kind."""
+    if "cpu" not in rk.available_backends("cpu"):
+        pytest.skip("compiled CPU kernel not built")
+    B, S, Hq, Hk, D = 1, 600, 5, 4, 128
+    q, k, ud = _layout_qk(layout, B, S, Hq, Hk, D, dtype, seed=7)
+    g = torch.Generator().manual_seed(8)
+    ang = torch.rand(S, D // 2, generator=g) * 6.3
+    cos = torch.cat([ang, ang], -1).cos()
+    sin = torch.cat([ang, ang], -1).sin()
+    kind = torch.randint(0, 4, (S,), generator=g)  # 0: equal halves, 1: cos differs, 2: sin, 3: both
+    cos[kind % 2 == 1, D // 2 + 3] += 0.25
+    sin[kind >= 2, D - 1] -= 0.25
+    cos, sin = cos[None].to(cs_dtype), sin[None].to(cs_dtype)
+    want = apply_rotary_transformers_reference(q, k, cos, sin, ud)
+    got = rk.apply_rotary_transformers(q, k, cos, sin, ud, backend="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    gq, gk, _ = _layout_qk(layout, B, S, Hq, Hk, D, dtype, seed=9)
+    qq, kk = q.detach().requires_grad_(), k.detach().requires_grad_()
+    outs = rk.apply_rotary_transformers(qq, kk, cos, sin, ud, backend="cpu")
+    got = torch.autograd.grad(outs, (qq, kk), (gq, gk))
+    want = apply_rotary_transformers_reference(gq, gk, cos, _conj_sin(sin, False), ud)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_cpu_bf16_special_values_bit_exact(layout):
     """bf16 rows with NaNs of both signs, infinities, results in fp32's denormal range and

@@ -797,6 +797,35 @@ inline void load_run(const cs_t* src, acc_t* dst, int64_t n, const CpuIsa& isa) 
   for (int64_t i = 0; i < n; ++i) dst[i] = load_acc<cs_t, acc_t>(src + i);
 }
 
+// One token's table (rotate_tokens) from contiguous cos/sin runs c1, c2, s1, s2 of `half` values
+// each (the sin runs negated with conj), r: room for 4 * half values. Where c2 and s2 hold the same
+// bits as c1 and s1 (the usual cos/sin cache, cat(freqs, freqs); equal source bits are equal table
+// values, every conversion here being exact and one to one) only c1 and s1 are converted, c2 and
+// s2 pointing at them. Against the four runs always converted, then compared and compacted per
+// block (Zen 4, Llama-3-8B q + k at 512 tokens, 1 thread, builds alternated, 3 runs each, ms):
+// bf16 rows with fp32 tables forward 0.271-0.281 -> 0.256-0.261, backward 0.331-0.347 ->
+// 0.306-0.314, in place 0.265 -> 0.249; fp32 in place 0.204-0.214 -> 0.187-0.198 (out of place
+// within this VM's noise). Reading fp32 rows where they lie instead, with no copy: slower (the
+// transposed view at 512 tokens, 0.51-0.54 -> 0.58 forward): the rows then wait on each token's
+// table from L3.
+template <typename cs_t, typename acc_t>
+inline CSTable<acc_t> table_row(const cs_t* c1, const cs_t* c2, const cs_t* s1, const cs_t* s2, bool conj,
+                                int64_t half, acc_t* r, const CpuIsa& isa) {
+  const size_t bytes = half * sizeof(cs_t);
+  const bool same = (c2 == c1 || std::memcmp(c2, c1, bytes) == 0) && (s2 == s1 || std::memcmp(s2, s1, bytes) == 0);
+  const int64_t runs = same ? 2 : 4;  // c1 [, c2], s1 [, s2] from r on
+  load_run(c1, r, half, isa);
+  if (!same) load_run(c2, r + half, half, isa);
+  acc_t* s = r + (runs / 2) * half;
+  load_run(s1, s, half, isa);
+  if (!same) load_run(s2, s + half, half, isa);
+  if (conj) {
+    for (int64_t i = 0; i < (runs / 2) * half; ++i) s[i] = -s[i];
+  }
+  if (same) return {r, r, s, s};
+  return {r, r + half, s, s + half};
+}
+
 #ifdef RK_HAVE_F16C_PATH
 // The instruction sets found on this CPU, capped by the environment variable
 // ROTARY_KERNELS_CPU_ISA: "avx512" (no AVX512-BF16 kernel), "avx2" (no AVX-512 kernel),
@@ -1213,7 +1242,7 @@ inline bool heads_outer(const Operand<scalar_t>& o) {
 }
 
 // This thread's table buffer, at least n values, kept between calls: a block allocated per
-// call (48 KB a token-major block of R = 128 in fp32, 384 KB a head-major one) may be freshly
+// call (32 KB a token-major block of R = 128 in fp32, 256 KB a head-major one) may be freshly
 // mapped or trimmed memory whose pages fault in again (glibc's thresholds move with what else
 // the process allocates): measured 20-25% of a bf16 call at 512-2048 tokens here. Entries are
 // written before they are read.
@@ -1327,20 +1356,14 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   int64_t extra = 0;
   for (int k = 0; k < p.n_ops && rows_ahead; ++k) extra = std::max<int64_t>(extra, ahead_rows / p.ops[k].H + 1);
   const int64_t tbx = tb + extra;  // per operand: the block's offsets, then the next tokens'
-  // The tables: buf, four runs per token; a block whose c2/s2 runs equal c1/s1 bit for bit
-  // (checked per block) is compacted into cbuf (cos then sin per token) and rotated with `same`
-  // (see rotate_contig).
+  // The tables: per token four runs c1, c2, s1, s2 in buf, or where c2 and s2 equal c1 and s1 bit
+  // for bit (the usual cos/sin cache, cat(freqs, freqs): checked per token, on the source rows
+  // where they are plain: table_row) two, c2 and s2 pointing at them. A block whose tokens all have
+  // equal runs is rotated with `same` (see rotate_contig).
   // Table set t of token b of the block is entry t * tb + b (set 1: k's own tables).
   const int n_sets = p.k_tables ? 2 : 1;
-  acc_t* const buf = table_scratch<acc_t>(n_sets * tb * 6 * half);
-  acc_t* const cbuf = buf + n_sets * tb * 4 * half;
-  std::vector<CSTable<acc_t>> tab(n_sets * tb), ctab(n_sets * tb);
-  for (int64_t b = 0; b < n_sets * tb; ++b) {
-    acc_t* r = buf + b * 4 * half;
-    tab[b] = {r, r + half, r + 2 * half, r + 3 * half};
-    acc_t* cr = cbuf + b * 2 * half;
-    ctab[b] = {cr, cr, cr + half, cr + half};
-  }
+  acc_t* const buf = table_scratch<acc_t>(n_sets * tb * 4 * half);
+  std::vector<CSTable<acc_t>> tab(n_sets * tb);
   // bf16 rows all taken by the AVX512-BF16 rows kernel, with bf16 cos/sin: the tables' vdpbf16ps
   // lanes (2 * half a token, bf16_dp_step32), for the plain rows below, in place of the
   // accumulator tables (a token whose values do not allow them gets those instead).
@@ -1362,7 +1385,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   int64_t bad = -1;
   for (int64_t t0 = begin; t0 < end && bad < 0; t0 += tb) {
     int64_t n = std::min<int64_t>(tb, end - t0);
-    bool pairs_same = true;  // the block's tokens with vdpbf16ps lanes all have same runs
+    bool same = true;  // the block's tokens all have equal runs (c2 = c1, s2 = s1)
     for (int64_t b = 0; b < n; ++b, s = (s + 1 == p.S) ? (++a, 0) : s + 1) {
       int64_t pos[3] = {0, 0, 0};
       for (int x = 0; x < n_axes && bad < 0; ++x) {
@@ -1382,7 +1405,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         const CSStrides &sc = t ? p.sck : p.sc, &ss = t ? p.ssk : p.ss;
         const int64_t e = t * tb + b;
         acc_t* r = buf + e * 4 * half;
-        tab[e].bf16_pairs = ctab[e].bf16_pairs = nullptr;
+        tab[e] = {r, r + half, r + 2 * half, r + 3 * half};
         if (plain_rows && sc.r == 1 && ss.r == 1) {
           // The four runs: c1, c2 = cos[0, half), cos[half, R); s1, s2 = sin[0, half), sin[half, R),
           // or with conj sin[half, R), sin[0, half), negated; pair tables: cos[0, half) and
@@ -1396,19 +1419,14 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
             uint32_t* pr = pairs ? pairs + e * 2 * half : nullptr;
             bool same_runs = false;
             if (pr && bf16_pair_table(c1, c2, s1, s2, p.conj, half, pr, &same_runs)) {
-              tab[e].bf16_pairs = ctab[e].bf16_pairs = pr;
-              pairs_same = pairs_same && same_runs;
+              tab[e].bf16_pairs = pr;
+              same = same && same_runs;
               continue;
             }
           }
 #endif
-          load_run(c1, r, half, p.isa);
-          load_run(c2, r + half, half, p.isa);
-          load_run(s1, r + 2 * half, half, p.isa);
-          load_run(s2, r + 3 * half, half, p.isa);
-          if (p.conj) {
-            for (int64_t i = 2 * half; i < 4 * half; ++i) r[i] = -r[i];
-          }
+          tab[e] = table_row(c1, c2, s1, s2, p.conj, half, r, p.isa);
+          same = same && tab[e].c2 == tab[e].c1 && tab[e].s2 == tab[e].s1;
           continue;
         }
         for (int64_t i = 0; i < half; ++i) {  // (j1, j2: the pair's two table entries)
@@ -1425,6 +1443,13 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           r[2 * half + i] = pc.s1;
           r[3 * half + i] = pc.s2;
         }
+        if (std::memcmp(r, r + half, half * sizeof(acc_t)) == 0 &&
+            std::memcmp(r + 2 * half, r + 3 * half, half * sizeof(acc_t)) == 0) {
+          tab[e].c2 = r;
+          tab[e].s2 = r + 2 * half;
+        } else {
+          same = false;
+        }
       }
     }
 
@@ -1436,23 +1461,6 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         yoff[k * tbx + n_off] = offset4(p.ops[k].sy, a2, s2, 0, 0);
       }
     }
-    bool same = pairs_same;  // (tokens with vdpbf16ps lanes have no accumulator tables: see pairs_same)
-    for (int64_t e = 0; e < n_sets * tb && same; ++e) {
-      if (e % tb >= n || tab[e].bf16_pairs) continue;
-      const acc_t* r = buf + e * 4 * half;
-      same = std::memcmp(r, r + half, half * sizeof(acc_t)) == 0 &&
-             std::memcmp(r + 2 * half, r + 3 * half, half * sizeof(acc_t)) == 0;
-    }
-    if (same) {
-      for (int64_t e = 0; e < n_sets * tb; ++e) {
-        if (e % tb >= n || tab[e].bf16_pairs) continue;
-        const acc_t* r = buf + e * 4 * half;
-        acc_t* cr = cbuf + e * 2 * half;
-        std::memcpy(cr, r, half * sizeof(acc_t));
-        std::memcpy(cr + half, r + 2 * half, half * sizeof(acc_t));
-      }
-    }
-    const std::vector<CSTable<acc_t>>& tabs = same ? ctab : tab;
 
     if (all_token_major && !all_at_once) {
       // Token outer, then each operand's heads (rows taken one by one, or at once for one operand
@@ -1463,7 +1471,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           const Operand<scalar_t>& o = p.ops[k];
           const int64_t xo = xoff[k * tbx + b], yo = yoff[k * tbx + b];
           const int64_t xn = xoff[k * tbx + b + pf_next], yn = yoff[k * tbx + b + pf_next];
-          const CSTable<acc_t>& cs = tabs[p.tset[k] * tb + b];
+          const CSTable<acc_t>& cs = tab[p.tset[k] * tb + b];
           if (at_once[k]) {
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x, o.y, &xoff[k * tbx + b], &yoff[k * tbx + b], 1, o.H,
                                                             p.D, half, &cs, same, p.isa,
@@ -1492,11 +1500,11 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
             if (!prefetch && !prefetch_from_caches(o, p.D, false)) pf.d = pf.m = 0;
             if (stream[k] && std::is_same_v<scalar_t, float>) pf.runs = 4;  // (see WalkPrefetch::runs)
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x, o.y, xo, yo, n, o.H, p.D, half,
-                                                            &tabs[p.tset[k] * tb], same, p.isa, pf);
+                                                            &tab[p.tset[k] * tb], same, p.isa, pf);
             continue;
           }
           for (int64_t b = 0; b < n; ++b) {
-            const CSTable<acc_t>& cs = tabs[p.tset[k] * tb + b];
+            const CSTable<acc_t>& cs = tab[p.tset[k] * tb + b];
             for (int64_t h = 0; h < o.H; ++h) {
               rotate_row<scalar_t, acc_t, interleaved, swap>(o.x + xo[b] + h * o.sx.h, o.y + yo[b] + h * o.sy.h, o.sx.d,
                                                              o.sy.d, p.D, half, o.copy_pass, cs, same, p.isa);
@@ -1528,11 +1536,11 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
             const WalkPrefetch pf{dg, n, heads, std::max<int64_t>(0, std::min(h1, o.H - heads) - h0), row_bytes,
                                   stream[k], 0, prefetch_into_l2(o, p.D, true, p.past_l2)};
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, x, y, xo, yo, n, h1 - h0, p.D, half,
-                                                            &tabs[p.tset[k] * tb], same, p.isa, pf, unrolled);
+                                                            &tab[p.tset[k] * tb], same, p.isa, pf, unrolled);
             continue;
           }
           for (int64_t b = 0; b < n; ++b) {
-            const CSTable<acc_t>& cs = tabs[p.tset[k] * tb + b];
+            const CSTable<acc_t>& cs = tab[p.tset[k] * tb + b];
             const int64_t b2 = b + d < n ? b + d : b + d - n, dh = b + d < n ? 0 : heads;  // (b2, h + dh): prefetched
             for (int64_t h = h0; h < h1; ++h) {
               if (d > 0 && h + dh < o.H) {
