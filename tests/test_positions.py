@@ -210,8 +210,10 @@ def test_position_errors(backend):
     assert f(seqlen_offsets=7).shape == q.shape  # positions 7..9 of 10 rows
     with pytest.raises(TypeError, match="positions must be int32 or int64"):
         f(positions=torch.zeros(B, S))
-    with pytest.raises(ValueError, match="positions of shape"):
-        f(positions=torch.zeros(B, S + 1, dtype=torch.long))
+    for bad in (torch.zeros(B, S + 1, dtype=torch.long), torch.arange(S)):  # (1-D: no batch dim)
+        with pytest.raises(ValueError, match=re.escape(f"positions of shape {tuple(bad.shape)} do not match x's tokens: "
+                                                       f"pass shape [{B}, {S}]")):
+            f(positions=bad)
     with pytest.raises(ValueError, match="seqlen_offsets must be"):
         f(seqlen_offsets=torch.zeros(B + 1, dtype=torch.long))
     with pytest.raises(ValueError, match="cu_seqlens needs packed tokens"):

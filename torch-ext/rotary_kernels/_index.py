@@ -121,8 +121,13 @@ def make_index(x, cos, unsqueeze_dim, positions=None, cu_seqlens=None, max_seqle
             tok = positions[0]
         try:  # positions lie where cos's leading dims would: validate them the same way
             _canon.x_axes("x", x, tok.unsqueeze(-1), unsqueeze_dim)
-        except ValueError as e:
-            raise ValueError(f"positions of shape {tuple(positions.shape)} do not match x's tokens {lead}: {e}") from None
+        except ValueError:
+            want = [3, *lead] if section else list(lead)
+            raise ValueError(
+                f"positions of shape {tuple(positions.shape)} do not match x's tokens: pass shape {want} (they broadcast "
+                f"as transformers' position_ids do: their cos/sin rows unsqueezed at dim {unsqueeze_dim} against x's "
+                f"shape {tuple(x.shape)})"
+            ) from None
     offset, offsets = 0, None
     if isinstance(seqlen_offsets, torch.Tensor):
         _check_int("seqlen_offsets", seqlen_offsets, x.device)
