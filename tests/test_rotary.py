@@ -688,6 +688,9 @@ def test_transformer_engine_errors():
         rk.apply_rotary_pos_emb_te(t, freqs, "bhsd")
     with pytest.raises(ValueError, match=r"freqs must be TransformerEngine's \[S, 1, 1, R\]"):
         rk.apply_rotary_pos_emb_te(t, freqs[:, 0])
+    for rot in (7, 16):  # odd, or wider than t's head dim 8
+        with pytest.raises(ValueError, match=rf"the rotary dim, must be even and at most t.s head dim 8 .* got {rot}"):
+            rk.apply_rotary_pos_emb_te(t, torch.randn(16, 1, 1, rot))
     with pytest.raises(ValueError, match="cu_seqlens is required with tensor_format='thd'"):
         rk.apply_rotary_pos_emb_te(t[0], freqs, "thd")
     with pytest.raises(ValueError, match="start_positions cannot be combined with cp_size > 1"):

@@ -85,6 +85,10 @@ def apply_rotary_pos_emb_te(t, freqs, tensor_format="sbhd", start_positions=None
     want = 3 if tensor_format == "thd" else 4
     if t.dim() != want:
         raise ValueError(f"with tensor_format={tensor_format!r}, t must be {want}-D, got shape {tuple(t.shape)}")
+    rot = freqs.shape[-1]  # (named here: the main API knows it as cos.shape[-1], and sees t as [B, S, H, D])
+    if rot % 2 or rot > t.shape[-1]:
+        raise ValueError(f"freqs' last dim, the rotary dim, must be even and at most t's head dim {t.shape[-1]} "
+                         f"(as in TransformerEngine), got {rot}")
     # (sequences, tokens of each) for sbhd / bshd (unused with thd)
     batch, seq_len = (t.shape[1], t.shape[0]) if tensor_format == "sbhd" else (t.shape[0], t.shape[1])
     if start_positions is not None:  # (named here: the main API knows them as seqlen_offsets)
