@@ -775,7 +775,7 @@ def test_cpu_layouts_bit_exact(layout, dtype, interleaved, R):
                                              (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16)])
 def test_cpu_tables_per_token_bit_exact(layout, dtype, cs_dtype):
     """The CPU kernel decides per token whether cos/sin's two halves are equal (then it converts
-    one half, or reads fp32 rows where they lie): blocks that mix such tokens with tokens whose
+    one half of each: table_row): blocks that mix such tokens with tokens whose
     cos halves, sin halves or both differ, forward and backward (conj), bit for bit the
     reference's; 600 tokens, so blocks of both walks hold each kind."""
     if "cpu" not in rk.available_backends("cpu"):
