@@ -236,7 +236,7 @@ def test_position_errors(backend):
     for kw in (dict(positions=torch.zeros(B, S, dtype=torch.long)), dict(seqlen_offsets=1), {}):
         with pytest.raises(ValueError, match=f"rotary dim {2 * D} .* larger than x's head dim {D}"):
             rk.apply_rotary_emb(q, wide, wide, backend=backend, **kw)
-    with pytest.raises(ValueError, match=f"rotary dim {2 * D} .* larger than x's head dim {D}"):
+    with pytest.raises(ValueError, match=f"the rotary dim, must be even and at most t's head dim {D} .*got {2 * D}"):
         rk.apply_rotary_pos_emb_te(q.permute(2, 0, 1, 3), torch.randn(P, 1, 1, 2 * D), "sbhd", backend=backend)
 
 
