@@ -492,6 +492,8 @@ def test_deepseek_mla_interleave(dev_backend):
     d_want = torch.autograd.grad(apply_rotary_pos_emb_interleave(q64, k64, c64, s64), (c64, s64), w)
     for a, b in zip(d_got, d_want):
         torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="backend must be one of"):  # (checked on that path too)
+        rk.apply_rotary_pos_emb_interleave(q64, k64, c64, s64, backend="bogus")
     f = torch.compile(lambda q, k: rk.apply_rotary_pos_emb_interleave(q, k, cos, sin, backend=backend), fullgraph=True)
     for a, b in zip(f(q.float(), k.float()), apply_rotary_pos_emb_interleave(q.float(), k.float(), cos, sin)):
         assert_close(a, b)

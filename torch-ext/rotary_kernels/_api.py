@@ -212,7 +212,9 @@ def _rotate(q, k, cos, sin, unsqueeze_dim, interleaved, conj, backend, index, k_
             except Declined:  # (anything it does not take: validated here, then the Python plan)
                 pass
         idx, axes = _validate(q, k, cos, sin, unsqueeze_dim, interleaved, index, k_tables, pair_tables)
-        be = "reference" if swap_layout and table_grads else _backend(q, cos, sin, backend, k_tables, pair_tables)
+        be = _backend(q, cos, sin, backend, k_tables, pair_tables)  # (validates a requested backend either way)
+        if swap_layout and table_grads:
+            be = "reference"
         if pair_tables and be == "reference":  # (its PyTorch ops read full-width tables)
             cos, sin, k_tables = full_width(cos, sin, k_tables, interleaved)
             pair_tables = False
