@@ -79,10 +79,10 @@ def test_cos_sin_dtypes(dev_backend, dtype, cs_dtype):
 @pytest.mark.parametrize(
     "case",
     ["decode_S1", "cos_2d", "mqa", "single_head", "D2", "contig_bhsd", "3d_input", "sliced", "expand_batch",
-     "odd_cos_halves", "q_k_different_D", "q_k_different_dtype"],
+     "odd_cos_halves", "q_k_different_D", "q_k_different_dtype", "partial"],
 )
-def test_shapes_and_layouts(dev_backend, case):
-    device, backend = dev_backend
+def test_shapes_and_layouts(backend, case):
+    device, backend = backend
     dtype = torch.float32
     B, S, Hq, Hk, D, R, ud, layout = 2, 3, 4, 2, 16, 16, 1, "bhsd_view"
     if case == "decode_S1":
@@ -93,6 +93,8 @@ def test_shapes_and_layouts(dev_backend, case):
         Hq = Hk = 1
     if case == "D2":
         D = R = 2
+    if case == "partial":
+        R = D // 2
     if case == "contig_bhsd":
         layout = "bhsd"
     q, k = make_qk(B, S, Hq, Hk, D, dtype, device, layout)
@@ -114,8 +116,12 @@ def test_shapes_and_layouts(dev_backend, case):
         k = k.to(torch.bfloat16)
     got = rk.apply_rotary_transformers(q, k, cos, sin, ud, backend=backend)
     want = apply_rotary_transformers_reference(q, k, cos, sin, ud)
-    for g, w in zip(got, want):
+    for g, w, x in zip(got, want, (q, k)):
         assert_close(g, w)
+        if case != "sliced":  # outputs in the inputs' memory layout, on every backend (partial rotary too)
+            def layout(t):
+                return [st for st, n in zip(t.stride(), t.shape) if n > 1]  # (size-1 dims' strides are free)
+            assert layout(g) == layout(x)
 
 
 @pytest.mark.parametrize("interleaved", [False, True])

@@ -60,6 +60,16 @@ def full_width_tables(t: torch.Tensor, interleaved: bool = False) -> torch.Tenso
     return t.repeat_interleave(2, dim=-1) if interleaved else torch.cat((t, t), dim=-1)
 
 
+def cat_like(parts, like: torch.Tensor) -> torch.Tensor:
+    """``torch.cat(parts, -1)`` laid out in memory as ``like`` is (cat alone returns a contiguous
+    tensor: a partial rotation of transformers' transposed q would come back in another layout
+    than the kernels' outputs): the parts permuted into like's memory order, joined there, and
+    permuted back. Views only, so autograd and torch.func see a plain cat."""
+    perm = sorted(range(like.dim()), key=lambda d: (-like.stride(d), d))  # outer to inner
+    inv = [perm.index(d) for d in range(like.dim())]
+    return torch.cat([p.permute(perm) for p in parts], dim=perm.index(like.dim() - 1)).permute(inv)
+
+
 def swap_pair_layout(x: torch.Tensor, r: int, interleaved: bool) -> torch.Tensor:
     """x's first ``r`` dims moved from one pair layout to the other: interleaved ``(2i, 2i + 1)``
     to half-split ``(i, i + r/2)`` when ``interleaved``, else back."""
@@ -68,7 +78,7 @@ def swap_pair_layout(x: torch.Tensor, r: int, interleaved: bool) -> torch.Tensor
         y = torch.cat((x_rot[..., 0::2], x_rot[..., 1::2]), dim=-1)
     else:
         y = torch.stack((x_rot[..., : r // 2], x_rot[..., r // 2 :]), dim=-1).flatten(-2)
-    return torch.cat((y, x_pass), dim=-1) if x_pass.shape[-1] else y
+    return cat_like((y, x_pass), x) if x_pass.shape[-1] else y
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -96,7 +106,7 @@ def rotary_reference(
     out = (x_rot * cos - rotate(x_rot * sin) if conj else x_rot * cos + rotate(x_rot) * sin).to(x.dtype)
     if swap_layout:
         out = swap_pair_layout(out, r, interleaved)
-    return torch.cat((out, x_pass), dim=-1) if x_pass.shape[-1] else out
+    return cat_like((out, x_pass), x) if x_pass.shape[-1] else out
 
 
 def apply_rotary_transformers_reference(q, k, cos, sin, unsqueeze_dim=1, interleaved=False, cos_k=None, sin_k=None):
