@@ -63,6 +63,33 @@ def test_unknown_or_unavailable_backend():
         rk.apply_rotary_transformers(q, k, cos, sin, backend="cuda")
 
 
+@pytest.mark.parametrize("so", ["missing", "broken"])
+def test_extension_missing_or_not_loading(so, tmp_path):
+    """A copy of the package without its compiled extension, or with one that does not load (a
+    build for another torch): the reference runs, backend="cpu" says why it cannot; a broken
+    one also warns at import (it would otherwise fall back silently)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    src = os.path.dirname(rk.__file__)
+    shutil.copytree(src, tmp_path / "rotary_kernels", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    if so == "broken":
+        (tmp_path / "rotary_kernels" / "_rotary_kernels_C.abi3.so").write_text("not a library")
+    code = (f"import sys; sys.path.insert(0, {str(tmp_path)!r}); import torch, rotary_kernels as rk\n"
+            "assert rk.__file__.startswith(sys.path[0]), rk.__file__\n"
+            "x, c = torch.randn(1, 2, 3, 8), torch.randn(1, 3, 8)\n"
+            "assert torch.equal(rk.apply_rotary_emb(x, c, c), rk.reference.rotary_reference(x, c, c))\n"
+            "rk.apply_rotary_emb(x, c, c, backend='cpu')")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "RuntimeError: backend 'cpu' is not available on cpu: the compiled extension is not available" in p.stderr
+    if so == "missing":
+        assert "(not built)" in p.stderr and "Warning" not in p.stderr
+    else:
+        assert "RuntimeWarning: rotary_kernels: the compiled extension does not load" in p.stderr
+
+
 def test_inplace_rejects_autograd_and_overlap():
     q, k, cos, sin = qkcs()
     q.requires_grad_()

@@ -48,6 +48,12 @@ def _device_present(device: torch.device) -> bool:
     return module is None or not hasattr(module, "is_available") or module.is_available()
 
 
+def _not_loaded() -> str:
+    """Why the compiled ops are missing: not built, or built but not loadable (another torch)."""
+    return (f"the compiled extension is not available ({_compiled.IMPORT_ERROR}); build it: "
+            "pip install -e . --no-build-isolation")
+
+
 def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
     """Whether ``backend`` can run on ``device``, and why not."""
     if backend == "reference":
@@ -58,12 +64,14 @@ def backend_available(backend: str, device: torch.device) -> tuple[bool, str]:
         ops = COMPILED
         if device.type != "cpu":
             return False, f"the cpu backend runs on CPU tensors, got {device}"
-        return (ops is not None), "the compiled extension is not built (pip install -e . --no-build-isolation)"
+        return (ops is not None), _not_loaded()
     if backend == "cuda":
         ops = COMPILED
         if device.type != "cuda" or torch.version.hip:
             return False, f"the cuda backend runs on NVIDIA CUDA tensors, got {device}"
-        if not (ops is not None and ops.HAS_CUDA_EXT):
+        if ops is None:
+            return False, _not_loaded()
+        if not ops.HAS_CUDA_EXT:
             return False, "the extension was built without CUDA (needs nvcc and a CUDA build of torch)"
         if not _cuda_image_ok(device):
             cap = torch.cuda.get_device_capability(device)

@@ -8,6 +8,9 @@ loaded in one process; this one serves the pip install, whose extension is
 ``rotary_kernels._rotary_kernels_C``.
 """
 
+import importlib.util
+import warnings
+
 import torch
 
 try:
@@ -15,7 +18,11 @@ try:
 
     IMPORT_ERROR = None
 except ImportError as e:  # not built (pure-Python install) or built against another torch
-    IMPORT_ERROR = str(e)
+    IMPORT_ERROR = "not built"
+    if importlib.util.find_spec(f"{__package__}._rotary_kernels_C") is not None:  # built, but it does not load
+        IMPORT_ERROR = str(e)
+        warnings.warn(f"rotary_kernels: the compiled extension does not load ({e}); the cpu and cuda backends are "
+                      "unavailable (rebuild it: pip install -e . --no-build-isolation)", RuntimeWarning, stacklevel=2)
 
 ops = torch.ops._rotary_kernels_C
 
