@@ -277,6 +277,22 @@ def test_compiled_op_rejects_bad_index():
                    offset=1)
 
 
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def test_compiled_programs_check_positions_and_cu_seqlens(backend):
+    """The data-dependent checks also run inside torch.compile'd programs, on every backend: the
+    kernels' ops check at run time (eager's errors), the reference's PyTorch ops through asserts in
+    the graph (a RuntimeError with the same words; cu_seqlens had none there)."""
+    cos, sin = cache(8, 8)
+    torch._dynamo.reset()
+    f = torch.compile(lambda x, cu: rk.apply_rotary_emb(x, cos, sin, 1, cu_seqlens=cu, backend=backend), fullgraph=True)
+    assert f(rand(7, 2, 8), torch.tensor([0, 3, 7], dtype=torch.int32)).shape == (7, 2, 8)
+    with pytest.raises((ValueError, RuntimeError), match="cu_seqlens must rise from 0 to the number of tokens 7"):
+        f(rand(7, 2, 8), torch.tensor([0, 5, 3, 7], dtype=torch.int32))
+    g = torch.compile(lambda x, p: rk.apply_rotary_emb(x, cos, sin, 2, positions=p, backend=backend), fullgraph=True)
+    with pytest.raises((IndexError, RuntimeError), match="out of range for the cos/sin cache"):
+        g(rand(1, 4, 2, 8), torch.tensor([[0, 1, 2, 8]]))
+
+
 @pytest.mark.parametrize("backend", [b for b in BACKENDS_HERE if b != "reference"])
 def test_compile_and_opcheck_with_positions(backend):
     from rotary_kernels._dispatch import Plan, rotate_op

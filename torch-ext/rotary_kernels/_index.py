@@ -19,7 +19,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import _canon
-from .reference import check_positions, check_span, token_positions, token_shape
+from .reference import check_cu_seqlens, check_positions, check_span, token_positions, token_shape
 
 INT_DTYPES = (torch.int32, torch.int64)
 
@@ -156,11 +156,7 @@ def check_values(x, cos, unsqueeze_dim, idx: TokenIndex) -> None:
     if not idx.cached or not checks_enabled(x, idx.positions, idx.cu_seqlens, idx.seqlen_offsets):
         return
     if idx.cu_seqlens is not None:
-        cu, tokens = idx.cu_seqlens.tolist(), token_shape(x, unsqueeze_dim)[-1]
-        if cu[0] != 0 or cu[-1] != tokens or any(b < a for a, b in zip(cu, cu[1:])):
-            raise ValueError(
-                f"cu_seqlens must rise from 0 to the number of tokens {tokens}, got {cu[:8]}{'...' if len(cu) > 8 else ''}"
-            )
+        check_cu_seqlens(idx.cu_seqlens, token_shape(x, unsqueeze_dim)[-1])
     if idx.positions is None and idx.cu_seqlens is None and idx.seqlen_offsets is None:
         tokens = token_shape(x, unsqueeze_dim)[-1]  # positions offset .. offset + tokens - 1: no tensor
         if tokens and x.device.type != "meta":

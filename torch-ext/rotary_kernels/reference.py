@@ -205,6 +205,23 @@ def check_positions(pos: torch.Tensor, rows: int) -> None:
         check_span(int(lo), int(hi), rows)
 
 
+def check_cu_seqlens(cu_seqlens: torch.Tensor, tokens: int) -> None:
+    """cu_seqlens must rise from 0 to the number of packed tokens (else tokens would be given the
+    wrong sequence's positions, or none)."""
+    if torch.compiler.is_compiling():  # (as check_positions)
+        cu = cu_seqlens.to(torch.int64)
+        ok = (cu[0] == 0) & (cu[-1] == tokens) & (cu[1:] >= cu[:-1]).all()
+        torch._assert_async(ok, f"cu_seqlens must rise from 0 to the number of tokens {tokens}")
+        return
+    if cu_seqlens.device.type == "meta":
+        return
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0 or cu[-1] != tokens or any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(
+            f"cu_seqlens must rise from 0 to the number of tokens {tokens}, got {cu[:8]}{'...' if len(cu) > 8 else ''}"
+        )
+
+
 def check_span(lo: int, hi: int, rows: int) -> None:
     """Positions lo..hi must index rows of the cache (check_positions' error)."""
     if lo < 0 or hi >= rows:
@@ -228,6 +245,8 @@ def materialize_cos_sin(x, cos, sin, unsqueeze_dim=1, interleaved=False, positio
     cached = positions is not None or cu_seqlens is not None or seqlen_offsets is not None
     mrope = mrope_section is not None
     if cached:
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, token_shape(x, unsqueeze_dim)[-1])
         pos = token_positions(x, unsqueeze_dim, positions, cu_seqlens, seqlen_offsets)
         check_positions(pos, cos.shape[0])
         axes_pos = list(pos) if (mrope and positions is not None) else [pos] * (3 if mrope else 1)
