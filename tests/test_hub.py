@@ -123,6 +123,37 @@ def test_missing_variant_is_kernels_error(tmp_path):
         kernels.get_local_kernel(tmp_path)
 
 
+def test_build_hub_refuses_bad_arguments(tmp_path):
+    script = str(ROOT / "scripts" / "build_hub.py")
+    (tmp_path / "f").write_text("")
+    for args, words in ((["--variants", "noarh"], "--variants: comma-separated names among arch, cpu, noarch"),
+                        (["--variants", ""], "--variants"),
+                        (["--cuda-archs", "9.0,8.0"], "--cuda-archs: ';'-separated capabilities"),
+                        (["--out", str(tmp_path / "f")], "exists and is not a directory")):
+        p = subprocess.run([sys.executable, script, *args], capture_output=True, text=True)
+        assert p.returncode == 2 and words in p.stderr, (args, p.stderr[-500:])
+
+
+def test_build_hub_removes_stale_variants(tmp_path):
+    """A variant left by a build of other code would be loaded instead of what was just written
+    (kernels prefers an arch variant to the pure-Python ones): build_hub removes it, and keeps
+    the variants of the same code that this run did not rebuild."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import build_hub
+    finally:
+        sys.path.pop(0)
+    ident = "abc1234"
+    ids = {"torch-cpu": f"_rotary_kernels_cpu_{ident}_noarch", "torch214-cxx11-cu130-x86_64-linux":
+           "_rotary_kernels_cuda_0123456", "torch214-cxx11-cpu-x86_64-linux": f"_rotary_kernels_cpu_{ident}",
+           "torch-cuda": f"_rotary_kernels_cuda_{ident}_dirty_1234567_noarch"}
+    for variant, vid in ids.items():
+        (tmp_path / variant).mkdir()
+        (tmp_path / variant / "metadata.json").write_text(json.dumps({"id": vid}))
+    build_hub.remove_stale(tmp_path, [tmp_path / "torch-cpu"], ident)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["torch-cpu", "torch214-cxx11-cpu-x86_64-linux"]
+
+
 # --- transformers models, kernelized -------------------------------------------------------
 
 
