@@ -96,6 +96,16 @@ def metadata(config: dict, unique: str, backend: dict) -> dict:
     }
 
 
+def cuda_archs(config: dict, override: str | None) -> list[str]:
+    """The arch variant's CUDA archs in its metadata, which kernels checks a GPU against: what the
+    binary holds, --cuda-archs as given, or build.toml's capabilities with PTX of the newest, as
+    setup.py builds them by default (_cuda_capabilities: newer GPUs load the variant too)."""
+    if override:
+        return override.split(";")
+    caps = list(next(k["cuda-capabilities"] for k in config["kernel"].values() if k["backend"] == "cuda"))
+    return caps[:-1] + [caps[-1] + "+PTX"]
+
+
 def write_variant(out: Path, variant: str, config: dict, namespace: str, backend: dict, so: Path | None) -> Path:
     module = config["general"]["name"].replace("-", "_")
     src = ROOT / "torch-ext" / module
@@ -165,10 +175,8 @@ def main(argv=None) -> int:
                 cu = "cu" + "".join(torch.version.cuda.split(".")[:2])
                 ns = f"_{module}_cuda_{ident}"
                 so = compile_extension(ns, True, args.cuda_archs, Path(tmpdir) / "cuda")
-                caps = args.cuda_archs.split(";") if args.cuda_archs else next(
-                    k["cuda-capabilities"] for k in config["kernel"].values() if k["backend"] == "cuda")
                 written.append(write_variant(args.out, f"{torch_tag()}-{cu}-{os_arch()}", config, ns,
-                                             {"type": "cuda", "archs": caps}, so))
+                                             {"type": "cuda", "archs": cuda_archs(config, args.cuda_archs)}, so))
         if "cpu" in wanted:
             ns = f"_{module}_cpu_{ident}"
             so = compile_extension(ns, False, None, Path(tmpdir) / "cpu")

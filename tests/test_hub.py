@@ -123,6 +123,15 @@ def test_missing_variant_is_kernels_error(tmp_path):
         kernels.get_local_kernel(tmp_path)
 
 
+def _build_hub_module():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import build_hub
+    finally:
+        sys.path.pop(0)
+    return build_hub
+
+
 def test_build_hub_refuses_bad_arguments(tmp_path):
     script = str(ROOT / "scripts" / "build_hub.py")
     (tmp_path / "f").write_text("")
@@ -134,15 +143,26 @@ def test_build_hub_refuses_bad_arguments(tmp_path):
         assert p.returncode == 2 and words in p.stderr, (args, p.stderr[-500:])
 
 
+def test_build_hub_arch_metadata():
+    """The arch variant declares what its binary holds (kernels refuses other GPUs with it): by
+    default build.toml's capabilities with PTX of the newest, as setup.py compiles them."""
+    import tomllib
+
+    build_hub = _build_hub_module()
+    config = tomllib.loads((ROOT / "build.toml").read_text())
+    caps = next(k["cuda-capabilities"] for k in config["kernel"].values() if k["backend"] == "cuda")
+    assert build_hub.cuda_archs(config, None) == caps[:-1] + [caps[-1] + "+PTX"]
+    assert build_hub.cuda_archs(config, "9.0;10.0+PTX") == ["9.0", "10.0+PTX"]
+    from kernels.archs import _supports_cuda_capability  # (kernels' own check)
+
+    assert _supports_cuda_capability(build_hub.cuda_archs(config, None), (13, 0))
+
+
 def test_build_hub_removes_stale_variants(tmp_path):
     """A variant left by a build of other code would be loaded instead of what was just written
     (kernels prefers an arch variant to the pure-Python ones): build_hub removes it, and keeps
     the variants of the same code that this run did not rebuild."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import build_hub
-    finally:
-        sys.path.pop(0)
+    build_hub = _build_hub_module()
     ident = "abc1234"
     ids = {"torch-cpu": f"_rotary_kernels_cpu_{ident}_noarch", "torch214-cxx11-cu130-x86_64-linux":
            "_rotary_kernels_cuda_0123456", "torch214-cxx11-cpu-x86_64-linux": f"_rotary_kernels_cpu_{ident}",
