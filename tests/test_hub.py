@@ -102,6 +102,10 @@ def test_get_local_kernel(hub_kernel):
     layer = hub_kernel.layers.apply_rotary_transformers
     assert layer.has_backward and layer.can_torch_compile
     assert not hub_kernel.layers.apply_rotary_transformers_inplace.has_backward
+    # Its demo runs the Hub kernel, not the pip install
+    import importlib
+
+    assert importlib.import_module(f"{hub_kernel.__name__}.demo").rk is hub_kernel
 
 
 def test_get_local_kernel_cpu_variant(hub_repo):

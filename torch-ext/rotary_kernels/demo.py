@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
 
-import rotary_kernels as rk
-from rotary_kernels.reference import apply_rotary_transformers_reference, rotate_half
+from .reference import apply_rotary_transformers_reference, rotate_half
+
+rk = sys.modules[__package__]  # this package: the pip install's, or a Hub kernel's (under its build's name)
 
 
 def eager_transformers(q, k, cos, sin, unsqueeze_dim=1):
