@@ -174,7 +174,7 @@ def token_positions(x, unsqueeze_dim, positions=None, cu_seqlens=None, seqlen_of
     t = torch.arange(lead[-1], device=x.device)
     batch = None
     if cu_seqlens is not None:
-        cu = cu_seqlens.to(device=x.device, dtype=torch.int64)
+        cu = cu_seqlens.to(device=x.device, dtype=torch.int64).contiguous()
         batch = torch.searchsorted(cu[1:], t, right=True)  # the sequence of packed token t
     if positions is not None:
         pos = positions.to(torch.int64)
