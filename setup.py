@@ -8,7 +8,8 @@ Environment:
   ROTARY_KERNELS_CUDA_ARCHS  CUDA archs, default build.toml's cuda-capabilities plus PTX of the
                              newest (CI builds "9.0")
   ROTARY_KERNELS_NO_CUDA=1   build the CPU kernels only
-  ROTARY_KERNELS_NO_EXT=1    no extension at all (pure Python + Triton)
+  ROTARY_KERNELS_NO_EXT=1    no extension at all (pure Python + Triton; one an earlier build left in
+                             torch-ext/ is removed, as an editable install would still import it)
   ROTARY_KERNELS_EXT_NAME    extension / op namespace name (default _rotary_kernels_C; the Hub
                              build, scripts/build_hub.py, gives each variant a unique one)
 
@@ -18,6 +19,7 @@ torch ops), so it is built as ``<name>.abi3.so``, importable by any CPython >= 3
 
 import os
 import shutil
+from pathlib import Path
 
 from setuptools import setup
 
@@ -60,6 +62,11 @@ def _flag(name: str) -> bool:
 
 def _extensions():
     if _flag("ROTARY_KERNELS_NO_EXT"):
+        # An extension an earlier build left in the source tree would still be imported by an
+        # editable install: "no extension" removes it.
+        for old in Path(__file__).parent.glob(f"torch-ext/rotary_kernels/{NAME}.*so"):
+            print(f"setup.py: ROTARY_KERNELS_NO_EXT=1: removing {old}")
+            old.unlink()
         return [], {}
     import torch
     from torch.utils import cpp_extension

@@ -90,6 +90,29 @@ def test_extension_missing_or_not_loading(so, tmp_path):
         assert "RuntimeWarning: rotary_kernels: the compiled extension does not load" in p.stderr
 
 
+def test_no_ext_build_removes_a_stale_extension(tmp_path):
+    """ROTARY_KERNELS_NO_EXT=1 means no extension: one an earlier build left in the source tree
+    (which an editable install would still import) is removed."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for f in ("setup.py", "pyproject.toml", "build.toml"):
+        shutil.copy2(root / f, tmp_path / f)
+    pkg = tmp_path / "torch-ext" / "rotary_kernels"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    stale = pkg / "_rotary_kernels_C.abi3.so"
+    stale.write_text("an old build")
+    env = dict(os.environ, ROTARY_KERNELS_NO_EXT="1")
+    p = subprocess.run([sys.executable, "setup.py", "--name"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-1000:]
+    assert not stale.exists() and "removing" in p.stdout
+
+
 def test_inplace_rejects_autograd_and_overlap():
     q, k, cos, sin = qkcs()
     q.requires_grad_()
