@@ -1,5 +1,11 @@
 """Bad input gives a clear error naming the argument; the flash-attn API; torch.compile."""
 
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -68,11 +74,6 @@ def test_extension_missing_or_not_loading(so, tmp_path):
     """A copy of the package without its compiled extension, or with one that does not load (a
     build for another torch): the reference runs, backend="cpu" says why it cannot; a broken
     one also warns at import (it would otherwise fall back silently)."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
     src = os.path.dirname(rk.__file__)
     shutil.copytree(src, tmp_path / "rotary_kernels", ignore=shutil.ignore_patterns("*.so", "__pycache__"))
     if so == "broken":
@@ -93,12 +94,6 @@ def test_extension_missing_or_not_loading(so, tmp_path):
 def test_no_ext_build_removes_a_stale_extension(tmp_path):
     """ROTARY_KERNELS_NO_EXT=1 means no extension: one an earlier build left in the source tree
     (which an editable install would still import) is removed."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
     root = Path(__file__).resolve().parents[1]
     for f in ("setup.py", "pyproject.toml", "build.toml"):
         shutil.copy2(root / f, tmp_path / f)

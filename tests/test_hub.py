@@ -4,9 +4,11 @@ and kernelize tiny transformers models (Llama; Phi for partial rotary) in traini
 inference modes against the un-kernelized model.
 """
 
+import importlib
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -103,8 +105,6 @@ def test_get_local_kernel(hub_kernel):
     assert layer.has_backward and layer.can_torch_compile
     assert not hub_kernel.layers.apply_rotary_transformers_inplace.has_backward
     # Its demo runs the Hub kernel, not the pip install
-    import importlib
-
     assert importlib.import_module(f"{hub_kernel.__name__}.demo").rk is hub_kernel
 
 
@@ -150,8 +150,6 @@ def test_build_hub_refuses_bad_arguments(tmp_path):
 def test_build_hub_arch_metadata():
     """The arch variant declares what its binary holds (kernels refuses other GPUs with it): by
     default build.toml's capabilities with PTX of the newest, as setup.py compiles them."""
-    import tomllib
-
     build_hub = _build_hub_module()
     config = tomllib.loads((ROOT / "build.toml").read_text())
     caps = next(k["cuda-capabilities"] for k in config["kernel"].values() if k["backend"] == "cuda")

@@ -116,11 +116,12 @@ def test_shapes_and_layouts(backend, case):
         k = k.to(torch.bfloat16)
     got = rk.apply_rotary_transformers(q, k, cos, sin, ud, backend=backend)
     want = apply_rotary_transformers_reference(q, k, cos, sin, ud)
+    def layout(t):
+        return [st for st, n in zip(t.stride(), t.shape) if n > 1]  # (size-1 dims' strides are free)
+
     for g, w, x in zip(got, want, (q, k)):
         assert_close(g, w)
         if case != "sliced":  # outputs in the inputs' memory layout, on every backend (partial rotary too)
-            def layout(t):
-                return [st for st, n in zip(t.stride(), t.shape) if n > 1]  # (size-1 dims' strides are free)
             assert layout(g) == layout(x)
 
 
