@@ -97,9 +97,10 @@ def metadata(config: dict, unique: str, backend: dict) -> dict:
 
 
 def cuda_archs(config: dict, override: str | None) -> list[str]:
-    """The arch variant's CUDA archs in its metadata, which kernels checks a GPU against: what the
-    binary holds, --cuda-archs as given, or build.toml's capabilities with PTX of the newest, as
-    setup.py builds them by default (_cuda_capabilities: newer GPUs load the variant too)."""
+    """The arch variant's CUDA archs: compiled (passed to setup.py) and declared in its metadata,
+    which kernels checks a GPU against. --cuda-archs as given, or build.toml's capabilities with
+    PTX of the newest, setup.py's own default for pip builds (_cuda_capabilities: newer GPUs load
+    the variant too)."""
     if override:
         return override.split(";")
     caps = list(next(k["cuda-capabilities"] for k in config["kernel"].values() if k["backend"] == "cuda"))
@@ -174,9 +175,10 @@ def main(argv=None) -> int:
             else:
                 cu = "cu" + "".join(torch.version.cuda.split(".")[:2])
                 ns = f"_{module}_cuda_{ident}"
-                so = compile_extension(ns, True, args.cuda_archs, Path(tmpdir) / "cuda")
+                archs = cuda_archs(config, args.cuda_archs)  # (compiled and declared from one list)
+                so = compile_extension(ns, True, ";".join(archs), Path(tmpdir) / "cuda")
                 written.append(write_variant(args.out, f"{torch_tag()}-{cu}-{os_arch()}", config, ns,
-                                             {"type": "cuda", "archs": cuda_archs(config, args.cuda_archs)}, so))
+                                             {"type": "cuda", "archs": archs}, so))
         if "cpu" in wanted:
             ns = f"_{module}_cpu_{ident}"
             so = compile_extension(ns, False, None, Path(tmpdir) / "cpu")
