@@ -1158,7 +1158,6 @@ struct CpuParams {
   bool conj;
   CpuIsa isa;
   bool prefetch;  // large enough to stream from memory (software prefetch pays off)
-  bool past_l2;   // large enough that the rows come from L3 or memory (kPastL2)
 };
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
@@ -1174,7 +1173,7 @@ struct CpuParams {
 //     slices of a packed qkv, transformers' transposed view of [B, S, H, D]): blocks of kTokBlock
 //     tokens (tables of kTokBlock * R accumulator values: 32 KB for R = 128 in fp32, held in L1
 //     while the block's rows read them), or where the walk prefetches rows ahead (rows taken at
-//     once, from memory or fp32), kTokBlockRowsAhead (fewer switches between q's and k's
+//     once, from memory, or fp32 rows with gaps), kTokBlockRowsAhead (fewer switches between q's and k's
 //     streams); token outer, then q's heads, then k's, which is memory order for a packed qkv
 //     too; where both operands' rows are taken at once (rotate_rows), q's block of tokens then
 //     k's, one call each (512 tokens: bf16 4-7% faster out of place, 13-17% in place, fp32 qkv
@@ -1194,8 +1193,8 @@ struct CpuParams {
 // Gaps in the walk (a qkv slice skips v; a head-major block's run of a head ends every block) stall
 // the hardware prefetchers, so rows with a contiguous head dim are also prefetched in software:
 // token-major walks fetch each row one token ahead, or where their rows are taken at once,
-// kPrefetchAheadRows bytes of rows later in the walk, on into the next block (for fp32 rows below
-// kPrefetchMin too: see rotate_tokens; 2048 tokens, 1 thread, side by side against one token ahead
+// kPrefetchAheadRows bytes of rows later in the walk, on into the next block (2048 tokens, 1
+// thread, side by side against one token ahead
 // in 32-token blocks: fp32 forward 1.65-1.86 -> 1.50-1.65 ms, backward 1.78 -> 1.63-1.67, in place
 // [B, S, H, D] 1.18 -> 1.05; bf16 forward 0.63-0.67 -> 0.59-0.61, in place 0.44-0.52 -> 0.41-0.48;
 // 16 KB ahead: within noise of 8 KB, the 128-token blocks alone a third of the gain), head-major
@@ -1220,7 +1219,6 @@ constexpr int64_t kPrefetchBytes = 8192;     // ahead in each of their runs
 constexpr int64_t kHeadsAtOnceRows = 4;      // rows taken together (rotate_rows)
 constexpr int64_t kPrefetchBytesRows = 2048;
 constexpr int64_t kPrefetchMin = int64_t{16} << 20;
-constexpr int64_t kPastL2 = int64_t{4} << 20;  // q + k's bytes whose rows come from L3 or memory
 static_assert(kHeadsAtOnceRows == 4, "rotate_rows unrolls groups of 4 rows (rows_unrolled)");
 
 // Do all of y's rows start on a 64-byte boundary? Then so does every piece the row kernels store
@@ -1267,7 +1265,7 @@ inline bool heads_follow(const Operand<scalar_t>& a, const Operand<scalar_t>& b)
 
 // Do consecutive tokens' rows of operand o (tokens outer) leave gaps in x, or out of place in y?
 // Slices of a packed qkv do (q's rows skip k's and v's): the gaps stop the CPU's stream
-// prefetchers, so such walks prefetch in software whatever the size.
+// prefetchers, so such walks prefetch in software from the caches too (prefetch_from_caches).
 template <typename scalar_t>
 inline bool token_gaps(const Operand<scalar_t>& o, int64_t D) {
   const bool x_gaps = o.sx.h != D || o.sx.s != o.H * D;
@@ -1275,46 +1273,51 @@ inline bool token_gaps(const Operand<scalar_t>& o, int64_t D) {
   return x_gaps || (o.y != o.x && y_gaps);
 }
 
-// Does a walk over operand o's rows (heads outer or tokens outer) prefetch into L2 only
+// Does a walk over operand o's rows (heads outer or tokens outer) that prefetches them (from
+// memory, or a token-major walk with gaps: see prefetch_from_caches) prefetch into L2 only
 // (RowPrefetch::l2) rather than into L1? A software prefetch into L1 is held to the few lines L1
 // can have in flight; into L2 many more fly, but the lines are not in L1 when the row is read.
 // Measured side by side (one process, order rotated, tensors placed anew each round; Zen 4,
 // 2048 tokens, 1 thread unless said):
-// - fp32 rows past L2 (past_l2: q and k's bytes at least kPastL2), every walk. From memory
-//   (kPrefetchMin), [B, H, S, D] forward
+// - fp32 rows, every walk. From memory (kPrefetchMin), [B, H, S, D] forward
 //   2.92-3.06 -> 2.68-2.73 ms, in place 3.09-3.11 -> 1.98-2.05, backward 2.95 -> 2.75-2.77 (2
 //   threads: 2.28-2.38 -> 1.70-1.86, 1.85-1.97 -> 1.15-1.23, 2.38-2.60 -> 1.93-2.14); packed
 //   tokens and [B, S, H, D] forward 3.17-3.34 -> 2.86-3.11, in place 2.30-2.52 -> 1.83-2.06,
 //   backward 3.41-3.47 -> 2.97-3.28 (2 threads: within noise). 16-bit rows from memory stay in
-//   L1 (into L2: within noise, or up to 9% slower head-major). From L3, 512 tokens (10 MB),
-//   1 thread, three runs over 20 minutes on a shared VM (whose L3 its neighbours share: the
-//   times moved up to 1.5x from run to run, the direction did not): [B, H, S, D] forward 0.82 -> 0.73,
-//   0.62 -> 0.51, 0.64 -> 0.56 ms, backward 0.82 -> 0.73, 0.94 -> 0.65, 0.75 -> 0.73; [B, S, H, D]
-//   forward 0.56 -> 0.47, backward 0.73 -> 0.61; the transposed view 0.54 -> 0.44, 0.67 -> 0.53;
-//   2 threads [B, H, S, D] 0.305 -> 0.282, 0.368 -> 0.353; in place no change. 256 tokens (5 MB):
-//   within noise; 64 and 128 tokens (from L2): token-major forward 3-7% slower, hence kPastL2.
+//   L1 (into L2: within noise, or up to 9% slower head-major).
 // - Token-major walks with gaps (token_gaps), whatever the size. bf16 qkv slices forward 2.42 ->
 //   1.49 ms, in place 2.52 -> 1.55 (packed tokens, no gaps: 1.44, 1.22).
-// 16-bit head-major walks from L3 (512 tokens) keep L1: no change either way.
 template <typename scalar_t>
-inline bool prefetch_into_l2(const Operand<scalar_t>& o, int64_t D, bool head_major, bool past_l2) {
-  if (past_l2 && std::is_same_v<scalar_t, float>) return true;
-  return !head_major && token_gaps(o, D);
+inline bool prefetch_into_l2(const Operand<scalar_t>& o, int64_t D, bool head_major) {
+  return std::is_same_v<scalar_t, float> || (!head_major && token_gaps(o, D));
 }
 
 // Does a walk over operand o's rows that come from the caches (q + k under kPrefetchMin) prefetch
-// them in software, where it would from memory? Out of place yes (head-major groups of 4 heads:
-// 512 tokens 1.15-1.2x faster; without: 1 thread within noise, A/A pairs 14% apart, 2 threads
-// backward 10-50% slower); in place only a token-major walk with gaps (token_gaps: the qkv slices,
-// 0.276 -> 0.314 ms without at 512 tokens). In place without gaps they cost more than they save
-// (side by side, 2026-11-27, Zen 4, A/A pairs within 2%): fp32 [B, H, S, D] 512 tokens 0.325 ->
-// 0.263 ms at 1 thread, 0.173 -> 0.141 at 2; 256 tokens 0.155 -> 0.128 (2 threads 0.090 -> 0.077),
-// 128 0.088 -> 0.074; fp16 512 tokens 0.269 -> 0.255; bf16 without AVX512-BF16 0.511 -> 0.476;
-// fp32 [B, S, H, D] and packed tokens 512 tokens 0.265 -> 0.219 (2 threads 0.120 -> 0.108), 256
-// 0.118 -> 0.107, 128 0.068 -> 0.060.
+// them in software, where it would from memory? Only a token-major walk with gaps (token_gaps: fp32
+// qkv slices in place at 512 tokens 0.276 -> 0.314 ms without); 16-bit rows from the caches are
+// not prefetched at all (5-16% slower with the fp32 rows' prefetches). Without gaps the hardware
+// prefetchers keep up and the software ones cost more than they save, in place and out of place,
+// head-major and token-major. Side by side, 2026-11-27/28, Zen 4, 1 thread unless said:
+// - out of place (one process, prefetched and not alternated in shuffled order, three runs,
+//   Llama-3-8B q + k, ms): fp32 512 tokens, transposed view forward 0.478-0.616 -> 0.388-0.528,
+//   backward 0.570-0.801 -> 0.502-0.646; [B, S, H, D] forward 0.510-0.643 -> 0.412-0.505;
+//   [B, H, S, D] forward 0.495-0.642 -> 0.412-0.515, backward 0.627-0.788 -> 0.497-0.658; 256
+//   tokens view forward 0.192 -> 0.173, [B, H, S, D] 0.227 -> 0.190; 2 threads [B, H, S, D] 512
+//   tokens forward 0.289 -> 0.237, backward 0.385 -> 0.310, fp16 0.178 -> 0.141, 0.240 -> 0.184;
+//   bf16 unchanged (its token-major rows were not prefetched, nor its unrolled head-major groups
+//   of 4). The minimal C loop of the same walk, in the same process: 0.375-0.43 ms at 512 tokens,
+//   what the package now runs. (When these prefetches landed, on this VM with other neighbours,
+//   they measured 5-20% faster: the balance moves with how busy the shared L3 is.)
+// - in place (A/A pairs within 2%): fp32 [B, H, S, D] 512 tokens 0.325 -> 0.263 ms at 1 thread,
+//   0.173 -> 0.141 at 2; 256 tokens 0.155 -> 0.128 (2 threads 0.090 -> 0.077), 128 0.088 -> 0.074;
+//   fp16 512 tokens 0.269 -> 0.255; bf16 without AVX512-BF16 0.511 -> 0.476; fp32 [B, S, H, D] and
+//   packed tokens 512 tokens 0.265 -> 0.219 (2 threads 0.120 -> 0.108), 256 0.118 -> 0.107, 128
+//   0.068 -> 0.060.
+// From memory (kPrefetchMin) they stay: head-major in place without them, bf16 2048 tokens 1.12
+// -> 1.44 ms; token-major out of place 5-10% slower without.
 template <typename scalar_t>
-inline bool prefetch_from_caches(const Operand<scalar_t>& o, int64_t D, bool head_major) {
-  return o.x != o.y || (!head_major && token_gaps(o, D));
+inline bool prefetch_from_caches(const Operand<scalar_t>& o, int64_t D) {
+  return token_gaps(o, D);
 }
 
 // Tokens [begin, end): per block, the cos/sin tables, then every row of q and k. Returns -1, or
@@ -1344,11 +1347,11 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   }
   // Token-major walks whose rows are taken at once fetch the row ahead_rows later
   // (kPrefetchAheadRows), which may lie up to `extra` tokens past the block (their offsets are set
-  // up with the block's): from kPrefetchMin bytes, and fp32 rows at every size (512 tokens, from
-  // L3, 1 thread, side by side: forward 0.31-0.42 -> 0.29-0.38 ms, backward 0.38-0.43 -> 0.34-0.37;
-  // 2 threads, and 64 and 256 tokens: no change; 16-bit rows there 5-16% slower with these
-  // prefetches).
-  const bool rows_ahead = all_token_major && all_at_once && (prefetch || std::is_same_v<scalar_t, float>);
+  // up with the block's): from kPrefetchMin bytes, and below it fp32 rows with gaps
+  // (prefetch_from_caches).
+  bool gaps = false;
+  for (int k = 0; k < p.n_ops; ++k) gaps = gaps || prefetch_from_caches(p.ops[k], p.D);
+  const bool rows_ahead = all_token_major && all_at_once && (prefetch || (std::is_same_v<scalar_t, float> && gaps));
   const int64_t tb = std::min<int64_t>(
       all_token_major ? (rows_ahead ? kTokBlockRowsAhead : kTokBlock) : kTokBlockHeadMajor, end - begin);
   const int64_t row_bytes = p.D * static_cast<int64_t>(sizeof(scalar_t));
@@ -1496,8 +1499,8 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           if (at_once[k]) {
             // (m = 0: d >= 1 tokens ahead, the same row; in a walk with a head-major operand, one)
             WalkPrefetch pf{rows_ahead ? ahead_rows / o.H : (prefetch ? 1 : 0), n_off, 0, 0, row_bytes, stream[k],
-                            rows_ahead ? ahead_rows % o.H : 0, prefetch_into_l2(o, p.D, false, p.past_l2)};
-            if (!prefetch && !prefetch_from_caches(o, p.D, false)) pf.d = pf.m = 0;
+                            rows_ahead ? ahead_rows % o.H : 0, prefetch_into_l2(o, p.D, false)};
+            if (!prefetch && !prefetch_from_caches(o, p.D)) pf.d = pf.m = 0;
             if (stream[k] && std::is_same_v<scalar_t, float>) pf.runs = 4;  // (see WalkPrefetch::runs)
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, o.x, o.y, xo, yo, n, o.H, p.D, half,
                                                             &tab[p.tset[k] * tb], same, p.isa, pf);
@@ -1517,24 +1520,17 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         // `heads` further.
         const int64_t heads = at_once[k] ? kHeadsAtOnceRows : kHeadsAtOnce;
         const int64_t ahead = at_once[k] ? kPrefetchBytesRows : kPrefetchBytes;
-        // 4 heads' runs (of x and y) are more streams than the hardware prefetchers follow: rows
-        // taken together prefetch from the caches too (prefetch_from_caches: out of place), except
-        // bf16 groups of 4 heads below kPrefetchMin that the rows kernel unrolls so that the CPU's
-        // stride prefetcher follows them (rows_unrolled): without software prefetches those run
-        // faster (512 tokens, 1 thread: forward 0.143 ms rather than 0.155), fp32 ones 1.1x slower
-        // (its rows are twice as long).
-        const bool fetch = prefetch || (at_once[k] && prefetch_from_caches(o, p.D, true));
-        const int64_t d = fetch ? std::min((ahead + row_bytes - 1) / row_bytes, n) : 0;  // rows ahead, in [0, n]
-        const bool bf16_from_l3 = std::is_same_v<scalar_t, c10::BFloat16> && p.isa.avx512bf16 && !prefetch;
+        // From memory only (prefetch_from_caches): there the heads' runs (of x and y) are more
+        // streams than the hardware prefetchers follow.
+        const int64_t d = prefetch ? std::min((ahead + row_bytes - 1) / row_bytes, n) : 0;  // rows ahead, in [0, n]
         for (int64_t h0 = 0; h0 < o.H; h0 += heads) {
           const int64_t h1 = std::min(h0 + heads, o.H);
           if (at_once[k]) {
             const scalar_t* x = o.x + h0 * o.sx.h;
             scalar_t* y = o.y + h0 * o.sy.h;
             const bool unrolled = rows_unrolled(x, y, h1 - h0, half, p.isa);
-            const int64_t dg = bf16_from_l3 && unrolled ? 0 : d;
-            const WalkPrefetch pf{dg, n, heads, std::max<int64_t>(0, std::min(h1, o.H - heads) - h0), row_bytes,
-                                  stream[k], 0, prefetch_into_l2(o, p.D, true, p.past_l2)};
+            const WalkPrefetch pf{d, n, heads, std::max<int64_t>(0, std::min(h1, o.H - heads) - h0), row_bytes,
+                                  stream[k], 0, prefetch_into_l2(o, p.D, true)};
             rotate_rows<scalar_t, acc_t, interleaved, swap>(o, x, y, xo, yo, n, h1 - h0, p.D, half,
                                                             &tab[p.tset[k] * tb], same, p.isa, pf, unrolled);
             continue;
@@ -1610,7 +1606,6 @@ void rotary_cpu_typed(const at::Tensor& q, const std::optional<at::Tensor>& k, c
   // [B, H, S, D] at 1024 tokens, 2x on bf16 qkv slices at 2048).
   const int64_t bytes = tokens * row_elems * static_cast<int64_t>(sizeof(scalar_t));
   p.prefetch = bytes >= kPrefetchMin;
-  p.past_l2 = bytes >= kPastL2;
   std::atomic<int64_t> bad{-1};
   at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
     const int64_t t = swap_layout ? (interleaved ? rotate_tokens<scalar_t, cs_t, true, true>(p, begin, end)
