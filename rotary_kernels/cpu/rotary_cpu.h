@@ -1173,11 +1173,11 @@ struct CpuParams {
 //     slices of a packed qkv, transformers' transposed view of [B, S, H, D]): blocks of kTokBlock
 //     tokens (tables of kTokBlock * R accumulator values: 32 KB for R = 128 in fp32, held in L1
 //     while the block's rows read them), or where the walk prefetches rows ahead (rows taken at
-//     once, from memory, or fp32 rows with gaps), kTokBlockRowsAhead (fewer switches between q's and k's
-//     streams); token outer, then q's heads, then k's, which is memory order for a packed qkv
-//     too; where both operands' rows are taken at once (rotate_rows), q's block of tokens then
-//     k's, one call each (512 tokens: bf16 4-7% faster out of place, 13-17% in place, fp32 qkv
-//     slices 1.2x out of place; 2048: the same within 5%), not two calls a token;
+//     once, from memory, or fp32 rows with gaps), kTokBlockRowsAhead (fewer switches between
+//     q's and k's streams); token outer, then q's heads, then k's, which is memory order for a
+//     packed qkv too; where both operands' rows are taken at once (rotate_rows), q's block of
+//     tokens then k's, one call each (512 tokens: bf16 4-7% faster out of place, 13-17% in
+//     place, fp32 qkv slices 1.2x out of place; 2048: the same within 5%), not two calls a token;
 //   - head-major operands (contiguous [B, H, S, D]): blocks of kTokBlockHeadMajor tokens, heads
 //     outer, tokens inner, so that a head's rows of the block are one contiguous run, whereas
 //     walking one token across all heads jumps S*D elements per head, one stream per head (40
@@ -1297,7 +1297,7 @@ inline bool prefetch_into_l2(const Operand<scalar_t>& o, int64_t D, bool head_ma
 // qkv slices in place at 512 tokens 0.276 -> 0.314 ms without); 16-bit rows from the caches are
 // not prefetched at all (5-16% slower with the fp32 rows' prefetches). Without gaps the hardware
 // prefetchers keep up and the software ones cost more than they save, in place and out of place,
-// head-major and token-major. Side by side, 2026-11-27/28, Zen 4, 1 thread unless said:
+// head-major and token-major. Side by side, 2026-11-27, Zen 4, 1 thread unless said:
 // - out of place (one process, prefetched and not alternated in shuffled order, three runs,
 //   Llama-3-8B q + k, ms): fp32 512 tokens, transposed view forward 0.478-0.616 -> 0.388-0.528,
 //   backward 0.570-0.801 -> 0.502-0.646; [B, S, H, D] forward 0.510-0.643 -> 0.412-0.505;
@@ -1305,9 +1305,10 @@ inline bool prefetch_into_l2(const Operand<scalar_t>& o, int64_t D, bool head_ma
 //   tokens view forward 0.192 -> 0.173, [B, H, S, D] 0.227 -> 0.190; 2 threads [B, H, S, D] 512
 //   tokens forward 0.289 -> 0.237, backward 0.385 -> 0.310, fp16 0.178 -> 0.141, 0.240 -> 0.184;
 //   bf16 unchanged (its token-major rows were not prefetched, nor its unrolled head-major groups
-//   of 4). The minimal C loop of the same walk, in the same process: 0.375-0.43 ms at 512 tokens,
-//   what the package now runs. (When these prefetches landed, on this VM with other neighbours,
-//   they measured 5-20% faster: the balance moves with how busy the shared L3 is.)
+//   of 4). The minimal C loop of the same walk, in the same process: 0.375-0.43 ms at 512
+//   tokens, about what the package now runs. (When these prefetches landed, on this VM with
+//   other neighbours, they measured 5-20% faster: the balance moves with how busy the shared L3
+//   is.)
 // - in place (A/A pairs within 2%): fp32 [B, H, S, D] 512 tokens 0.325 -> 0.263 ms at 1 thread,
 //   0.173 -> 0.141 at 2; 256 tokens 0.155 -> 0.128 (2 threads 0.090 -> 0.077), 128 0.088 -> 0.074;
 //   fp16 512 tokens 0.269 -> 0.255; bf16 without AVX512-BF16 0.511 -> 0.476; fp32 [B, S, H, D] and
