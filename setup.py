@@ -105,10 +105,12 @@ def _extensions():
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 
 
-ext_modules, cmdclass = _extensions()
-setup(
-    packages=["rotary_kernels"],
-    package_dir={"": "torch-ext"},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+# setuptools runs this file as __main__; scripts/build_hub.py imports it for the rules above.
+if __name__ == "__main__":
+    ext_modules, cmdclass = _extensions()
+    setup(
+        packages=["rotary_kernels"],
+        package_dir={"": "torch-ext"},
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+    )

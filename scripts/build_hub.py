@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -96,15 +97,22 @@ def metadata(config: dict, unique: str, backend: dict) -> dict:
     }
 
 
+def setup_rules():
+    """setup.py as a module (it calls setup() only when run as __main__): its build rules."""
+    spec = importlib.util.spec_from_file_location("rotary_kernels_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def cuda_archs(config: dict, override: str | None) -> list[str]:
     """The arch variant's CUDA archs: compiled (passed to setup.py) and declared in its metadata,
-    which kernels checks a GPU against. --cuda-archs as given, or build.toml's capabilities with
-    PTX of the newest, setup.py's own default for pip builds (_cuda_capabilities: newer GPUs load
-    the variant too)."""
+    which kernels checks a GPU against. --cuda-archs as given, or the pip build's default
+    (setup.py's _cuda_capabilities: build.toml's capabilities with PTX of the newest, so newer
+    GPUs load the variant too)."""
     if override:
         return override.split(";")
-    caps = list(next(k["cuda-capabilities"] for k in config["kernel"].values() if k["backend"] == "cuda"))
-    return caps[:-1] + [caps[-1] + "+PTX"]
+    return setup_rules()._cuda_capabilities(config).split(";")
 
 
 def write_variant(out: Path, variant: str, config: dict, namespace: str, backend: dict, so: Path | None) -> Path:
