@@ -1330,7 +1330,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   const int64_t half = p.half;
   const int n_axes = p.ti.mrope ? 3 : 1;
   bool outer[2] = {false, false}, at_once[2] = {false, false}, stream[2] = {false, false}, all_token_major = true,
-       all_at_once = true;
+       all_at_once = true, gaps = false;
   bool prefetch = p.prefetch;
   for (int k = 0; k < p.n_ops; ++k) {
     const Operand<scalar_t>& o = p.ops[k];
@@ -1345,13 +1345,12 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
     all_token_major = all_token_major && !outer[k];
     all_at_once = all_at_once && at_once[k];
     prefetch = prefetch && o.sx.d == 1 && o.sy.d == 1;
+    gaps = gaps || prefetch_from_caches(o, p.D);
   }
   // Token-major walks whose rows are taken at once fetch the row ahead_rows later
   // (kPrefetchAheadRows), which may lie up to `extra` tokens past the block (their offsets are set
   // up with the block's): from kPrefetchMin bytes, and below it fp32 rows with gaps
   // (prefetch_from_caches).
-  bool gaps = false;
-  for (int k = 0; k < p.n_ops; ++k) gaps = gaps || prefetch_from_caches(p.ops[k], p.D);
   const bool rows_ahead = all_token_major && all_at_once && (prefetch || (std::is_same_v<scalar_t, float> && gaps));
   const int64_t tb = std::min<int64_t>(
       all_token_major ? (rows_ahead ? kTokBlockRowsAhead : kTokBlock) : kTokBlockHeadMajor, end - begin);
