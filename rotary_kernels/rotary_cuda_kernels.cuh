@@ -400,8 +400,10 @@ __device__ __forceinline__ auto row_ptr(const Operand<scalar_t>& q, const Operan
 // the bad-token path stores NaN without holding cos/sin, and half-split conj swaps sin by address.
 // With k's own tables (K_TABLES) the element-by-element path needs more than 128 (sm_80): 255.
 // 16-bit x with fp32 vector tables, half-split: products rounded on their own (rotary_math.h
-// mul_rn, no FMA) need ~68 registers, so 3 blocks (85 registers, 37.5%) rather than 4 (64
-// spilled 12-20 bytes, sm_80/sm_90).
+// mul_rn, no FMA) need ~68 registers, so 3 blocks (at most 80 registers: a warp's registers come
+// from one quarter of the SM's 64K, 6 warps of 2560 a quarter) rather than 4 (64 spilled 12-20
+// bytes, sm_80/sm_90). ptxas uses 77: Llama's 8x20 blocks then run 4 an SM (Nsight Compute, H100),
+// the bf16-table instance's 64 registers 6.
 template <typename scalar_t, typename cs_t, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES>
 constexpr int min_blocks() {
   if (CS_VECTOR && sizeof(scalar_t) == 2 && sizeof(cs_t) == 4 && !INTERLEAVED) return kMinBlocks - 1;

@@ -33,11 +33,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-try:
-    import tomllib
-except ImportError:  # Python 3.10
-    import tomli as tomllib
-
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {"arch", "cpu", "noarch"}
 
@@ -166,7 +161,7 @@ def main(argv=None) -> int:
         p.error(f"--cuda-archs: ';'-separated capabilities such as '8.0;9.0' (optionally '+PTX'), got {args.cuda_archs!r}")
     if args.out.exists() and not args.out.is_dir():
         p.error(f"--out: {args.out} exists and is not a directory")
-    config = tomllib.loads((ROOT / "build.toml").read_text())
+    config = setup_rules()._build_config()  # (build.toml, read as the pip build reads it)
     module = config["general"]["name"].replace("-", "_")
     ident = git_id()
     args.out.mkdir(parents=True, exist_ok=True)

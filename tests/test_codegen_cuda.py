@@ -36,11 +36,11 @@ S, HQ, HK, D = 4096, 32, 8, 128  # Llama-3-8B prefill, one sequence
 # when all its warps end). Every case 45%: 6 blocks of 8x20 at 64 registers, 30 warps, each with a
 # row's loads in flight at every step; interleaved per-pair tables and MLA's rope (chunks of
 # pairs) included; fp32 q/k 16x14 blocks, 4 of them, 26.7 warps (42%). bf16 x with fp32 cos/sin,
-# half-split: 35% (77-78 registers: products rounded on their own, no FMA, min_blocks in
-# rotary_cuda_kernels.cuh; 5 blocks, 25 warps). The 8x32 plan before kept 20 (15 with fp32
+# half-split: 31% (77-78 registers: products rounded on their own, no FMA, min_blocks in
+# rotary_cuda_kernels.cuh; 4 blocks, 20 warps, as Nsight Compute measured on an H100). The 8x32 plan before kept 20 (15 with fp32
 # tables) of its 32 (24) resident warps busy on average: its second step held 8 of a block's 40
 # rows, and the H200 measured it at 82-86% (74-76%) of a copy's bandwidth.
-BUSY_FLOOR = {"default": 0.45, ("bf16", "float", False, False): 0.35, ("bf16", "float", False, True): 0.35,
+BUSY_FLOOR = {"default": 0.45, ("bf16", "float", False, False): 0.31, ("bf16", "float", False, True): 0.31,
               ("float", "float", False, False): 0.4, ("float", "float", True, False): 0.4}
 
 
@@ -142,10 +142,13 @@ def _one_round_trip(instrs):
 
 
 def occupancy(regs, threads):
-    """(blocks per SM, fraction of 64 warps): 64K registers, 64 warps, 32 blocks, no smem."""
+    """(blocks per SM, fraction of 64 warps): 64K registers, 64 warps, 32 blocks, no smem. A warp's
+    registers (in units of 256) come from one of the SM's four 16K-register quarters, so 80 a thread
+    (2560 a warp) fit 6 warps a quarter, 24 an SM: 4 blocks of 5 warps, not 65536 / 12800 = 5 (Nsight
+    Compute on an H100, benchmarks/results/cuda-NVIDIA_H100_80GB_HBM3/session-2026-11-28.md)."""
     warps = math.ceil(threads / 32)
     per_warp = math.ceil(regs * 32 / 256) * 256
-    blocks = min(32, (65536 // per_warp) // warps, 64 // warps)
+    blocks = min(32, 4 * (16384 // per_warp) // warps, 64 // warps)
     return blocks, blocks * warps / 64
 
 
