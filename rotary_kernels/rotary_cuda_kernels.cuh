@@ -20,7 +20,8 @@
 //   in (16-bit tables: two values a register; unpacked at use). A row's loads are issued before
 //   its stores, so in place is safe. Registers are capped at 64 (__launch_bounds__(256, 4)): 32
 //   warps an SM, every one holding a row at every step with plan_launch's even steps (Llama:
-//   6 blocks of 8x20); that budget is why a step holds one row, not two.
+//   6 blocks of 8x20); that budget is why a step holds one row, not two. (16-bit x with fp32
+//   half-split tables: 72 registers in blocks of at most 224 threads, 5 blocks of 8x20: min_blocks.)
 //   VEC pairs = two 16-byte vectors of x when the head dim is contiguous and aligned; otherwise
 //   VEC = 1 with strided scalar accesses. Chunks of whole pairs with per-pair tables have their
 //   own instances (PAIRS): swap_layout (MLA's rope: pairs written in the other layout,
@@ -73,6 +74,7 @@ constexpr int kThreads = 256;
 #define RK_MIN_BLOCKS 4
 #endif
 constexpr int kMinBlocks = RK_MIN_BLOCKS;
+
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
@@ -392,21 +394,33 @@ __device__ __forceinline__ auto row_ptr(const Operand<scalar_t>& q, const Operan
   }
 }
 
-// Blocks of kThreads an SM must hold (the register budget: 65536 / (kThreads x this)). The
-// element-by-element cos/sin path (mrope, misaligned tables) does not fit 64 registers without
-// spilling: it gets a larger budget, hence less occupancy (measured with ptxas, sm_90/sm_80;
-// tests/test_codegen_cuda.py records each). 16-bit x with fp32 tables (32 registers of cos/sin
-// held across the row loop) fits 64 since the loop keeps its token and offsets as 32-bit values,
-// the bad-token path stores NaN without holding cos/sin, and half-split conj swaps sin by address.
-// With k's own tables (K_TABLES) the element-by-element path needs more than 128 (sm_80): 255.
-// 16-bit x with fp32 vector tables, half-split: products rounded on their own (rotary_math.h
-// mul_rn, no FMA) need ~68 registers, so 3 blocks (at most 80 registers: a warp's registers come
-// from one quarter of the SM's 64K, 6 warps of 2560 a quarter) rather than 4 (64 spilled 12-20
-// bytes, sm_80/sm_90). ptxas uses 77: Llama's 8x20 blocks then run 4 an SM (Nsight Compute, H100),
-// the bf16-table instance's 64 registers 6.
+// Blocks an SM must hold (the register budget: ptxas fits launch_bounds' blocks of the kernel's
+// most threads, block_threads, that many times into the SM's four 16K-register quarters, a
+// warp's registers in one quarter). The element-by-element cos/sin path (mrope, misaligned
+// tables) does not fit 64 registers without spilling: it gets a larger budget, hence less
+// occupancy (measured with ptxas, sm_90/sm_80; tests/test_codegen_cuda.py records each). 16-bit x
+// with fp32 tables fits 64 when interleaved (the loop keeps its token and offsets as 32-bit values,
+// the bad-token path stores NaN without holding cos/sin, and conj swaps sin by address). With k's
+// own tables (K_TABLES) the element-by-element path needs more than 128 (sm_80): 255.
+// 16-bit x with fp32 vector tables, half-split (wide_tables: 32 registers of cos/sin held across
+// the row loop, and products rounded on their own, rotary_math.h mul_rn, no FMA) spills 12-16 bytes
+// at 64 registers and uses 77 under (256, 3), whose budget is 80: Llama's 8x20 blocks then ran 4 an
+// SM (Nsight Compute, H100: 31% occupancy, 81% of DRAM bandwidth, against the bf16-table
+// instance's 6 blocks at 64 registers and 85%). Those instances take blocks of at most 224 threads
+// (7 warps) instead, 4 of them: ptxas fits 72 registers without spilling (sm_80, sm_90), 7 warps a
+// quarter, so 8x20 blocks run 5 an SM (25 warps).
+constexpr int kWideThreads = 224, kWideBlocks = 4;
+template <typename scalar_t, typename cs_t>
+constexpr bool wide_tables(bool cs_vector, bool interleaved) {
+  return cs_vector && sizeof(scalar_t) == 2 && sizeof(cs_t) == 4 && !interleaved;
+}
+template <typename scalar_t, typename cs_t>
+constexpr int block_threads(bool cs_vector, bool interleaved) {
+  return wide_tables<scalar_t, cs_t>(cs_vector, interleaved) ? kWideThreads : kThreads;
+}
 template <typename scalar_t, typename cs_t, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES>
 constexpr int min_blocks() {
-  if (CS_VECTOR && sizeof(scalar_t) == 2 && sizeof(cs_t) == 4 && !INTERLEAVED) return kMinBlocks - 1;
+  if (wide_tables<scalar_t, cs_t>(CS_VECTOR, INTERLEAVED)) return kWideBlocks;
   return CS_VECTOR ? kMinBlocks : (K_TABLES ? kMinBlocks / 4 : kMinBlocks / 2);
 }
 
@@ -424,7 +438,8 @@ __device__ __forceinline__ int64_t chunk_off(int32_t o) {
 // swap_layout always); the instances without it store where they load.
 template <typename scalar_t, typename cs_t, int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES,
           bool PAIRS = false>
-__global__ void __launch_bounds__(kThreads, min_blocks<scalar_t, cs_t, CS_VECTOR, INTERLEAVED, K_TABLES>())
+__global__ void __launch_bounds__(block_threads<scalar_t, cs_t>(CS_VECTOR, INTERLEAVED),
+                                  min_blocks<scalar_t, cs_t, CS_VECTOR, INTERLEAVED, K_TABLES>())
     rotary_kernel(const RotaryParams<scalar_t, cs_t> p) {
   static_assert(!PAIRS || (VEC == 1 && !VECTOR && !CS_VECTOR) || (VECTOR && CS_VECTOR && !K_TABLES),
                 "chunks of pairs: one pair (swap_layout), or VEC pairs with vector x and per-pair tables");
@@ -661,13 +676,14 @@ struct LaunchPlan {
 // are freed only when all its warps end, so what keeps an SM's loads in flight is every warp
 // busy at every step (the H200 measured the 8x32 plan at 82-86% of a copy's bandwidth for bf16
 // q/k, the H100 92-94%: too few bytes in flight for the H200's bandwidth).
-inline LaunchPlan plan_launch(int64_t tokens, int64_t rows, int64_t nchunks, int64_t sms) {
+inline LaunchPlan plan_launch(int64_t tokens, int64_t rows, int64_t nchunks, int64_t sms,
+                              int64_t max_threads = kThreads) {
   constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max() - kThreads;  // r + TY stays < 2^31
   RK_CHECK(tokens <= std::numeric_limits<int32_t>::max(), "rotary: too many tokens (", tokens,
            "; the CUDA kernel takes < 2^31)");
   RK_CHECK(rows <= kMax32 && nchunks <= kMax32, "rotary: too many rows (", rows, ") or pairs (", nchunks, ")");
-  const int64_t tx = std::min<int64_t>(nchunks, kThreads);
-  const int64_t max_ty = std::max<int64_t>(1, kThreads / tx);
+  const int64_t tx = std::min<int64_t>(nchunks, max_threads);
+  const int64_t max_ty = std::max<int64_t>(1, max_threads / tx);
   const bool small = tokens * rows * nchunks <= sms * 2048;
   int64_t slices = small ? (rows + std::min(max_ty, rows) - 1) / std::min(max_ty, rows)
                          : std::min<int64_t>(rows, (4 * sms + tokens - 1) / tokens);
@@ -754,7 +770,9 @@ void rotary_plan(const at::Tensor& q, const std::optional<at::Tensor>& k, const 
                          (complex_tables || (cs_vector_ok(cos, VEC) && cs_vector_ok(sin, VEC) &&
                                              cs_vector_ok(cos_k, VEC) && cs_vector_ok(sin_k, VEC)));
   if (swap_layout) vector = cs_vector;  // (the vector swap needs both)
-  const LaunchPlan plan = plan_launch(tokens, rows, vector ? half / VEC : half, sms);
+  // (the instance's CS_VECTOR is cs_vector, its INTERLEAVED interleaved: its block_threads)
+  const LaunchPlan plan = plan_launch(tokens, rows, vector ? half / VEC : half, sms,
+                                      block_threads<scalar_t, cs_t>(cs_vector, interleaved));
   RK_CHECK(D <= std::numeric_limits<int32_t>::max(), "rotary: head dim too large (", D, ")");
   p.S = static_cast<int32_t>(S);
   p.D = static_cast<int32_t>(D);

@@ -112,15 +112,17 @@ void walk(LaunchShape grid, LaunchShape block, F&& thread_fn) {
 }
 
 struct SimLauncher {
-  std::vector<int64_t> info;  // grid.x, grid.y, block.x, block.y, VEC, VECTOR, CS_VECTOR, PAIRS
+  std::vector<int64_t> info;  // grid.x, grid.y, block.x, block.y, VEC, VECTOR, CS_VECTOR, PAIRS, max threads
   template <int VEC, bool VECTOR, bool CS_VECTOR, bool INTERLEAVED, bool K_TABLES, bool PAIRS = false,
             typename Params>
   void run(const Params& p, LaunchShape grid, LaunchShape block) {
     using scalar_t = typename Params::scalar_type;
     using cs_t = typename Params::cs_type;
-    TORCH_CHECK(block.x >= 1 && block.y >= 1 && block.x * block.y <= kThreads, "bad block ", block.x, "x", block.y);
+    constexpr int most = block_threads<scalar_t, cs_t>(CS_VECTOR, INTERLEAVED);  // (a real launch past
+    // the instance's __launch_bounds__ fails)
+    TORCH_CHECK(block.x >= 1 && block.y >= 1 && block.x * block.y <= most, "bad block ", block.x, "x", block.y);
     TORCH_CHECK(grid.x >= 1 && grid.x <= 2147483647 && grid.y >= 1 && grid.y <= 65535, "bad grid");
-    info = {grid.x, grid.y, block.x, block.y, VEC, VECTOR, CS_VECTOR, PAIRS};
+    info = {grid.x, grid.y, block.x, block.y, VEC, VECTOR, CS_VECTOR, PAIRS, most};
     walk(grid, block, [&] { rotary_kernel<scalar_t, cs_t, VEC, VECTOR, CS_VECTOR, INTERLEAVED, K_TABLES, PAIRS>(p); });
   }
   template <int VEC, bool VECTOR, bool ROWS32, typename scalar_t, typename acc_t>
@@ -203,8 +205,8 @@ std::vector<at::Tensor> elementwise_tables(const at::Tensor& x1, const at::Tenso
   return {elementwise_table(x1, cos), elementwise_table(x1, sin)};
 }
 
-std::vector<int64_t> plan(int64_t tokens, int64_t rows, int64_t nchunks, int64_t sms) {
-  const LaunchPlan p = plan_launch(tokens, rows, nchunks, sms);
+std::vector<int64_t> plan(int64_t tokens, int64_t rows, int64_t nchunks, int64_t sms, int64_t max_threads) {
+  const LaunchPlan p = plan_launch(tokens, rows, nchunks, sms, max_threads);
   return {p.grid.x, p.grid.y, p.block.x, p.block.y, p.rows_per_slice};
 }
 
@@ -221,7 +223,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("swap_layout") = false);
   m.def("apply_rotary_sim", &apply_rotary_sim);
   m.def("elementwise_tables", &elementwise_tables);
-  m.def("plan", &plan);
+  m.def("plan", &plan, pybind11::arg("tokens"), pybind11::arg("rows"), pybind11::arg("nchunks"), pybind11::arg("sms"),
+        pybind11::arg("max_threads") = kThreads);
   m.def("set_checks", [](bool on) { g_check = on; });
   m.def("set_force_vector", [](bool on) { g_force_vector = on; });
 }

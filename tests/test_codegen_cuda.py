@@ -36,11 +36,12 @@ S, HQ, HK, D = 4096, 32, 8, 128  # Llama-3-8B prefill, one sequence
 # when all its warps end). Every case 45%: 6 blocks of 8x20 at 64 registers, 30 warps, each with a
 # row's loads in flight at every step; interleaved per-pair tables and MLA's rope (chunks of
 # pairs) included; fp32 q/k 16x14 blocks, 4 of them, 26.7 warps (42%). bf16 x with fp32 cos/sin,
-# half-split: 31% (77-78 registers: products rounded on their own, no FMA, min_blocks in
-# rotary_cuda_kernels.cuh; 4 blocks, 20 warps, as Nsight Compute measured on an H100). The 8x32 plan before kept 20 (15 with fp32
+# half-split: 39% (72 registers in blocks of at most 224 threads: products rounded on their own,
+# no FMA, min_blocks in rotary_cuda_kernels.cuh; 5 blocks, 25 warps; at 77 registers under (256, 3)
+# 4 blocks, 20 warps, as Nsight Compute measured on an H100). The 8x32 plan before kept 20 (15 with fp32
 # tables) of its 32 (24) resident warps busy on average: its second step held 8 of a block's 40
 # rows, and the H200 measured it at 82-86% (74-76%) of a copy's bandwidth.
-BUSY_FLOOR = {"default": 0.45, ("bf16", "float", False, False): 0.31, ("bf16", "float", False, True): 0.31,
+BUSY_FLOOR = {"default": 0.45, ("bf16", "float", False, False): 0.39, ("bf16", "float", False, True): 0.39,
               ("float", "float", False, False): 0.4, ("float", "float", True, False): 0.4}
 
 
@@ -252,11 +253,11 @@ def plans():
         ck, sk = tables(1, 2, width, cdt, "cpu", seed=5) if kt else (None, None)
         info = sim.rotary_sim(q, k, cos, sin, torch.empty_like(q), torch.empty_like(k), il, conj, 132, cos_k=ck,
                               sin_k=sk, pair_tables=pt, swap_layout=sw)
-        vec, vector, cs_vector, pairs = info[4:8]
+        vec, vector, cs_vector, pairs, max_threads = info[4:9]
         cs_t = TNAME[cdt] if cdt == dt else "float"
         b = lambda x: "true" if x else "false"  # noqa: E731
         inst = f"rotary_kernel<{TNAME[dt]}, {cs_t}, {vec}, {b(vector)}, {b(cs_vector)}, {b(il)}, {b(kt)}, {b(pairs)}>"
-        gx, gy, bx, by, rps = sim.plan(S, HQ + HK, D // 2 // vec, SMS[90])
+        gx, gy, bx, by, rps = sim.plan(S, HQ + HK, D // 2 // vec, SMS[90], max_threads)
         out.append(dict(name=name, dt=dt, cdt=cdt, cs_t=cs_t, il=il, inst=inst, grid=(gx, gy), block=(bx, by),
                         rows=rps, vec=vec, kt=kt, pt=pt, sw=sw))
     return out

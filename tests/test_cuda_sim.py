@@ -198,6 +198,24 @@ def test_sim_llama_prefill_plan(sim):
     assert sim.plan(4096, 40, 16, 132) == [4096, 1, 16, 14, 40]
 
 
+@pytest.mark.parametrize("D", [128, 256, 512])
+def test_sim_wide_table_blocks(sim, D):
+    """16-bit x with fp32 vector tables, half-split, take blocks of at most 224 threads (their
+    __launch_bounds__: 72 registers, 5 blocks of Llama's 8x20 an SM rather than 4 at 77); the
+    planner gives them no more (a real launch past the bound fails; the simulation checks every
+    launch against it), the same values, and the other instances their 256."""
+    q = canonical(1, 3, 6, D, torch.bfloat16, "cpu", "heads_outer")
+    k = canonical(1, 3, 2, D, torch.bfloat16, "cpu", "heads_outer", seed=2)
+    for cdt, il, most in ((torch.float32, False, 224), (torch.float32, True, 256), (torch.bfloat16, False, 256)):
+        cos, sin = tables(1, 3, D, cdt, "cpu")
+        qo, ko, info = run(sim, q, k, cos, sin, il)
+        assert info[6] == 1 and info[8] == most and info[2] * info[3] <= most, (cdt, il, info)
+        assert torch.equal(qo, rotary_reference(q, cos, sin, 2, il)) and torch.equal(ko, rotary_reference(k, cos, sin, 2, il))
+    assert sim.plan(4096, 40, 8, 132, 224) == [4096, 1, 8, 20, 40]  # Llama: the same 8x20 blocks
+    assert sim.plan(4096, 40, 16, 132, 224) == [4096, 1, 16, 14, 40]
+    assert sim.plan(4096, 40, 32, 132, 224) == [4096, 1, 32, 7, 40]  # D = 512: 6 steps of 7 rows or fewer
+
+
 @pytest.mark.parametrize("rows", [1, 3, 8, 32, 33, 40, 41, 72, 100, 257])
 @pytest.mark.parametrize("nchunks", [1, 4, 8, 16, 40, 256])
 def test_sim_plans_spread_rows_evenly(sim, rows, nchunks):
