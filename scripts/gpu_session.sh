@@ -4,9 +4,11 @@
 # off so that the whole call ends within BUDGET seconds (default 560; a device call may run 600).
 # Everything lands in $OUT (default ./gpu-out) as gpu-results.tgz, refreshed after each step
 # (a device call brings back at most 8 files).
-#   tests     the suite minus the CPU-only files and test_hub (it builds the Hub tree with nvcc again:
-#             TEST_ARGS=tests/test_hub.py runs it), on WORKERS (12) processes (TEST_ARGS overrides the
-#             selection; the second session's 8 workers needed over 215 s)
+#   tests     the suite minus the CPU-only files and test_hub (the hub step runs it), on WORKERS (12)
+#             processes (TEST_ARGS overrides the selection; the second session's 8 workers needed over 215 s)
+#   hub       scripts/build_hub.py once (the arch variant with nvcc), then tests/test_hub.py on WORKERS
+#             processes against that tree (ROTARY_KERNELS_HUB_TREE; as TEST_ARGS under the tests step,
+#             every worker built its own tree, 12 nvcc builds at once: 5 tests ran in 218 s, 2026-11-28)
 #   demo      python -m rotary_kernels.demo
 #   bench     benchmarks/bench.py (BENCH_ARGS, default: the quick report on llama3-8b bf16, both table dtypes)
 #   numerics  benchmarks/numerics.py
@@ -61,6 +63,12 @@ for step in ${STEPS:-errors host tests demo bench numerics}; do
   case $step in
     tests) timeout -s INT -k 20 "$(left 220)" python3 -m pytest -p no:cacheprovider -q -rfEs --tb=short -n ${WORKERS:-12} --timeout 200 \
              ${TEST_ARGS:-$cpu_only tests} > "$RES/tests.txt" 2>&1 ;;
+    hub) { tree=$(mktemp -d)
+           SECONDS_HUB=$SECONDS
+           timeout "$(left 240)" python3 scripts/build_hub.py --out "$tree/build" --cuda-archs 9.0
+           echo "build_hub: rc $? in $((SECONDS - SECONDS_HUB))s"
+           ROTARY_KERNELS_HUB_TREE=$tree timeout -s INT -k 20 "$(left 300)" python3 -m pytest -p no:cacheprovider -q \
+             -rfEs --tb=short -n ${WORKERS:-12} --timeout 250 tests/test_hub.py; } > "$RES/hub.txt" 2>&1 ;;
     demo) timeout "$(left 40)" python3 -m rotary_kernels.demo > "$RES/demo.txt" 2>&1 ;;
     bench) timeout "$(left 200)" python3 benchmarks/bench.py --out "$RES/bench" \
              ${BENCH_ARGS:---quick --shapes llama3-8b --dtypes bfloat16 --cos same,fp32} > "$RES/bench.txt" 2>&1 ;;
@@ -136,7 +144,7 @@ PY
            --section SpeedOfLight \
            --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
            python3 benchmarks/ncu_cases.py > "$RES/ncu.txt" 2>&1 ;;
-    *) echo "unknown step $step (tests, demo, bench, numerics, errors, host, ncu)"; false ;;
+    *) echo "unknown step $step (tests, hub, demo, bench, numerics, errors, host, ncu)"; false ;;
   esac
   rc=$?
   tail -${TAIL:-12} "$RES/$step.txt" 2>/dev/null

@@ -6,6 +6,7 @@ inference modes against the un-kernelized model.
 
 import importlib
 import json
+import os
 import subprocess
 import sys
 import tomllib
@@ -27,7 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def hub_repo(tmp_path_factory):
-    """A kernel repository (build/ with every variant) built from this checkout."""
+    """A kernel repository (build/ with every variant) built from this checkout, or the one
+    ROTARY_KERNELS_HUB_TREE names, built from it beforehand (scripts/gpu_session.sh's hub step:
+    under pytest-xdist every worker would otherwise build its own, nvcc included)."""
+    prebuilt = os.environ.get("ROTARY_KERNELS_HUB_TREE")
+    if prebuilt:
+        assert (Path(prebuilt) / "build").is_dir(), f"ROTARY_KERNELS_HUB_TREE={prebuilt}: no build/ there"
+        return Path(prebuilt)
     repo = tmp_path_factory.mktemp("hub")
     cmd = [sys.executable, str(ROOT / "scripts" / "build_hub.py"), "--out", str(repo / "build"), "--cuda-archs", "9.0"]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
