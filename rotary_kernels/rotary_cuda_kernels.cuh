@@ -75,7 +75,6 @@ constexpr int kThreads = 256;
 #endif
 constexpr int kMinBlocks = RK_MIN_BLOCKS;
 
-
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Vec {
   T v[N];
