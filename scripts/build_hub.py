@@ -21,6 +21,7 @@ variant (``_rotary_kernels_<backend>_<id>``) so that several builds can be loade
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib.util
 import json
@@ -92,8 +93,10 @@ def metadata(config: dict, unique: str, backend: dict) -> dict:
     }
 
 
+@functools.cache
 def setup_rules():
-    """setup.py as a module (it calls setup() only when run as __main__): its build rules."""
+    """setup.py as a module (it calls setup() only when run as __main__): its build rules, loaded
+    once (main reads build.toml through it, cuda_archs its capabilities)."""
     spec = importlib.util.spec_from_file_location("rotary_kernels_setup", ROOT / "setup.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
