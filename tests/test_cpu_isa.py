@@ -37,6 +37,7 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
             else:
                 q, k = torch.randn(2, S, Hq, D).to(dtype), torch.randn(2, S, Hk, D).to(dtype)
             q[0, 0, 0, :8] = torch.tensor([float("nan"), 1e-39, -1e-40, float("inf"), 0.0, -0.0, 3e38, -3e38])
+            q[1, 1, 0], q[1, 2, 0] = q[1, 1, 0] * 2.0 ** -64, q[1, 2, 0] * 2.0 ** 64  # (bf16_in_window's edges)
             for same in (True, False):
                 ang = torch.rand(S, R // 2) * 6.3
                 ang = torch.cat([ang, ang if same else 1.3 * ang], -1)

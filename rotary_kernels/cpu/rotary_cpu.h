@@ -431,11 +431,39 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, 
   }
 }
 
+// The fast narrowings of the bf16 steps below are exact for results in [2^-64, 2^64) (bf16_step32's
+// vcvtne2ps2bf16 away from denormals and NaNs; bf16_dp_step32 from 2^-97 on, but NaNs: see there),
+// a window tested in two instructions a vector: adding kBf16Window to a result's bits (sign
+// included) sets bit 14 exactly when its exponent field is in [63, 190]: those magnitudes,
+// [0x1F80, 0x5F80) in 15 bits, move to [0x4000, 0x8000) (negative values to [0xC000, 0x10000)),
+// every other one lands with bit 14 clear (checked over all 2^16 bit patterns). The rest (zeros,
+// NaNs, infinities and magnitudes no activation reaches) go the exact way. In bf16_dp_step32,
+// against the range [2^-97, inf] in min/max form (doubled magnitudes, 6 instructions a step): bf16
+// rows in L1 here 3.55 -> 3.18 ns a step, 512 tokens 4-9% faster.
+constexpr int16_t kBf16Window = 0x2080;
+constexpr int16_t kBf16WindowBit = 0x4000;
+// Are all 32 results in a and b (bf16) in the window?
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline bool bf16_in_window(__m512i a, __m512i b) {
+  const __m512i w = _mm512_set1_epi16(kBf16Window), bit = _mm512_set1_epi16(kBf16WindowBit);
+  const __mmask32 ka = _mm512_test_epi16_mask(_mm512_add_epi16(a, w), bit);
+  return _mm512_mask_test_epi16_mask(ka, _mm512_add_epi16(b, w), bit) == 0xFFFFFFFFu;
+}
+// The steps whose check is deferred (bf16_dp_step32<true>): the AND of their results plus
+// kBf16Window, whose bit 14 is set in every lane while all of them were in the window.
+struct DpSeen {
+  __m512i all;
+};
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline bool dp_seen_in_window(const DpSeen& seen) {
+  return _mm512_test_epi16_mask(seen.all, _mm512_set1_epi16(kBf16WindowBit)) == 0xFFFFFFFFu;
+}
+
 // bf16 rotate-half rows on CPUs with AVX512-BF16 (and BW, DQ): as rotate_avx512, 32 pairs per step,
 // narrowed by vcvtne2ps2bf16 (one instruction per 32 values, round to nearest even). It equals
 // store_out on every fp32 input but NaNs and denormals (checked over all 2^32 bit patterns: it
-// flushes denormals and keeps a NaN's sign), so a step whose results hold either is narrowed by
-// bf16x16_store instead (vfpclassps finds them).
+// flushes denormals and keeps a NaN's sign), so a step with a narrowed result outside
+// bf16_in_window's [2^-64, 2^64) (NaNs, and denormals, flushed to zero) is narrowed by
+// bf16x16_store instead (against vfpclassps on the fp32 results: 4 instructions a step rather than
+// 6, ...).
 // The bf16 inputs are widened with vpermt2w (AVX512-BW), one instruction per 16 values instead of
 // vpmovzxwd + vpslld (the same fp32 values; 2-7% faster at 512-2048 tokens here: these rows are
 // bound by the vector units at one thread, ~11 cycles a step; lane_order's quadword permute and
@@ -458,20 +486,16 @@ template <bool same>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_step32(
     __m512i xa, __m512i xb, c10::BFloat16* y, int64_t half, const __m512* vc1, const __m512* vs1, const __m512* vc2,
     const __m512* vs2, bool stream) {
-  constexpr int kNanOrDenormal = 0x01 | 0x20 | 0x80;  // vfpclassps: quiet NaN, denormal, signalling NaN
   __m512 ya[2], yb[2];
-  __mmask16 odd = 0;
   for (int u = 0; u < 2; ++u) {
     const __m512i idx = _mm512_load_si512(kWiden[u]);
     const __m512 a = _mm512_castsi512_ps(_mm512_permutex2var_epi16(_mm512_setzero_si512(), idx, xa));
     const __m512 b = _mm512_castsi512_ps(_mm512_permutex2var_epi16(_mm512_setzero_si512(), idx, xb));
     rotate16(a, b, vc1[u], vs1[u], same ? vc1[u] : vc2[u], same ? vs1[u] : vs2[u], ya[u], yb[u]);
-    odd = _kor_mask16(odd, _kor_mask16(_mm512_fpclass_ps_mask(ya[u], kNanOrDenormal),
-                                       _mm512_fpclass_ps_mask(yb[u], kNanOrDenormal)));
   }
-  if (__builtin_expect(_kortestz_mask16_u8(odd, odd), 1)) {
-    const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ya[1], ya[0]));
-    const __m512i b = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb[1], yb[0]));
+  const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ya[1], ya[0]));
+  const __m512i b = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb[1], yb[0]));
+  if (__builtin_expect(bf16_in_window(a, b), 1)) {
     if (stream) {
       _mm512_stream_si512(reinterpret_cast<__m512i*>(y), a);
       _mm512_stream_si512(reinterpret_cast<__m512i*>(y + half), b);
@@ -493,31 +517,6 @@ alignas(64) constexpr uint16_t kPairUp[2][32] = {
     {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47},
     {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
      24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63}};
-// bf16_dp_step32's results are exact when at least 2^-97 in magnitude and not NaN (see there); it
-// accepts those in [2^-64, 2^64), a window it tests in two instructions a vector: adding kDpWindow
-// to a result's bits (sign included) sets bit 14 (kDpBit) exactly when its exponent field is in
-// [63, 190]: those magnitudes, [0x1F80, 0x5F80) in 15 bits, move to [0x4000, 0x8000) (negative
-// values to [0xC000, 0x10000)), every other one lands with bit 14 clear (checked over all 2^16 bit
-// patterns). The rest (zeros, NaN, infinities, and magnitudes no
-// activation reaches) go the exact way. Against the range [2^-97, inf] in min/max form (doubled
-// magnitudes, 6 instructions a step): bf16 rows in L1 here 3.55 -> 3.18 ns a step.
-constexpr int16_t kDpWindow = 0x2080;
-constexpr int16_t kDpBit = 0x4000;
-// Are all 32 results in a and b (bf16) in the window?
-__attribute__((target("avx512f,avx512bw"), always_inline)) inline bool dp_in_window(__m512i a, __m512i b) {
-  const __m512i w = _mm512_set1_epi16(kDpWindow), bit = _mm512_set1_epi16(kDpBit);
-  const __mmask32 ka = _mm512_test_epi16_mask(_mm512_add_epi16(a, w), bit);
-  return _mm512_mask_test_epi16_mask(ka, _mm512_add_epi16(b, w), bit) == 0xFFFFFFFFu;
-}
-// The steps whose check is deferred (bf16_dp_step32<true>): the AND of their results plus
-// kDpWindow, whose bit 14 is set in every lane while all of them were in the window.
-struct DpSeen {
-  __m512i all;
-};
-__attribute__((target("avx512f,avx512bw"), always_inline)) inline bool dp_seen_in_window(const DpSeen& seen) {
-  return _mm512_test_epi16_mask(seen.all, _mm512_set1_epi16(kDpBit)) == 0xFFFFFFFFu;
-}
-
 // bf16 tables for vdpbf16ps, straight from bf16 cos/sin runs (the table values of rotate_tokens'
 // plain rows: c1, c2, s1, s2, the sin runs negated with `neg`): per pair i, 32-bit lanes
 // (c1[i], -s1[i]) then (s2[i], c2[i]), x1's factor in the low half, x2's in the high one, into
@@ -580,7 +579,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), noinline, cold)) 
 // at least 2^-99, whose fp32 neighbours are 2^-123 or more apart: adding the other product (exact,
 // or under 2^-125 either way) rounds the same in both, so the fp32 results are equal (and so their
 // vcvtne2ps2bf16 narrowing, exact for normal values). Infinities come from the same exact
-// products on both paths. Steps with a result outside the window of dp_in_window (zeros: signs of
+// products on both paths. Steps with a result outside the window of bf16_in_window (zeros: signs of
 // zero; NaN: payloads; anything under 2^-64 or from 2^64) store nothing and return false: the caller redoes them by bf16_step32
 // (bf16_step32_lanes, from the step's lanes in memory, t1 and t2's), in place too, as the step's x
 // is still unchanged. The caller decides where that call goes: the unrolled rows make it after
@@ -606,9 +605,9 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
   const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ya[1], ya[0]));
   const __m512i b = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb[1], yb[0]));
   if constexpr (kDefer) {
-    const __m512i w = _mm512_set1_epi16(kDpWindow);
+    const __m512i w = _mm512_set1_epi16(kBf16Window);
     seen.all = _mm512_ternarylogic_epi32(seen.all, _mm512_add_epi16(a, w), _mm512_add_epi16(b, w), 0x80);  // AND
-  } else if (__builtin_expect(!dp_in_window(a, b), 0)) {
+  } else if (__builtin_expect(!bf16_in_window(a, b), 0)) {
     return false;
   }
   if (stream) {
