@@ -462,8 +462,8 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) inline bool dp_seen_i
 // store_out on every fp32 input but NaNs and denormals (checked over all 2^32 bit patterns: it
 // flushes denormals and keeps a NaN's sign), so a step with a narrowed result outside
 // bf16_in_window's [2^-64, 2^64) (NaNs, and denormals, flushed to zero) is narrowed by
-// bf16x16_store instead (against vfpclassps on the fp32 results: 4 instructions a step rather than
-// 6, ...).
+// bf16x16_store instead (against vfpclassps on the fp32 results, 4 instructions a step rather than
+// 6: token-major rows at 512 tokens, 1 thread, 12-15% faster).
 // The bf16 inputs are widened with vpermt2w (AVX512-BW), one instruction per 16 values instead of
 // vpmovzxwd + vpslld (the same fp32 values; 2-7% faster at 512-2048 tokens here: these rows are
 // bound by the vector units at one thread, ~11 cycles a step; lane_order's quadword permute and
@@ -663,27 +663,36 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
       // but a row at a time: slower than the loop), and out of place too (more loads in flight):
       // forward 0.177 -> 0.148, backward 0.211 -> 0.175; 2 threads 0.080 -> 0.062, 0.097 ->
       // 0.087, 0.122 -> 0.110; 2048 tokens forward 0.709 -> 0.668, backward 0.777 -> 0.731.
-      __m512i xa[kN][kChunks], xb[kN][kChunks];
+      // With fp32 tables (bf16_step32: 4 zmm of them per chunk, 8 without `same`, against
+      // vdpbf16ps's 4 lanes) all chunks at once spill: there one chunk of every row at a time
+      // (its loads still all before its stores; the next chunk's lie 64 bytes further, on other
+      // addresses modulo 4 KB). [B, H, S, D] bf16, fp32 tables, 512 tokens, 1 thread, alternated
+      // builds: ...
+      constexpr int kAtOnce = kDp ? kChunks : 1;
       uint32_t redo = 0;  // bf16_dp_step32's steps left to bf16_step32_lanes: bit r * kChunks + c
+      for (int c0 = 0; c0 < kChunks; c0 += kAtOnce) {
+        __m512i xa[kN][kAtOnce], xb[kN][kAtOnce];
 #pragma GCC unroll 8
-      for (int r = 0; r < kN; ++r) {
-        for (int c = 0; c < kChunks; ++c) {
-          xa[r][c] = _mm512_loadu_si512(x + r * sx + 32 * c);
-          xb[r][c] = _mm512_loadu_si512(x + r * sx + half + 32 * c);
+        for (int r = 0; r < kN; ++r) {
+          for (int c = 0; c < kAtOnce; ++c) {
+            xa[r][c] = _mm512_loadu_si512(x + r * sx + 32 * (c0 + c));
+            xb[r][c] = _mm512_loadu_si512(x + r * sx + half + 32 * (c0 + c));
+          }
         }
-      }
 #pragma GCC unroll 8
-      for (int r = 0; r < kN; ++r) {
-        if (r < pf.rows) prefetch_row(x + r * sx + pf.ox(r), y + r * sy + pf.oy(r), pf.bytes, !stream, pf.l2);
-        for (int c = 0; c < kChunks; ++c) {
-          if constexpr (kDp) {
-            if (!bf16_dp_step32<kDefer>(xa[r][c], xb[r][c], y + r * sy + 32 * c, half, t1 + 2 * c, t2 + 2 * c,
-                                        stream, seen)) {
-              redo |= 1u << (r * kChunks + c);
+        for (int r = 0; r < kN; ++r) {
+          if (c0 == 0 && r < pf.rows) prefetch_row(x + r * sx + pf.ox(r), y + r * sy + pf.oy(r), pf.bytes, !stream, pf.l2);
+          for (int c = 0; c < kAtOnce; ++c) {
+            const int cc = c0 + c;
+            if constexpr (kDp) {
+              if (!bf16_dp_step32<kDefer>(xa[r][c], xb[r][c], y + r * sy + 32 * cc, half, t1 + 2 * cc, t2 + 2 * cc,
+                                          stream, seen)) {
+                redo |= 1u << (r * kChunks + cc);
+              }
+            } else {
+              bf16_step32<same>(xa[r][c], xb[r][c], y + r * sy + 32 * cc, half, vc1 + 2 * cc, vs1 + 2 * cc,
+                                vc2 + 2 * cc, vs2 + 2 * cc, stream);
             }
-          } else {
-            bf16_step32<same>(xa[r][c], xb[r][c], y + r * sy + 32 * c, half, vc1 + 2 * c, vs1 + 2 * c, vc2 + 2 * c,
-                              vs2 + 2 * c, stream);
           }
         }
       }
