@@ -81,11 +81,12 @@ for dtype in (torch.float16, torch.bfloat16):
         outs += [qo, ko]
 # bf16 rows with bf16 tables: the vdpbf16ps steps (AVX512-BF16) against the other caps' exact
 # arithmetic. q holds random bit patterns (NaN, inf, denormals, every exponent), values near the
-# 2^-97 bound and the window's edges (2^-64, 2^64) and a zero row; tables scaled to 1, 2 (the largest taken), 2.5 (refused), 1e-30
-# (tiny products everywhere), with a denormal value and a zero row; same and different halves,
-# R = 64, 128, 256 (the rows kernel's three shapes), token- and head-major (groups of 4 heads: the
-# unrolled rows, whose refused steps are redone after the group's stores; out of place, a token's
-# steps are checked together and all redone), out of place and in place.
+# 2^-97 bound and the checked window's edges (2^-64, 2^64) and a zero row; tables scaled to 1, 2
+# (the largest taken), 2.5 (refused), 1e-30 (tiny products everywhere), with a denormal value and
+# a zero row; same and different halves, R = 64, 128, 256 (the rows kernel's three shapes), token-
+# and head-major (groups of 4 heads: the unrolled rows, whose refused steps are redone after the
+# group's stores; out of place, a token's steps are checked together and all redone), out of place
+# and in place.
 def bits16(n):
     return torch.randint(-32768, 32768, (n,), dtype=torch.int16).view(torch.bfloat16)
 for R, scale, same in ((128, 1.0, True), (128, 2.0, False), (64, 2.5, True), (256, 1e-30, True), (128, 1.0, False),
@@ -96,7 +97,7 @@ for R, scale, same in ((128, 1.0, True), (128, 2.0, False), (64, 2.5, True), (25
     q[m] = bits16(int(m.sum()))
     m = torch.rand(q.shape) < 0.2
     q[m] = (torch.randn(int(m.sum())) * 2.0 ** -97).to(torch.bfloat16)
-    for edge in (2.0 ** -64, 2.0 ** 64):  # the edges of the steps' window (dp_in_window)
+    for edge in (2.0 ** -64, 2.0 ** 64):  # the edges of the steps' window (bf16_in_window)
         m = torch.rand(q.shape) < 0.05
         q[m] = (torch.randn(int(m.sum())) * edge).to(torch.bfloat16)
     q[0, 3, 2] = 0

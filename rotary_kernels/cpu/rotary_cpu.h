@@ -579,9 +579,10 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), noinline, cold)) 
 // at least 2^-99, whose fp32 neighbours are 2^-123 or more apart: adding the other product (exact,
 // or under 2^-125 either way) rounds the same in both, so the fp32 results are equal (and so their
 // vcvtne2ps2bf16 narrowing, exact for normal values). Infinities come from the same exact
-// products on both paths. Steps with a result outside the window of bf16_in_window (zeros: signs of
-// zero; NaN: payloads; anything under 2^-64 or from 2^64) store nothing and return false: the caller redoes them by bf16_step32
-// (bf16_step32_lanes, from the step's lanes in memory, t1 and t2's), in place too, as the step's x
+// products on both paths. Steps with a result outside bf16_in_window's window (zeros: signs of
+// zero; NaNs: payloads; anything under 2^-64 or from 2^64) store nothing and return false: the
+// caller redoes them by bf16_step32 (bf16_step32_lanes, from the step's lanes in memory, t1 and
+// t2's), in place too, as the step's x
 // is still unchanged. The caller decides where that call goes: the unrolled rows make it after
 // their group, so that no call sits among their 16 zmm of loaded x (live across a call, they
 // would be spilled). kDefer (out of place only: x must outlive the stores): the step stores its
@@ -667,8 +668,8 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
       // vdpbf16ps's 4 lanes) all chunks at once spill: there one chunk of every row at a time
       // (its loads still all before its stores; the next chunk's lie 64 bytes further, on other
       // addresses modulo 4 KB). [B, H, S, D] bf16, fp32 tables, 512 tokens, 1 thread, alternated
-      // builds: in place 0.258 -> 0.240-0.250 ms, backward 0.34 -> 0.33; vdpbf16ps steps a chunk at a
-      // time: within noise (forward 0.206-0.213 -> 0.212-0.225).
+      // builds: in place 0.258 -> 0.240-0.250 ms, backward 0.34 -> 0.33; vdpbf16ps steps a chunk
+      // at a time: within noise (forward 0.206-0.213 -> 0.212-0.225).
       constexpr int kAtOnce = kDp ? kChunks : 1;
       uint32_t redo = 0;  // bf16_dp_step32's steps left to bf16_step32_lanes: bit r * kChunks + c
       for (int c0 = 0; c0 < kChunks; c0 += kAtOnce) {
@@ -682,7 +683,9 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
         }
 #pragma GCC unroll 8
         for (int r = 0; r < kN; ++r) {
-          if (c0 == 0 && r < pf.rows) prefetch_row(x + r * sx + pf.ox(r), y + r * sy + pf.oy(r), pf.bytes, !stream, pf.l2);
+          if (c0 == 0 && r < pf.rows) {
+            prefetch_row(x + r * sx + pf.ox(r), y + r * sy + pf.oy(r), pf.bytes, !stream, pf.l2);
+          }
           for (int c = 0; c < kAtOnce; ++c) {
             const int cc = c0 + c;
             if constexpr (kDp) {
