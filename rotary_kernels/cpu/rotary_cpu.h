@@ -442,14 +442,18 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, 
 // rows in L1 here 3.55 -> 3.18 ns a step, 512 tokens 4-9% faster.
 constexpr int16_t kBf16Window = 0x2080;
 constexpr int16_t kBf16WindowBit = 0x4000;
+// v's bf16 lanes plus kBf16Window: bit 14 set in the lanes in the window.
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline __m512i bf16_window_bits(__m512i v) {
+  return _mm512_add_epi16(v, _mm512_set1_epi16(kBf16Window));
+}
 // Are all 32 results in a and b (bf16) in the window?
 __attribute__((target("avx512f,avx512bw"), always_inline)) inline bool bf16_in_window(__m512i a, __m512i b) {
-  const __m512i w = _mm512_set1_epi16(kBf16Window), bit = _mm512_set1_epi16(kBf16WindowBit);
-  const __mmask32 ka = _mm512_test_epi16_mask(_mm512_add_epi16(a, w), bit);
-  return _mm512_mask_test_epi16_mask(ka, _mm512_add_epi16(b, w), bit) == 0xFFFFFFFFu;
+  const __m512i bit = _mm512_set1_epi16(kBf16WindowBit);
+  const __mmask32 ka = _mm512_test_epi16_mask(bf16_window_bits(a), bit);
+  return _mm512_mask_test_epi16_mask(ka, bf16_window_bits(b), bit) == 0xFFFFFFFFu;
 }
-// The steps whose check is deferred (bf16_dp_step32<true>): the AND of their results plus
-// kBf16Window, whose bit 14 is set in every lane while all of them were in the window.
+// The steps whose check is deferred (bf16_dp_step32<true>): the AND of their bf16_window_bits,
+// whose bit 14 is set in every lane while all of them were in the window.
 struct DpSeen {
   __m512i all;
 };
@@ -466,19 +470,24 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) inline bool dp_seen_i
 // 6: token-major rows at 512 tokens, 1 thread, 12-15% faster).
 // The bf16 inputs are widened with vpermt2w (AVX512-BW), one instruction per 16 values instead of
 // vpmovzxwd + vpslld (the same fp32 values; 2-7% faster at 512-2048 tokens here: these rows are
-// bound by the vector units at one thread, ~11 cycles a step; lane_order's quadword permute and
-// in-lane unpacks with zeros instead: token-major 2-4% slower, [B, H, S, D] 3-8% faster).
+// bound by the vector units at one thread, ~11 cycles a step; pair_words with zeros
+// instead: token-major 2-4% slower, [B, H, S, D] 3-8% faster).
 // vpermt2w indices that widen 32 bf16 values (one zmm) to fp32, each value the high half of a
 // 32-bit lane (the low half from a zero vector): [0] values 0-15, [1] values 16-31.
 alignas(64) constexpr uint16_t kWiden[2][32] = {
     {0, 32, 0, 33, 0, 34, 0, 35, 0, 36, 0, 37, 0, 38, 0, 39, 0, 40, 0, 41, 0, 42, 0, 43, 0, 44, 0, 45, 0, 46, 0, 47},
     {0, 48, 0, 49, 0, 50, 0, 51, 0, 52, 0, 53, 0, 54, 0, 55, 0, 56, 0, 57, 0, 58, 0, 59, 0, 60, 0, 61, 0, 62, 0, 63}};
-// x's quadwords in the order 0 4 1 5 2 6 3 7, so that vpunpcklwd / vpunpckhwd of two such vectors
-// (which interleave words within 128-bit lanes) pair their words 0-15 / 16-31 in order: a
-// quadword permute and two in-lane unpacks rather than two word permutes from two sources
-// (vpermt2w, slow on Zen 4).
-__attribute__((target("avx512f"), always_inline)) inline __m512i lane_order(__m512i x) {
-  return _mm512_permutexvar_epi64(_mm512_set_epi64(7, 3, 6, 2, 5, 1, 4, 0), x);
+// a's and b's 32 words paired in 32-bit lanes, a's in the low half: out[0] lanes i = 0..15 hold
+// (a[i], b[i]), out[1] (a[16 + i], b[16 + i]). Each input's quadwords placed in the order
+// 0 4 1 5 2 6 3 7, vpunpcklwd / vpunpckhwd (which interleave words within 128-bit lanes) pair
+// words 0-15 / 16-31 in order: a quadword permute and an in-lane unpack per output rather than a
+// two-source word permute (vpermt2w, slow on Zen 4).
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline void pair_words(__m512i a, __m512i b,
+                                                                                 __m512i out[2]) {
+  const __m512i order = _mm512_set_epi64(7, 3, 6, 2, 5, 1, 4, 0);
+  const __m512i pa = _mm512_permutexvar_epi64(order, a), pb = _mm512_permutexvar_epi64(order, b);
+  out[0] = _mm512_unpacklo_epi16(pa, pb);
+  out[1] = _mm512_unpackhi_epi16(pa, pb);
 }
 // 32 pairs of one row: x[0, 32) with x[half, half + 32) (loaded: xa, xb) into y, with the table
 // values in vc*/vs*.
@@ -511,12 +520,6 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
   }
 }
 
-// vpermt2w indices pairing x1's 32 values (a zmm) with x2's: [u] lanes i = 0..15 of 32 bits hold
-// (x1[16 u + i], x2[16 u + i]).
-alignas(64) constexpr uint16_t kPairUp[2][32] = {
-    {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37, 6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47},
-    {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21, 53, 22, 54, 23, 55,
-     24, 56, 25, 57, 26, 58, 27, 59, 28, 60, 29, 61, 30, 62, 31, 63}};
 // bf16 tables for vdpbf16ps, straight from bf16 cos/sin runs (the table values of rotate_tokens'
 // plain rows: c1, c2, s1, s2, the sin runs negated with `neg`): per pair i, 32-bit lanes
 // (c1[i], -s1[i]) then (s2[i], c2[i]), x1's factor in the low half, x2's in the high one, into
@@ -540,10 +543,12 @@ __attribute__((target("avx512f,avx512bw"))) bool bf16_pair_table(const c10::BFlo
       const __m512i m = _mm512_and_si512(x, mag);
       bad |= _mm512_cmpgt_epu16_mask(m, two) | _mm512_cmplt_epu16_mask(_mm512_sub_epi16(m, one), small);
     }
+    __m512i t1[2], t2[2];
+    pair_words(v[0], v[2], t1);
+    pair_words(v[3], v[1], t2);
     for (int u = 0; u < 2; ++u) {
-      const __m512i idx = _mm512_load_si512(kPairUp[u]);
-      _mm512_storeu_si512(out + i + 16 * u, _mm512_permutex2var_epi16(v[0], idx, v[2]));
-      _mm512_storeu_si512(out + half + i + 16 * u, _mm512_permutex2var_epi16(v[3], idx, v[1]));
+      _mm512_storeu_si512(out + i + 16 * u, t1[u]);
+      _mm512_storeu_si512(out + half + i + 16 * u, t2[u]);
     }
   }
   *same = differ == 0;
@@ -594,10 +599,10 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
     __m512i xa, __m512i xb, c10::BFloat16* y, int64_t half, const __m512i* t1, const __m512i* t2, bool stream,
     DpSeen& seen) {
   __m512 ya[2], yb[2];
-  // x1 and x2's values paired in 32-bit lanes: [0] pairs 0-15, [1] pairs 16-31 (lane_order; against
+  // x1 and x2's values paired in 32-bit lanes: [0] pairs 0-15, [1] pairs 16-31 (pair_words; against
   // vpermt2w: bf16 rows in L1 here 3.18 -> 3.0 ns a step, 512 tokens 2-7% faster).
-  const __m512i pa = lane_order(xa), pb = lane_order(xb);
-  const __m512i pairs[2] = {_mm512_unpacklo_epi16(pa, pb), _mm512_unpackhi_epi16(pa, pb)};
+  __m512i pairs[2];
+  pair_words(xa, xb, pairs);
   for (int u = 0; u < 2; ++u) {
     const __m512bh pr = reinterpret_cast<__m512bh>(pairs[u]);
     ya[u] = _mm512_dpbf16_ps(_mm512_setzero_ps(), pr, reinterpret_cast<__m512bh>(t1[u]));
@@ -606,8 +611,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
   const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ya[1], ya[0]));
   const __m512i b = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb[1], yb[0]));
   if constexpr (kDefer) {
-    const __m512i w = _mm512_set1_epi16(kBf16Window);
-    seen.all = _mm512_ternarylogic_epi32(seen.all, _mm512_add_epi16(a, w), _mm512_add_epi16(b, w), 0x80);  // AND
+    seen.all = _mm512_ternarylogic_epi32(seen.all, bf16_window_bits(a), bf16_window_bits(b), 0x80);  // AND
   } else if (__builtin_expect(!bf16_in_window(a, b), 0)) {
     return false;
   }
