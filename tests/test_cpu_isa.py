@@ -14,11 +14,12 @@ from rotary_kernels import _compiled
 pytestmark = pytest.mark.skipif(not _compiled.HAS_EXT, reason=f"extension not built: {_compiled.IMPORT_ERROR}")
 
 # Run in a fresh process per cap (the instruction sets are read once per process): q/k in every
-# layout walk (token-major, head-major, qkv slices), rows the row kernels take (R = 64, 128) and
-# rows they do not (R = 96, partial R = 64 of D = 128), several blocks of tokens (S = 300), same
-# and different cos/sin halves, NaN / denormal / overflowing results, out of place and in place,
-# large (streamed) prefills in every walk, 16-bit tables, and bf16 rows through vdpbf16ps (AVX512-BF16)
-# on hostile values.
+# layout walk (token-major, head-major, qkv slices), rows the row kernels take whole (R = 64, 128),
+# with a last step that overlaps the one before or is masked (R = 80, 96, partial R = 24 of D = 64
+# and 32 of D = 80: bf16_rows_tail, rotate_tokens_avx512's kLast) and partial R = 64 of D = 128,
+# several blocks of tokens (S = 300), same and different cos/sin halves, NaN / denormal /
+# overflowing results, out of place and in place, large (streamed) prefills in every walk, 16-bit
+# tables, and bf16 rows through vdpbf16ps (AVX512-BF16) on hostile values.
 _SCRIPT = r"""
 import sys, torch
 from rotary_kernels import _compiled
@@ -26,7 +27,7 @@ torch.manual_seed(0)
 outs = []
 for dtype in (torch.bfloat16, torch.float16, torch.float32):
     for layout in ("bshd", "bhsd", "qkv"):
-        for D, R in ((128, 128), (64, 64), (128, 64), (96, 96)):
+        for D, R in ((128, 128), (64, 64), (128, 64), (96, 96), (80, 80), (80, 32), (64, 24)):
             S, Hq, Hk = 300, 5, 3
             if layout == "bhsd":
                 q = torch.randn(2, Hq, S, D).to(dtype).transpose(1, 2)
@@ -68,6 +69,14 @@ for dtype, S, cs_dtype in ((torch.bfloat16, 2048, torch.float32), (torch.bfloat1
         qo, ko = torch.empty_like(q), torch.empty_like(k)
         _compiled.ops.rotary(q, k, cos, sin, qo, ko, False, False)
         outs += [qo, ko]
+# bf16 rows of R = 96 (a masked-tail row: bf16_rows_tail) as large: y is not streamed (aligned64).
+ang = torch.rand(2304, 48) * 6.3
+ang = torch.cat([ang, ang], -1)
+cos, sin = ang.cos()[None].to(torch.bfloat16), ang.sin()[None].to(torch.bfloat16)
+q, k = torch.randn(1, 2304, 32, 96).to(torch.bfloat16), torch.randn(1, 2304, 8, 96).to(torch.bfloat16)
+qo, ko = torch.empty_like(q), torch.empty_like(k)
+_compiled.ops.rotary(q, k, cos, sin, qo, ko, False, False)
+outs += [qo, ko]
 # Tables in the input's 16-bit dtype (converted per token: fp16 through F16C where the CPU has it),
 # with and without conj.
 for dtype in (torch.float16, torch.bfloat16):
@@ -83,14 +92,16 @@ for dtype in (torch.float16, torch.bfloat16):
 # arithmetic. q holds random bit patterns (NaN, inf, denormals, every exponent), values near the
 # 2^-97 bound and the checked window's edges (2^-64, 2^64) and a zero row; tables scaled to 1, 2
 # (the largest taken), 2.5 (refused), 1e-30 (tiny products everywhere), with a denormal value and
-# a zero row; same and different halves, R = 64, 128, 256 (the rows kernel's three shapes), token-
+# a zero row; same and different halves, R = 64, 128, 256 (the rows kernel's three shapes), R = 32,
+# 40, 80, 96, 160, 190 (rows with a last step masked or overlapping: bf16_rows_tail), token-
 # and head-major (groups of 4 heads: the unrolled rows, whose refused steps are redone after the
 # group's stores; out of place, a token's steps are checked together and all redone), out of place
 # and in place.
 def bits16(n):
     return torch.randint(-32768, 32768, (n,), dtype=torch.int16).view(torch.bfloat16)
 for R, scale, same in ((128, 1.0, True), (128, 2.0, False), (64, 2.5, True), (256, 1e-30, True), (128, 1.0, False),
-                       (64, 1.0, False)):
+                       (64, 1.0, False), (80, 1.0, True), (96, 2.0, False), (40, 1.0, True), (32, 1.0, False),
+                       (160, 1.0, False), (190, 1e-30, True)):
     S = 97
     q = torch.randn(1, S, 6, R).to(torch.bfloat16)
     m = torch.rand(q.shape) < 0.3

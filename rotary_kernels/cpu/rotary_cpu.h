@@ -365,21 +365,100 @@ __attribute__((target("avx512f"), always_inline)) inline void table_regs(int n, 
   }
 }
 
-// bf16 rows on CPUs without AVX512-BF16, fp32 and fp16 rows, of R = 32 * kChunks (64 or 128): over
-// tokens b in [0, n_tok), rows x + xo[b] + r * sx, r in [0, nh), with table row cs[b] held in
-// registers, rows walked one after the other in memory order (rotate_avx512's arithmetic and
-// conversions, so the same bits). Against a call per row, here: bf16 with AVX512-BF16 turned
-// off 1.15-1.45x faster, every layout; fp32 at 512 tokens 1.12-1.15x out of place and
-// 1.2-1.4x in place, at 2048 tokens out of place (streamed) 1.4-1.8x, in place 1.14x on qkv
-// slices but 4-6% slower on the dense layouts. kN > 0: nh is kN, the rows unrolled (rotate_rows).
-template <typename scalar_t, bool same, int kChunks, int kN = 0>
+// n bytes from x to y (apart): a row's pass-through elements (a partial span's, out of place),
+// copied by the rows kernels as each row is done, inline: a memcpy call per row cost more than the
+// row. fp32 R = 32 of D = 80 (Hq = Hk = 32), 512 tokens, 1 thread, forward: rows one at a time
+// 0.50 ms; the rows kernel, then memcpy per row 0.92-1.18, these moves in a second pass 0.71, as
+// each row is done 0.46-0.49 (bf16 0.25 -> 0.19). 64-byte moves, the last one ending at n
+// (overlapping the one before: the same bytes).
+__attribute__((target("avx512f"), always_inline)) inline void copy_bytes_avx512(const void* x, void* y, int64_t n) {
+  const char* src = static_cast<const char*>(x);
+  char* dst = static_cast<char*>(y);
+  if (n < 64) {
+    std::memcpy(dst, src, n);
+    return;
+  }
+  for (int64_t i = 0; i + 64 < n; i += 64) _mm512_storeu_si512(dst + i, _mm512_loadu_si512(src + i));
+  _mm512_storeu_si512(dst + n - 64, _mm512_loadu_si512(src + n - 64));
+}
+
+// rotate_tokens_avx512's walk of the tokens, one token's rows after the other, compiled for each kind
+// of store (kStream: y non-temporal), so that no store branches on it.
+template <typename scalar_t, bool same, int kChunks, int kN, bool kLast, bool kStream>
+__attribute__((target("avx512f"), always_inline)) inline void avx512_token_walk(
+    const scalar_t* x, scalar_t* y, const int64_t* xo, const int64_t* yo, int64_t n_tok, int64_t nh, int64_t sx,
+    int64_t sy, const CSTable<float>* cs, const WalkPrefetch& pf, int64_t half, int64_t last, __mmask16 m,
+    int64_t rest) {
+  constexpr int kRegs = kChunks + (kLast ? 1 : 0);
+  for (int64_t b = 0; b < n_tok; ++b) {
+    RowPrefetch rp;
+    token_prefetch(pf, xo, yo, b, nh, sx, sy, rp);
+    const CSTable<float>& t = cs[b];
+    __m512 vc1[kRegs], vs1[kRegs], vc2[kRegs], vs2[kRegs];
+    table_regs<same>(kChunks, t.c1, t.c2, t.s1, t.s2, vc1, vs1, vc2, vs2);
+    if constexpr (kLast) {
+      vc1[kChunks] = _mm512_maskz_loadu_ps(m, t.c1 + last);
+      vs1[kChunks] = _mm512_maskz_loadu_ps(m, t.s1 + last);
+      vc2[kChunks] = same ? vc1[kChunks] : _mm512_maskz_loadu_ps(m, t.c2 + last);
+      vs2[kChunks] = same ? vs1[kChunks] : _mm512_maskz_loadu_ps(m, t.s2 + last);
+    }
+#pragma GCC unroll 8
+    for (int64_t r = 0; r < (kN > 0 ? kN : nh); ++r) {
+      const scalar_t* xr = x + xo[b] + r * sx;
+      scalar_t* yr = y + yo[b] + r * sy;
+      if (r < rp.rows) prefetch_row(xr + rp.ox(r), yr + rp.oy(r), rp.bytes, !kStream, rp.l2);
+      __m512 la, lb;  // (kLast: the last step's x, loaded first)
+      if constexpr (kLast && kChunks > 0) {
+        la = x16_load(xr + last);
+        lb = x16_load(xr + half + last);
+      } else if constexpr (kLast) {
+        la = _mm512_maskz_loadu_ps(m, xr);
+        lb = _mm512_maskz_loadu_ps(m, xr + half);
+      }
+      for (int c = 0; c < kChunks; ++c) {
+        rotate16(xr + 16 * c, yr + 16 * c, half, vc1[c], vs1[c], vc2[c], vs2[c], kStream);
+      }
+      if constexpr (kLast) {
+        __m512 y1, y2;
+        rotate16(la, lb, vc1[kChunks], vs1[kChunks], vc2[kChunks], vs2[kChunks], y1, y2);
+        if constexpr (kChunks > 0) {
+          x16_store(yr + last, y1);
+          x16_store(yr + half + last, y2);
+        } else {
+          _mm512_mask_storeu_ps(yr, m, y1);
+          _mm512_mask_storeu_ps(yr + half, m, y2);
+        }
+      }
+      if (rest > 0) copy_bytes_avx512(xr + 2 * half, yr + 2 * half, rest);
+    }
+  }
+}
+
+// bf16 rows on CPUs without AVX512-BF16, fp32 and fp16 rows, of R = 32 * kChunks (64 or 128; fp32
+// and fp16 any R = 2 * half up to 128, with kLast): over tokens b in [0, n_tok), rows x + xo[b] +
+// r * sx, r in [0, nh), with table row cs[b] held in registers, rows walked one after the other in
+// memory order (rotate_avx512's arithmetic and conversions, so the same bits). Against a call per
+// row, here: bf16 with AVX512-BF16 turned off 1.15-1.45x faster, every layout; fp32 at 512 tokens
+// 1.12-1.15x out of place and 1.2-1.4x in place, at 2048 tokens out of place (streamed)
+// 1.4-1.8x, in place 1.14x on qkv slices but 4-6% slower on the dense layouts. kN > 0: nh is kN,
+// the rows unrolled (rotate_rows).
+// kLast (half = 16 * kChunks + t, 0 < t < 16: head dim 80, partial spans): each row's pairs [half -
+// 16, half) as one more step after its kChunks full ones, overlapping the last (those pairs
+// stored twice, the same bits), its loads before the row's first store (as bf16_rows_tail; in
+// place no step reads what another stored); with kChunks = 0 (fp32 rows of half < 16), one step
+// masked to the row's pairs. Never streamed (aligned64).
+template <typename scalar_t, bool same, int kChunks, int kN = 0, bool kLast = false>
 __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, scalar_t* y, const int64_t* xo,
                                                              const int64_t* yo, int64_t n_tok, int64_t nh, int64_t sx,
                                                              int64_t sy, const CSTable<float>* cs,
-                                                             const WalkPrefetch& pf) {
-  constexpr int64_t half = 16 * kChunks;
+                                                             const WalkPrefetch& pf, int64_t rest,
+                                                             int64_t row_half = 0) {
+  static_assert(kChunks > 0 || (kLast && std::is_same_v<scalar_t, float>), "masked rows: fp32 only");
+  const int64_t half = kLast ? row_half : 16 * kChunks;
+  const int64_t last = kChunks > 0 ? half - 16 : 0;  // (kLast: the last step's first pair)
+  const __mmask16 m = kChunks > 0 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << half) - 1);
   const bool stream = pf.stream;  // (a local: pf could alias y for all the compiler knows)
-  if constexpr (kN == 0) {
+  if constexpr (kN == 0 && !kLast) {
     if (pf.runs == 4 && stream && n_tok % 4 == 0) {
       // Token-major rows from memory, out of place (WalkPrefetch::runs): the block's tokens as 4
       // runs of n_tok / 4, their rows taken in turn (token j's row r, then token j + n_tok / 4's,
@@ -407,27 +486,60 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, 
               const __m512 vs2 = same ? vs1 : _mm512_loadu_ps(s2 + 16 * c);
               rotate16(xr + 16 * c, yr + 16 * c, half, vc1, vs1, vc2, vs2, true);  // (stream: a constant)
             }
+            if (rest > 0) copy_bytes_avx512(xr + 2 * half, yr + 2 * half, rest);
           }
         }
       }
       return;
     }
   }
-  for (int64_t b = 0; b < n_tok; ++b) {
-    RowPrefetch rp;
-    token_prefetch(pf, xo, yo, b, nh, sx, sy, rp);
-    const CSTable<float>& t = cs[b];
-    __m512 vc1[kChunks], vs1[kChunks], vc2[kChunks], vs2[kChunks];
-    table_regs<same>(kChunks, t.c1, t.c2, t.s1, t.s2, vc1, vs1, vc2, vs2);
-#pragma GCC unroll 8
-    for (int64_t r = 0; r < (kN > 0 ? kN : nh); ++r) {
-      const scalar_t* xr = x + xo[b] + r * sx;
-      scalar_t* yr = y + yo[b] + r * sy;
-      if (r < rp.rows) prefetch_row(xr + rp.ox(r), yr + rp.oy(r), rp.bytes, !stream, rp.l2);
-      for (int c = 0; c < kChunks; ++c) {
-        rotate16(xr + 16 * c, yr + 16 * c, half, vc1[c], vs1[c], vc2[c], vs2[c], stream);
+  if constexpr (kLast) {
+    avx512_token_walk<scalar_t, same, kChunks, kN, kLast, false>(x, y, xo, yo, n_tok, nh, sx, sy, cs, pf, half, last, m,
+                                                                rest);
+  } else if (stream) {
+    avx512_token_walk<scalar_t, same, kChunks, kN, kLast, true>(x, y, xo, yo, n_tok, nh, sx, sy, cs, pf, half, last, m,
+                                                                rest);
+  } else {
+    avx512_token_walk<scalar_t, same, kChunks, kN, kLast, false>(x, y, xo, yo, n_tok, nh, sx, sy, cs, pf, half, last, m,
+                                                                rest);
+  }
+}
+
+// rotate_tokens_avx512 for fp32 and fp16 rows of any other half up to 64 (rows_at_once): whole
+// 16-pair chunks, and a last step where half is not a multiple of 16.
+template <typename scalar_t, bool same, int kN>
+__attribute__((target("avx512f"))) void rotate_tokens_avx512_any(const scalar_t* x, scalar_t* y, const int64_t* xo,
+                                                                 const int64_t* yo, int64_t n_tok, int64_t nh,
+                                                                 int64_t sx, int64_t sy, const CSTable<float>* cs,
+                                                                 const WalkPrefetch& pf, int64_t rest, int64_t half) {
+  const auto run = [&](auto chunks, auto last) {
+    constexpr int kChunks = decltype(chunks)::value;
+    constexpr bool kLast = decltype(last)::value;
+    rotate_tokens_avx512<scalar_t, same, kChunks, kN, kLast>(x, y, xo, yo, n_tok, nh, sx, sy, cs, pf, rest, half);
+  };
+  using Last = std::true_type;
+  using Whole = std::false_type;
+  const bool tail = half % 16 != 0;
+  switch (half / 16) {  // (32 and 64: rotate_rows)
+    case 0:
+      if constexpr (std::is_same_v<scalar_t, float>) run(std::integral_constant<int, 0>{}, Last{});
+      break;
+    case 1:
+      if (tail) {
+        run(std::integral_constant<int, 1>{}, Last{});
+      } else {
+        run(std::integral_constant<int, 1>{}, Whole{});
       }
-    }
+      break;
+    case 2:
+      run(std::integral_constant<int, 2>{}, Last{});
+      break;
+    default:
+      if (tail) {
+        run(std::integral_constant<int, 3>{}, Last{});
+      } else {
+        run(std::integral_constant<int, 3>{}, Whole{});
+      }
   }
 }
 
@@ -451,6 +563,13 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) inline bool bf16_in_w
   const __m512i bit = _mm512_set1_epi16(kBf16WindowBit);
   const __mmask32 ka = _mm512_test_epi16_mask(bf16_window_bits(a), bit);
   return _mm512_mask_test_epi16_mask(ka, bf16_window_bits(b), bit) == 0xFFFFFFFFu;
+}
+// Are the results in lanes `lanes` of a and b in the window (a row's masked last step)?
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline bool bf16_in_window(__m512i a, __m512i b,
+                                                                                     __mmask32 lanes) {
+  const __m512i bit = _mm512_set1_epi16(kBf16WindowBit);
+  const __mmask32 ka = _mm512_mask_test_epi16_mask(lanes, bf16_window_bits(a), bit);
+  return _mm512_mask_test_epi16_mask(ka, bf16_window_bits(b), bit) == lanes;
 }
 // The steps whose check is deferred (bf16_dp_step32<true>): the AND of their bf16_window_bits,
 // whose bit 14 is set in every lane while all of them were in the window.
@@ -489,19 +608,26 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) inline void pair_word
   out[0] = _mm512_unpacklo_epi16(pa, pb);
   out[1] = _mm512_unpackhi_epi16(pa, pb);
 }
-// 32 pairs of one row: x[0, 32) with x[half, half + 32) (loaded: xa, xb) into y, with the table
-// values in vc*/vs*.
+// 32 pairs of one row, x[0, 32) with x[half, half + 32) (loaded: xa, xb), with the table values in
+// vc*/vs*: their fp32 results, ya[u] and yb[u] the y1 and y2 of pairs 16u to 16u + 15 ...
 template <bool same>
-__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_step32(
-    __m512i xa, __m512i xb, c10::BFloat16* y, int64_t half, const __m512* vc1, const __m512* vs1, const __m512* vc2,
-    const __m512* vs2, bool stream) {
-  __m512 ya[2], yb[2];
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_step32_results(
+    __m512i xa, __m512i xb, const __m512* vc1, const __m512* vs1, const __m512* vc2, const __m512* vs2, __m512 ya[2],
+    __m512 yb[2]) {
   for (int u = 0; u < 2; ++u) {
     const __m512i idx = _mm512_load_si512(kWiden[u]);
     const __m512 a = _mm512_castsi512_ps(_mm512_permutex2var_epi16(_mm512_setzero_si512(), idx, xa));
     const __m512 b = _mm512_castsi512_ps(_mm512_permutex2var_epi16(_mm512_setzero_si512(), idx, xb));
     rotate16(a, b, vc1[u], vs1[u], same ? vc1[u] : vc2[u], same ? vs1[u] : vs2[u], ya[u], yb[u]);
   }
+}
+// ... narrowed into y.
+template <bool same>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_step32(
+    __m512i xa, __m512i xb, c10::BFloat16* y, int64_t half, const __m512* vc1, const __m512* vs1, const __m512* vc2,
+    const __m512* vs2, bool stream) {
+  __m512 ya[2], yb[2];
+  bf16_step32_results<same>(xa, xb, vc1, vs1, vc2, vs2, ya, yb);
   const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ya[1], ya[0]));
   const __m512i b = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb[1], yb[0]));
   if (__builtin_expect(bf16_in_window(a, b), 1)) {
@@ -520,13 +646,18 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
   }
 }
 
+// The first min(n, 32) lanes of a 32-lane step (n > 0): a row's last step masked to the pairs it has.
+inline __mmask32 tail_mask32(int64_t n) {
+  return n >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint32_t{1} << n) - 1);
+}
+
 // bf16 tables for vdpbf16ps, straight from bf16 cos/sin runs (the table values of rotate_tokens'
 // plain rows: c1, c2, s1, s2, the sin runs negated with `neg`): per pair i, 32-bit lanes
 // (c1[i], -s1[i]) then (s2[i], c2[i]), x1's factor in the low half, x2's in the high one, into
-// `out` (2 * half lanes, half a multiple of 32). True when every value is zero or normal and at
-// most 2 in magnitude (YaRN-style scaled cos/sin stay under it): with bf16 values, what makes
-// bf16_dp_step32 exact. *same: whether c2, s2 equal c1, s1 bit for bit (then the second lanes are
-// the first ones' halves swapped, see bf16_rows_avx512bf16).
+// `out` (2 * half lanes; a last run of under 32 pairs read and written masked). True when every
+// value is zero or normal and at most 2 in magnitude (YaRN-style scaled cos/sin stay under it):
+// with bf16 values, what makes bf16_dp_step32 exact. *same: whether c2, s2 equal c1, s1 bit for
+// bit (then the second lanes are the first ones' halves swapped, see bf16_rows_avx512bf16).
 __attribute__((target("avx512f,avx512bw"))) bool bf16_pair_table(const c10::BFloat16* c1, const c10::BFloat16* c2,
                                                                  const c10::BFloat16* s1, const c10::BFloat16* s2,
                                                                  bool neg, int64_t half, uint32_t* out, bool* same) {
@@ -535,8 +666,9 @@ __attribute__((target("avx512f,avx512bw"))) bool bf16_pair_table(const c10::BFlo
   const __m512i neg_s1 = neg ? _mm512_setzero_si512() : sign, neg_s2 = neg ? sign : _mm512_setzero_si512();
   __mmask32 bad = 0, differ = 0;
   for (int64_t i = 0; i < half; i += 32) {
-    const __m512i cc1 = _mm512_loadu_si512(c1 + i), cc2 = _mm512_loadu_si512(c2 + i);
-    const __m512i ss1 = _mm512_loadu_si512(s1 + i), ss2 = _mm512_loadu_si512(s2 + i);
+    const __mmask32 m = tail_mask32(half - i);  // (lanes past it read as zero, which passes)
+    const __m512i cc1 = _mm512_maskz_loadu_epi16(m, c1 + i), cc2 = _mm512_maskz_loadu_epi16(m, c2 + i);
+    const __m512i ss1 = _mm512_maskz_loadu_epi16(m, s1 + i), ss2 = _mm512_maskz_loadu_epi16(m, s2 + i);
     differ |= _mm512_cmpneq_epi16_mask(cc1, cc2) | _mm512_cmpneq_epi16_mask(ss1, ss2);
     const __m512i v[4] = {cc1, cc2, _mm512_xor_si512(ss1, neg_s1), _mm512_xor_si512(ss2, neg_s2)};
     for (const __m512i& x : v) {  // over 2, or denormal (magnitude - 1 under 0x7F)
@@ -547,12 +679,45 @@ __attribute__((target("avx512f,avx512bw"))) bool bf16_pair_table(const c10::BFlo
     pair_words(v[0], v[2], t1);
     pair_words(v[3], v[1], t2);
     for (int u = 0; u < 2; ++u) {
-      _mm512_storeu_si512(out + i + 16 * u, t1[u]);
-      _mm512_storeu_si512(out + half + i + 16 * u, t2[u]);
+      const __mmask16 mu = static_cast<__mmask16>(m >> (16 * u));
+      _mm512_mask_storeu_epi32(out + i + 16 * u, mu, t1[u]);
+      _mm512_mask_storeu_epi32(out + half + i + 16 * u, mu, t2[u]);
     }
   }
   *same = differ == 0;
   return bad == 0;
+}
+
+// Pairs [j0, half) of a bf16 row one by one (rotate_pair and store_out: the reference's bits), with
+// fp32 table values, or (lanes) taken back from the vdpbf16ps lanes (bf16_pair_table's, as
+// bf16_step32_lanes does): a row's last pairs, where no step takes them or one failed its check.
+__attribute__((noinline, cold)) void bf16_pairs_one_by_one(const c10::BFloat16* x, c10::BFloat16* y, int64_t half,
+                                                          int64_t j0, const float* c1, const float* c2,
+                                                          const float* s1, const float* s2) {
+  for (int64_t j = j0; j < half; ++j) {
+    const float a = load_acc<c10::BFloat16, float>(x + j), b = load_acc<c10::BFloat16, float>(x + half + j);
+    float ya, yb;
+    rotate_pair(a, b, PairCS<float>{c1[j], c2[j], s1[j], s2[j]}, ya, yb);
+    store_out<c10::BFloat16, float>(y + j, ya);
+    store_out<c10::BFloat16, float>(y + half + j, yb);
+  }
+}
+__attribute__((noinline, cold)) void bf16_pairs_one_by_one(const c10::BFloat16* x, c10::BFloat16* y, int64_t half,
+                                                          int64_t j0, const uint32_t* lanes) {
+  auto value = [](uint32_t bits) {
+    float v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  };
+  for (int64_t j = j0; j < half; ++j) {
+    const uint32_t t1 = lanes[j], t2 = lanes[half + j];  // (c1, -s1), (s2, c2)
+    const float c1 = value(t1 << 16), s1 = -value(t1 & 0xFFFF0000u), s2 = value(t2 << 16), c2 = value(t2 & 0xFFFF0000u);
+    const float a = load_acc<c10::BFloat16, float>(x + j), b = load_acc<c10::BFloat16, float>(x + half + j);
+    float ya, yb;
+    rotate_pair(a, b, PairCS<float>{c1, c2, s1, s2}, ya, yb);
+    store_out<c10::BFloat16, float>(y + j, ya);
+    store_out<c10::BFloat16, float>(y + half + j, yb);
+  }
 }
 
 // bf16_step32 with the table values taken back from their vdpbf16ps lanes (t1 the step's first
@@ -570,6 +735,24 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), noinline, cold)) 
     vc2[u] = _mm512_castsi512_ps(_mm512_and_si512(b, hi));
   }
   bf16_step32<false>(_mm512_loadu_si512(x), _mm512_loadu_si512(x + half), y, half, vc1, vs1, vc2, vs2, stream);
+}
+
+// bf16_dp_step32's arithmetic: the narrowed results of 32 pairs (xa: x1's values, xb: x2's, table lanes
+// t1, t2), a = x1*c1 - x2*s1, b = x2*c2 + x1*s2.
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_dp_results(
+    __m512i xa, __m512i xb, const __m512i* t1, const __m512i* t2, __m512i& a, __m512i& b) {
+  __m512 ya[2], yb[2];
+  // x1 and x2's values paired in 32-bit lanes: [0] pairs 0-15, [1] pairs 16-31 (pair_words; against
+  // vpermt2w: bf16 rows in L1 here 3.18 -> 3.0 ns a step, 512 tokens 2-7% faster).
+  __m512i pairs[2];
+  pair_words(xa, xb, pairs);
+  for (int u = 0; u < 2; ++u) {
+    const __m512bh pr = reinterpret_cast<__m512bh>(pairs[u]);
+    ya[u] = _mm512_dpbf16_ps(_mm512_setzero_ps(), pr, reinterpret_cast<__m512bh>(t1[u]));
+    yb[u] = _mm512_dpbf16_ps(_mm512_setzero_ps(), pr, reinterpret_cast<__m512bh>(t2[u]));
+  }
+  a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ya[1], ya[0]));
+  b = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb[1], yb[0]));
 }
 
 // bf16_step32 through vdpbf16ps (AVX512-BF16's pairwise dot product): x1 and x2's values of a
@@ -598,18 +781,8 @@ template <bool kDefer>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline bool bf16_dp_step32(
     __m512i xa, __m512i xb, c10::BFloat16* y, int64_t half, const __m512i* t1, const __m512i* t2, bool stream,
     DpSeen& seen) {
-  __m512 ya[2], yb[2];
-  // x1 and x2's values paired in 32-bit lanes: [0] pairs 0-15, [1] pairs 16-31 (pair_words; against
-  // vpermt2w: bf16 rows in L1 here 3.18 -> 3.0 ns a step, 512 tokens 2-7% faster).
-  __m512i pairs[2];
-  pair_words(xa, xb, pairs);
-  for (int u = 0; u < 2; ++u) {
-    const __m512bh pr = reinterpret_cast<__m512bh>(pairs[u]);
-    ya[u] = _mm512_dpbf16_ps(_mm512_setzero_ps(), pr, reinterpret_cast<__m512bh>(t1[u]));
-    yb[u] = _mm512_dpbf16_ps(_mm512_setzero_ps(), pr, reinterpret_cast<__m512bh>(t2[u]));
-  }
-  const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ya[1], ya[0]));
-  const __m512i b = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb[1], yb[0]));
+  __m512i a, b;
+  bf16_dp_results(xa, xb, t1, t2, a, b);
   if constexpr (kDefer) {
     seen.all = _mm512_ternarylogic_epi32(seen.all, bf16_window_bits(a), bf16_window_bits(b), 0x80);  // AND
   } else if (__builtin_expect(!bf16_in_window(a, b), 0)) {
@@ -638,7 +811,8 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
 template <bool same, int kChunks, bool kDp, int kN = 0, bool kDefer = false>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_rows_avx512bf16(
     const c10::BFloat16* x, c10::BFloat16* y, int64_t n, int64_t sx, int64_t sy, int64_t half, const float* c1,
-    const float* c2, const float* s1, const float* s2, const uint32_t* pairs, const RowPrefetch& pf, bool stream) {
+    const float* c2, const float* s1, const float* s2, const uint32_t* pairs, const RowPrefetch& pf, bool stream,
+    int64_t rest) {
   // Lambdas would lose this function's target attribute (and the intrinsics with it): the two
   // kinds of step are spelled out below.
   constexpr int kRegs = 2 * (kChunks > 0 ? kChunks : 1);
@@ -738,32 +912,129 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
       }
     }
   }
-  for (int64_t r = 0; r < n && i < half; ++r) {
+  for (int64_t r = 0; r < n && i < half; ++r) bf16_pairs_one_by_one(x + r * sx, y + r * sy, half, i, c1, c2, s1, s2);
+  for (int64_t r = 0; r < n && rest > 0; ++r) copy_bytes_avx512(x + r * sx + 2 * half, y + r * sy + 2 * half, rest);
+}
+
+// One step of a bf16 row, with x's values loaded (xa: x1's, xb: x2's) and the table values of its
+// lanes in t1, t2 (kDp: vdpbf16ps lanes) or vc*/vs*: results in lanes m stored at y and y + half
+// (masked where m is not all of them). True when done; false (nothing stored) where a result fell
+// outside the window.
+template <bool kDp, bool same>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline bool bf16_step_lanes_of(
+    __m512i xa, __m512i xb, c10::BFloat16* y, int64_t half, __mmask32 m, const __m512i* t1, const __m512i* t2,
+    const __m512* vc1, const __m512* vs1, const __m512* vc2, const __m512* vs2) {
+  __m512i a, b;
+  if constexpr (kDp) {
+    bf16_dp_results(xa, xb, t1, t2, a, b);
+  } else {
+    __m512 ya[2], yb[2];
+    bf16_step32_results<same>(xa, xb, vc1, vs1, vc2, vs2, ya, yb);
+    a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(ya[1], ya[0]));
+    b = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb[1], yb[0]));
+  }
+  if (__builtin_expect(!bf16_in_window(a, b, m), 0)) return false;
+  _mm512_mask_storeu_epi16(y, m, a);
+  _mm512_mask_storeu_epi16(y + half, m, b);
+  return true;
+}
+
+// n bf16 rows (as bf16_rows_avx512bf16's) of half = 32 * kFull + t pairs, 0 < t < 32 (R = 2 * half
+// not a multiple of 64: head dims 80 and 96, partial spans such as phi-2's R = 32), the table
+// values of every step in registers, the rows one after the other:
+// - kFull > 0: each row's kFull full steps, then its last 32 pairs, [half - 32, half), as one more
+//   step, which overlaps the last full one (those pairs stored twice, the same bits). All of a
+//   row's loads come before its first store: in place, no step reads what another stored (the
+//   overlapping pairs are read unrotated), and no load waits on a store it overlaps, neither in
+//   the row nor in the next one: a step masked to the last t pairs stores 64 bytes from x2's pair
+//   32 * kFull on, past the row's end, and the next row's first load, which overlaps it, waits
+//   for it to reach the cache (head dim 80, 512 tokens, in place: 1.16 ms masked, 0.27
+//   overlapping; out of place 0.28 either way).
+// - kFull = 0 (half < 32): one step masked to the row's pairs (loads and stores).
+// Where the last step fails the check, its pairs not taken by a full step, [32 * kFull, half), go
+// one by one (bf16_pairs_one_by_one). Never streamed: the row's pieces are not 64-byte aligned
+// (aligned64). Against those pairs one by one after the steps (as bf16_rows_avx512bf16 does for
+// longer rows): see rows_at_once.
+template <bool same, int kFull, bool kDp>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_rows_tail(
+    const c10::BFloat16* x, c10::BFloat16* y, int64_t n, int64_t sx, int64_t sy, int64_t half, const float* c1,
+    const float* c2, const float* s1, const float* s2, const uint32_t* pairs, const RowPrefetch& pf, int64_t rest) {
+  constexpr int kRegs = 2 * kFull + 2;  // 16 pairs a register, the last step's 2 last
+  const int64_t i0 = 32 * kFull, last = kFull > 0 ? half - 32 : 0;  // (last: the last step's first pair)
+  const __mmask32 m = kFull > 0 ? ~__mmask32{0} : tail_mask32(half);
+  __m512i t1[kRegs], t2[kRegs];
+  __m512 vc1[kRegs], vs1[kRegs], vc2[kRegs], vs2[kRegs];
+  for (int u = 0; u < kRegs; ++u) {
+    const bool in_last = u >= 2 * kFull;
+    const __mmask16 mu = static_cast<__mmask16>(in_last ? m >> (16 * (u & 1)) : 0xFFFF);
+    const int64_t j = in_last ? last + 16 * (u & 1) : 16 * u;
+    if constexpr (kDp) {
+      t1[u] = _mm512_maskz_loadu_epi32(mu, pairs + j);
+      t2[u] = _mm512_maskz_loadu_epi32(mu, pairs + half + j);
+    } else {
+      vc1[u] = _mm512_maskz_loadu_ps(mu, c1 + j);
+      vs1[u] = _mm512_maskz_loadu_ps(mu, s1 + j);
+      vc2[u] = same ? vc1[u] : _mm512_maskz_loadu_ps(mu, c2 + j);
+      vs2[u] = same ? vs1[u] : _mm512_maskz_loadu_ps(mu, s2 + j);
+    }
+  }
+  const int u = 2 * kFull;  // the last step's registers
+  DpSeen seen{};            // (unused: the full steps check at once)
+  for (int64_t r = 0; r < n; ++r) {
     const c10::BFloat16* xr = x + r * sx;
     c10::BFloat16* yr = y + r * sy;
-    for (int64_t j = i; j < half; ++j) {
-      const float a = load_acc<c10::BFloat16, float>(xr + j), b = load_acc<c10::BFloat16, float>(xr + half + j);
-      float ya, yb;
-      rotate_pair(a, b, PairCS<float>{c1[j], c2[j], s1[j], s2[j]}, ya, yb);
-      store_out<c10::BFloat16, float>(yr + j, ya);
-      store_out<c10::BFloat16, float>(yr + half + j, yb);
+    if (r < pf.rows) prefetch_row(xr + pf.ox(r), yr + pf.oy(r), pf.bytes, true, pf.l2);
+    __m512i xa[kFull + 1], xb[kFull + 1];
+    for (int c = 0; c < kFull; ++c) {
+      xa[c] = _mm512_loadu_si512(xr + 32 * c);
+      xb[c] = _mm512_loadu_si512(xr + half + 32 * c);
     }
+    xa[kFull] = _mm512_maskz_loadu_epi16(m, xr + last);
+    xb[kFull] = _mm512_maskz_loadu_epi16(m, xr + half + last);
+    for (int c = 0; c < kFull; ++c) {
+      if constexpr (kDp) {
+        if (!bf16_dp_step32<false>(xa[c], xb[c], yr + 32 * c, half, t1 + 2 * c, t2 + 2 * c, false, seen)) {
+          bf16_step32_lanes(xr + 32 * c, yr + 32 * c, half, pairs + 32 * c, false);
+        }
+      } else {
+        bf16_step32<same>(xa[c], xb[c], yr + 32 * c, half, vc1 + 2 * c, vs1 + 2 * c, vc2 + 2 * c, vs2 + 2 * c, false);
+      }
+    }
+    if (!bf16_step_lanes_of<kDp, same>(xa[kFull], xb[kFull], yr + last, half, m, t1 + u, t2 + u, vc1 + u, vs1 + u,
+                                       vc2 + u, vs2 + u)) {
+      if constexpr (kDp) {
+        bf16_pairs_one_by_one(xr, yr, half, i0, pairs);
+      } else {
+        bf16_pairs_one_by_one(xr, yr, half, i0, c1, c2, s1, s2);
+      }
+    }
+    if (rest > 0) copy_bytes_avx512(xr + 2 * half, yr + 2 * half, rest);
   }
 }
 
-// One token's n rows (bf16_rows_avx512bf16) with its table t, the row size picked.
+// One token's n rows (bf16_rows_avx512bf16) with its table t, the row size picked; rest > 0: each
+// row's pass-through elements (a partial span's, out of place), that many bytes, copied after it.
 template <bool same, bool kDp, int kN, bool kDefer>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_token_rows(
     const c10::BFloat16* x, c10::BFloat16* y, int64_t n, int64_t sx, int64_t sy, int64_t half, const CSTable<float>& t,
-    const RowPrefetch& rp, bool stream) {
+    const RowPrefetch& rp, bool stream, int64_t rest) {
   if (half == 64) {
     bf16_rows_avx512bf16<same, 2, kDp, kN, kDefer>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp,
-                                                   stream);
+                                                   stream, rest);
   } else if (half == 32) {
     bf16_rows_avx512bf16<same, 1, kDp, kN, kDefer>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp,
-                                                   stream);
+                                                   stream, rest);
+  } else if (kN == 0 && half % 32 != 0 && half < 96) {  // (never unrolled: rows_unrolled)
+    if (half < 32) {
+      bf16_rows_tail<same, 0, kDp>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, rest);
+    } else if (half < 64) {
+      bf16_rows_tail<same, 1, kDp>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, rest);
+    } else {
+      bf16_rows_tail<same, 2, kDp>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, rest);
+    }
   } else {
-    bf16_rows_avx512bf16<same, 0, kDp>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, stream);
+    bf16_rows_avx512bf16<same, 0, kDp>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, stream,
+                                     rest);
   }
 }
 
@@ -777,15 +1048,15 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
 template <bool same, int kN, bool kStream, bool kDefer>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_tokens(
     const c10::BFloat16* x, c10::BFloat16* y, const int64_t* xo, const int64_t* yo, int64_t n_tok, int64_t nh,
-    int64_t sx, int64_t sy, int64_t half, const CSTable<float>* cs, const WalkPrefetch& pf) {
+    int64_t sx, int64_t sy, int64_t half, const CSTable<float>* cs, const WalkPrefetch& pf, int64_t rest) {
   for (int64_t b = 0; b < n_tok; ++b) {
     RowPrefetch rp;
     token_prefetch(pf, xo, yo, b, nh, sx, sy, rp);
     const CSTable<float>& t = cs[b];
     if (t.bf16_pairs) {
-      bf16_token_rows<same, true, kN, kDefer>(x + xo[b], y + yo[b], nh, sx, sy, half, t, rp, kStream);
+      bf16_token_rows<same, true, kN, kDefer>(x + xo[b], y + yo[b], nh, sx, sy, half, t, rp, kStream, rest);
     } else {
-      bf16_token_rows<same, false, kN, false>(x + xo[b], y + yo[b], nh, sx, sy, half, t, rp, kStream);
+      bf16_token_rows<same, false, kN, false>(x + xo[b], y + yo[b], nh, sx, sy, half, t, rp, kStream, rest);
     }
   }
 }
@@ -793,7 +1064,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
 template <bool same, int kN = 0>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void rotate_bf16_tokens_avx512bf16(
     const c10::BFloat16* x, c10::BFloat16* y, const int64_t* xo, const int64_t* yo, int64_t n_tok, int64_t nh,
-    int64_t sx, int64_t sy, int64_t half, const CSTable<float>* cs, const WalkPrefetch& pf) {
+    int64_t sx, int64_t sy, int64_t half, const CSTable<float>* cs, const WalkPrefetch& pf, int64_t rest = 0) {
   // Out of place, the unrolled groups of rows check their vdpbf16ps steps once per token (kDefer:
   // see bf16_rows_avx512bf16). [B, H, S, D] bf16 at 512 tokens (bf16 tables), side by side (order
   // rotated, with A/A controls), Zen 4: forward 0.248 -> 0.232 ms, backward 0.306 -> 0.291 at 1
@@ -804,11 +1075,11 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void rotate_bf16
   // 7 of 16 blocks, each then redone by bf16_step32_lanes).
   constexpr bool kDefer = kN > 0;
   if (pf.stream) {  // (out of place)
-    bf16_tokens<same, kN, true, kDefer>(x, y, xo, yo, n_tok, nh, sx, sy, half, cs, pf);
+    bf16_tokens<same, kN, true, kDefer>(x, y, xo, yo, n_tok, nh, sx, sy, half, cs, pf, rest);
   } else if (kDefer && x != y) {
-    bf16_tokens<same, kN, false, kDefer>(x, y, xo, yo, n_tok, nh, sx, sy, half, cs, pf);
+    bf16_tokens<same, kN, false, kDefer>(x, y, xo, yo, n_tok, nh, sx, sy, half, cs, pf, rest);
   } else {
-    bf16_tokens<same, kN, false, false>(x, y, xo, yo, n_tok, nh, sx, sy, half, cs, pf);
+    bf16_tokens<same, kN, false, false>(x, y, xo, yo, n_tok, nh, sx, sy, half, cs, pf, rest);
   }
 }
 #endif
@@ -1096,21 +1367,28 @@ inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int6
 }
 
 // Do o's rows have a kernel that rotates many rows a call (rotate_rows)? Rotate-half rows with a
-// contiguous head dim on CPUs with AVX-512F: bf16 with AVX512-BF16 R a multiple of 64
-// (rotate_bf16_tokens_avx512bf16), without it R = 64 or 128 (rotate_tokens_avx512); fp32 and
-// fp16 of R = 64 or 128 (rotate_tokens_avx512; fp16 2x faster than a row at a time through the
-// F16C buffer, 512 and 2048 tokens, every layout). The other rows are taken one by one
-// (rotate_row).
+// contiguous head dim on CPUs with AVX-512F: bf16 with AVX512-BF16 R a multiple of 64 or under 192
+// (rotate_bf16_tokens_avx512bf16; bf16_rows_tail), without it R = 64 or 128 (rotate_tokens_avx512);
+// fp32 of R up to 128, fp16 of R from 32 to 128 (rotate_tokens_avx512; fp16 2x faster than a row
+// at a time through the F16C buffer, 512 and 2048 tokens, every layout). The other rows are taken
+// one by one (rotate_row). Rows of other spans than R = 64, 128 against one by one (where a row's
+// last pairs were also taken one by one), 512 tokens, 1 thread, transformers' layout, forward / in
+// place, ms: head dim 80 (Hq = Hk = 32) bf16 0.70 / 0.69 -> 0.29 / 0.27, fp16 0.61 / 0.59 ->
+// 0.30 / 0.29, fp32 0.46-0.57 / 0.31 -> 0.37-0.46 / 0.26; R = 32 of D = 80 bf16 0.35 / 0.27 ->
+// 0.19 / 0.15, fp16 0.44 / 0.34 -> 0.17 / 0.11, fp32 0.50 / 0.23 -> 0.49 / 0.17; head dim 96 (Hq =
+// 32, Hk = 8) bf16 0.34 / 0.33 -> 0.20 / 0.19, fp16 0.46 / 0.44 -> 0.19 / 0.19, fp32 0.34 / 0.19 ->
+// 0.26-0.30 / 0.15; R = 16 of D = 64 bf16 0.61 / 0.58 -> 0.13 / 0.11, fp32 0.18 / 0.13 -> 0.18 /
+// 0.10.
 template <typename scalar_t, bool interleaved, bool swap>
 inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa& isa) {
 #ifdef RK_HAVE_AVX512_BF16_PATH
   if constexpr (!interleaved && !swap) {
     if (o.sx.d != 1 || o.sy.d != 1) return false;
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-      return isa.avx512bf16 ? half % 32 == 0 : isa.avx512 && (half == 32 || half == 64);
+      return isa.avx512bf16 ? half % 32 == 0 || half < 96 : isa.avx512 && (half == 32 || half == 64);
     }
     if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::Half>) {
-      return isa.avx512 && (half == 32 || half == 64);
+      return isa.avx512 && half <= 64 && (half >= 16 || std::is_same_v<scalar_t, float>);
     }
   }
 #endif
@@ -1154,19 +1432,24 @@ inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t*
     // unrolled too (bf16_rows_avx512bf16; unrolled a row at a time it was slower than the loop:
     // 0.177, 0.115, 0.198). In place the loop stays but for that bf16 kernel (fp32 unrolled in
     // place: 5% slower at 2048 tokens).
+    // The pass-through elements of a partial span (out of place): bytes per row, which the rows
+    // kernels copy as they go (copy_bytes_avx512).
+    const int64_t rest = o.copy_pass ? (D - 2 * half) * static_cast<int64_t>(sizeof(scalar_t)) : 0;
     auto run = [&](auto same_tag, auto n_tag) {
       constexpr bool kSame = decltype(same_tag)::value;
       constexpr int kN = decltype(n_tag)::value;
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
         if (isa.avx512bf16) {
-          rotate_bf16_tokens_avx512bf16<kSame, kN>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, half, cs, pf);
+          rotate_bf16_tokens_avx512bf16<kSame, kN>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, half, cs, pf, rest);
           return;
         }
       }
       if (half == 64) {
-        rotate_tokens_avx512<scalar_t, kSame, 4, kN>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf);
-      } else {
-        rotate_tokens_avx512<scalar_t, kSame, 2, kN>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf);
+        rotate_tokens_avx512<scalar_t, kSame, 4, kN>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf, rest);
+      } else if (half == 32) {
+        rotate_tokens_avx512<scalar_t, kSame, 2, kN>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf, rest);
+      } else if constexpr (!std::is_same_v<scalar_t, c10::BFloat16>) {
+        rotate_tokens_avx512_any<scalar_t, kSame, kN>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf, rest, half);
       }
     };
     using Loop = std::integral_constant<int, 0>;
@@ -1175,12 +1458,6 @@ inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t*
       unrolled ? run(std::true_type{}, Four{}) : run(std::true_type{}, Loop{});
     } else {
       unrolled ? run(std::false_type{}, Four{}) : run(std::false_type{}, Loop{});
-    }
-    for (int64_t b = 0; b < n_tok && o.copy_pass; ++b) {
-      for (int64_t r = 0; r < nh; ++r) {
-        std::memcpy(y + yo[b] + r * o.sy.h + 2 * half, x + xo[b] + r * o.sx.h + 2 * half,
-                    (D - 2 * half) * sizeof(scalar_t));
-      }
     }
     return;
   }
@@ -1271,12 +1548,14 @@ constexpr int64_t kPrefetchBytesRows = 2048;
 constexpr int64_t kPrefetchMin = int64_t{16} << 20;
 static_assert(kHeadsAtOnceRows == 4, "rotate_rows unrolls groups of 4 rows (rows_unrolled)");
 
-// Do all of y's rows start on a 64-byte boundary? Then so does every piece the row kernels store
-// (their rows have unit head-dim stride and R a multiple of 64): what non-temporal stores need.
+// Do all of y's rows, and their second halves (`half` elements in), start on a 64-byte boundary?
+// Then so does every piece the row kernels store (their rows have a unit head-dim stride; rows
+// with a masked last step, bf16_rows_tail, fail the second test): what non-temporal stores need.
 template <typename scalar_t>
-inline bool aligned64(const scalar_t* y, const Strides4& sy) {
+inline bool aligned64(const scalar_t* y, const Strides4& sy, int64_t half) {
   constexpr int64_t kElems = 64 / static_cast<int64_t>(sizeof(scalar_t));
-  return reinterpret_cast<uintptr_t>(y) % 64 == 0 && sy.a % kElems == 0 && sy.s % kElems == 0 && sy.h % kElems == 0;
+  return reinterpret_cast<uintptr_t>(y) % 64 == 0 && sy.a % kElems == 0 && sy.s % kElems == 0 &&
+         sy.h % kElems == 0 && half % kElems == 0;
 }
 
 // Are x's heads its outer dimension (rather than the tokens)? The output's layout decides when
@@ -1391,7 +1670,7 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
     // use, 1-2 threads here: bf16 1.2-1.5x faster, fp32 1.4-1.8x; below kPrefetchMin, where y
     // stays in L3 for whatever reads it next, 1.6x slower at 2 threads).
     at_once[k] = rows_at_once<scalar_t, interleaved, swap>(o, half, p.isa);
-    stream[k] = at_once[k] && p.prefetch && o.x != o.y && aligned64(o.y, o.sy);
+    stream[k] = at_once[k] && p.prefetch && o.x != o.y && aligned64(o.y, o.sy, half);
     all_token_major = all_token_major && !outer[k];
     all_at_once = all_at_once && at_once[k];
     prefetch = prefetch && o.sx.d == 1 && o.sy.d == 1;
