@@ -77,6 +77,27 @@ q, k = torch.randn(1, 2304, 32, 96).to(torch.bfloat16), torch.randn(1, 2304, 8, 
 qo, ko = torch.empty_like(q), torch.empty_like(k)
 _compiled.ops.rotary(q, k, cos, sin, qo, ko, False, False)
 outs += [qo, ko]
+# Interleaved (GPT-J) pairs: rows taken at once (R = 64, 128; fp32 and fp16 also R = 80, 96), one by
+# one (partial R = 100), token- and head-major, same and different cos/sin per pair, in place too;
+# bf16 with bf16 tables through vdpbf16ps (bf16_interleaved_tokens: zeros, NaNs and infinities
+# redone; tokens with a denormal or a value over 2 in their tables taken the exact way).
+for dtype in (torch.bfloat16, torch.float16, torch.float32):
+    for D, R in ((128, 128), (64, 64), (80, 80), (96, 96), (128, 100)):
+        for x in (torch.randn(2, 70, 5, D), torch.randn(2, 5, 70, D).transpose(1, 2)):
+            x = x.to(dtype)
+            x[0, 0, 0, :8] = torch.tensor([float("nan"), 1e-39, -1e-40, float("inf"), 0.0, -0.0, 3e38, -3e38])
+            ang = torch.rand(70, R // 2) * 6.3
+            for cs_dtype, ang2, scale in ((torch.float32, ang, 1.0), (dtype, 1.3 * ang, 1.0), (dtype, ang, 2.5)):
+                full = torch.stack([ang, ang2], -1).reshape(70, R)
+                cos = (full.cos() * scale)[None].repeat(2, 1, 1).to(cs_dtype)
+                sin = full.sin()[None].expand(2, 70, R).to(cs_dtype)
+                if scale == 1.0:
+                    cos[:, 3, 5] = 1e-39  # (a denormal: that token's table refused)
+                xo = torch.empty_like(x)
+                _compiled.ops.rotary(x, None, cos, sin, xo, None, True, False)
+                xi = x.clone()
+                _compiled.ops.rotary_inplace(xi, None, cos, sin, True, True)
+                outs += [xo, xi]
 # Tables in the input's 16-bit dtype (converted per token: fp16 through F16C where the CPU has it),
 # with and without conj.
 for dtype in (torch.float16, torch.bfloat16):
