@@ -957,7 +957,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
 // (masked where m is not all of them). True when done; false (nothing stored) where a result fell
 // outside the window.
 template <bool kDp, bool same>
-__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline bool bf16_step_lanes_of(
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline bool bf16_step_masked(
     __m512i xa, __m512i xb, c10::BFloat16* y, int64_t half, __mmask32 m, const __m512i* t1, const __m512i* t2,
     const __m512* vc1, const __m512* vs1, const __m512* vc2, const __m512* vs2) {
   __m512i a, b;
@@ -988,10 +988,11 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
 //   overlapping; out of place 0.28 either way).
 // - kFull = 0 (half < 32): one step masked to the row's pairs (loads and stores).
 // Where the last step fails the check, its pairs not taken by a full step, [32 * kFull, half), go
-// one by one (bf16_pairs_one_by_one). Never streamed: the row's pieces are not 64-byte aligned
-// (aligned64). Against those pairs one by one after the steps (as bf16_rows_avx512bf16 does for
-// longer rows): see rows_at_once.
-template <bool same, int kFull, bool kDp>
+// one by one (bf16_pairs_one_by_one). kN > 0 (kFull < 2): n is kN, a head-major group's rows,
+// unrolled (rows_unrolled; the branch below says how). Never streamed: the row's pieces are not
+// 64-byte aligned (aligned64). Against those pairs one by one after the steps (as
+// bf16_rows_avx512bf16 does for longer rows): see rows_at_once.
+template <bool same, int kFull, bool kDp, int kN = 0>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_rows_tail(
     const c10::BFloat16* x, c10::BFloat16* y, int64_t n, int64_t sx, int64_t sy, int64_t half, const float* c1,
     const float* c2, const float* s1, const float* s2, const uint32_t* pairs, const RowPrefetch& pf, int64_t rest) {
@@ -1016,6 +1017,59 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
   }
   const int u = 2 * kFull;  // the last step's registers
   DpSeen seen{};            // (unused: the full steps check at once)
+  if constexpr (kN > 0) {
+    // A head-major group's kN rows unrolled (rows_unrolled; as bf16_rows_avx512bf16's): every row's
+    // loads before the first store, so that in place no load follows a store at its address
+    // modulo 4 KB (head h + 1's row lies a multiple of 4 KB past head h's); a step outside the
+    // window is left to after the group (no call among the loaded rows), and a row with a full
+    // step left stores no last step (it overlaps that one's pairs, which must stay unrotated).
+    __m512i xa[kN][kFull + 1], xb[kN][kFull + 1];
+#pragma GCC unroll 8
+    for (int r = 0; r < kN; ++r) {
+      for (int c = 0; c < kFull; ++c) {
+        xa[r][c] = _mm512_loadu_si512(x + r * sx + 32 * c);
+        xb[r][c] = _mm512_loadu_si512(x + r * sx + half + 32 * c);
+      }
+      xa[r][kFull] = _mm512_maskz_loadu_epi16(m, x + r * sx + last);
+      xb[r][kFull] = _mm512_maskz_loadu_epi16(m, x + r * sx + half + last);
+    }
+    uint32_t redo = 0;  // bit r * (kFull + 1) + c: row r's step c (kFull: its pairs [i0, half)) left
+#pragma GCC unroll 8
+    for (int r = 0; r < kN; ++r) {
+      if (r < pf.rows) prefetch_row(x + r * sx + pf.ox(r), y + r * sy + pf.oy(r), pf.bytes, true, pf.l2);
+      c10::BFloat16* yr = y + r * sy;
+      bool full_done = true;
+      for (int c = 0; c < kFull; ++c) {
+        if constexpr (kDp) {
+          if (!bf16_dp_step32<false>(xa[r][c], xb[r][c], yr + 32 * c, half, t1 + 2 * c, t2 + 2 * c, false, seen)) {
+            redo |= 1u << (r * (kFull + 1) + c);
+            full_done = false;
+          }
+        } else {
+          bf16_step32<same>(xa[r][c], xb[r][c], yr + 32 * c, half, vc1 + 2 * c, vs1 + 2 * c, vc2 + 2 * c,
+                            vs2 + 2 * c, false);
+        }
+      }
+      if (!full_done || !bf16_step_masked<kDp, same>(xa[r][kFull], xb[r][kFull], yr + last, half, m, t1 + u, t2 + u,
+                                                       vc1 + u, vs1 + u, vc2 + u, vs2 + u)) {
+        redo |= 1u << (r * (kFull + 1) + kFull);
+      }
+    }
+    for (; redo != 0; redo &= redo - 1) {
+      const int r = __builtin_ctz(redo) / (kFull + 1), c = __builtin_ctz(redo) % (kFull + 1);
+      const c10::BFloat16* xr = x + r * sx;
+      c10::BFloat16* yr = y + r * sy;
+      if (c < kFull) {
+        bf16_step32_lanes(xr + 32 * c, yr + 32 * c, half, pairs + 32 * c, false);  // (kDp only)
+      } else if constexpr (kDp) {
+        bf16_pairs_one_by_one(xr, yr, half, i0, pairs);
+      } else {
+        bf16_pairs_one_by_one(xr, yr, half, i0, c1, c2, s1, s2);
+      }
+    }
+    for (int r = 0; r < kN && rest > 0; ++r) copy_bytes_avx512(x + r * sx + 2 * half, y + r * sy + 2 * half, rest);
+    return;
+  }
   for (int64_t r = 0; r < n; ++r) {
     const c10::BFloat16* xr = x + r * sx;
     c10::BFloat16* yr = y + r * sy;
@@ -1036,7 +1090,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
         bf16_step32<same>(xa[c], xb[c], yr + 32 * c, half, vc1 + 2 * c, vs1 + 2 * c, vc2 + 2 * c, vs2 + 2 * c, false);
       }
     }
-    if (!bf16_step_lanes_of<kDp, same>(xa[kFull], xb[kFull], yr + last, half, m, t1 + u, t2 + u, vc1 + u, vs1 + u,
+    if (!bf16_step_masked<kDp, same>(xa[kFull], xb[kFull], yr + last, half, m, t1 + u, t2 + u, vc1 + u, vs1 + u,
                                        vc2 + u, vs2 + u)) {
       if constexpr (kDp) {
         bf16_pairs_one_by_one(xr, yr, half, i0, pairs);
@@ -1060,12 +1114,12 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
   } else if (half == 32) {
     bf16_rows_avx512bf16<same, 1, kDp, kN, kDefer>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp,
                                                    stream, rest);
-  } else if (kN == 0 && half % 32 != 0 && half < 96) {  // (never unrolled: rows_unrolled)
+  } else if (half % 32 != 0 && half < (kN > 0 ? 64 : 96)) {  // (unrolled under 64: rows_unrolled)
     if (half < 32) {
-      bf16_rows_tail<same, 0, kDp>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, rest);
+      bf16_rows_tail<same, 0, kDp, kN>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, rest);
     } else if (half < 64) {
-      bf16_rows_tail<same, 1, kDp>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, rest);
-    } else {
+      bf16_rows_tail<same, 1, kDp, kN>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, rest);
+    } else if constexpr (kN == 0) {
       bf16_rows_tail<same, 2, kDp>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, rest);
     }
   } else {
@@ -1522,15 +1576,17 @@ inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa&
 
 // Does a head-major walk's group of nh heads x -> y (rows of `half` pairs) go through rotate_rows
 // unrolled (see there)? Groups of 4 out of place; bf16 rows on the AVX512-BF16 kernel only where it
-// unrolls them (R = 64 or 128: bf16_token_rows), and there in place too, as that kernel loads all 4
-// rows before it stores any (bf16_rows_avx512bf16). In place from memory, side by side (2048
+// unrolls them (R = 64 or 128, and any R under 128: bf16_token_rows), and there in place too, as
+// that kernel loads all 4 rows before it stores any (bf16_rows_avx512bf16, bf16_rows_tail: head
+// dim 80, 512 tokens, 1 thread, in place 0.368 -> 0.286-0.296 ms, forward 0.366 -> 0.317-0.323,
+// against 0.30-0.34 token-major). In place from memory, side by side (2048
 // tokens; the two A/A runs' range before the arrow): 1 thread 1.204-1.218 -> 1.073 ms,
 // 1.487-1.524 -> 1.220 (an earlier measurement, 4-10% slower unrolled, did not hold up here),
 // 2 threads 0.876-0.955 -> 0.844.
 template <typename scalar_t>
 inline bool rows_unrolled(const scalar_t* x, const scalar_t* y, int64_t nh, int64_t half, const CpuIsa& isa) {
   if (nh != 4) return false;
-  if (std::is_same_v<scalar_t, c10::BFloat16> && isa.avx512bf16) return half == 32 || half == 64;
+  if (std::is_same_v<scalar_t, c10::BFloat16> && isa.avx512bf16) return half <= 64;
   return x != y;
 }
 
