@@ -1174,6 +1174,23 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void rotate_bf16
 }
 #endif
 
+// The fp32 table runs r (c1, c2, s1, s2 of `half` each, half a multiple of 16) of interleaved pairs
+// from a contiguous bf16 cos row c and sin row s: pair i's values c[2i], c[2i + 1], s[2i],
+// s[2i + 1], with make_pair_cs's conj rule (s1 = -s[2i + 1], s2 = -s[2i]), 16 pairs a vector (a
+// pair's two values one 32-bit word); the general loop's values, bit for bit (bf16 widens exactly).
+__attribute__((target("avx512f"))) void interleaved_table_row(const c10::BFloat16* c, const c10::BFloat16* s, bool conj,
+                                                              int64_t half, float* r) {
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), sign = _mm512_set1_epi32(INT32_MIN);
+  for (int64_t i = 0; i < half; i += 16) {
+    const __m512i cw = _mm512_loadu_si512(c + 2 * i), sw = _mm512_loadu_si512(s + 2 * i);
+    const __m512i even_s = _mm512_slli_epi32(sw, 16), odd_s = _mm512_and_si512(sw, hi);
+    _mm512_storeu_si512(r + i, _mm512_slli_epi32(cw, 16));
+    _mm512_storeu_si512(r + half + i, _mm512_and_si512(cw, hi));
+    _mm512_storeu_si512(r + 2 * half + i, conj ? _mm512_xor_si512(odd_s, sign) : even_s);
+    _mm512_storeu_si512(r + 3 * half + i, conj ? _mm512_xor_si512(even_s, sign) : odd_s);
+  }
+}
+
 // bf16_pair_table from a token's fp32 table runs r (c1, c2, s1, s2 of `half` each, conj applied:
 // the general table loop's, whose values came from bf16 cos/sin, so they narrow exactly).
 __attribute__((target("avx512f,avx512bw"))) bool bf16_pair_table_from(const float* r, int64_t half, uint32_t* out) {
@@ -1194,8 +1211,8 @@ __attribute__((target("avx512f,avx512bw"))) bool bf16_pair_table_from(const floa
 // bf16_dp_step32), one narrowing and one word permute back into pairs; a vector with a result
 // outside the window (bf16_in_window) is redone the exact way (load_pairs, rotate16, store_pairs)
 // from the fp32 table, as are tokens whose values bf16_pair_table refused. Llama-3-8B's q + k at
-// 512 tokens, 1 thread, forward: 0.28 ms, against 0.62 through rotate_tokens_avx512's interleaved
-// rows and 0.96 one row at a time.
+// 512 tokens, 1 thread, forward: 0.19 ms (tables from interleaved_table_row; 0.28 built pair by
+// pair), against 0.62 through rotate_tokens_avx512's interleaved rows and 0.96 one row at a time.
 template <int kRegs, bool kStream>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void bf16_interleaved_tokens(
     const c10::BFloat16* x, c10::BFloat16* y, const int64_t* xo, const int64_t* yo, int64_t n_tok, int64_t nh,
@@ -1546,9 +1563,9 @@ inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int6
 // 0.10. Interleaved (GPT-J) rows with a contiguous head dim on CPUs with AVX-512F: R = 64 or 128,
 // fp32 and fp16 R from 32 to 128 (rotate_tokens_avx512's kInterleaved: a row's pairs split into
 // x1's and x2's values by permutes, the same arithmetic), bf16 with AVX512-BF16 through vdpbf16ps
-// (bf16_interleaved_tokens): Llama-3-8B's q + k, 512 tokens, forward, bf16 0.96 -> 0.28 ms (0.62
-// through kInterleaved), fp16 0.79 -> 0.52, fp32 0.50-0.51 either way (bf16's rotate-half rows:
-// 0.17).
+// (bf16_interleaved_tokens): Llama-3-8B's q + k, 512 tokens, forward, bf16 0.96 -> 0.19 ms (0.62
+// through kInterleaved; 0.28 with the tables built pair by pair), fp16 0.79 -> 0.52, fp32
+// 0.50-0.51 either way (bf16's rotate-half rows: 0.17).
 template <typename scalar_t, bool interleaved, bool swap>
 inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa& isa) {
 #ifdef RK_HAVE_AVX512_BF16_PATH
@@ -1959,7 +1976,18 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           same = same && tab[e].c2 == tab[e].c1 && tab[e].s2 == tab[e].s1;
           continue;
         }
-        for (int64_t i = 0; i < half; ++i) {  // (j1, j2: the pair's two table entries)
+        bool built = false;
+#ifdef RK_HAVE_AVX512_BF16_PATH
+        if constexpr (interleaved && std::is_same_v<cs_t, c10::BFloat16>) {
+          // (pairs: AVX512-BF16, so BW; one contiguous row of each, full width)
+          if (pairs && !p.ti.mrope && !p.pair_tables && sc.r == 1 && ss.r == 1 && half % 16 == 0) {
+            interleaved_table_row(cp + cs_offset(sc, 0, a, s, pos[0], 0), sp + cs_offset(ss, 0, a, s, pos[0], 0),
+                                  p.conj, half, r);
+            built = true;
+          }
+        }
+#endif
+        for (int64_t i = 0; i < half && !built; ++i) {  // (j1, j2: the pair's two table entries)
           const int64_t j1 = table_index(pair_first(i, interleaved), half, interleaved, p.pair_tables),
                         j2 = table_index(pair_second(i, half, interleaved), half, interleaved, p.pair_tables);
           const int x = pair_axis(p.ti, i);
