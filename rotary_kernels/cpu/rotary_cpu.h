@@ -419,9 +419,10 @@ __attribute__((target("avx512f"), always_inline)) inline void store_pairs(scalar
 template <typename scalar_t, bool same, int kChunks, int kN, bool kLast, bool kStream, bool kInterleaved>
 __attribute__((target("avx512f"), always_inline)) inline void avx512_token_walk(
     const scalar_t* x, scalar_t* y, const int64_t* xo, const int64_t* yo, int64_t n_tok, int64_t nh, int64_t sx,
-    int64_t sy, const CSTable<float>* cs, const WalkPrefetch& pf, int64_t half, int64_t last, __mmask16 m,
-    int64_t rest) {
+    int64_t sy, const CSTable<float>* cs, const WalkPrefetch& pf, int64_t half, int64_t rest) {
   constexpr int kRegs = kChunks + (kLast ? 1 : 0);
+  const int64_t last = kChunks > 0 ? half - 16 : 0;  // (kLast: the last step's first pair)
+  const __mmask16 m = kChunks > 0 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << half) - 1);
   for (int64_t b = 0; b < n_tok; ++b) {
     RowPrefetch rp;
     token_prefetch(pf, xo, yo, b, nh, sx, sy, rp);
@@ -489,8 +490,6 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, 
   static_assert(kChunks > 0 || (kLast && !kInterleaved && std::is_same_v<scalar_t, float>),
                 "masked rows: fp32 rotate-half only");
   const int64_t half = kLast ? row_half : 16 * kChunks;
-  const int64_t last = kChunks > 0 ? half - 16 : 0;  // (kLast: the last step's first pair)
-  const __mmask16 m = kChunks > 0 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << half) - 1);
   const bool stream = pf.stream;  // (a local: pf could alias y for all the compiler knows)
   if constexpr (kN == 0 && !kLast && !kInterleaved) {
     if (pf.runs == 4 && stream && n_tok % 4 == 0) {
@@ -528,15 +527,11 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, 
     }
   }
   constexpr bool kI = kInterleaved;
-  if constexpr (kLast) {
-    avx512_token_walk<scalar_t, same, kChunks, kN, kLast, false, kI>(x, y, xo, yo, n_tok, nh, sx, sy, cs, pf, half,
-                                                                     last, m, rest);
-  } else if (stream) {
-    avx512_token_walk<scalar_t, same, kChunks, kN, kLast, true, kI>(x, y, xo, yo, n_tok, nh, sx, sy, cs, pf, half,
-                                                                    last, m, rest);
+  if (!kLast && stream) {
+    avx512_token_walk<scalar_t, same, kChunks, kN, kLast, true, kI>(x, y, xo, yo, n_tok, nh, sx, sy, cs, pf, half, rest);
   } else {
     avx512_token_walk<scalar_t, same, kChunks, kN, kLast, false, kI>(x, y, xo, yo, n_tok, nh, sx, sy, cs, pf, half,
-                                                                     last, m, rest);
+                                                                     rest);
   }
 }
 
@@ -727,16 +722,16 @@ __attribute__((target("avx512f,avx512bw"))) bool bf16_pair_table(const c10::BFlo
 // Pairs [j0, half) of a bf16 row one by one (rotate_pair and store_out: the reference's bits), with
 // fp32 table values, or (lanes) taken back from the vdpbf16ps lanes (bf16_pair_table's, as
 // bf16_step32_lanes does): a row's last pairs, where no step takes them or one failed its check.
+inline void bf16_pair_one(const c10::BFloat16* x, c10::BFloat16* y, int64_t half, int64_t j, const PairCS<float>& cs) {
+  float ya, yb;
+  rotate_pair(load_acc<c10::BFloat16, float>(x + j), load_acc<c10::BFloat16, float>(x + half + j), cs, ya, yb);
+  store_out<c10::BFloat16, float>(y + j, ya);
+  store_out<c10::BFloat16, float>(y + half + j, yb);
+}
 __attribute__((noinline, cold)) void bf16_pairs_one_by_one(const c10::BFloat16* x, c10::BFloat16* y, int64_t half,
                                                           int64_t j0, const float* c1, const float* c2,
                                                           const float* s1, const float* s2) {
-  for (int64_t j = j0; j < half; ++j) {
-    const float a = load_acc<c10::BFloat16, float>(x + j), b = load_acc<c10::BFloat16, float>(x + half + j);
-    float ya, yb;
-    rotate_pair(a, b, PairCS<float>{c1[j], c2[j], s1[j], s2[j]}, ya, yb);
-    store_out<c10::BFloat16, float>(y + j, ya);
-    store_out<c10::BFloat16, float>(y + half + j, yb);
-  }
+  for (int64_t j = j0; j < half; ++j) bf16_pair_one(x, y, half, j, PairCS<float>{c1[j], c2[j], s1[j], s2[j]});
 }
 __attribute__((noinline, cold)) void bf16_pairs_one_by_one(const c10::BFloat16* x, c10::BFloat16* y, int64_t half,
                                                           int64_t j0, const uint32_t* lanes) {
@@ -747,12 +742,8 @@ __attribute__((noinline, cold)) void bf16_pairs_one_by_one(const c10::BFloat16* 
   };
   for (int64_t j = j0; j < half; ++j) {
     const uint32_t t1 = lanes[j], t2 = lanes[half + j];  // (c1, -s1), (s2, c2)
-    const float c1 = value(t1 << 16), s1 = -value(t1 & 0xFFFF0000u), s2 = value(t2 << 16), c2 = value(t2 & 0xFFFF0000u);
-    const float a = load_acc<c10::BFloat16, float>(x + j), b = load_acc<c10::BFloat16, float>(x + half + j);
-    float ya, yb;
-    rotate_pair(a, b, PairCS<float>{c1, c2, s1, s2}, ya, yb);
-    store_out<c10::BFloat16, float>(y + j, ya);
-    store_out<c10::BFloat16, float>(y + half + j, yb);
+    const PairCS<float> cs{value(t1 << 16), value(t2 & 0xFFFF0000u), -value(t1 & 0xFFFF0000u), value(t2 << 16)};
+    bf16_pair_one(x, y, half, j, cs);
   }
 }
 
@@ -806,8 +797,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
 // products on both paths. Steps with a result outside bf16_in_window's window (zeros: signs of
 // zero; NaNs: payloads; anything under 2^-64 or from 2^64) store nothing and return false: the
 // caller redoes them by bf16_step32 (bf16_step32_lanes, from the step's lanes in memory, t1 and
-// t2's), in place too, as the step's x
-// is still unchanged. The caller decides where that call goes: the unrolled rows make it after
+// t2's), in place too, as the step's x is still unchanged. The caller decides where that call goes: the unrolled rows make it after
 // their group, so that no call sits among their 16 zmm of loaded x (live across a call, they
 // would be spilled). kDefer (out of place only: x must outlive the stores): the step stores its
 // results whatever they are and folds them into `seen`, which the caller checks once for many
@@ -975,6 +965,60 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
   return true;
 }
 
+// bf16_rows_tail's pieces of a row. Its x, every step's (kFull full ones, then the last one from
+// pair `last` on, on lanes m), loaded before any of its stores.
+template <int kFull>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_tail_row_load(
+    const c10::BFloat16* xr, int64_t half, int64_t last, __mmask32 m, __m512i* xa, __m512i* xb) {
+  for (int c = 0; c < kFull; ++c) {
+    xa[c] = _mm512_loadu_si512(xr + 32 * c);
+    xb[c] = _mm512_loadu_si512(xr + half + 32 * c);
+  }
+  xa[kFull] = _mm512_maskz_loadu_epi16(m, xr + last);
+  xb[kFull] = _mm512_maskz_loadu_epi16(m, xr + half + last);
+}
+// Its steps, into yr; returns those left: bit c < kFull a full step that failed the check, bit
+// kFull its pairs [32 * kFull, half), where the last step failed it or was not taken (after a
+// failed full step: it overlaps that one's pairs, whose x must stay unrotated until it is redone).
+template <bool same, int kFull, bool kDp>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline uint32_t bf16_tail_row_steps(
+    const __m512i* xa, const __m512i* xb, c10::BFloat16* yr, int64_t half, int64_t last, __mmask32 m,
+    const __m512i* t1, const __m512i* t2, const __m512* vc1, const __m512* vs1, const __m512* vc2, const __m512* vs2) {
+  uint32_t left = 0;
+  DpSeen seen{};  // (unused: the steps check at once)
+  for (int c = 0; c < kFull; ++c) {
+    if constexpr (kDp) {
+      if (!bf16_dp_step32<false>(xa[c], xb[c], yr + 32 * c, half, t1 + 2 * c, t2 + 2 * c, false, seen)) {
+        left |= 1u << c;
+      }
+    } else {
+      bf16_step32<same>(xa[c], xb[c], yr + 32 * c, half, vc1 + 2 * c, vs1 + 2 * c, vc2 + 2 * c, vs2 + 2 * c, false);
+    }
+  }
+  const int u = 2 * kFull;  // the last step's registers
+  if (left != 0 || !bf16_step_masked<kDp, same>(xa[kFull], xb[kFull], yr + last, half, m, t1 + u, t2 + u, vc1 + u,
+                                                vs1 + u, vc2 + u, vs2 + u)) {
+    left |= 1u << kFull;
+  }
+  return left;
+}
+// The steps a row left (bf16_tail_row_steps), the exact way, from its x (unrotated there).
+template <int kFull, bool kDp>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_tail_row_redo(
+    const c10::BFloat16* xr, c10::BFloat16* yr, int64_t half, uint32_t left, const float* c1, const float* c2,
+    const float* s1, const float* s2, const uint32_t* pairs) {
+  for (int c = 0; c < kFull; ++c) {
+    if ((left >> c) & 1) bf16_step32_lanes(xr + 32 * c, yr + 32 * c, half, pairs + 32 * c, false);  // (kDp only)
+  }
+  if ((left >> kFull) & 1) {
+    if constexpr (kDp) {
+      bf16_pairs_one_by_one(xr, yr, half, 32 * kFull, pairs);
+    } else {
+      bf16_pairs_one_by_one(xr, yr, half, 32 * kFull, c1, c2, s1, s2);
+    }
+  }
+}
+
 // n bf16 rows (as bf16_rows_avx512bf16's) of half = 32 * kFull + t pairs, 0 < t < 32 (R = 2 * half
 // not a multiple of 64: head dims 80 and 96, partial spans such as phi-2's R = 32), the table
 // values of every step in registers, the rows one after the other:
@@ -997,7 +1041,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
     const c10::BFloat16* x, c10::BFloat16* y, int64_t n, int64_t sx, int64_t sy, int64_t half, const float* c1,
     const float* c2, const float* s1, const float* s2, const uint32_t* pairs, const RowPrefetch& pf, int64_t rest) {
   constexpr int kRegs = 2 * kFull + 2;  // 16 pairs a register, the last step's 2 last
-  const int64_t i0 = 32 * kFull, last = kFull > 0 ? half - 32 : 0;  // (last: the last step's first pair)
+  const int64_t last = kFull > 0 ? half - 32 : 0;  // the last step's first pair
   const __mmask32 m = kFull > 0 ? ~__mmask32{0} : tail_mask32(half);
   __m512i t1[kRegs], t2[kRegs];
   __m512 vc1[kRegs], vs1[kRegs], vc2[kRegs], vs2[kRegs];
@@ -1015,59 +1059,25 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
       vs2[u] = same ? vs1[u] : _mm512_maskz_loadu_ps(mu, s2 + j);
     }
   }
-  const int u = 2 * kFull;  // the last step's registers
-  DpSeen seen{};            // (unused: the full steps check at once)
   if constexpr (kN > 0) {
     // A head-major group's kN rows unrolled (rows_unrolled; as bf16_rows_avx512bf16's): every row's
     // loads before the first store, so that in place no load follows a store at its address
-    // modulo 4 KB (head h + 1's row lies a multiple of 4 KB past head h's); a step outside the
-    // window is left to after the group (no call among the loaded rows), and a row with a full
-    // step left stores no last step (it overlaps that one's pairs, which must stay unrotated).
+    // modulo 4 KB (head h + 1's row lies a multiple of 4 KB past head h's); the steps left are
+    // redone after the group (no call among the loaded rows).
     __m512i xa[kN][kFull + 1], xb[kN][kFull + 1];
 #pragma GCC unroll 8
-    for (int r = 0; r < kN; ++r) {
-      for (int c = 0; c < kFull; ++c) {
-        xa[r][c] = _mm512_loadu_si512(x + r * sx + 32 * c);
-        xb[r][c] = _mm512_loadu_si512(x + r * sx + half + 32 * c);
-      }
-      xa[r][kFull] = _mm512_maskz_loadu_epi16(m, x + r * sx + last);
-      xb[r][kFull] = _mm512_maskz_loadu_epi16(m, x + r * sx + half + last);
-    }
-    uint32_t redo = 0;  // bit r * (kFull + 1) + c: row r's step c (kFull: its pairs [i0, half)) left
+    for (int r = 0; r < kN; ++r) bf16_tail_row_load<kFull>(x + r * sx, half, last, m, xa[r], xb[r]);
+    uint32_t left[kN];
 #pragma GCC unroll 8
     for (int r = 0; r < kN; ++r) {
       if (r < pf.rows) prefetch_row(x + r * sx + pf.ox(r), y + r * sy + pf.oy(r), pf.bytes, true, pf.l2);
-      c10::BFloat16* yr = y + r * sy;
-      bool full_done = true;
-      for (int c = 0; c < kFull; ++c) {
-        if constexpr (kDp) {
-          if (!bf16_dp_step32<false>(xa[r][c], xb[r][c], yr + 32 * c, half, t1 + 2 * c, t2 + 2 * c, false, seen)) {
-            redo |= 1u << (r * (kFull + 1) + c);
-            full_done = false;
-          }
-        } else {
-          bf16_step32<same>(xa[r][c], xb[r][c], yr + 32 * c, half, vc1 + 2 * c, vs1 + 2 * c, vc2 + 2 * c,
-                            vs2 + 2 * c, false);
-        }
-      }
-      if (!full_done || !bf16_step_masked<kDp, same>(xa[r][kFull], xb[r][kFull], yr + last, half, m, t1 + u, t2 + u,
-                                                       vc1 + u, vs1 + u, vc2 + u, vs2 + u)) {
-        redo |= 1u << (r * (kFull + 1) + kFull);
-      }
+      left[r] = bf16_tail_row_steps<same, kFull, kDp>(xa[r], xb[r], y + r * sy, half, last, m, t1, t2, vc1, vs1, vc2,
+                                                      vs2);
     }
-    for (; redo != 0; redo &= redo - 1) {
-      const int r = __builtin_ctz(redo) / (kFull + 1), c = __builtin_ctz(redo) % (kFull + 1);
-      const c10::BFloat16* xr = x + r * sx;
-      c10::BFloat16* yr = y + r * sy;
-      if (c < kFull) {
-        bf16_step32_lanes(xr + 32 * c, yr + 32 * c, half, pairs + 32 * c, false);  // (kDp only)
-      } else if constexpr (kDp) {
-        bf16_pairs_one_by_one(xr, yr, half, i0, pairs);
-      } else {
-        bf16_pairs_one_by_one(xr, yr, half, i0, c1, c2, s1, s2);
-      }
+    for (int r = 0; r < kN; ++r) {
+      if (left[r] != 0) bf16_tail_row_redo<kFull, kDp>(x + r * sx, y + r * sy, half, left[r], c1, c2, s1, s2, pairs);
+      if (rest > 0) copy_bytes_avx512(x + r * sx + 2 * half, y + r * sy + 2 * half, rest);
     }
-    for (int r = 0; r < kN && rest > 0; ++r) copy_bytes_avx512(x + r * sx + 2 * half, y + r * sy + 2 * half, rest);
     return;
   }
   for (int64_t r = 0; r < n; ++r) {
@@ -1075,29 +1085,9 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
     c10::BFloat16* yr = y + r * sy;
     if (r < pf.rows) prefetch_row(xr + pf.ox(r), yr + pf.oy(r), pf.bytes, true, pf.l2);
     __m512i xa[kFull + 1], xb[kFull + 1];
-    for (int c = 0; c < kFull; ++c) {
-      xa[c] = _mm512_loadu_si512(xr + 32 * c);
-      xb[c] = _mm512_loadu_si512(xr + half + 32 * c);
-    }
-    xa[kFull] = _mm512_maskz_loadu_epi16(m, xr + last);
-    xb[kFull] = _mm512_maskz_loadu_epi16(m, xr + half + last);
-    for (int c = 0; c < kFull; ++c) {
-      if constexpr (kDp) {
-        if (!bf16_dp_step32<false>(xa[c], xb[c], yr + 32 * c, half, t1 + 2 * c, t2 + 2 * c, false, seen)) {
-          bf16_step32_lanes(xr + 32 * c, yr + 32 * c, half, pairs + 32 * c, false);
-        }
-      } else {
-        bf16_step32<same>(xa[c], xb[c], yr + 32 * c, half, vc1 + 2 * c, vs1 + 2 * c, vc2 + 2 * c, vs2 + 2 * c, false);
-      }
-    }
-    if (!bf16_step_masked<kDp, same>(xa[kFull], xb[kFull], yr + last, half, m, t1 + u, t2 + u, vc1 + u, vs1 + u,
-                                       vc2 + u, vs2 + u)) {
-      if constexpr (kDp) {
-        bf16_pairs_one_by_one(xr, yr, half, i0, pairs);
-      } else {
-        bf16_pairs_one_by_one(xr, yr, half, i0, c1, c2, s1, s2);
-      }
-    }
+    bf16_tail_row_load<kFull>(xr, half, last, m, xa, xb);
+    const uint32_t left = bf16_tail_row_steps<same, kFull, kDp>(xa, xb, yr, half, last, m, t1, t2, vc1, vs1, vc2, vs2);
+    if (left != 0) bf16_tail_row_redo<kFull, kDp>(xr, yr, half, left, c1, c2, s1, s2, pairs);
     if (rest > 0) copy_bytes_avx512(xr + 2 * half, yr + 2 * half, rest);
   }
 }
@@ -1229,7 +1219,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void bf16_interl
     const CSTable<float>& t = cs[b];
     if (!t.bf16_pairs) {
       avx512_token_walk<c10::BFloat16, false, kRegs, 0, false, kStream, true>(x, y, xo + b, yo + b, 1, nh, sx, sy,
-                                                                             &t, WalkPrefetch{}, half, 0, 0, rest);
+                                                                             &t, WalkPrefetch{}, half, rest);
       continue;
     }
     __m512i t1[kRegs], t2[kRegs];
