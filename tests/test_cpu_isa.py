@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(not _compiled.HAS_EXT, reason=f"extension not bu
 # layout walk (token-major, head-major, qkv slices), rows the row kernels take whole (R = 64, 128),
 # with a last step that overlaps the one before or is masked (R = 80, 96, partial R = 24 of D = 64
 # and 32 of D = 80: bf16_rows_tail, rotate_tokens_avx512's kLast) and partial R = 64 of D = 128,
+# per-pair tables,
 # several blocks of tokens (S = 300), same and different cos/sin halves, NaN / denormal /
 # overflowing results, out of place and in place, large (streamed) prefills in every walk, 16-bit
 # tables, and bf16 rows through vdpbf16ps (AVX512-BF16) on hostile values.
@@ -98,6 +99,25 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 xi = x.clone()
                 _compiled.ops.rotary_inplace(xi, None, cos, sin, True, True)
                 outs += [xo, xi]
+# Per-pair tables (cos/sin of R / 2 values, one per pair: freqs_cis-style), interleaved and rotate-half,
+# bf16 rows (the interleaved ones' vdpbf16ps lanes straight from the rows: bf16_pair_table), with and
+# without conj, a token's table refused (a denormal; every value over 2), token- and head-major.
+for dtype in (torch.bfloat16, torch.float32):
+    for interleaved in (True, False):
+        for x in (torch.randn(2, 70, 5, 128), torch.randn(2, 5, 70, 128).transpose(1, 2)):
+            x = x.to(dtype)
+            x[0, 0, 0, :8] = torch.tensor([float("nan"), 1e-39, -1e-40, float("inf"), 0.0, -0.0, 3e38, -3e38])
+            ang = torch.rand(70, 64) * 6.3
+            for scale in (1.0, 2.5):
+                cos = (ang.cos() * scale)[None].repeat(2, 1, 1).to(dtype)
+                sin = ang.sin()[None].repeat(2, 1, 1).to(dtype)
+                sin[:, 4, 9] = -1e-39
+                for conj in (False, True):
+                    xo = torch.empty_like(x)
+                    _compiled.ops.rotary(x, None, cos, sin, xo, None, interleaved, conj, pair_tables=True)
+                    xi = x.clone()
+                    _compiled.ops.rotary_inplace(xi, None, cos, sin, interleaved, conj, pair_tables=True)
+                    outs += [xo, xi]
 # Tables in the input's 16-bit dtype (converted per token: fp16 through F16C where the CPU has it),
 # with and without conj.
 for dtype in (torch.float16, torch.bfloat16):

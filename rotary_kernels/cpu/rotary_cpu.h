@@ -682,6 +682,14 @@ inline __mmask32 tail_mask32(int64_t n) {
   return n >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint32_t{1} << n) - 1);
 }
 
+// The bf16 table values among v's 32 that make bf16_dp_step32 inexact: over 2 in magnitude, or
+// denormal (magnitude - 1 under 0x7F).
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline __mmask32 bf16_table_values_refused(__m512i v) {
+  const __m512i m = _mm512_and_si512(v, _mm512_set1_epi16(0x7FFF));
+  return _mm512_cmpgt_epu16_mask(m, _mm512_set1_epi16(0x4000)) |
+         _mm512_cmplt_epu16_mask(_mm512_sub_epi16(m, _mm512_set1_epi16(1)), _mm512_set1_epi16(0x007F));
+}
+
 // bf16 tables for vdpbf16ps, straight from bf16 cos/sin runs (the table values of rotate_tokens'
 // plain rows: c1, c2, s1, s2, the sin runs negated with `neg`): per pair i, 32-bit lanes
 // (c1[i], -s1[i]) then (s2[i], c2[i]), x1's factor in the low half, x2's in the high one, into
@@ -692,8 +700,7 @@ inline __mmask32 tail_mask32(int64_t n) {
 __attribute__((target("avx512f,avx512bw"))) bool bf16_pair_table(const c10::BFloat16* c1, const c10::BFloat16* c2,
                                                                  const c10::BFloat16* s1, const c10::BFloat16* s2,
                                                                  bool neg, int64_t half, uint32_t* out, bool* same) {
-  const __m512i sign = _mm512_set1_epi16(static_cast<int16_t>(0x8000)), mag = _mm512_set1_epi16(0x7FFF);
-  const __m512i one = _mm512_set1_epi16(1), two = _mm512_set1_epi16(0x4000), small = _mm512_set1_epi16(0x007F);
+  const __m512i sign = _mm512_set1_epi16(static_cast<int16_t>(0x8000));
   const __m512i neg_s1 = neg ? _mm512_setzero_si512() : sign, neg_s2 = neg ? sign : _mm512_setzero_si512();
   __mmask32 bad = 0, differ = 0;
   for (int64_t i = 0; i < half; i += 32) {
@@ -702,10 +709,7 @@ __attribute__((target("avx512f,avx512bw"))) bool bf16_pair_table(const c10::BFlo
     const __m512i ss1 = _mm512_maskz_loadu_epi16(m, s1 + i), ss2 = _mm512_maskz_loadu_epi16(m, s2 + i);
     differ |= _mm512_cmpneq_epi16_mask(cc1, cc2) | _mm512_cmpneq_epi16_mask(ss1, ss2);
     const __m512i v[4] = {cc1, cc2, _mm512_xor_si512(ss1, neg_s1), _mm512_xor_si512(ss2, neg_s2)};
-    for (const __m512i& x : v) {  // over 2, or denormal (magnitude - 1 under 0x7F)
-      const __m512i m = _mm512_and_si512(x, mag);
-      bad |= _mm512_cmpgt_epu16_mask(m, two) | _mm512_cmplt_epu16_mask(_mm512_sub_epi16(m, one), small);
-    }
+    for (const __m512i& x : v) bad |= bf16_table_values_refused(x);
     __m512i t1[2], t2[2];
     pair_words(v[0], v[2], t1);
     pair_words(v[3], v[1], t2);
@@ -747,19 +751,26 @@ __attribute__((noinline, cold)) void bf16_pairs_one_by_one(const c10::BFloat16* 
   }
 }
 
-// bf16_step32 with the table values taken back from their vdpbf16ps lanes (t1 the step's first
-// 32, t1 + half its second: bf16_pair_table; the same fp32 values, bf16 ones): bf16_dp_step32's
-// fallback.
+// The fp32 table values of 16 pairs taken back from their vdpbf16ps lanes t1 = (c1, -s1) and
+// t2 = (s2, c2) (bf16_pair_table's; bf16 values, so the same fp32 ones): the exact way's tables
+// where a step through the lanes fails its check.
+__attribute__((target("avx512f"), always_inline)) inline void bf16_lanes_values(__m512i t1, __m512i t2, __m512& c1,
+                                                                              __m512& s1, __m512& c2, __m512& s2) {
+  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), sign = _mm512_set1_epi32(INT32_MIN);
+  c1 = _mm512_castsi512_ps(_mm512_slli_epi32(t1, 16));
+  s1 = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_and_si512(t1, hi), sign));
+  s2 = _mm512_castsi512_ps(_mm512_slli_epi32(t2, 16));
+  c2 = _mm512_castsi512_ps(_mm512_and_si512(t2, hi));
+}
+
+// bf16_step32 with the table values taken back from their lanes (t1 the step's first 32, t1 + half
+// its second: bf16_lanes_values): bf16_dp_step32's fallback.
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), noinline, cold)) void bf16_step32_lanes(
     const c10::BFloat16* x, c10::BFloat16* y, int64_t half, const uint32_t* t1, bool stream) {
-  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), sign = _mm512_set1_epi32(INT32_MIN);
   __m512 vc1[2], vs1[2], vc2[2], vs2[2];
   for (int u = 0; u < 2; ++u) {
-    const __m512i a = _mm512_loadu_si512(t1 + 16 * u), b = _mm512_loadu_si512(t1 + half + 16 * u);
-    vc1[u] = _mm512_castsi512_ps(_mm512_slli_epi32(a, 16));
-    vs1[u] = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_and_si512(a, hi), sign));
-    vs2[u] = _mm512_castsi512_ps(_mm512_slli_epi32(b, 16));
-    vc2[u] = _mm512_castsi512_ps(_mm512_and_si512(b, hi));
+    bf16_lanes_values(_mm512_loadu_si512(t1 + 16 * u), _mm512_loadu_si512(t1 + half + 16 * u), vc1[u], vs1[u], vc2[u],
+                      vs2[u]);
   }
   bf16_step32<false>(_mm512_loadu_si512(x), _mm512_loadu_si512(x + half), y, half, vc1, vs1, vc2, vs2, stream);
 }
@@ -1164,21 +1175,31 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void rotate_bf16
 }
 #endif
 
-// The fp32 table runs r (c1, c2, s1, s2 of `half` each, half a multiple of 16) of interleaved pairs
-// from a contiguous bf16 cos row c and sin row s: pair i's values c[2i], c[2i + 1], s[2i],
-// s[2i + 1], with make_pair_cs's conj rule (s1 = -s[2i + 1], s2 = -s[2i]), 16 pairs a vector (a
-// pair's two values one 32-bit word); the general loop's values, bit for bit (bf16 widens exactly).
-__attribute__((target("avx512f"))) void interleaved_table_row(const c10::BFloat16* c, const c10::BFloat16* s, bool conj,
-                                                              int64_t half, float* r) {
-  const __m512i hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u)), sign = _mm512_set1_epi32(INT32_MIN);
+// bf16_pair_table's lanes for interleaved (GPT-J) pairs, straight from a contiguous bf16 cos row c
+// and sin row s (2 * half values each, half a multiple of 16): pair i's values are the 32-bit
+// words i of c and s (make_pair_cs: c1 = c[2i], c2 = c[2i + 1], s1 = s[2i], s2 = s[2i + 1]; with
+// conj s1 = -s[2i + 1], s2 = -s[2i]), so its lanes (c1, -s1) and (s2, c2) are those words' halves
+// recombined, 16 pairs a vector, and checked as bf16_pair_table checks its values. Llama-3-8B's
+// q + k, 512 tokens, 1 thread, forward: 0.179-0.187 -> 0.174-0.175 ms against an fp32 table built
+// 16 pairs a vector and narrowed into lanes (bf16_pair_table_from); per-pair tables, which went
+// pair by pair, 0.30 -> 0.174-0.177 (bf16_pair_table; rotate-half rows: 0.171-0.175).
+__attribute__((target("avx512f,avx512bw"))) bool bf16_interleaved_pair_table(const c10::BFloat16* c,
+                                                                            const c10::BFloat16* s, bool conj,
+                                                                            int64_t half, uint32_t* out) {
+  const __m512i lo = _mm512_set1_epi32(0xFFFF), hi = _mm512_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const __m512i sign_hi = _mm512_set1_epi32(INT32_MIN), sign_lo = _mm512_set1_epi32(0x8000);
+  __mmask32 bad = 0;
   for (int64_t i = 0; i < half; i += 16) {
     const __m512i cw = _mm512_loadu_si512(c + 2 * i), sw = _mm512_loadu_si512(s + 2 * i);
-    const __m512i even_s = _mm512_slli_epi32(sw, 16), odd_s = _mm512_and_si512(sw, hi);
-    _mm512_storeu_si512(r + i, _mm512_slli_epi32(cw, 16));
-    _mm512_storeu_si512(r + half + i, _mm512_and_si512(cw, hi));
-    _mm512_storeu_si512(r + 2 * half + i, conj ? _mm512_xor_si512(odd_s, sign) : even_s);
-    _mm512_storeu_si512(r + 3 * half + i, conj ? _mm512_xor_si512(even_s, sign) : odd_s);
+    bad |= bf16_table_values_refused(cw) | bf16_table_values_refused(sw);
+    const __m512i c1 = _mm512_and_si512(cw, lo), c2 = _mm512_and_si512(cw, hi);
+    // -s1 in the high half, s2 in the low one
+    const __m512i neg_s1 = conj ? _mm512_and_si512(sw, hi) : _mm512_xor_si512(_mm512_slli_epi32(sw, 16), sign_hi);
+    const __m512i s2 = conj ? _mm512_xor_si512(_mm512_and_si512(sw, lo), sign_lo) : _mm512_srli_epi32(sw, 16);
+    _mm512_storeu_si512(out + i, _mm512_or_si512(c1, neg_s1));
+    _mm512_storeu_si512(out + half + i, _mm512_or_si512(s2, c2));
   }
+  return bad == 0;
 }
 
 // bf16_pair_table from a token's fp32 table runs r (c1, c2, s1, s2 of `half` each, conj applied:
@@ -1200,9 +1221,10 @@ __attribute__((target("avx512f,avx512bw"))) bool bf16_pair_table_from(const floa
 // token's bf16_pair_table lanes (the rotate-half steps' arithmetic, so the same bits: see
 // bf16_dp_step32), one narrowing and one word permute back into pairs; a vector with a result
 // outside the window (bf16_in_window) is redone the exact way (load_pairs, rotate16, store_pairs)
-// from the fp32 table, as are tokens whose values bf16_pair_table refused. Llama-3-8B's q + k at
-// 512 tokens, 1 thread, forward: 0.19 ms (tables from interleaved_table_row; 0.28 built pair by
-// pair), against 0.62 through rotate_tokens_avx512's interleaved rows and 0.96 one row at a time.
+// with the table values taken back from the lanes (bf16_lanes_values); tokens whose values the
+// lanes refused take the fp32 table. Llama-3-8B's q + k at 512 tokens, 1 thread, forward: 0.17 ms
+// (lanes from bf16_interleaved_pair_table; 0.28 from an fp32 table built pair by pair), against
+// 0.62 through rotate_tokens_avx512's interleaved rows and 0.96 one row at a time.
 template <int kRegs, bool kStream>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void bf16_interleaved_tokens(
     const c10::BFloat16* x, c10::BFloat16* y, const int64_t* xo, const int64_t* yo, int64_t n_tok, int64_t nh,
@@ -1239,8 +1261,9 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void bf16_interl
         if (__builtin_expect(_mm512_test_epi16_mask(bf16_window_bits(a), bit) != 0xFFFFFFFFu, 0)) {
           __m512 x1, x2, y1, y2;
           load_pairs<true>(xr, half, 16 * u, x1, x2);
-          rotate16(x1, x2, _mm512_loadu_ps(t.c1 + 16 * u), _mm512_loadu_ps(t.s1 + 16 * u),
-                   _mm512_loadu_ps(t.c2 + 16 * u), _mm512_loadu_ps(t.s2 + 16 * u), y1, y2);
+          __m512 c1, s1, c2, s2;
+          bf16_lanes_values(t1[u], t2[u], c1, s1, c2, s2);
+          rotate16(x1, x2, c1, s1, c2, s2, y1, y2);
           store_pairs<true>(yr, half, 16 * u, y1, y2, kStream);
           continue;
         }
@@ -1553,7 +1576,7 @@ inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int6
 // 0.10. Interleaved (GPT-J) rows with a contiguous head dim on CPUs with AVX-512F: R = 64 or 128,
 // fp32 and fp16 R from 32 to 128 (rotate_tokens_avx512's kInterleaved: a row's pairs split into
 // x1's and x2's values by permutes, the same arithmetic), bf16 with AVX512-BF16 through vdpbf16ps
-// (bf16_interleaved_tokens): Llama-3-8B's q + k, 512 tokens, forward, bf16 0.96 -> 0.19 ms (0.62
+// (bf16_interleaved_tokens): Llama-3-8B's q + k, 512 tokens, forward, bf16 0.96 -> 0.17 ms (0.62
 // through kInterleaved; 0.28 with the tables built pair by pair), fp16 0.79 -> 0.52, fp32
 // 0.50-0.51 either way (bf16's rotate-half rows: 0.17).
 template <typename scalar_t, bool interleaved, bool swap>
@@ -1966,18 +1989,26 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           same = same && tab[e].c2 == tab[e].c1 && tab[e].s2 == tab[e].s1;
           continue;
         }
-        bool built = false;
 #ifdef RK_HAVE_AVX512_BF16_PATH
         if constexpr (interleaved && std::is_same_v<cs_t, c10::BFloat16>) {
-          // (pairs: AVX512-BF16, so BW; one contiguous row of each, full width)
-          if (pairs && !p.ti.mrope && !p.pair_tables && sc.r == 1 && ss.r == 1 && half % 16 == 0) {
-            interleaved_table_row(cp + cs_offset(sc, 0, a, s, pos[0], 0), sp + cs_offset(ss, 0, a, s, pos[0], 0),
-                                  p.conj, half, r);
-            built = true;
+          // (pairs: AVX512-BF16, so BW; one contiguous row of each). bf16 interleaved rows: the
+          // lanes of bf16_interleaved_tokens straight from the rows (per-pair tables: each pair's
+          // cos and sin, both of its values), no fp32 table (that kernel's exact redo takes the
+          // values back from the lanes); where they are refused, the fp32 table, for the walk.
+          if (pairs && !p.ti.mrope && sc.r == 1 && ss.r == 1 && half % 16 == 0) {
+            const cs_t* c = cp + cs_offset(sc, 0, a, s, pos[0], 0);
+            const cs_t* sn = sp + cs_offset(ss, 0, a, s, pos[0], 0);
+            uint32_t* pr = pairs + e * 2 * half;
+            bool same_runs = false;
+            if (p.pair_tables ? bf16_pair_table(c, c, sn, sn, p.conj, half, pr, &same_runs)
+                              : bf16_interleaved_pair_table(c, sn, p.conj, half, pr)) {
+              tab[e].bf16_pairs = pr;
+              continue;
+            }
           }
         }
 #endif
-        for (int64_t i = 0; i < half && !built; ++i) {  // (j1, j2: the pair's two table entries)
+        for (int64_t i = 0; i < half; ++i) {  // (j1, j2: the pair's two table entries)
           const int64_t j1 = table_index(pair_first(i, interleaved), half, interleaved, p.pair_tables),
                         j2 = table_index(pair_second(i, half, interleaved), half, interleaved, p.pair_tables);
           const int x = pair_axis(p.ti, i);
