@@ -100,8 +100,8 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 _compiled.ops.rotary_inplace(xi, None, cos, sin, True, True)
                 outs += [xo, xi]
 # Per-pair tables (cos/sin of R / 2 values, one per pair: freqs_cis-style), interleaved and rotate-half,
-# bf16 rows (the interleaved ones' vdpbf16ps lanes straight from the rows: bf16_pair_table), with and
-# without conj, a token's table refused (a denormal; every value over 2), token- and head-major.
+# bf16 rows (vdpbf16ps lanes: bf16_pair_table) and fp32 ones, with and without conj, strided rows, a
+# token's table refused (a denormal; every value over 2), token- and head-major.
 for dtype in (torch.bfloat16, torch.float32):
     for interleaved in (True, False):
         for x in (torch.randn(2, 70, 5, 128), torch.randn(2, 5, 70, 128).transpose(1, 2)):
@@ -112,11 +112,12 @@ for dtype in (torch.bfloat16, torch.float32):
                 cos = (ang.cos() * scale)[None].repeat(2, 1, 1).to(dtype)
                 sin = ang.sin()[None].repeat(2, 1, 1).to(dtype)
                 sin[:, 4, 9] = -1e-39
-                for conj in (False, True):
+                cs = torch.stack([cos, sin], -1)  # (strided rows: a complex table's parts, Llama 4's freqs_cis)
+                for conj, (c, s) in ((False, (cos, sin)), (True, (cos, sin)), (False, (cs[..., 0], cs[..., 1]))):
                     xo = torch.empty_like(x)
-                    _compiled.ops.rotary(x, None, cos, sin, xo, None, interleaved, conj, pair_tables=True)
+                    _compiled.ops.rotary(x, None, c, s, xo, None, interleaved, conj, pair_tables=True)
                     xi = x.clone()
-                    _compiled.ops.rotary_inplace(xi, None, cos, sin, interleaved, conj, pair_tables=True)
+                    _compiled.ops.rotary_inplace(xi, None, c, s, interleaved, conj, pair_tables=True)
                     outs += [xo, xi]
 # Tables in the input's 16-bit dtype (converted per token: fp16 through F16C where the CPU has it),
 # with and without conj.

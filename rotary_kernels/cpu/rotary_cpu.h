@@ -1215,33 +1215,76 @@ __attribute__((target("avx512f,avx512bw"))) bool bf16_pair_table_from(const floa
   return bf16_pair_table(runs, runs + half, runs + 2 * half, runs + 3 * half, false, half, out, &same);
 }
 
+// 16 interleaved bf16 pairs' results, narrowed (a: y1's 16 words, then y2's, as vcvtne2ps2bf16
+// gives them), stored at y as pairs (one word permute) if every one is in bf16_in_window's
+// window, where that narrowing is exact; false, nothing stored, otherwise.
+template <bool kStream>
+__attribute__((target("avx512f,avx512bw"), always_inline)) inline bool bf16_store_pairs_in_window(c10::BFloat16* y,
+                                                                                                 __m512i a) {
+  // Word j of the pairs: y1 of pair j / 2 (word j / 2 of a) for even j, y2 of it (word 16 + j / 2)
+  // for odd j.
+  alignas(64) static constexpr uint16_t kJoin[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  if (__builtin_expect(
+          _mm512_test_epi16_mask(bf16_window_bits(a), _mm512_set1_epi16(kBf16WindowBit)) != 0xFFFFFFFFu, 0)) {
+    return false;
+  }
+  const __m512i out = _mm512_permutexvar_epi16(_mm512_load_si512(kJoin), a);
+  if constexpr (kStream) {
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(y), out);
+  } else {
+    _mm512_storeu_si512(y, out);
+  }
+  return true;
+}
+
+// x1's and x2's values (fp32) of 16 interleaved bf16 pairs v, each pair one 32-bit lane.
+__attribute__((target("avx512f"), always_inline)) inline __m512 x1_of(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+}
+__attribute__((target("avx512f"), always_inline)) inline __m512 x2_of(__m512i v) {
+  return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
 // Interleaved (GPT-J) bf16 rows with AVX512-BF16, over tokens b in [0, n_tok), rows x + xo[b] + r * sx,
-// r in [0, nh), of R = 32 * kRegs: a pair (x[2i], x[2i + 1]) already sits in a 32-bit lane, x1's
-// value in the low half, as vdpbf16ps reads it, so 16 pairs a vector take two dot products with the
-// token's bf16_pair_table lanes (the rotate-half steps' arithmetic, so the same bits: see
-// bf16_dp_step32), one narrowing and one word permute back into pairs; a vector with a result
-// outside the window (bf16_in_window) is redone the exact way (load_pairs, rotate16, store_pairs)
-// with the table values taken back from the lanes (bf16_lanes_values); tokens whose values the
-// lanes refused take the fp32 table. Llama-3-8B's q + k at 512 tokens, 1 thread, forward: 0.17 ms
-// (lanes from bf16_interleaved_pair_table; 0.28 from an fp32 table built pair by pair), against
-// 0.62 through rotate_tokens_avx512's interleaved rows and 0.96 one row at a time.
+// r in [0, nh), of R = 32 * kRegs. A pair (x[2i], x[2i + 1]) sits in a 32-bit lane, x1's value in
+// the low half: as vdpbf16ps reads it, so 16 pairs a vector take two dot products with the token's
+// bf16_pair_table lanes (the rotate-half steps' arithmetic, so the same bits: see bf16_dp_step32);
+// and widened to fp32 by a shift (x1) and a mask (x2), for rotate16 with an fp32 table (fp32
+// cos/sin, such as Llama 4's freqs_cis, or a token whose values the lanes refused). Either way
+// one narrowing and one word permute back into pairs (bf16_store_pairs_in_window); a vector with
+// a result outside the window is done the exact way (rotate16 on the widened pairs, with the dot
+// products' table values taken back from the lanes, bf16_lanes_values; store_pairs). Llama-3-8B's
+// q + k at 512 tokens, 1 thread, forward: 0.17 ms with bf16 tables (lanes from
+// bf16_interleaved_pair_table; 0.28 from an fp32 table built pair by pair); fp32 per-pair tables
+// 0.61-0.62 -> 0.21-0.22, 2048 tokens 2.60-2.74 -> 0.90-0.92 (through rotate_tokens_avx512's
+// interleaved rows, which widen and narrow exactly, 16 values an instruction sequence); 0.96 one
+// row at a time.
 template <int kRegs, bool kStream>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void bf16_interleaved_tokens(
     const c10::BFloat16* x, c10::BFloat16* y, const int64_t* xo, const int64_t* yo, int64_t n_tok, int64_t nh,
     int64_t sx, int64_t sy, const CSTable<float>* cs, const WalkPrefetch& pf, int64_t rest) {
   constexpr int64_t half = 16 * kRegs;
-  // Word j of a pair-ordered result: y1 of pair j / 2 (word j / 2 of the narrowing) for even j,
-  // y2 of it (word 16 + j / 2) for odd j.
-  alignas(64) static constexpr uint16_t kJoin[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                                     8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i join = _mm512_load_si512(kJoin), bit = _mm512_set1_epi16(kBf16WindowBit);
   for (int64_t b = 0; b < n_tok; ++b) {
     RowPrefetch rp;
     token_prefetch(pf, xo, yo, b, nh, sx, sy, rp);
     const CSTable<float>& t = cs[b];
     if (!t.bf16_pairs) {
-      avx512_token_walk<c10::BFloat16, false, kRegs, 0, false, kStream, true>(x, y, xo + b, yo + b, 1, nh, sx, sy,
-                                                                             &t, WalkPrefetch{}, half, rest);
+      __m512 vc1[kRegs], vs1[kRegs], vc2[kRegs], vs2[kRegs];
+      table_regs<false>(kRegs, t.c1, t.c2, t.s1, t.s2, vc1, vs1, vc2, vs2);
+      for (int64_t r = 0; r < nh; ++r) {
+        const c10::BFloat16* xr = x + xo[b] + r * sx;
+        c10::BFloat16* yr = y + yo[b] + r * sy;
+        if (r < rp.rows) prefetch_row(xr + rp.ox(r), yr + rp.oy(r), rp.bytes, !kStream, rp.l2);
+        for (int u = 0; u < kRegs; ++u) {
+          const __m512i v = _mm512_loadu_si512(xr + 32 * u);
+          __m512 y1, y2;
+          rotate16(x1_of(v), x2_of(v), vc1[u], vs1[u], vc2[u], vs2[u], y1, y2);
+          const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(y2, y1));
+          if (!bf16_store_pairs_in_window<kStream>(yr + 32 * u, a)) store_pairs<true>(yr, half, 16 * u, y1, y2, kStream);
+        }
+        if (rest > 0) copy_bytes_avx512(xr + 2 * half, yr + 2 * half, rest);
+      }
       continue;
     }
     __m512i t1[kRegs], t2[kRegs];
@@ -1254,24 +1297,15 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void bf16_interl
       c10::BFloat16* yr = y + yo[b] + r * sy;
       if (r < rp.rows) prefetch_row(xr + rp.ox(r), yr + rp.oy(r), rp.bytes, !kStream, rp.l2);
       for (int u = 0; u < kRegs; ++u) {
-        const __m512bh pr = reinterpret_cast<__m512bh>(_mm512_loadu_si512(xr + 32 * u));
+        const __m512i v = _mm512_loadu_si512(xr + 32 * u);
+        const __m512bh pr = reinterpret_cast<__m512bh>(v);
         const __m512 ya = _mm512_dpbf16_ps(_mm512_setzero_ps(), pr, reinterpret_cast<__m512bh>(t1[u]));
         const __m512 yb = _mm512_dpbf16_ps(_mm512_setzero_ps(), pr, reinterpret_cast<__m512bh>(t2[u]));
-        const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb, ya));
-        if (__builtin_expect(_mm512_test_epi16_mask(bf16_window_bits(a), bit) != 0xFFFFFFFFu, 0)) {
-          __m512 x1, x2, y1, y2;
-          load_pairs<true>(xr, half, 16 * u, x1, x2);
-          __m512 c1, s1, c2, s2;
+        if (!bf16_store_pairs_in_window<kStream>(yr + 32 * u, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb, ya)))) {
+          __m512 c1, s1, c2, s2, y1, y2;
           bf16_lanes_values(t1[u], t2[u], c1, s1, c2, s2);
-          rotate16(x1, x2, c1, s1, c2, s2, y1, y2);
+          rotate16(x1_of(v), x2_of(v), c1, s1, c2, s2, y1, y2);
           store_pairs<true>(yr, half, 16 * u, y1, y2, kStream);
-          continue;
-        }
-        const __m512i out = _mm512_permutexvar_epi16(join, a);
-        if constexpr (kStream) {
-          _mm512_stream_si512(reinterpret_cast<__m512i*>(yr + 32 * u), out);
-        } else {
-          _mm512_storeu_si512(yr + 32 * u, out);
         }
       }
       if (rest > 0) copy_bytes_avx512(xr + 2 * half, yr + 2 * half, rest);
@@ -1939,7 +1973,12 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   // Rotate-half pairs from one contiguous cos/sin row (no mrope): the table row is two
   // contiguous runs of each, converted in loops the compiler vectorises (the general loop below
   // costs ~90 ns more a token here, 16% of a 512-token bf16 call).
-  const bool plain_rows = !interleaved && !p.ti.mrope;  // (and the set's rows contiguous: below)
+  // Per-pair tables, either layout, the same: each pair's cos and sin for both of its values; their
+  // rows also strided, up to kMaxGatheredPairs (a complex table's real and imaginary parts, as
+  // Llama 4's freqs_cis: bf16 q + k of Llama-3-8B's shape at 512 tokens, 1 thread, 0.31 -> 0.24-0.25
+  // ms against the general loop below).
+  constexpr int64_t kMaxGatheredPairs = 256;
+  const bool plain_rows = (!interleaved || p.pair_tables) && !p.ti.mrope;  // (and the set's rows contiguous: below)
 
   int64_t a = begin / p.S, s = begin % p.S;  // the next token to set up, stepped (no divisions)
   int64_t bad = -1;
@@ -1966,12 +2005,22 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         const int64_t e = t * tb + b;
         acc_t* r = buf + e * 4 * half;
         tab[e] = {r, r + half, r + 2 * half, r + 3 * half};
-        if (plain_rows && sc.r == 1 && ss.r == 1) {
+        const bool strided_pairs = p.pair_tables && (sc.r != 1 || ss.r != 1) && half <= kMaxGatheredPairs;
+        if (plain_rows && ((sc.r == 1 && ss.r == 1) || strided_pairs)) {
           // The four runs: c1, c2 = cos[0, half), cos[half, R); s1, s2 = sin[0, half), sin[half, R),
           // or with conj sin[half, R), sin[0, half), negated; pair tables: cos[0, half) and
           // sin[0, half) twice (negated with conj).
           const cs_t* c = cp + cs_offset(sc, 0, a, s, pos[0], 0);
           const cs_t* sn = sp + cs_offset(ss, 0, a, s, pos[0], 0);
+          cs_t gathered[2 * kMaxGatheredPairs];
+          if (strided_pairs) {  // (gathered into runs first: the general loop cost 2x the rotation)
+            for (int64_t i = 0; i < half; ++i) {
+              gathered[i] = c[i * sc.r];
+              gathered[kMaxGatheredPairs + i] = sn[i * ss.r];
+            }
+            c = gathered;
+            sn = gathered + kMaxGatheredPairs;
+          }
           const int64_t hi = p.pair_tables ? 0 : half;
           const cs_t *c1 = c, *c2 = c + hi, *s1 = sn + (p.conj ? hi : 0), *s2 = sn + (p.conj ? 0 : hi);
 #ifdef RK_HAVE_AVX512_BF16_PATH
@@ -1992,16 +2041,14 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
 #ifdef RK_HAVE_AVX512_BF16_PATH
         if constexpr (interleaved && std::is_same_v<cs_t, c10::BFloat16>) {
           // (pairs: AVX512-BF16, so BW; one contiguous row of each). bf16 interleaved rows: the
-          // lanes of bf16_interleaved_tokens straight from the rows (per-pair tables: each pair's
-          // cos and sin, both of its values), no fp32 table (that kernel's exact redo takes the
-          // values back from the lanes); where they are refused, the fp32 table, for the walk.
+          // lanes of bf16_interleaved_tokens straight from the rows, no fp32 table (that kernel's
+          // exact redo takes the values back from the lanes); where they are refused, the fp32
+          // table below.
           if (pairs && !p.ti.mrope && sc.r == 1 && ss.r == 1 && half % 16 == 0) {
             const cs_t* c = cp + cs_offset(sc, 0, a, s, pos[0], 0);
             const cs_t* sn = sp + cs_offset(ss, 0, a, s, pos[0], 0);
             uint32_t* pr = pairs + e * 2 * half;
-            bool same_runs = false;
-            if (p.pair_tables ? bf16_pair_table(c, c, sn, sn, p.conj, half, pr, &same_runs)
-                              : bf16_interleaved_pair_table(c, sn, p.conj, half, pr)) {
+            if (bf16_interleaved_pair_table(c, sn, p.conj, half, pr)) {
               tab[e].bf16_pairs = pr;
               continue;
             }
