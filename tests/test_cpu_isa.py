@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not _compiled.HAS_EXT, reason=f"extension not bu
 # layout walk (token-major, head-major, qkv slices), rows the row kernels take whole (R = 64, 128),
 # with a last step that overlaps the one before or is masked (R = 80, 96, partial R = 24 of D = 64
 # and 32 of D = 80: bf16_rows_tail, rotate_tokens_avx512's kLast) and partial R = 64 of D = 128,
-# per-pair tables,
+# per-pair tables, swap_layout rows (MLA),
 # several blocks of tokens (S = 300), same and different cos/sin halves, NaN / denormal /
 # overflowing results, out of place and in place, large (streamed) prefills in every walk, 16-bit
 # tables, and bf16 rows through vdpbf16ps (AVX512-BF16) on hostile values.
@@ -119,6 +119,24 @@ for dtype in (torch.bfloat16, torch.float32):
                     xi = x.clone()
                     _compiled.ops.rotary_inplace(xi, None, c, s, interleaved, conj, pair_tables=True)
                     outs += [xo, xi]
+# swap_layout rows (MLA's rope: interleaved read, half-split written, and back for the backward),
+# bf16 (AVX512-BF16: bf16_interleaved_tokens' halves) and fp32, R = 64, 128 and 96 (row by row),
+# bf16 and fp32 tables, a token's table refused, token- and head-major.
+for dtype in (torch.bfloat16, torch.float32):
+    for R in (64, 128, 96):
+        for x in (torch.randn(2, 70, 5, R), torch.randn(2, 5, 70, R).transpose(1, 2)):
+            x = x.to(dtype)
+            x[0, 0, 0, :8] = torch.tensor([float("nan"), 1e-39, -1e-40, float("inf"), 0.0, -0.0, 3e38, -3e38])
+            ang = torch.rand(70, R // 2) * 6.3
+            for cs_dtype in (torch.float32, dtype):
+                cos = ang.cos()[None].repeat(2, 1, 1).to(cs_dtype)
+                sin = ang.sin()[None].repeat(2, 1, 1).to(cs_dtype)
+                cos[:, 6, 2] = 2.5
+                for interleaved, conj in ((True, False), (False, True)):
+                    xo = torch.empty_like(x)
+                    _compiled.ops.rotary(x, None, cos, sin, xo, None, interleaved, conj, pair_tables=True,
+                                         swap_layout=True)
+                    outs.append(xo)
 # Tables in the input's 16-bit dtype (converted per token: fp16 through F16C where the CPU has it),
 # with and without conj.
 for dtype in (torch.float16, torch.bfloat16):

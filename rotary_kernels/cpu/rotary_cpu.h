@@ -1215,11 +1215,28 @@ __attribute__((target("avx512f,avx512bw"))) bool bf16_pair_table_from(const floa
   return bf16_pair_table(runs, runs + half, runs + 2 * half, runs + 3 * half, false, half, out, &same);
 }
 
-// 16 interleaved bf16 pairs' results, narrowed (a: y1's 16 words, then y2's, as vcvtne2ps2bf16
-// gives them), stored at y as pairs (one word permute) if every one is in bf16_in_window's
-// window, where that narrowing is exact; false, nothing stored, otherwise.
-template <bool kStream>
+// Pairs 16u to 16u + 15 of a bf16 row x as 32-bit words, x1's value in the low half (as vdpbf16ps
+// reads a pair): an interleaved row's own words, or from a half-split row (kHalves: swap_layout's
+// backward) its two runs' values widened and joined.
+template <bool kHalves>
+__attribute__((target("avx512f"), always_inline)) inline __m512i load_pair_words(const c10::BFloat16* x, int64_t half,
+                                                                               int u) {
+  if constexpr (kHalves) {
+    const __m512i a = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * u)));
+    const __m512i b = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + half + 16 * u)));
+    return _mm512_or_si512(a, _mm512_slli_epi32(b, 16));
+  } else {
+    return _mm512_loadu_si512(x + 32 * u);
+  }
+}
+
+// The results of pairs 16u to 16u + 15, narrowed (a: y1's 16 words, then y2's, as vcvtne2ps2bf16
+// gives them), stored into row y if every one is in bf16_in_window's window, where that
+// narrowing is exact, as pairs (one word permute), or with kHalves at u and half + u (a's two
+// halves: swap_layout's forward); false, nothing stored, otherwise.
+template <bool kStream, bool kHalves = false>
 __attribute__((target("avx512f,avx512bw"), always_inline)) inline bool bf16_store_pairs_in_window(c10::BFloat16* y,
+                                                                                                 int64_t half, int u,
                                                                                                  __m512i a) {
   // Word j of the pairs: y1 of pair j / 2 (word j / 2 of a) for even j, y2 of it (word 16 + j / 2)
   // for odd j.
@@ -1229,11 +1246,16 @@ __attribute__((target("avx512f,avx512bw"), always_inline)) inline bool bf16_stor
           _mm512_test_epi16_mask(bf16_window_bits(a), _mm512_set1_epi16(kBf16WindowBit)) != 0xFFFFFFFFu, 0)) {
     return false;
   }
+  if constexpr (kHalves) {
+    store256(y + 16 * u, _mm512_castsi512_si256(a), kStream);
+    store256(y + half + 16 * u, _mm512_extracti64x4_epi64(a, 1), kStream);
+    return true;
+  }
   const __m512i out = _mm512_permutexvar_epi16(_mm512_load_si512(kJoin), a);
   if constexpr (kStream) {
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(y), out);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(y + 32 * u), out);
   } else {
-    _mm512_storeu_si512(y, out);
+    _mm512_storeu_si512(y + 32 * u, out);
   }
   return true;
 }
@@ -1259,8 +1281,14 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 x2_of(__m512i v)
 // bf16_interleaved_pair_table; 0.28 from an fp32 table built pair by pair); fp32 per-pair tables
 // 0.61-0.62 -> 0.21-0.22, 2048 tokens 2.60-2.74 -> 0.90-0.92 (through rotate_tokens_avx512's
 // interleaved rows, which widen and narrow exactly, 16 values an instruction sequence); 0.96 one
-// row at a time.
-template <int kRegs, bool kStream>
+// row at a time. kReadHalves / kWriteHalves: x's / y's pairs half-split instead (swap_layout rows,
+// MLA's rope: interleaved into half-split, the forward, or back; load_pair_words joins x's two
+// runs into the words, y's runs are the narrowing's two halves): DeepSeek-V3's
+// apply_rotary_pos_emb_interleave, 1 thread, builds alternated: Llama-3-8B's q + k, bf16, 512
+// tokens, fp32 tables 0.67 -> 0.30 ms, bf16 ones 0.71-0.72 -> 0.26, backward 0.58 -> 0.31-0.32;
+// 2048 tokens 2.98-3.28 -> 1.11-1.40; DeepSeek-V3's q_pe (128 heads of 64, [B, H, S, D]) 512
+// tokens 1.14-1.20 -> 0.50-0.57, 2048 tokens 5.26 -> 2.08-2.09 (rotate_row_swapped, row by row).
+template <int kRegs, bool kStream, bool kReadHalves = false, bool kWriteHalves = false>
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void bf16_interleaved_tokens(
     const c10::BFloat16* x, c10::BFloat16* y, const int64_t* xo, const int64_t* yo, int64_t n_tok, int64_t nh,
     int64_t sx, int64_t sy, const CSTable<float>* cs, const WalkPrefetch& pf, int64_t rest) {
@@ -1277,11 +1305,13 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void bf16_interl
         c10::BFloat16* yr = y + yo[b] + r * sy;
         if (r < rp.rows) prefetch_row(xr + rp.ox(r), yr + rp.oy(r), rp.bytes, !kStream, rp.l2);
         for (int u = 0; u < kRegs; ++u) {
-          const __m512i v = _mm512_loadu_si512(xr + 32 * u);
+          const __m512i v = load_pair_words<kReadHalves>(xr, half, u);
           __m512 y1, y2;
           rotate16(x1_of(v), x2_of(v), vc1[u], vs1[u], vc2[u], vs2[u], y1, y2);
           const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(y2, y1));
-          if (!bf16_store_pairs_in_window<kStream>(yr + 32 * u, a)) store_pairs<true>(yr, half, 16 * u, y1, y2, kStream);
+          if (!bf16_store_pairs_in_window<kStream, kWriteHalves>(yr, half, u, a)) {
+            store_pairs<!kWriteHalves>(yr, half, 16 * u, y1, y2, kStream);
+          }
         }
         if (rest > 0) copy_bytes_avx512(xr + 2 * half, yr + 2 * half, rest);
       }
@@ -1297,19 +1327,38 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void bf16_interl
       c10::BFloat16* yr = y + yo[b] + r * sy;
       if (r < rp.rows) prefetch_row(xr + rp.ox(r), yr + rp.oy(r), rp.bytes, !kStream, rp.l2);
       for (int u = 0; u < kRegs; ++u) {
-        const __m512i v = _mm512_loadu_si512(xr + 32 * u);
+        const __m512i v = load_pair_words<kReadHalves>(xr, half, u);
         const __m512bh pr = reinterpret_cast<__m512bh>(v);
         const __m512 ya = _mm512_dpbf16_ps(_mm512_setzero_ps(), pr, reinterpret_cast<__m512bh>(t1[u]));
         const __m512 yb = _mm512_dpbf16_ps(_mm512_setzero_ps(), pr, reinterpret_cast<__m512bh>(t2[u]));
-        if (!bf16_store_pairs_in_window<kStream>(yr + 32 * u, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb, ya)))) {
+        const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb, ya));
+        if (!bf16_store_pairs_in_window<kStream, kWriteHalves>(yr, half, u, a)) {
           __m512 c1, s1, c2, s2, y1, y2;
           bf16_lanes_values(t1[u], t2[u], c1, s1, c2, s2);
           rotate16(x1_of(v), x2_of(v), c1, s1, c2, s2, y1, y2);
-          store_pairs<true>(yr, half, 16 * u, y1, y2, kStream);
+          store_pairs<!kWriteHalves>(yr, half, 16 * u, y1, y2, kStream);
         }
       }
       if (rest > 0) copy_bytes_avx512(xr + 2 * half, yr + 2 * half, rest);
     }
+  }
+}
+
+// bf16_interleaved_tokens for rows of half 32 or 64 pairs (rows_at_once), stored as pf says.
+template <bool kReadHalves, bool kWriteHalves>
+inline void bf16_pair_rows(const c10::BFloat16* x, c10::BFloat16* y, const int64_t* xo, const int64_t* yo,
+                           int64_t n_tok, int64_t nh, int64_t sx, int64_t sy, int64_t half, const CSTable<float>* cs,
+                           const WalkPrefetch& pf, int64_t rest) {
+  const auto go = [&](auto regs, auto stream) {
+    bf16_interleaved_tokens<decltype(regs)::value, decltype(stream)::value, kReadHalves, kWriteHalves>(
+        x, y, xo, yo, n_tok, nh, sx, sy, cs, pf, rest);
+  };
+  using Two = std::integral_constant<int, 2>;
+  using Four = std::integral_constant<int, 4>;
+  if (pf.stream) {
+    half == 64 ? go(Four{}, std::true_type{}) : go(Two{}, std::true_type{});
+  } else {
+    half == 64 ? go(Four{}, std::false_type{}) : go(Two{}, std::false_type{});
   }
 }
 
@@ -1616,6 +1665,9 @@ inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int6
 template <typename scalar_t, bool interleaved, bool swap>
 inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa& isa) {
 #ifdef RK_HAVE_AVX512_BF16_PATH
+  if constexpr (swap && std::is_same_v<scalar_t, c10::BFloat16>) {  // (bf16_interleaved_tokens' halves)
+    return o.sx.d == 1 && o.sy.d == 1 && isa.avx512bf16 && (half == 32 || half == 64);
+  }
   if constexpr (interleaved && !swap) {  // (rotate_tokens_avx512's kInterleaved)
     if (o.sx.d != 1 || o.sy.d != 1 || !isa.avx512) return false;
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return half == 32 || half == 64;
@@ -1663,6 +1715,13 @@ inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t*
                         const CSTable<acc_t>* cs, bool same, const CpuIsa& isa, const WalkPrefetch& pf,
                         bool unrolled = false) {
 #ifdef RK_HAVE_AVX512_BF16_PATH
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && swap) {
+    // swap_layout rows (MLA's rope; rows_at_once: AVX512-BF16, R = 64 or 128): interleaved x into
+    // half-split y, or (its backward) half-split x into interleaved y.
+    const int64_t rest = o.copy_pass ? (D - 2 * half) * static_cast<int64_t>(sizeof(scalar_t)) : 0;
+    bf16_pair_rows<!interleaved, interleaved>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, half, cs, pf, rest);
+    return;
+  }
   if constexpr ((std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, float> ||
                  std::is_same_v<scalar_t, c10::Half>) &&
                 !swap) {
@@ -1690,17 +1749,7 @@ inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t*
       }
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && interleaved) {
         if (isa.avx512bf16) {  // (half 32 or 64: rows_at_once)
-          const auto go = [&](auto regs, auto stream) {
-            bf16_interleaved_tokens<decltype(regs)::value, decltype(stream)::value>(x, y, xo, yo, n_tok, nh, o.sx.h,
-                                                                                     o.sy.h, cs, pf, rest);
-          };
-          using Two = std::integral_constant<int, 2>;
-          using Four = std::integral_constant<int, 4>;
-          if (pf.stream) {
-            half == 64 ? go(Four{}, std::true_type{}) : go(Two{}, std::true_type{});
-          } else {
-            half == 64 ? go(Four{}, std::false_type{}) : go(Two{}, std::false_type{});
-          }
+          bf16_pair_rows<false, false>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, half, cs, pf, rest);
           return;
         }
       }
