@@ -1268,6 +1268,49 @@ __attribute__((target("avx512f"), always_inline)) inline __m512 x2_of(__m512i v)
   return _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
+// One token's rows x + r * sx (y + r * sy), r in [0, nh), for bf16_interleaved_tokens: through the
+// table's vdpbf16ps lanes (kLanes) or its fp32 values.
+template <int kRegs, bool kStream, bool kReadHalves, bool kWriteHalves, bool kLanes>
+__attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) inline void bf16_pair_token(
+    const c10::BFloat16* x, c10::BFloat16* y, int64_t nh, int64_t sx, int64_t sy, const CSTable<float>& t,
+    const RowPrefetch& rp, int64_t rest) {
+  constexpr int64_t half = 16 * kRegs;
+  __m512i t1[kRegs], t2[kRegs];
+  __m512 vc1[kRegs], vs1[kRegs], vc2[kRegs], vs2[kRegs];
+  if constexpr (kLanes) {
+    for (int u = 0; u < kRegs; ++u) {
+      t1[u] = _mm512_loadu_si512(t.bf16_pairs + 16 * u);
+      t2[u] = _mm512_loadu_si512(t.bf16_pairs + half + 16 * u);
+    }
+  } else {
+    table_regs<false>(kRegs, t.c1, t.c2, t.s1, t.s2, vc1, vs1, vc2, vs2);
+  }
+  for (int64_t r = 0; r < nh; ++r) {
+    const c10::BFloat16* xr = x + r * sx;
+    c10::BFloat16* yr = y + r * sy;
+    if (r < rp.rows) prefetch_row(xr + rp.ox(r), yr + rp.oy(r), rp.bytes, !kStream, rp.l2);
+    for (int u = 0; u < kRegs; ++u) {
+      const __m512i v = load_pair_words<kReadHalves>(xr, half, u);
+      __m512 y1, y2;
+      if constexpr (kLanes) {
+        const __m512bh pr = reinterpret_cast<__m512bh>(v);
+        const __m512 ya = _mm512_dpbf16_ps(_mm512_setzero_ps(), pr, reinterpret_cast<__m512bh>(t1[u]));
+        const __m512 yb = _mm512_dpbf16_ps(_mm512_setzero_ps(), pr, reinterpret_cast<__m512bh>(t2[u]));
+        const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb, ya));
+        if (bf16_store_pairs_in_window<kStream, kWriteHalves>(yr, half, u, a)) continue;
+        bf16_lanes_values(t1[u], t2[u], vc1[u], vs1[u], vc2[u], vs2[u]);  // (the exact way)
+        rotate16(x1_of(v), x2_of(v), vc1[u], vs1[u], vc2[u], vs2[u], y1, y2);
+      } else {
+        rotate16(x1_of(v), x2_of(v), vc1[u], vs1[u], vc2[u], vs2[u], y1, y2);
+        const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(y2, y1));
+        if (bf16_store_pairs_in_window<kStream, kWriteHalves>(yr, half, u, a)) continue;
+      }
+      store_pairs<!kWriteHalves>(yr, half, 16 * u, y1, y2, kStream);
+    }
+    if (rest > 0) copy_bytes_avx512(xr + 2 * half, yr + 2 * half, rest);
+  }
+}
+
 // Interleaved (GPT-J) bf16 rows with AVX512-BF16, over tokens b in [0, n_tok), rows x + xo[b] + r * sx,
 // r in [0, nh), of R = 32 * kRegs. A pair (x[2i], x[2i + 1]) sits in a 32-bit lane, x1's value in
 // the low half: as vdpbf16ps reads it, so 16 pairs a vector take two dot products with the token's
@@ -1292,54 +1335,15 @@ template <int kRegs, bool kStream, bool kReadHalves = false, bool kWriteHalves =
 __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void bf16_interleaved_tokens(
     const c10::BFloat16* x, c10::BFloat16* y, const int64_t* xo, const int64_t* yo, int64_t n_tok, int64_t nh,
     int64_t sx, int64_t sy, const CSTable<float>* cs, const WalkPrefetch& pf, int64_t rest) {
-  constexpr int64_t half = 16 * kRegs;
   for (int64_t b = 0; b < n_tok; ++b) {
     RowPrefetch rp;
     token_prefetch(pf, xo, yo, b, nh, sx, sy, rp);
-    const CSTable<float>& t = cs[b];
-    if (!t.bf16_pairs) {
-      __m512 vc1[kRegs], vs1[kRegs], vc2[kRegs], vs2[kRegs];
-      table_regs<false>(kRegs, t.c1, t.c2, t.s1, t.s2, vc1, vs1, vc2, vs2);
-      for (int64_t r = 0; r < nh; ++r) {
-        const c10::BFloat16* xr = x + xo[b] + r * sx;
-        c10::BFloat16* yr = y + yo[b] + r * sy;
-        if (r < rp.rows) prefetch_row(xr + rp.ox(r), yr + rp.oy(r), rp.bytes, !kStream, rp.l2);
-        for (int u = 0; u < kRegs; ++u) {
-          const __m512i v = load_pair_words<kReadHalves>(xr, half, u);
-          __m512 y1, y2;
-          rotate16(x1_of(v), x2_of(v), vc1[u], vs1[u], vc2[u], vs2[u], y1, y2);
-          const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(y2, y1));
-          if (!bf16_store_pairs_in_window<kStream, kWriteHalves>(yr, half, u, a)) {
-            store_pairs<!kWriteHalves>(yr, half, 16 * u, y1, y2, kStream);
-          }
-        }
-        if (rest > 0) copy_bytes_avx512(xr + 2 * half, yr + 2 * half, rest);
-      }
-      continue;
-    }
-    __m512i t1[kRegs], t2[kRegs];
-    for (int u = 0; u < kRegs; ++u) {
-      t1[u] = _mm512_loadu_si512(t.bf16_pairs + 16 * u);
-      t2[u] = _mm512_loadu_si512(t.bf16_pairs + half + 16 * u);
-    }
-    for (int64_t r = 0; r < nh; ++r) {
-      const c10::BFloat16* xr = x + xo[b] + r * sx;
-      c10::BFloat16* yr = y + yo[b] + r * sy;
-      if (r < rp.rows) prefetch_row(xr + rp.ox(r), yr + rp.oy(r), rp.bytes, !kStream, rp.l2);
-      for (int u = 0; u < kRegs; ++u) {
-        const __m512i v = load_pair_words<kReadHalves>(xr, half, u);
-        const __m512bh pr = reinterpret_cast<__m512bh>(v);
-        const __m512 ya = _mm512_dpbf16_ps(_mm512_setzero_ps(), pr, reinterpret_cast<__m512bh>(t1[u]));
-        const __m512 yb = _mm512_dpbf16_ps(_mm512_setzero_ps(), pr, reinterpret_cast<__m512bh>(t2[u]));
-        const __m512i a = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(yb, ya));
-        if (!bf16_store_pairs_in_window<kStream, kWriteHalves>(yr, half, u, a)) {
-          __m512 c1, s1, c2, s2, y1, y2;
-          bf16_lanes_values(t1[u], t2[u], c1, s1, c2, s2);
-          rotate16(x1_of(v), x2_of(v), c1, s1, c2, s2, y1, y2);
-          store_pairs<!kWriteHalves>(yr, half, 16 * u, y1, y2, kStream);
-        }
-      }
-      if (rest > 0) copy_bytes_avx512(xr + 2 * half, yr + 2 * half, rest);
+    if (cs[b].bf16_pairs) {
+      bf16_pair_token<kRegs, kStream, kReadHalves, kWriteHalves, true>(x + xo[b], y + yo[b], nh, sx, sy, cs[b], rp,
+                                                                       rest);
+    } else {
+      bf16_pair_token<kRegs, kStream, kReadHalves, kWriteHalves, false>(x + xo[b], y + yo[b], nh, sx, sy, cs[b], rp,
+                                                                        rest);
     }
   }
 }
