@@ -120,10 +120,11 @@ for dtype in (torch.bfloat16, torch.float32):
                     _compiled.ops.rotary_inplace(xi, None, c, s, interleaved, conj, pair_tables=True)
                     outs += [xo, xi]
 # swap_layout rows (MLA's rope: interleaved read, half-split written, and back for the backward),
-# bf16 (AVX512-BF16: bf16_interleaved_tokens' halves) and fp32, R = 64, 128 and 96 (row by row),
-# bf16 and fp32 tables, a token's table refused, token- and head-major.
-for dtype in (torch.bfloat16, torch.float32):
-    for R in (64, 128, 96):
+# bf16 (AVX512-BF16: bf16_interleaved_tokens' halves; AVX-512F: rotate_tokens_avx512's kSwap), fp32
+# and fp16 (kSwap, R = 40 and 96 with a last overlapping step), bf16 R = 96 row by row, bf16 and
+# fp32 tables, a token's table refused, token- and head-major.
+for dtype in (torch.bfloat16, torch.float32, torch.float16):
+    for R in (64, 128, 96, 40):
         for x in (torch.randn(2, 70, 5, R), torch.randn(2, 5, 70, R).transpose(1, 2)):
             x = x.to(dtype)
             x[0, 0, 0, :8] = torch.tensor([float("nan"), 1e-39, -1e-40, float("inf"), 0.0, -0.0, 3e38, -3e38])
