@@ -276,10 +276,15 @@ __attribute__((target("avx512f"))) inline void store256(void* p, __m256i v, bool
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
   }
 }
-__attribute__((target("avx512f"))) inline void bf16x16_store(c10::BFloat16* p, __m512 v, bool stream = false) {
+// fp32 v's bits plus store_out's rounding bias to bf16 (nearest even): v's bf16 value in the high
+// half of each lane, but for NaNs (store_out writes 0x7FC0 for those).
+__attribute__((target("avx512f"), always_inline)) inline __m512i bf16_rounded_high(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  return _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
+}
+__attribute__((target("avx512f"))) inline void bf16x16_store(c10::BFloat16* p, __m512 v, bool stream = false) {
+  __m512i r = _mm512_srli_epi32(bf16_rounded_high(v), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
   store256(p, _mm512_cvtepi32_epi16(r), stream);
 }
@@ -534,11 +539,11 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, 
   }
   constexpr bool kI = kInterleaved;
   if (!kLast && stream) {
-    avx512_token_walk<scalar_t, same, kChunks, kN, kLast, true, kI, kSwap>(x, y, xo, yo, n_tok, nh, sx, sy, cs, pf, half,
-                                                                           rest);
+    avx512_token_walk<scalar_t, same, kChunks, kN, kLast, true, kI, kSwap>(x, y, xo, yo, n_tok, nh, sx, sy, cs, pf,
+                                                                           half, rest);
   } else {
-    avx512_token_walk<scalar_t, same, kChunks, kN, kLast, false, kI, kSwap>(x, y, xo, yo, n_tok, nh, sx, sy, cs, pf, half,
-                                                                     rest);
+    avx512_token_walk<scalar_t, same, kChunks, kN, kLast, false, kI, kSwap>(x, y, xo, yo, n_tok, nh, sx, sy, cs, pf,
+                                                                            half, rest);
   }
 }
 
@@ -817,8 +822,8 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
 // products on both paths. Steps with a result outside bf16_in_window's window (zeros: signs of
 // zero; NaNs: payloads; anything under 2^-64 or from 2^64) store nothing and return false: the
 // caller redoes them by bf16_step32 (bf16_step32_lanes, from the step's lanes in memory, t1 and
-// t2's), in place too, as the step's x is still unchanged. The caller decides where that call goes: the unrolled rows make it after
-// their group, so that no call sits among their 16 zmm of loaded x (live across a call, they
+// t2's), in place too, as the step's x is still unchanged. The caller decides where that call
+// goes: the unrolled rows make it after their group, so that no call sits among their 16 zmm of loaded x (live across a call, they
 // would be spilled). kDefer (out of place only: x must outlive the stores): the step stores its
 // results whatever they are and folds them into `seen`, which the caller checks once for many
 // steps, redoing all of them if any was outside the window (3 instructions a step rather than 4
@@ -1355,14 +1360,6 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void bf16_interl
                                                                         rest);
     }
   }
-}
-
-// fp32 v's bits plus store_out's rounding bias to bf16 (nearest even): v's bf16 value in the high
-// half of each lane, but for NaNs (store_out writes 0x7FC0 for those).
-__attribute__((target("avx512f"), always_inline)) inline __m512i bf16_rounded_high(__m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  return _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb);
 }
 
 // Interleaved (GPT-J) bf16 rows on CPUs with AVX-512F but not AVX512-BF16, as bf16_interleaved_tokens
@@ -2160,31 +2157,27 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
           same = same && tab[e].c2 == tab[e].c1 && tab[e].s2 == tab[e].s1;
           continue;
         }
+        const bool plain_pairs = interleaved && !p.ti.mrope && sc.r == 1 && ss.r == 1;  // (!pair_tables: plain_rows)
+        if (plain_pairs) {
+          // Interleaved pairs from one contiguous cos/sin row (per-pair tables took the plain rows
+          // above): pair i's values at 2i and 2i + 1 (make_pair_cs's conj rule).
+          const cs_t* c = cp + cs_offset(sc, 0, a, s, pos[0], 0);
+          const cs_t* sn = sp + cs_offset(ss, 0, a, s, pos[0], 0);
 #ifdef RK_HAVE_AVX512_BF16_PATH
-        if constexpr (interleaved && std::is_same_v<cs_t, c10::BFloat16>) {
-          // (pairs: AVX512-BF16, so BW; one contiguous row of each). bf16 interleaved rows: the
-          // lanes of bf16_interleaved_tokens straight from the rows, no fp32 table (that kernel's
-          // exact redo takes the values back from the lanes); where they are refused, the fp32
-          // table below.
-          if (pairs && !p.ti.mrope && sc.r == 1 && ss.r == 1 && half % 16 == 0) {
-            const cs_t* c = cp + cs_offset(sc, 0, a, s, pos[0], 0);
-            const cs_t* sn = sp + cs_offset(ss, 0, a, s, pos[0], 0);
-            uint32_t* pr = pairs + e * 2 * half;
-            if (bf16_interleaved_pair_table(c, sn, p.conj, half, pr)) {
+          if constexpr (std::is_same_v<cs_t, c10::BFloat16>) {
+            // bf16 rows on AVX512-BF16 (pairs; so BW): the lanes of bf16_interleaved_tokens straight
+            // from the rows, no fp32 table (that kernel's exact redo takes the values back from the
+            // lanes); where they are refused, the fp32 table below.
+            uint32_t* pr = pairs ? pairs + e * 2 * half : nullptr;
+            if (pr && half % 16 == 0 && bf16_interleaved_pair_table(c, sn, p.conj, half, pr)) {
               tab[e].bf16_pairs = pr;
               continue;
             }
           }
-        }
 #endif
-        if (interleaved && !p.ti.mrope && sc.r == 1 && ss.r == 1) {  // (!pair_tables: plain_rows)
-          // Interleaved pairs from one contiguous cos/sin row (per-pair tables took the plain rows
-          // above): pair i's values at 2i and 2i + 1 (make_pair_cs's conj rule), in a loop the
-          // compiler vectorises rather than the general one below: Llama-3-8B q + k, 512 tokens, 1
-          // thread, forward, fp16 0.52 -> 0.45 ms, bf16 on AVX-512F without AVX512-BF16 0.475 ->
-          // 0.40-0.41, fp32 0.54 -> 0.51.
-          const cs_t* c = cp + cs_offset(sc, 0, a, s, pos[0], 0);
-          const cs_t* sn = sp + cs_offset(ss, 0, a, s, pos[0], 0);
+          // The fp32 table in a loop the compiler vectorises rather than the general one below:
+          // Llama-3-8B q + k, 512 tokens, 1 thread, forward, fp16 0.52 -> 0.45 ms, bf16 on AVX-512F
+          // without AVX512-BF16 0.475 -> 0.40-0.41, fp32 0.54 -> 0.51.
           for (int64_t i = 0; i < half; ++i) {
             const acc_t s_even = load_acc<cs_t, acc_t>(sn + 2 * i), s_odd = load_acc<cs_t, acc_t>(sn + 2 * i + 1);
             r[i] = load_acc<cs_t, acc_t>(c + 2 * i);
@@ -2217,8 +2210,9 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
         }
 #ifdef RK_HAVE_AVX512_BF16_PATH
         if constexpr (interleaved && std::is_same_v<cs_t, c10::BFloat16> && std::is_same_v<acc_t, float>) {
-          // (bf16 interleaved rows: bf16_interleaved_tokens' lanes, besides the fp32 table)
-          uint32_t* pr = pairs ? pairs + e * 2 * half : nullptr;
+          // (bf16 interleaved rows: bf16_interleaved_tokens' lanes, besides the fp32 table, for the
+          // tables the plain pairs above did not try: mrope, strided rows)
+          uint32_t* pr = pairs && !plain_pairs ? pairs + e * 2 * half : nullptr;
           if (pr && bf16_pair_table_from(r, half, pr)) tab[e].bf16_pairs = pr;
         }
 #endif
