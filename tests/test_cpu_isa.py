@@ -101,7 +101,7 @@ for dtype in (torch.bfloat16, torch.float16, torch.float32):
                 outs += [xo, xi]
 # Per-pair tables (cos/sin of R / 2 values, one per pair: freqs_cis-style), interleaved and rotate-half,
 # bf16 rows (vdpbf16ps lanes: bf16_pair_table) and fp32 ones, with and without conj, strided rows, a
-# token's table refused (a denormal; every value over 2), token- and head-major.
+# token's table refused (a denormal; cos scaled past 2), token- and head-major.
 for dtype in (torch.bfloat16, torch.float32):
     for interleaved in (True, False):
         for x in (torch.randn(2, 70, 5, 128), torch.randn(2, 5, 70, 128).transpose(1, 2)):
