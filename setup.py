@@ -19,6 +19,7 @@ torch ops), so it is built as ``<name>.abi3.so``, importable by any CPython >= 3
 
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -72,8 +73,11 @@ def _extensions():
     from torch.utils import cpp_extension
 
     # -ffp-contract=off: no FMA contraction, so every CPU (and every clone of the multiversioned
-    # CPU kernel) rounds the same way, bit for bit equal to the reference's fp32 ops.
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", f"-DTORCH_EXTENSION_NAME={NAME}"]
+    # CPU kernel) rounds the same way, bit for bit equal to the reference's fp32 ops. OpenMP (the
+    # CPU kernel's at::parallel_for over tokens) on Linux; elsewhere (Apple clang has no -fopenmp)
+    # the extension builds without it and each call runs on one thread.
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3", *openmp, "-ffp-contract=off", f"-DTORCH_EXTENSION_NAME={NAME}"]
     config = _build_config()
     with_cuda = (
         torch.version.cuda is not None
@@ -87,7 +91,7 @@ def _extensions():
             f"rotary_kernels.{NAME}",
             _sources(config, "cuda"),
             define_macros=[("ROTARY_WITH_CUDA", None)],
-            extra_link_args=["-fopenmp"],
+            extra_link_args=openmp,
             extra_compile_args={
                 "cxx": cxx,
                 # --threads 0: the archs compiled in parallel (the default six: 130 s one after
@@ -100,7 +104,7 @@ def _extensions():
     else:
         ext = cpp_extension.CppExtension(
             f"rotary_kernels.{NAME}", _sources(config, "cpu"), extra_compile_args={"cxx": cxx},
-            extra_link_args=["-fopenmp"], py_limited_api=True,
+            extra_link_args=openmp, py_limited_api=True,
         )
     return [ext], {"build_ext": cpp_extension.BuildExtension}
 

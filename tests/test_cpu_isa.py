@@ -234,3 +234,22 @@ def test_unknown_cap_is_an_error(tmp_path):
     code = "import torch, rotary_kernels as rk; x = torch.randn(1, 2, 1, 8); c = torch.randn(1, 1, 8); rk.apply_rotary_transformers(x, x, c, c)"
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert p.returncode != 0 and "ROTARY_KERNELS_CPU_ISA must be one of" in p.stderr
+
+
+@pytest.mark.parametrize("source", ["rotary_cpu.cpp", "rotary_cpu_bf16.cpp", "rotary_cpu_f16.cpp"])
+def test_sources_compile_without_the_x86_paths(source):
+    """What an aarch64 or clang build compiles (the portable loops alone: RK_X86_SIMD unset, as
+    ROTARY_KERNELS_NO_X86_SIMD forces here) compiles: no intrinsic outside the guard. (AVX-512 code
+    once landed outside it, which broke every non-x86 build; no test here runs on one.)"""
+    import sysconfig
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    root = Path(__file__).resolve().parents[1] / "rotary_kernels"
+    cxx = os.environ.get("CXX", "c++")
+    includes = [f"-I{p}" for p in (*cpp_extension.include_paths(), sysconfig.get_paths()["include"], root)]
+    cmd = [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror", "-Wno-unknown-pragmas", "-DROTARY_KERNELS_NO_X86_SIMD",
+           *includes, str(root / "cpu" / source)]
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-3000:]

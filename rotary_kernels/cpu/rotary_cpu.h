@@ -30,10 +30,17 @@
 #include <string>
 #include <type_traits>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#include <vector>
+
+// The explicit x86-64 code (F16C, AVX2 and AVX-512 intrinsics, GCC function multiversioning)
+// is compiled by GCC on x86-64 only; elsewhere (aarch64, clang, MSVC), or with
+// ROTARY_KERNELS_NO_X86_SIMD defined, the portable loops alone (the same bits). Everything
+// x86-specific lies inside `#ifdef RK_X86_SIMD` (tests/test_cpu_isa.py compiles the sources
+// without it).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(ROTARY_KERNELS_NO_X86_SIMD)
+#define RK_X86_SIMD 1
 #include <immintrin.h>
 #endif
-#include <vector>
 
 #include "../rotary_math.h"
 #include "../rotary_ops.h"
@@ -236,7 +243,7 @@ inline void rotate_contig(const scalar_t* x, scalar_t* y, int64_t half, const CS
 // fp16 rows on x86-64 CPUs with F16C: convert the row to fp32 with vcvtph2ps, rotate in fp32,
 // convert back with vcvtps2ph (round to nearest even, like c10::Half): the portable branch-free
 // conversions above do not vectorise for fp16, and these run 8 elements per instruction.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#ifdef RK_X86_SIMD
 #define RK_HAVE_F16C_PATH 1
 constexpr int64_t kF16cRow = 1024;  // longest rotary span (R) taken by this path
 
@@ -1187,7 +1194,6 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"))) void rotate_bf16
     bf16_tokens<same, kN, false, false>(x, y, xo, yo, n_tok, nh, sx, sy, half, cs, pf, rest);
   }
 }
-#endif
 
 // bf16_pair_table's lanes for interleaved (GPT-J) pairs, straight from a contiguous bf16 cos row c
 // and sin row s (2 * half values each, half a multiple of 16): pair i's values are the 32-bit
@@ -1429,6 +1435,7 @@ inline void bf16_pair_rows(const c10::BFloat16* x, c10::BFloat16* y, const int64
         x, y, xo, yo, n_tok, nh, sx, sy, cs, pf, rest);
   });
 }
+#endif  // RK_X86_SIMD
 
 // Orders this thread's non-temporal stores (WalkPrefetch::stream) before whatever reads y next:
 // once, at the end of a walk (rotate_tokens). A fence after each token's rows, as a call that
@@ -1868,7 +1875,7 @@ struct CpuParams {
   bool prefetch;  // large enough to stream from memory (software prefetch pays off)
 };
 
-#if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(RK_X86_SIMD) && defined(__linux__)
 #define RK_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default"), flatten))
 #else
 #define RK_CPU_CLONES
