@@ -2087,12 +2087,14 @@ RK_CPU_CLONES int64_t rotate_tokens(const CpuParams<scalar_t, cs_t>& p, int64_t 
   // bf16 rows all taken by the AVX512-BF16 rows kernel, with bf16 cos/sin: the tables' vdpbf16ps
   // lanes (2 * half a token, bf16_dp_step32), for the plain rows below, in place of the
   // accumulator tables (a token whose values do not allow them gets those instead).
+#ifdef RK_HAVE_AVX512_BF16_PATH
   uint32_t* pairs = nullptr;
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<cs_t, c10::BFloat16>) {
     if (p.isa.avx512bf16 && all_at_once) {
       pairs = table_scratch<uint32_t>(n_sets * tb * 2 * half);
     }
   }
+#endif
   // Per operand and token of the block (then `extra` tokens past it): the offsets of its row
   // (a, s, h = 0, d = 0) in x and y.
   std::vector<int64_t> xoff(2 * tbx), yoff(2 * tbx);
