@@ -17,8 +17,10 @@
 // registers (rotate_tokens_avx512; with AVX512-BF16's vcvtne2ps2bf16 narrowing,
 // rotate_bf16_tokens_avx512bf16, and with bf16 cos/sin its vdpbf16ps dot products, checked to give
 // the same bits), or a row a call (rotate_avx512) for the rows those do not take;
-// fp32 and fp16 rotate-half rows of R = 64 or 128 take rotate_tokens_avx512 (many rows a call). Large
-// outputs (16 MB and more) are written with non-temporal stores.
+// fp32 and fp16 rotate-half rows of R = 64 or 128 take rotate_tokens_avx512 (many rows a call). On
+// CPUs with AVX2 and F16C but no AVX-512, rotate-half rows of every dtype but fp64 take
+// rotate_tokens_avx2 (R a multiple of 16). Large outputs (16 MB and more) are written with
+// non-temporal stores.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -592,6 +594,135 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512_any(const scalar_t*
       } else {
         run(std::integral_constant<int, 3>{}, Whole{});
       }
+  }
+}
+
+// Rotate-half rows on CPUs with AVX2 and F16C but no AVX-512 (Zen 2 and 3, Intel's client cores):
+// rotate_tokens_avx512's walk in 256-bit registers, 16 pairs a step (8 at the end of a row of
+// half = 16k + 8), rotate_pair's arithmetic (no FMA) and load_acc / store_out's conversions (bf16
+// widened by a shift and narrowed to nearest even in integers, NaN -> 0x7FC0; fp16 through
+// vcvtph2ps / vcvtps2ph), so the same bits. The table values are read from L1 each step (a row of
+// R = 128 in fp32 is 16 ymm, the whole register file). Against the compiler's loop a row a call
+// (ROTARY_KERNELS_CPU_ISA=avx2 on Zen 4, Llama-3-8B q + k, 1 thread, every layout, ms): 512 tokens
+// bf16 forward 0.58-0.64 -> 0.45-0.49, in place 0.57-0.61 -> 0.44-0.46; fp16 0.55-0.59 ->
+// 0.26-0.31, 0.54-0.56 -> 0.24-0.27; fp32 0.53-0.62 -> 0.35-0.45, 0.24-0.33 -> 0.23-0.28; 2048
+// tokens bf16 2.8-3.2 -> 2.0-2.1, in place 2.4-2.6 -> 1.8-1.9; fp16 2.7-2.9 -> 1.2-1.3, 2.3-2.5 ->
+// 1.05-1.16; fp32 5.2-5.8 -> 2.6-2.8 (streamed), 2.6-3.7 -> 1.4-1.8. Head-major groups of 4 rows
+// unrolled out of place (kN, as rotate_tokens_avx512's): fp32 [B, H, S, D] forward 0.71 in a run with
+// the row loop, 0.52-0.57 in two later runs of the same script (not alternated).
+__attribute__((target("avx2,f16c"), always_inline)) inline __m256 x8_load(const float* p) {
+  return _mm256_loadu_ps(p);
+}
+__attribute__((target("avx2,f16c"), always_inline)) inline __m256 x8_load(const c10::BFloat16* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+__attribute__((target("avx2,f16c"), always_inline)) inline __m256 x8_load(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+// store_out's bf16 of each lane of v, in its low 16 bits.
+__attribute__((target("avx2,f16c"), always_inline)) inline __m256i bf16x8_rounded(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb), 16);
+  return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC0)),
+                                              _mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+}
+__attribute__((target("avx2,f16c"), always_inline)) inline void store256_avx2(void* p, __m256i v, bool stream) {
+  if (stream) {  // (p 32-byte aligned: aligned64)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+  } else {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), v);
+  }
+}
+// 16 values at p: lo's 8, then hi's.
+__attribute__((target("avx2,f16c"), always_inline)) inline void x16_store2(float* p, __m256 lo, __m256 hi,
+                                                                          bool stream) {
+  store256_avx2(p, _mm256_castps_si256(lo), stream);
+  store256_avx2(p + 8, _mm256_castps_si256(hi), stream);
+}
+__attribute__((target("avx2,f16c"), always_inline)) inline void x16_store2(c10::BFloat16* p, __m256 lo, __m256 hi,
+                                                                          bool stream) {
+  // (packus interleaves the 128-bit lanes: lo 0-3, hi 0-3, lo 4-7, hi 4-7; the permute orders them)
+  const __m256i packed = _mm256_packus_epi32(bf16x8_rounded(lo), bf16x8_rounded(hi));
+  store256_avx2(p, _mm256_permute4x64_epi64(packed, 0xD8), stream);
+}
+__attribute__((target("avx2,f16c"), always_inline)) inline void x16_store2(c10::Half* p, __m256 lo, __m256 hi,
+                                                                          bool stream) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  store256_avx2(p, _mm256_set_m128i(_mm256_cvtps_ph(hi, kRound), _mm256_cvtps_ph(lo, kRound)), stream);
+}
+// 8 values at p (never streamed: a row's last 8 pairs).
+__attribute__((target("avx2,f16c"), always_inline)) inline void x8_store(float* p, __m256 v) {
+  _mm256_storeu_ps(p, v);
+}
+__attribute__((target("avx2,f16c"), always_inline)) inline void x8_store(c10::BFloat16* p, __m256 v) {
+  const __m256i r = bf16x8_rounded(v);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
+__attribute__((target("avx2,f16c"), always_inline)) inline void x8_store(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+// copy_bytes_avx512 in 32-byte moves.
+__attribute__((target("avx2,f16c"), always_inline)) inline void copy_bytes_avx2(const void* x, void* y, int64_t n) {
+  const char* src = static_cast<const char*>(x);
+  char* dst = static_cast<char*>(y);
+  if (n < 32) {
+    std::memcpy(dst, src, n);
+    return;
+  }
+  for (int64_t i = 0; i + 32 < n; i += 32) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+  }
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + n - 32),
+                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + n - 32)));
+}
+// rotate16's arithmetic on 8 pairs (`same`: c2, s2 are c1, s1).
+template <bool same>
+__attribute__((target("avx2,f16c"), always_inline)) inline void rotate8(__m256 a, __m256 b, const float* c1,
+                                                                       const float* s1, const float* c2,
+                                                                       const float* s2, __m256& y1, __m256& y2) {
+  const __m256 vc1 = _mm256_loadu_ps(c1), vs1 = _mm256_loadu_ps(s1);
+  const __m256 vc2 = same ? vc1 : _mm256_loadu_ps(c2), vs2 = same ? vs1 : _mm256_loadu_ps(s2);
+  y1 = _mm256_sub_ps(_mm256_mul_ps(a, vc1), _mm256_mul_ps(b, vs1));
+  y2 = _mm256_add_ps(_mm256_mul_ps(b, vc2), _mm256_mul_ps(a, vs2));
+}
+// Rows x + xo[b] + r * sx -> y + yo[b] + r * sy of tokens b in [0, n_tok), heads r in [0, nh),
+// half a multiple of 8 (rows_at_once), prefetched as pf says. kN > 0: nh is kN, the rows unrolled
+// (rotate_rows).
+template <typename scalar_t, bool same, int kN, bool kStream>
+__attribute__((target("avx2,f16c"))) void rotate_tokens_avx2(const scalar_t* x, scalar_t* y, const int64_t* xo,
+                                                             const int64_t* yo, int64_t n_tok, int64_t nh, int64_t sx,
+                                                             int64_t sy, const CSTable<float>* cs,
+                                                             const WalkPrefetch& pf, int64_t half, int64_t rest) {
+  for (int64_t b = 0; b < n_tok; ++b) {
+    RowPrefetch rp;
+    token_prefetch(pf, xo, yo, b, nh, sx, sy, rp);
+    // (copied: y's stores could alias the table for all the compiler knows)
+    const float *c1 = cs[b].c1, *s1 = cs[b].s1, *c2 = same ? c1 : cs[b].c2, *s2 = same ? s1 : cs[b].s2;
+#pragma GCC unroll 4
+    for (int64_t r = 0; r < (kN > 0 ? kN : nh); ++r) {
+      const scalar_t* xr = x + xo[b] + r * sx;
+      scalar_t* yr = y + yo[b] + r * sy;
+      if (r < rp.rows) prefetch_row(xr + rp.ox(r), yr + rp.oy(r), rp.bytes, !kStream, rp.l2);
+      int64_t i = 0;
+      for (; i + 16 <= half; i += 16) {
+        __m256 y10, y20, y11, y21;
+        rotate8<same>(x8_load(xr + i), x8_load(xr + half + i), c1 + i, s1 + i, c2 + i, s2 + i, y10, y20);
+        rotate8<same>(x8_load(xr + i + 8), x8_load(xr + half + i + 8), c1 + i + 8, s1 + i + 8, c2 + i + 8, s2 + i + 8, y11,
+                y21);
+        x16_store2(yr + i, y10, y11, kStream);
+        x16_store2(yr + half + i, y20, y21, kStream);
+      }
+      if (i < half) {
+        __m256 y1, y2;
+        rotate8<same>(x8_load(xr + i), x8_load(xr + half + i), c1 + i, s1 + i, c2 + i, s2 + i, y1, y2);
+        x8_store(yr + i, y1);
+        x8_store(yr + half + i, y2);
+      }
+      if (rest > 0) copy_bytes_avx2(xr + 2 * half, yr + 2 * half, rest);
+    }
   }
 }
 
@@ -1448,7 +1579,7 @@ inline void stream_fence() {
 
 // The instruction sets the row paths use, as found on this CPU at load time.
 struct CpuIsa {
-  bool f16c;        // F16C (fp16 rows convert 8 elements per instruction)
+  bool avx2;        // AVX2 and F16C (fp16 rows convert 8 elements per instruction; rotate_tokens_avx2)
   bool avx512;      // AVX-512F (row kernels rotate_tokens_avx512 and rotate_avx512)
   bool avx512bf16;  // and AVX512-BF16, BW and DQ (bf16 rows take rotate_bf16_tokens_avx512bf16)
 };
@@ -1461,7 +1592,7 @@ template <typename cs_t, typename acc_t>
 inline void load_run(const cs_t* src, acc_t* dst, int64_t n, const CpuIsa& isa) {
 #ifdef RK_HAVE_F16C_PATH
   if constexpr (std::is_same_v<cs_t, c10::Half> && std::is_same_v<acc_t, float>) {
-    if (isa.f16c) {
+    if (isa.avx2) {
       half_to_float_f16c(src, dst, n);
       return;
     }
@@ -1554,7 +1685,7 @@ inline void rotate_row(const scalar_t* x, scalar_t* y, int64_t sxd, int64_t syd,
 #endif
 #ifdef RK_HAVE_F16C_PATH
   if constexpr (std::is_same_v<scalar_t, c10::Half>) {
-    if (isa.f16c && sxd == 1 && syd == 1 && 2 * half <= kF16cRow) {
+    if (isa.avx2 && sxd == 1 && syd == 1 && 2 * half <= kF16cRow) {
       float buf[kF16cRow];
       half_to_float_f16c(x, buf, 2 * half);
       if (same) {
@@ -1736,7 +1867,8 @@ inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int6
 // x1's and x2's values by permutes, the same arithmetic), bf16 with AVX512-BF16 through vdpbf16ps
 // (bf16_interleaved_tokens): Llama-3-8B's q + k, 512 tokens, forward, bf16 0.96 -> 0.17 ms (0.62
 // through kInterleaved; 0.28 with the tables built pair by pair), fp16 0.79 -> 0.52, fp32
-// 0.50-0.51 either way (bf16's rotate-half rows: 0.17).
+// 0.50-0.51 either way (bf16's rotate-half rows: 0.17). Without AVX-512, rotate-half rows of
+// R a multiple of 16 on CPUs with AVX2 and F16C (rotate_tokens_avx2).
 template <typename scalar_t, bool interleaved, bool swap>
 inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa& isa) {
 #ifdef RK_HAVE_AVX512_BF16_PATH
@@ -1750,6 +1882,10 @@ inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa&
   }
   if constexpr (!interleaved && !swap) {
     if (o.sx.d != 1 || o.sy.d != 1) return false;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, float> ||
+                  std::is_same_v<scalar_t, c10::Half>) {
+      if (!isa.avx512) return isa.avx2 && half % 8 == 0;  // rotate_tokens_avx2
+    }
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       return isa.avx512bf16 ? half % 32 == 0 || half < 96 : isa.avx512 && (half == 32 || half == 64);
     }
@@ -1805,6 +1941,16 @@ inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t*
     auto run = [&](auto same_tag, auto n_tag) {
       constexpr bool kSame = decltype(same_tag)::value;
       constexpr int kN = decltype(n_tag)::value;
+      if constexpr (!interleaved && !swap) {
+        if (!isa.avx512) {  // (AVX2 and F16C: rows_at_once)
+          if (pf.stream) {
+            rotate_tokens_avx2<scalar_t, kSame, kN, true>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf, half, rest);
+          } else {
+            rotate_tokens_avx2<scalar_t, kSame, kN, false>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf, half, rest);
+          }
+          return;
+        }
+      }
       if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && !interleaved && !swap) {
         if (isa.avx512bf16) {
           rotate_bf16_tokens_avx512bf16<kSame, kN>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, half, cs, pf, rest);
