@@ -61,6 +61,7 @@ SHAPES = {
     "llama3-70b": (64, 8, 128, 128),
     "qwen-partial": (32, 8, 128, 64),  # rotary on the first half of the head dim
     "phi-d80": (32, 32, 80, 80),
+    "gemma-d256": (16, 8, 256, 256),  # Gemma 2/3 9B: head dim 256
 }
 
 

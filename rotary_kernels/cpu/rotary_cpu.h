@@ -1267,6 +1267,9 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
   } else if (half == 32) {
     bf16_rows_avx512bf16<same, 1, kDp, kN, kDefer>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp,
                                                    stream, rest);
+  } else if (half == 128 && kN == 0) {  // (head dim 256: Gemma)
+    bf16_rows_avx512bf16<same, 4, kDp, kN, kDefer>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp,
+                                                   stream, rest);
   } else if (half % 32 != 0 && half < (kN > 0 ? 64 : 96)) {  // (unrolled under 64: rows_unrolled)
     if (half < 32) {
       bf16_rows_tail<same, 0, kDp, kN>(x, y, n, sx, sy, half, t.c1, t.c2, t.s1, t.s2, t.bf16_pairs, rp, rest);
@@ -1890,7 +1893,7 @@ inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa&
       return isa.avx512bf16 ? half % 32 == 0 || half < 96 : isa.avx512 && (half == 32 || half == 64);
     }
     if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::Half>) {
-      return isa.avx512 && half <= 64 && (half >= 16 || std::is_same_v<scalar_t, float>);
+      return isa.avx512 && ((half <= 64 && (half >= 16 || std::is_same_v<scalar_t, float>)) || half == 128);
     }
   }
 #endif
@@ -1981,6 +1984,10 @@ inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t*
       } else if (half == 32) {
         rotate_tokens_avx512<scalar_t, kSame, 2, kN, false, kI, swap>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf,
                                                                       rest);
+      } else if (half == 128 && !kI && !swap) {  // (head dim 256: Gemma)
+        if constexpr (!kI && !swap && !std::is_same_v<scalar_t, c10::BFloat16>) {
+          rotate_tokens_avx512<scalar_t, kSame, 8, kN>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf, rest);
+        }
       } else if constexpr (!std::is_same_v<scalar_t, c10::BFloat16>) {
         rotate_tokens_avx512_any<scalar_t, kSame, kN, kI, swap>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf, rest,
                                                                 half);
