@@ -14,7 +14,8 @@ from rotary_kernels import _compiled
 pytestmark = pytest.mark.skipif(not _compiled.HAS_EXT, reason=f"extension not built: {_compiled.IMPORT_ERROR}")
 
 # Run in a fresh process per cap (the instruction sets are read once per process): q/k in every
-# layout walk (token-major, head-major, qkv slices), rows the row kernels take whole (R = 64, 128, 256),
+# layout walk (token-major, head-major, qkv slices), rows the row kernels take whole (R = 64, 128, 256;
+# R = 160 of D = 192 through rotate_tokens_avx2 on AVX-512 too),
 # with a last step that overlaps the one before or is masked (R = 80, 96, partial R = 24 of D = 64
 # and 32 of D = 80: bf16_rows_tail, rotate_tokens_avx512's kLast) and partial R = 64 of D = 128,
 # per-pair tables, swap_layout rows (MLA),
@@ -28,7 +29,7 @@ torch.manual_seed(0)
 outs = []
 for dtype in (torch.bfloat16, torch.float16, torch.float32):
     for layout in ("bshd", "bhsd", "qkv"):
-        for D, R in ((128, 128), (64, 64), (128, 64), (96, 96), (80, 80), (80, 32), (64, 24), (256, 256)):
+        for D, R in ((128, 128), (64, 64), (128, 64), (96, 96), (80, 80), (80, 32), (64, 24), (256, 256), (192, 160)):
             S, Hq, Hk = 300, 5, 3
             if layout == "bhsd":
                 q = torch.randn(2, Hq, S, D).to(dtype).transpose(1, 2)

@@ -1872,6 +1872,25 @@ inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int6
 // through kInterleaved; 0.28 with the tables built pair by pair), fp16 0.79 -> 0.52, fp32
 // 0.50-0.51 either way (bf16's rotate-half rows: 0.17). Without AVX-512, rotate-half rows of
 // R a multiple of 16 on CPUs with AVX2 and F16C (rotate_tokens_avx2).
+// Rotate-half rows (of R = 2 * half) that rotate_tokens_avx2 takes: on CPUs without AVX-512 all of
+// R a multiple of 16; with AVX-512, some that no AVX-512 rows kernel takes whole, which went row by
+// row (512 tokens, 1 thread, ms): fp32 and fp16 of R over 128 but 256 (16 + 8 heads of 192: fp32
+// 0.69 -> 0.42, in place 0.28 -> 0.23; fp16 0.47 -> 0.24, 0.46 -> 0.23), bf16 without
+// AVX512-BF16 of R = 16k + 8, whose last 8 pairs rotate_avx512 took one by one (Phi-2's head dim
+// 80: 0.70 -> 0.48; R = 96 and 256, all 16-pair steps: within 5% either way, left to it).
+template <typename scalar_t>
+inline bool avx2_rows(int64_t half, const CpuIsa& isa) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, float> ||
+                std::is_same_v<scalar_t, c10::Half>) {
+    if (half % 8 != 0 || !isa.avx2) return false;
+    if (!isa.avx512) return true;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return !isa.avx512bf16 && half % 16 != 0;
+    return half > 64 && half != 128;
+  }
+  (void)half, (void)isa;
+  return false;
+}
+
 template <typename scalar_t, bool interleaved, bool swap>
 inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa& isa) {
 #ifdef RK_HAVE_AVX512_BF16_PATH
@@ -1885,10 +1904,7 @@ inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa&
   }
   if constexpr (!interleaved && !swap) {
     if (o.sx.d != 1 || o.sy.d != 1) return false;
-    if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, float> ||
-                  std::is_same_v<scalar_t, c10::Half>) {
-      if (!isa.avx512) return isa.avx2 && half % 8 == 0;  // rotate_tokens_avx2
-    }
+    if (avx2_rows<scalar_t>(half, isa)) return true;
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       return isa.avx512bf16 ? half % 32 == 0 || half < 96 : isa.avx512 && (half == 32 || half == 64);
     }
@@ -1945,7 +1961,7 @@ inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t*
       constexpr bool kSame = decltype(same_tag)::value;
       constexpr int kN = decltype(n_tag)::value;
       if constexpr (!interleaved && !swap) {
-        if (!isa.avx512) {  // (AVX2 and F16C: rows_at_once)
+        if (avx2_rows<scalar_t>(half, isa)) {
           if (pf.stream) {
             rotate_tokens_avx2<scalar_t, kSame, kN, true>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf, half, rest);
           } else {
