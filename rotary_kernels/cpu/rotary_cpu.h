@@ -673,7 +673,8 @@ __attribute__((target("avx2,f16c"), always_inline)) inline void copy_bytes_avx2(
     return;
   }
   for (int64_t i = 0; i + 32 < n; i += 32) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
   }
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + n - 32),
                       _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + n - 32)));
@@ -710,8 +711,8 @@ __attribute__((target("avx2,f16c"))) void rotate_tokens_avx2(const scalar_t* x, 
       for (; i + 16 <= half; i += 16) {
         __m256 y10, y20, y11, y21;
         rotate8<same>(x8_load(xr + i), x8_load(xr + half + i), c1 + i, s1 + i, c2 + i, s2 + i, y10, y20);
-        rotate8<same>(x8_load(xr + i + 8), x8_load(xr + half + i + 8), c1 + i + 8, s1 + i + 8, c2 + i + 8, s2 + i + 8, y11,
-                y21);
+        rotate8<same>(x8_load(xr + i + 8), x8_load(xr + half + i + 8), c1 + i + 8, s1 + i + 8, c2 + i + 8,
+                      s2 + i + 8, y11, y21);
         x16_store2(yr + i, y10, y11, kStream);
         x16_store2(yr + half + i, y20, y21, kStream);
       }
