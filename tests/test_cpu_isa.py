@@ -5,9 +5,12 @@ default: none) equals the run with all of this CPU's paths, bit for bit, and the
 import os
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 import torch
+from torch.utils import cpp_extension
 
 from rotary_kernels import _compiled
 
@@ -242,11 +245,6 @@ def test_sources_compile_without_the_x86_paths(source):
     """What an aarch64 or clang build compiles (the portable loops alone: RK_X86_SIMD unset, as
     ROTARY_KERNELS_NO_X86_SIMD forces here) compiles: no intrinsic outside the guard. (AVX-512 code
     once landed outside it, which broke every non-x86 build; no test here runs on one.)"""
-    import sysconfig
-    from pathlib import Path
-
-    from torch.utils import cpp_extension
-
     root = Path(__file__).resolve().parents[1] / "rotary_kernels"
     cxx = os.environ.get("CXX", "c++")
     includes = [f"-I{p}" for p in (*cpp_extension.include_paths(), sysconfig.get_paths()["include"], root)]

@@ -383,12 +383,15 @@ __attribute__((target("avx512f"), always_inline)) inline void table_regs(int n, 
 // copied by the rows kernels as each row is done, inline: a memcpy call per row cost more than the
 // row. fp32 R = 32 of D = 80 (Hq = Hk = 32), 512 tokens, 1 thread, forward: rows one at a time
 // 0.50 ms; the rows kernel, then memcpy per row 0.92-1.18, these moves in a second pass 0.71, as
-// each row is done 0.46-0.49 (bf16 0.25 -> 0.19). 64-byte moves, the last one ending at n
-// (overlapping the one before: the same bytes).
-__attribute__((target("avx512f"), always_inline)) inline void copy_bytes_avx512(const void* x, void* y, int64_t n) {
+// each row is done 0.46-0.49 (bf16 0.25 -> 0.19). kMove-byte moves, the caller's vector width (64 in
+// the AVX-512 kernels, 32 in the AVX2 one: one vmovdqu each, inlined into them), the last one
+// ending at n (overlapping the one before: the same bytes).
+template <int kMove>
+__attribute__((always_inline)) inline void copy_bytes(const void* x, void* y, int64_t n) {
+  typedef char Move __attribute__((vector_size(kMove), aligned(1), may_alias));
   const char* src = static_cast<const char*>(x);
   char* dst = static_cast<char*>(y);
-  if (n < 64) {
+  if (n < kMove) {
     std::memcpy(dst, src, n);
     return;
   }
@@ -478,7 +481,7 @@ __attribute__((target("avx512f"), always_inline)) inline void avx512_token_walk(
           _mm512_mask_storeu_ps(yr + half, m, y2);
         }
       }
-      if (rest > 0) copy_bytes_avx512(xr + 2 * half, yr + 2 * half, rest);
+      if (rest > 0) copy_bytes<64>(xr + 2 * half, yr + 2 * half, rest);
     }
   }
 }
@@ -539,7 +542,7 @@ __attribute__((target("avx512f"))) void rotate_tokens_avx512(const scalar_t* x, 
               const __m512 vs2 = same ? vs1 : _mm512_loadu_ps(s2 + 16 * c);
               rotate16(xr + 16 * c, yr + 16 * c, half, vc1, vs1, vc2, vs2, true);  // (stream: a constant)
             }
-            if (rest > 0) copy_bytes_avx512(xr + 2 * half, yr + 2 * half, rest);
+            if (rest > 0) copy_bytes<64>(xr + 2 * half, yr + 2 * half, rest);
           }
         }
       }
@@ -664,21 +667,6 @@ __attribute__((target("avx2,f16c"), always_inline)) inline void x8_store(c10::BF
 __attribute__((target("avx2,f16c"), always_inline)) inline void x8_store(c10::Half* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
-// copy_bytes_avx512 in 32-byte moves.
-__attribute__((target("avx2,f16c"), always_inline)) inline void copy_bytes_avx2(const void* x, void* y, int64_t n) {
-  const char* src = static_cast<const char*>(x);
-  char* dst = static_cast<char*>(y);
-  if (n < 32) {
-    std::memcpy(dst, src, n);
-    return;
-  }
-  for (int64_t i = 0; i + 32 < n; i += 32) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i)));
-  }
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + n - 32),
-                      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + n - 32)));
-}
 // rotate16's arithmetic on 8 pairs (`same`: c2, s2 are c1, s1).
 template <bool same>
 __attribute__((target("avx2,f16c"), always_inline)) inline void rotate8(__m256 a, __m256 b, const float* c1,
@@ -743,7 +731,7 @@ __attribute__((target("avx2,f16c"))) void rotate_tokens_avx2(const scalar_t* x, 
           x16_store2(yr + j, rotate_pairs8(x8_load(xr + j), cd + j, sg + j),
                      rotate_pairs8(x8_load(xr + j + 8), cd + j + 8, sg + j + 8), kStream);
         }
-        if (rest > 0) copy_bytes_avx2(xr + 2 * half, yr + 2 * half, rest);
+        if (rest > 0) copy_bytes<32>(xr + 2 * half, yr + 2 * half, rest);
         continue;
       }
       int64_t i = 0;
@@ -761,7 +749,7 @@ __attribute__((target("avx2,f16c"))) void rotate_tokens_avx2(const scalar_t* x, 
         x8_store(yr + i, y1);
         x8_store(yr + half + i, y2);
       }
-      if (rest > 0) copy_bytes_avx2(xr + 2 * half, yr + 2 * half, rest);
+      if (rest > 0) copy_bytes<32>(xr + 2 * half, yr + 2 * half, rest);
     }
   }
 }
@@ -1142,7 +1130,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
     }
   }
   for (int64_t r = 0; r < n && i < half; ++r) bf16_pairs_one_by_one(x + r * sx, y + r * sy, half, i, c1, c2, s1, s2);
-  for (int64_t r = 0; r < n && rest > 0; ++r) copy_bytes_avx512(x + r * sx + 2 * half, y + r * sy + 2 * half, rest);
+  for (int64_t r = 0; r < n && rest > 0; ++r) copy_bytes<64>(x + r * sx + 2 * half, y + r * sy + 2 * half, rest);
 }
 
 // One step of a bf16 row, with x's values loaded (xa: x1's, xb: x2's) and the table values of its
@@ -1279,7 +1267,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
     }
     for (int r = 0; r < kN; ++r) {
       if (left[r] != 0) bf16_tail_row_redo<kFull, kDp>(x + r * sx, y + r * sy, half, left[r], c1, c2, s1, s2, pairs);
-      if (rest > 0) copy_bytes_avx512(x + r * sx + 2 * half, y + r * sy + 2 * half, rest);
+      if (rest > 0) copy_bytes<64>(x + r * sx + 2 * half, y + r * sy + 2 * half, rest);
     }
     return;
   }
@@ -1291,7 +1279,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
     bf16_tail_row_load<kFull>(xr, half, last, m, xa, xb);
     const uint32_t left = bf16_tail_row_steps<same, kFull, kDp>(xa, xb, yr, half, last, m, t1, t2, vc1, vs1, vc2, vs2);
     if (left != 0) bf16_tail_row_redo<kFull, kDp>(xr, yr, half, left, c1, c2, s1, s2, pairs);
-    if (rest > 0) copy_bytes_avx512(xr + 2 * half, yr + 2 * half, rest);
+    if (rest > 0) copy_bytes<64>(xr + 2 * half, yr + 2 * half, rest);
   }
 }
 
@@ -1501,7 +1489,7 @@ __attribute__((target("avx512f,avx512dq,avx512bw,avx512bf16"), always_inline)) i
       }
       store_pairs<!kWriteHalves>(yr, half, 16 * u, y1, y2, kStream);
     }
-    if (rest > 0) copy_bytes_avx512(xr + 2 * half, yr + 2 * half, rest);
+    if (rest > 0) copy_bytes<64>(xr + 2 * half, yr + 2 * half, rest);
   }
 }
 
@@ -1581,7 +1569,7 @@ __attribute__((target("avx512f"))) void bf16_interleaved_tokens_avx512(
           _mm512_storeu_si512(yr + 32 * u, out);
         }
       }
-      if (rest > 0) copy_bytes_avx512(xr + 2 * half, yr + 2 * half, rest);
+      if (rest > 0) copy_bytes<64>(xr + 2 * half, yr + 2 * half, rest);
     }
   }
 }
@@ -1996,7 +1984,7 @@ inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t*
     // 0.177, 0.115, 0.198). In place the loop stays but for that bf16 kernel (fp32 unrolled in
     // place: 5% slower at 2048 tokens).
     // The pass-through elements of a partial span (out of place): bytes per row, which the rows
-    // kernels copy as they go (copy_bytes_avx512).
+    // kernels copy as they go (copy_bytes).
     const int64_t rest = o.copy_pass ? (D - 2 * half) * static_cast<int64_t>(sizeof(scalar_t)) : 0;
     auto run = [&](auto same_tag, auto n_tag) {
       constexpr bool kSame = decltype(same_tag)::value;
