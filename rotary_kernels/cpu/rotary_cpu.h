@@ -395,8 +395,10 @@ __attribute__((always_inline)) inline void copy_bytes(const void* x, void* y, in
     std::memcpy(dst, src, n);
     return;
   }
-  for (int64_t i = 0; i + 64 < n; i += 64) _mm512_storeu_si512(dst + i, _mm512_loadu_si512(src + i));
-  _mm512_storeu_si512(dst + n - 64, _mm512_loadu_si512(src + n - 64));
+  for (int64_t i = 0; i + kMove < n; i += kMove) {
+    *reinterpret_cast<Move*>(dst + i) = *reinterpret_cast<const Move*>(src + i);
+  }
+  *reinterpret_cast<Move*>(dst + n - kMove) = *reinterpret_cast<const Move*>(src + n - kMove);
 }
 
 // The 16 pairs from pair p on of a row, x1's values in a and x2's in b (fp32): rotate-half pairs
@@ -1898,33 +1900,37 @@ inline void rotate_row_swapped(const scalar_t* x, scalar_t* y, int64_t sxd, int6
 // x1's and x2's values by permutes, the same arithmetic), bf16 with AVX512-BF16 through vdpbf16ps
 // (bf16_interleaved_tokens): Llama-3-8B's q + k, 512 tokens, forward, bf16 0.96 -> 0.17 ms (0.62
 // through kInterleaved; 0.28 with the tables built pair by pair), fp16 0.79 -> 0.52, fp32
-// 0.50-0.51 either way (bf16's rotate-half rows: 0.17). Without AVX-512, rotate-half rows of
-// R a multiple of 16 on CPUs with AVX2 and F16C (rotate_tokens_avx2).
-// Rotate-half rows (of R = 2 * half) that rotate_tokens_avx2 takes: on CPUs without AVX-512 all of
-// R a multiple of 16; with AVX-512, some that no AVX-512 rows kernel takes whole, which went row by
-// row (512 tokens, 1 thread, ms): fp32 and fp16 of R over 128 but 256 (16 + 8 heads of 192: fp32
+// 0.50-0.51 either way (bf16's rotate-half rows: 0.17). On CPUs with AVX2 and F16C, the rows
+// avx2_rows names go through rotate_tokens_avx2.
+#ifdef RK_HAVE_AVX512_BF16_PATH
+// Rows (of R = 2 * half) that rotate_tokens_avx2 takes: on CPUs without AVX-512, rotate-half rows
+// of R a multiple of 16 and interleaved ones up to kAvx2InterleavedPairs pairs; with AVX-512,
+// some rotate-half rows that no AVX-512 rows kernel takes whole, which went row by row (512
+// tokens, 1 thread, ms): fp32 and fp16 of R over 128 but 256 (16 + 8 heads of 192: fp32
 // 0.69 -> 0.42, in place 0.28 -> 0.23; fp16 0.47 -> 0.24, 0.46 -> 0.23), bf16 without
 // AVX512-BF16 of R = 16k + 8, whose last 8 pairs rotate_avx512 took one by one (Phi-2's head dim
 // 80: 0.70 -> 0.48; R = 96 and 256, all 16-pair steps: within 5% either way, left to it).
-template <typename scalar_t>
+template <typename scalar_t, bool interleaved>
 inline bool avx2_rows(int64_t half, const CpuIsa& isa) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> || std::is_same_v<scalar_t, float> ||
                 std::is_same_v<scalar_t, c10::Half>) {
     if (half % 8 != 0 || !isa.avx2) return false;
-    if (!isa.avx512) return true;
+    if (!isa.avx512) return !interleaved || half <= kAvx2InterleavedPairs;
+    if constexpr (interleaved) return false;
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return !isa.avx512bf16 && half % 16 != 0;
     return half > 64 && half != 128;
   }
   (void)half, (void)isa;
   return false;
 }
+#endif
 
 template <typename scalar_t, bool interleaved, bool swap>
 inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa& isa) {
 #ifdef RK_HAVE_AVX512_BF16_PATH
   if constexpr (interleaved || swap) {  // (rotate_tokens_avx512's kInterleaved, kSwap; bf16_pair_rows)
     if (o.sx.d != 1 || o.sy.d != 1) return false;
-    if (!isa.avx512) return !swap && avx2_rows<scalar_t>(half, isa) && half <= kAvx2InterleavedPairs;
+    if (!isa.avx512) return !swap && avx2_rows<scalar_t, interleaved>(half, isa);
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return half == 32 || half == 64;
     if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::Half>) {
       return half >= 16 && half <= 64;
@@ -1933,7 +1939,7 @@ inline bool rows_at_once(const Operand<scalar_t>& o, int64_t half, const CpuIsa&
   }
   if constexpr (!interleaved && !swap) {
     if (o.sx.d != 1 || o.sy.d != 1) return false;
-    if (avx2_rows<scalar_t>(half, isa)) return true;
+    if (avx2_rows<scalar_t, false>(half, isa)) return true;
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       return isa.avx512bf16 ? half % 32 == 0 || half < 96 : isa.avx512 && (half == 32 || half == 64);
     }
@@ -1989,24 +1995,15 @@ inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t*
     auto run = [&](auto same_tag, auto n_tag) {
       constexpr bool kSame = decltype(same_tag)::value;
       constexpr int kN = decltype(n_tag)::value;
-      if constexpr (!interleaved && !swap) {
-        if (avx2_rows<scalar_t>(half, isa)) {
+      if constexpr (!swap) {
+        if (avx2_rows<scalar_t, interleaved>(half, isa)) {
+          constexpr bool kI = interleaved;
           if (pf.stream) {
-            rotate_tokens_avx2<scalar_t, kSame, kN, true>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf, half, rest);
+            rotate_tokens_avx2<scalar_t, kSame, kN, true, kI>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf, half,
+                                                              rest);
           } else {
-            rotate_tokens_avx2<scalar_t, kSame, kN, false>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf, half, rest);
-          }
-          return;
-        }
-      }
-      if constexpr (interleaved && !swap) {
-        if (!isa.avx512) {  // (AVX2: rows_at_once)
-          if (pf.stream) {
-            rotate_tokens_avx2<scalar_t, kSame, kN, true, true>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf, half,
-                                                                rest);
-          } else {
-            rotate_tokens_avx2<scalar_t, kSame, kN, false, true>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf, half,
-                                                                 rest);
+            rotate_tokens_avx2<scalar_t, kSame, kN, false, kI>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf, half,
+                                                               rest);
           }
           return;
         }
@@ -2041,7 +2038,7 @@ inline void rotate_rows(const Operand<scalar_t>& o, const scalar_t* x, scalar_t*
       } else if (half == 32) {
         rotate_tokens_avx512<scalar_t, kSame, 2, kN, false, kI, swap>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf,
                                                                       rest);
-      } else if (half == 128 && !kI && !swap) {  // (head dim 256: Gemma)
+      } else if (half == 128) {  // (head dim 256, rotate-half fp32 and fp16 only: rows_at_once)
         if constexpr (!kI && !swap && !std::is_same_v<scalar_t, c10::BFloat16>) {
           rotate_tokens_avx512<scalar_t, kSame, 8, kN>(x, y, xo, yo, n_tok, nh, o.sx.h, o.sy.h, cs, pf, rest);
         }
